@@ -1,0 +1,72 @@
+"""Where each stage reads and writes, under results/<experiment>/. One place, so stages never guess."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ooc_ray.config import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> "ExperimentPaths":
+        return cls(cfg.out_dir.resolve())  # absolute: Ray Tune trials chdir into their own folders
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def demo_data(self) -> Path:
+        return self.root / "demo_data"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds.parquet"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"  # built bases (tiny SD) and classifier weights
+
+    @property
+    def lora(self) -> Path:
+        return self.root / "lora"
+
+    @property
+    def synthetic(self) -> Path:
+        return self.root / "synthetic"
+
+    @property
+    def synthetic_table(self) -> Path:
+        return self.root / "synthetic.parquet"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials"
+
+    @property
+    def quality(self) -> Path:
+        return self.root / "quality.parquet"
+
+    @property
+    def search(self) -> Path:
+        return self.root / "search"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.root / "ray"
