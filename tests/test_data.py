@@ -1,0 +1,198 @@
+"""Data stage: scanning, validation errors that name the file, manifests on generated and real data."""
+import shutil
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ooc_ray.config import DemoDataConfig, FoldsConfig, from_dict
+from ooc_ray.data import DataError, class_names, load_image, load_manifest, run_data, scan
+from ooc_ray.demo_data import CLASSES, write_demo_dataset
+from ooc_ray.folds import assign_folds
+from ooc_ray.paths import ExperimentPaths
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A folder-per-class tree with mixed modes and sizes: grey 64x48, RGB 80x60, 16-bit grey."""
+    root = tmp_path / "images"
+    for label in ("good", "bad"):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (64, 48), 40 * i).save(root / label / f"g{i}.png")
+        Image.new("RGB", (80, 60), (10, 200, 30)).save(root / label / "rgb.jpg")
+        Image.new("I;16", (32, 32), 4000).save(root / label / "deep.png")
+    return root
+
+
+def test_scan_folder_tree(tree):
+    m = scan(tree)
+    assert len(m) == 16 and m["id"].is_unique
+    assert class_names(m) == ["bad", "good"]
+    assert set(m["mode"]) >= {"L", "RGB"}
+    assert {(64, 48), (80, 60), (32, 32)} <= set(zip(m["width"], m["height"]))
+    assert (m["group"] == "").all()
+    # ids do not depend on where the tree lives
+    moved = tree.parent / "moved"
+    shutil.copytree(tree, moved)
+    assert sorted(scan(moved)["id"]) == sorted(m["id"])
+
+
+def test_class_order_from_config(tree):
+    m = scan(tree, classes=("good", "bad"))
+    assert class_names(m) == ["good", "bad"]
+
+
+def test_load_image_always_rgb_and_resized(tree):
+    for path in [tree / "good" / "g1.png", tree / "good" / "rgb.jpg", tree / "good" / "deep.png"]:
+        img = load_image(path, 40)
+        assert img.mode == "RGB" and img.size == (40, 40)
+    # 16-bit grey is scaled by its maximum, not clipped: a flat 4000 image becomes white, not 255-clipped noise
+    assert load_image(tree / "good" / "deep.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_corrupt_image_named(tree):
+    bad = tree / "good" / "broken.jpg"
+    bad.write_bytes((tree / "good" / "rgb.jpg").read_bytes()[:200])  # truncated JPEG
+    with pytest.raises(DataError, match="broken.jpg"):
+        scan(tree)
+
+
+def test_not_an_image_named(tree):
+    (tree / "bad" / "notes.png").write_text("this is not a png")
+    with pytest.raises(DataError, match="notes.png"):
+        scan(tree)
+
+
+def test_zero_size_named(tree):
+    (tree / "bad" / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.png.*0 bytes"):
+        scan(tree)
+
+
+def test_unsupported_mode_named(tree):
+    Image.new("CMYK", (8, 8)).save(tree / "bad" / "print.jpg")
+    with pytest.raises(DataError, match=r"print.jpg.*CMYK"):
+        scan(tree)
+
+
+def test_empty_class_named(tree):
+    (tree / "acceptable").mkdir()
+    with pytest.raises(DataError, match="acceptable"):
+        scan(tree)
+    shutil.rmtree(tree / "acceptable")
+    with pytest.raises(DataError, match="acceptable"):
+        scan(tree, classes=("good", "acceptable", "bad"))
+
+
+def test_unknown_label_named(tree):
+    with pytest.raises(DataError, match=r"unknown label.*bad"):
+        scan(tree, classes=("good",))
+
+
+def test_csv_source_with_groups_and_errors(tree, tmp_path):
+    csv = tmp_path / "labels.csv"
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.name},site{i % 3}" for i, p in enumerate(sorted(tree.rglob("*.png")))]
+    csv.write_text("file,label,site\n" + "\n".join(rows) + "\n")
+    m = scan(csv, group_column="site")
+    assert set(m["group"]) == {"site0", "site1", "site2"}
+    with pytest.raises(DataError, match="well"):
+        scan(csv, group_column="well")
+    csv.write_text("file,label\nimages/good/missing.png,good\nimages/bad/g0.png,bad\n")
+    with pytest.raises(DataError, match="missing.png"):
+        scan(csv)
+    csv.write_text("path,class\nx.png,good\n")
+    with pytest.raises(DataError, match="missing column"):
+        scan(csv)
+
+
+def test_folds_stratified_deterministic():
+    m = scan_demo_manifest()
+    a = assign_folds(m, FoldsConfig(k=3, seed=1, strategy="stratified"))
+    b = assign_folds(m.sample(frac=1.0, random_state=0), FoldsConfig(k=3, seed=1, strategy="stratified"))
+    assert a.set_index("id")["fold"].sort_index().equals(b.set_index("id")["fold"].sort_index())
+    merged = m.merge(a, on="id")
+    per_fold = pd.crosstab(merged["fold"], merged["label"])
+    assert (per_fold.max() - per_fold.min()).max() <= 1  # stratified: each class split as evenly as possible
+    c = assign_folds(m, FoldsConfig(k=3, seed=2, strategy="stratified"))
+    assert not a["fold"].equals(c["fold"])
+
+
+def test_group_folds_keep_groups_together():
+    m = scan_demo_manifest(groups=6)
+    folds = assign_folds(m, FoldsConfig(k=3, seed=0, strategy="auto"))
+    merged = m.merge(folds, on="id")
+    assert (merged.groupby("group")["fold"].nunique() == 1).all()
+    assert set(merged["fold"]) == {0, 1, 2}
+
+
+def test_group_folds_errors():
+    m = scan_demo_manifest()
+    with pytest.raises(DataError, match="at least folds.k=5 groups"):
+        assign_folds(m, FoldsConfig(k=5, strategy="group"))
+    no_groups = m.assign(group="")
+    with pytest.raises(DataError, match="group"):
+        assign_folds(no_groups, FoldsConfig(k=3, strategy="group"))
+    with pytest.raises(DataError, match="fewer than folds.k"):
+        assign_folds(m, FoldsConfig(k=20, strategy="stratified"))
+
+
+_DEMO_CACHE = {}
+
+
+def scan_demo_manifest(groups=3):
+    if groups not in _DEMO_CACHE:
+        import tempfile
+        from pathlib import Path
+
+        root = Path(tempfile.mkdtemp()) / "demo"
+        csv = write_demo_dataset(root, DemoDataConfig(per_class=(24, 12, 12), size=32, groups=groups))
+        _DEMO_CACHE[groups] = scan(csv, classes=CLASSES, group_column="cell_line")
+    return _DEMO_CACHE[groups]
+
+
+def test_demo_dataset_mixed_and_reused(tmp_path):
+    cfg = DemoDataConfig(per_class=(8, 8, 8), size=32)
+    csv = write_demo_dataset(tmp_path / "d", cfg)
+    mtime = csv.stat().st_mtime_ns
+    assert write_demo_dataset(tmp_path / "d", cfg).stat().st_mtime_ns == mtime  # same config: not rewritten
+    m = scan(csv, classes=CLASSES, group_column="cell_line")
+    assert set(m["mode"]) == {"L", "RGB"} and m["height"].nunique() == 2
+    assert m.groupby("label").size().to_dict() == {"good": 8, "acceptable": 8, "bad": 8}
+
+
+def test_run_data_writes_manifest_and_folds(tmp_path):
+    cfg = from_dict({"name": "t", "results_dir": str(tmp_path),
+                     "data": {"classes": list(CLASSES), "group_column": "cell_line",
+                              "demo": {"per_class": [9, 6, 6], "size": 32}},
+                     "folds": {"k": 3}})
+    paths = ExperimentPaths.of(cfg)
+    run_data(cfg, paths)
+    m = load_manifest(paths)
+    assert len(m) == 21 and set(m["fold"]) == {0, 1, 2}
+    assert list(m.columns[:10]) == ["id", "path", "label", "label_index", "group", "sha256", "size", "width",
+                                    "height", "mode"]
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_bad_input_writes_nothing(tmp_path, tree):
+    (tree / "bad" / "empty.png").write_bytes(b"")
+    cfg = from_dict({"name": "t", "results_dir": str(tmp_path / "out"), "data": {"source": str(tree)}})
+    with pytest.raises(DataError):
+        run_data(cfg, ExperimentPaths.of(cfg))
+    assert not (tmp_path / "out" / "t" / "manifest.parquet").exists()
+
+
+def test_real_pbc_manifest(shared_pbc, tmp_path):
+    """../shared/data: 8 classes x 300 RGB JPGs at three sizes (SOURCE.md)."""
+    cfg = from_dict({"name": "pbc", "results_dir": str(tmp_path), "data": {"source": str(shared_pbc)}})
+    paths = ExperimentPaths.of(cfg)
+    run_data(cfg, paths)
+    m = load_manifest(paths)
+    assert len(m) == 2400 and m["id"].is_unique and m["sha256"].is_unique
+    assert m.groupby("label").size().eq(300).all() and len(class_names(m)) == 8
+    assert set(m["mode"]) == {"RGB"}
+    sizes = m.groupby(["width", "height"]).size().to_dict()
+    assert sizes == {(360, 363): 2325, (366, 369): 46, (360, 360): 29}
+    counts = pd.crosstab(m["fold"], m["label"])
+    assert (counts == 60).all().all()  # 300 per class over 5 stratified folds
