@@ -1,0 +1,249 @@
+"""Report stage: Table I/II-style tables, plots and real-vs-synthetic grids from the trial Parquet files.
+
+Tables follow the paper's layout (one table per LoRA weight; rows real only, real + r% synthetic, synthetic
+only) with mean and std over folds, the naive majority baseline, and a paired per-fold test of each row
+against real only. With k=5 folds a paired t-test has 4 degrees of freedom and the Wilcoxon signed-rank test
+cannot go below p=0.0625, so both are shown and neither should be over-read.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ooc_ray.config import ExperimentConfig
+from ooc_ray.io import atomic_path, atomic_write_text, read_parquet
+from ooc_ray.paths import ExperimentPaths
+
+METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+
+
+def read_trials(trials_dir: Path) -> pd.DataFrame:
+    """All trial rows: one glob over trials/*.parquet (history/ and predictions/ live in sub-folders)."""
+    files = sorted(Path(trials_dir).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{trials_dir}: no trial results; run `ooc-ray classify` first")
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def arm_label(ratio: float, synthetic_only: bool) -> str:
+    if synthetic_only:
+        return "synthetic only"
+    if ratio == 0:
+        return "real only"
+    return f"real + {ratio * 100:g}% synthetic"
+
+
+def _arm_order(row) -> float:
+    return math.inf if row["synthetic_only"] else row["ratio"]
+
+
+def naive_baseline(manifest: pd.DataFrame) -> dict:
+    """Majority-class accuracy: of the whole set, and per fold (predict the training folds' majority)."""
+    overall = manifest["label"].value_counts(normalize=True).iloc[0]
+    per_fold = []
+    for fold in sorted(manifest["fold"].unique()):
+        train = manifest[manifest["fold"] != fold]
+        test = manifest[manifest["fold"] == fold]
+        per_fold.append(float((test["label"] == train["label"].value_counts().idxmax()).mean()))
+    return {"overall": float(overall), "per_fold_mean": float(np.mean(per_fold))}
+
+
+def paired_tests(real: pd.Series, other: pd.Series) -> dict:
+    """Paired per-fold comparison of `other` against real only (both indexed by fold)."""
+    both = pd.concat([real.rename("real"), other.rename("other")], axis=1).dropna()
+    diff = both["other"] - both["real"]
+    out = {"n_pairs": len(both), "mean_diff": float(diff.mean()) if len(both) else float("nan"),
+           "t_p": float("nan"), "wilcoxon_p": float("nan")}
+    if len(both) >= 2 and diff.abs().sum() > 0:
+        out["t_p"] = float(stats.ttest_rel(both["other"], both["real"]).pvalue)
+        out["wilcoxon_p"] = float(stats.wilcoxon(both["other"], both["real"]).pvalue)
+    return out
+
+
+def summary_tables(trials: pd.DataFrame) -> dict[float, pd.DataFrame]:
+    """One table per LoRA weight: mean/std over folds per arm, plus paired tests against real only.
+
+    Real-only trials have no weight (NaN; run once per fold) and appear as the first row of every table."""
+    real = trials[(trials["ratio"] == 0) & ~trials["synthetic_only"]]
+    real_by_fold = real.set_index("fold")
+    weights = sorted(trials["weight"].dropna().unique(), reverse=True)
+    tables = {}
+    for weight in weights or [float("nan")]:
+        rows = pd.concat([real, trials[trials["weight"] == weight]], ignore_index=True)
+        out = []
+        for (ratio, synthetic_only), group in rows.groupby(["ratio", "synthetic_only"], sort=False):
+            by_fold = group.set_index("fold")
+            rec = {"arm": arm_label(ratio, synthetic_only), "ratio": ratio, "synthetic_only": synthetic_only,
+                   "weight": weight, "n_folds": len(group)}
+            for metric in METRICS:
+                rec[f"{metric}_mean"] = group[metric].mean()
+                rec[f"{metric}_std"] = group[metric].std(ddof=1) if len(group) > 1 else float("nan")
+            is_real = ratio == 0 and not synthetic_only
+            test = paired_tests(real_by_fold["accuracy"], by_fold["accuracy"]) if not is_real else {}
+            rec["accuracy_diff_vs_real"] = test.get("mean_diff", float("nan"))
+            rec["paired_t_p"] = test.get("t_p", float("nan"))
+            rec["wilcoxon_p"] = test.get("wilcoxon_p", float("nan"))
+            out.append(rec)
+        table = pd.DataFrame(out)
+        table = table.iloc[sorted(range(len(table)), key=lambda i: _arm_order(table.iloc[i]))]
+        tables[weight] = table.reset_index(drop=True)
+    return tables
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Human-facing columns: 'mean ± std' strings and p-values."""
+    shown = pd.DataFrame({"training set": table["arm"], "folds": table["n_folds"]})
+    for metric in METRICS:
+        shown[metric.replace("_macro", "")] = [_fmt(m, s) for m, s in
+                                               zip(table[f"{metric}_mean"], table[f"{metric}_std"])]
+    shown["Δacc vs real"] = [("" if math.isnan(d) else f"{d:+.3f}") for d in table["accuracy_diff_vs_real"]]
+    shown["paired t p"] = [("" if math.isnan(p) else f"{p:.3f}") for p in table["paired_t_p"]]
+    shown["Wilcoxon p"] = [("" if math.isnan(p) else f"{p:.3f}") for p in table["wilcoxon_p"]]
+    return shown
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(map(str, row)) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def _plot_accuracy_vs_ratio(tables: dict[float, pd.DataFrame], naive: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for weight, table in tables.items():
+        mixed = table[~table["synthetic_only"]]
+        ax.errorbar(mixed["ratio"] * 100, mixed["accuracy_mean"], yerr=mixed["accuracy_std"].fillna(0),
+                    marker="o", capsize=3, label=f"LoRA weight {weight:g}")
+        syn = table[table["synthetic_only"]]
+        if len(syn):
+            ax.errorbar([mixed["ratio"].max() * 100 + 15], syn["accuracy_mean"], yerr=syn["accuracy_std"].fillna(0),
+                        marker="s", capsize=3, linestyle="none", color=ax.lines[-1].get_color())
+    ax.axhline(naive, color="grey", linestyle="--", label=f"naive (majority) {naive:.3f}")
+    ax.set_xlabel("synthetic images added (% of real training set); square = synthetic only")
+    ax.set_ylabel("accuracy (mean ± std over folds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_confusions(trials: pd.DataFrame, path: Path) -> None:
+    """Confusion matrices summed over folds, one panel per (weight, arm)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(trials.groupby(["weight", "ratio", "synthetic_only"], dropna=False, sort=True))
+    cols = min(4, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    classes = list(trials["classes"].iloc[0])
+    for ax, ((weight, ratio, syn), group) in zip(axes.flat, groups):
+        total = np.sum([np.array([list(r) for r in c]) for c in group["confusion"]], axis=0)
+        ax.imshow(total, cmap="Blues")
+        for (i, j), v in np.ndenumerate(total):
+            ax.text(j, i, int(v), ha="center", va="center", fontsize=7)
+        title = arm_label(ratio, syn) + ("" if pd.isna(weight) else f", w={weight:g}")
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks(range(len(classes)), classes, fontsize=6, rotation=45)
+        ax.set_yticks(range(len(classes)), classes, fontsize=6)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.supxlabel("predicted")
+    fig.supylabel("true")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def image_grid(manifest: pd.DataFrame, synthetic: pd.DataFrame, path: Path, per_row: int = 6, size: int = 96) -> Path:
+    """Per class: one row of real images, then one row of synthetic images per LoRA weight."""
+    from PIL import Image, ImageDraw
+
+    from ooc_ray.data import load_image
+
+    rows: list[tuple[str, list[str]]] = []
+    for label in manifest.sort_values("label_index")["label"].unique():
+        real = manifest[manifest["label"] == label].sort_values("id")["path"].head(per_row).tolist()
+        rows.append((f"{label}: real", real))
+        for weight in sorted(synthetic["weight"].unique(), reverse=True):
+            syn = synthetic[(synthetic["label"] == label) & (synthetic["weight"] == weight)]
+            rows.append((f"{label}: w={weight:g}", syn.sort_values("path")["path"].head(per_row).tolist()))
+    label_w = 130
+    canvas = Image.new("RGB", (label_w + per_row * size, len(rows) * size), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, files) in enumerate(rows):
+        draw.text((4, r * size + size // 2 - 6), name, fill="black")
+        for c, file in enumerate(files):
+            canvas.paste(load_image(file, size), (label_w + c * size, r * size))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
+
+
+def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
+    from ooc_ray.data import load_manifest
+
+    trials = read_trials(paths.trials)
+    manifest = load_manifest(paths)
+    naive = naive_baseline(manifest)
+    tables = summary_tables(trials)
+    out = paths.report
+    out.mkdir(parents=True, exist_ok=True)
+
+    protocol = {"fold": "generator per fold: each fold's LoRAs saw only that fold's training images",
+                "all": "generator on all images (the paper's protocol): LoRAs saw the held-out images too"}
+    lines = [f"# ooc-ray report: {cfg.name}", "",
+             f"- images: {len(manifest)} in {manifest['label'].nunique()} classes "
+             f"({', '.join(f'{k} {v}' for k, v in manifest['label'].value_counts().items())}); "
+             f"{cfg.folds.k}-fold CV",
+             f"- generator protocol: **{cfg.generator.split}** ({protocol[cfg.generator.split]})",
+             f"- classifier: {cfg.classify.backbone} ({cfg.classify.weights}), {cfg.classify.input_size} px, "
+             f"{cfg.classify.epochs} epochs, mode {cfg.classify.mode}",
+             f"- naive (majority class) accuracy: {naive['overall']:.3f} overall, "
+             f"{naive['per_fold_mean']:.3f} mean over held-out folds",
+             f"- trials: {len(trials)}", ""]
+    combined = []
+    for weight, table in tables.items():
+        name = "no_weight" if pd.isna(weight) else f"w{weight:g}"
+        shown = display_table(table)
+        with atomic_path(out / f"table_{name}.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        atomic_write_text(out / f"table_{name}.md", to_markdown(shown) + "\n")
+        atomic_write_text(out / f"table_{name}.tex", shown.to_latex(index=False, escape=True))
+        lines += [f"## LoRA weight {weight:g}", "", to_markdown(shown), ""]
+        combined.append(table)
+    with atomic_path(out / "summary.csv") as tmp:
+        pd.concat(combined, ignore_index=True).to_csv(tmp, index=False)
+
+    _plot_accuracy_vs_ratio(tables, naive["overall"], out / "accuracy_vs_ratio.png")
+    _plot_confusions(trials, out / "confusion_matrices.png")
+    lines += ["![accuracy vs ratio](accuracy_vs_ratio.png)", "", "![confusion](confusion_matrices.png)", ""]
+    if paths.synthetic_table.exists():
+        synthetic = read_parquet(paths.synthetic_table)
+        if len(synthetic):
+            image_grid(manifest, synthetic, out / "real_vs_synthetic.png")
+            lines += ["![real vs synthetic](real_vs_synthetic.png)", ""]
+    if paths.quality.exists():
+        quality = read_parquet(paths.quality)
+        lines += ["## Synthetic quality per class", "", to_markdown(quality.round(4)), ""]
+    report = atomic_write_text(out / "report.md", "\n".join(lines))
+    print(f"[ooc-ray] report: {report}")
+    return report
