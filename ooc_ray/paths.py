@@ -56,6 +56,19 @@ class ExperimentPaths:
         return self.root / "trials"
 
     @property
+    def history(self) -> Path:
+        # Beside trials/, not inside: pd.read_parquet("trials/") recurses into sub-folders and would mix schemas.
+        return self.root / "history"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    @property
+    def synthetic_scores(self) -> Path:
+        return self.root / "synthetic_scores.parquet"
+
+    @property
     def quality(self) -> Path:
         return self.root / "quality.parquet"
 
