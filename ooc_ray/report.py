@@ -242,8 +242,14 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
             image_grid(manifest, synthetic, out / "real_vs_synthetic.png")
             lines += ["![real vs synthetic](real_vs_synthetic.png)", ""]
     if paths.quality.exists():
-        quality = read_parquet(paths.quality)
-        lines += ["## Synthetic quality per class", "", to_markdown(quality.round(4)), ""]
+        from ooc_ray.quality import summarise
+
+        quality = summarise(read_parquet(paths.quality))
+        lines += ["## Synthetic quality per class (mean over folds)", "",
+                  "KID on frozen-backbone features (lower is closer to real); CAS = recall on real held-out images "
+                  "of a linear classifier trained on synthetic images only; memorised = share of synthetic images "
+                  "closer to a real training image than 95 % of real images are to each other.", "",
+                  to_markdown(quality.round(4)), ""]
     report = atomic_write_text(out / "report.md", "\n".join(lines))
     print(f"[ooc-ray] report: {report}")
     return report

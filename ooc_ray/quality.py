@@ -1,0 +1,195 @@
+"""Synthetic quality per class, on frozen-backbone features (no Inception download needed):
+
+- KID: unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018),
+  averaged over random subsets; unbiased, so unlike FID it is fair at the few hundred images per class here.
+- CAS (classification accuracy score): a linear classifier trained on synthetic images only, tested on the
+  real held-out fold; per-class recall says which classes the generator captures.
+- Memorisation: cosine distance from each synthetic image to its nearest real training image. An image is
+  flagged when it is closer than the 5th percentile of real-to-nearest-other-real distances, i.e. closer
+  to a real image than 95 % of real images are to each other.
+- Optional filter: a linear classifier trained on the fold's real training images scores every synthetic
+  image; with quality.filter_min_confidence > 0, images whose intended class gets less are dropped from the
+  pools the classify stage draws from (synthetic_scores.parquet column `keep`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import NearestNeighbors
+from sklearn.preprocessing import StandardScaler
+
+from ooc_ray.config import ExperimentConfig
+from ooc_ray.io import read_parquet, write_parquet
+from ooc_ray.paths import ExperimentPaths
+
+MEMORISED_PERCENTILE = 5.0
+
+
+def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 10, subset_size: int = 50, seed: int = 0
+        ) -> tuple[float, float]:
+    """Kernel Inception Distance (mean, std over subsets) between two feature sets (rows = images)."""
+    m = min(subset_size, len(real), len(fake))
+    if m < 2:
+        return float("nan"), float("nan")
+    d = real.shape[1]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(subsets):
+        x = real[rng.choice(len(real), m, replace=False)]
+        y = fake[rng.choice(len(fake), m, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        # unbiased: drop the diagonals (self-similarity) of the within-set terms
+        mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+        values.append(mmd)
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def nearest_real(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(distance of each fake to its nearest real, that real's row index, memorisation threshold)."""
+    real_u, fake_u = _unit(real), _unit(fake)
+    index = NearestNeighbors(n_neighbors=min(2, len(real)), metric="euclidean").fit(real_u)
+    rr, _ = index.kneighbors(real_u)
+    # column 0 is each real image itself (distance 0); column 1 its nearest other real image
+    real_nn = rr[:, -1] ** 2 / 2  # squared euclidean on unit vectors / 2 = cosine distance
+    threshold = float(np.percentile(real_nn, MEMORISED_PERCENTILE))
+    fd, fi = index.kneighbors(fake_u, n_neighbors=1)
+    return fd[:, 0] ** 2 / 2, fi[:, 0], threshold
+
+
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, seed: int = 0):
+    """Standardised multinomial logistic regression: the cheapest faithful 'classifier on these features'."""
+    scaler = StandardScaler().fit(x_train)
+    model = LogisticRegression(max_iter=2000, random_state=seed).fit(scaler.transform(x_train), y_train)
+
+    def predict_proba(x: np.ndarray) -> np.ndarray:
+        probs = np.zeros((len(x), n_classes))
+        probs[:, model.classes_] = model.predict_proba(scaler.transform(x))
+        return probs
+
+    return predict_proba
+
+
+def class_quality(real_train: pd.DataFrame, real_test: pd.DataFrame, synthetic: pd.DataFrame,
+                  features: dict[str, np.ndarray], classes: list[str], cfg: ExperimentConfig
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-class quality rows and per-synthetic-image scores for one (fold, weight) pool.
+
+    `features` maps image path -> feature vector; frames need columns path, label (and id for synthetic)."""
+    def stack(df):
+        return np.stack([features[p] for p in df["path"]]) if len(df) else np.zeros((0, 1))
+
+    n = len(classes)
+    index = {c: i for i, c in enumerate(classes)}
+    x_real, y_real = stack(real_train), real_train["label"].map(index).to_numpy()
+    x_test, y_test = stack(real_test), real_test["label"].map(index).to_numpy()
+    x_syn, y_syn = stack(synthetic), synthetic["label"].map(index).to_numpy()
+
+    if len(set(y_syn)) > 1:
+        cas_pred = linear_probe(x_syn, y_syn, n)(x_test).argmax(1)
+    else:  # a pool with one class can only ever predict that class
+        cas_pred = np.full(len(y_test), y_syn[0] if len(y_syn) else -1)
+    real_probe = linear_probe(x_real, y_real, n)
+    confidence = real_probe(x_syn)[np.arange(len(y_syn)), y_syn] if len(y_syn) else np.zeros(0)
+
+    dist = np.full(len(synthetic), np.nan)
+    memorised = np.zeros(len(synthetic), bool)
+    rows = []
+    for c, label in enumerate(classes):
+        real_c, syn_c = y_real == c, y_syn == c
+        kid_mean, kid_std = kid(x_real[real_c], x_syn[syn_c], cfg.quality.kid_subsets,
+                                cfg.quality.kid_subset_size, seed=c)
+        if syn_c.any() and real_c.sum() >= 2:
+            d, _, threshold = nearest_real(x_real[real_c], x_syn[syn_c])
+            dist[syn_c] = d
+            memorised[syn_c] = d < threshold
+        test_c = y_test == c
+        rows.append({
+            "label": label, "n_real": int(real_c.sum()), "n_synthetic": int(syn_c.sum()),
+            "kid": kid_mean, "kid_std": kid_std,
+            "cas_recall": float((cas_pred[test_c] == c).mean()) if test_c.any() else float("nan"),
+            "nn_distance_median": float(np.median(dist[syn_c])) if syn_c.any() else float("nan"),
+            "memorised_fraction": float(memorised[syn_c].mean()) if syn_c.any() else float("nan"),
+            "real_confidence_median": float(np.median(confidence[syn_c])) if syn_c.any() else float("nan"),
+        })
+    table = pd.DataFrame(rows)
+    table["cas_accuracy"] = float((cas_pred == y_test).mean()) if len(y_test) else float("nan")
+    scores = pd.DataFrame({
+        "id": synthetic["id"].to_numpy(), "nn_distance": dist, "memorised": memorised,
+        "real_confidence": confidence,
+    })
+    return table, scores
+
+
+def embed(image_paths: list[str], cfg: ExperimentConfig, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Pooled features of the classifier's frozen backbone (classify.backbone/weights/input_size), un-augmented."""
+    from ooc_ray.classify.model import build_backbone, setup_tf
+    from ooc_ray.data import load_image
+
+    setup_tf()
+    c = cfg.classify
+    backbone = build_backbone(c.backbone, c.weights, c.input_size)
+    unique = list(dict.fromkeys(image_paths))
+    out = {}
+    for start in range(0, len(unique), batch_size):
+        chunk = unique[start:start + batch_size]
+        batch = np.stack([np.asarray(load_image(p, c.input_size), np.float32) for p in chunk])
+        for path, vec in zip(chunk, backbone.predict(batch, verbose=0)):
+            out[path] = vec.astype(np.float64)
+    return out
+
+
+def _pools(manifest: pd.DataFrame, synthetic: pd.DataFrame, split: str):
+    """(fold, weight, real train, real test, synthetic pool) for every pool the classify stage draws from."""
+    from ooc_ray.finetune import ALL_FOLDS
+
+    for fold in sorted(manifest["fold"].unique()):
+        for weight in sorted(synthetic["weight"].unique(), reverse=True):
+            pool_fold = ALL_FOLDS if split == "all" else fold
+            pool = synthetic[(synthetic["fold"] == pool_fold) & (synthetic["weight"] == weight)]
+            yield (int(fold), float(weight), manifest[manifest["fold"] != fold], manifest[manifest["fold"] == fold],
+                   pool)
+
+
+def run_quality(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
+    """quality.parquet (fold, weight, label, KID, CAS, memorisation) and synthetic_scores.parquet (per image)."""
+    from ooc_ray.data import class_names, load_manifest
+
+    manifest = load_manifest(paths)
+    synthetic = read_parquet(paths.synthetic_table)
+    c = cfg.classify
+    key = slice_key(cfg.quality, c.backbone, c.weights, c.input_size, sorted(synthetic["id"]), sorted(manifest["id"]))
+    if paths.quality.exists() and paths.synthetic_scores.exists():
+        done = read_parquet(paths.quality)
+        if len(done) and (done["quality_key"] == key).all():
+            return done
+    features = embed(manifest["path"].tolist() + synthetic["path"].tolist(), cfg)
+    classes = class_names(manifest)
+    tables, scores = [], []
+    for fold, weight, train, test, pool in _pools(manifest, synthetic, cfg.generator.split):
+        table, score = class_quality(train, test, pool, features, classes, cfg)
+        tables.append(table.assign(fold=fold, weight=weight))
+        scores.append(score.assign(fold=fold, weight=weight))
+    quality = pd.concat(tables, ignore_index=True).assign(quality_key=key)
+    front = ["fold", "weight", "label"]
+    quality = quality[front + [col for col in quality.columns if col not in front]]
+    # With split "all" one pool serves every fold: keep each image's score from the fold it was scored in
+    # last would be arbitrary, so keep the least confident (the strictest filter).
+    per_image = (pd.concat(scores, ignore_index=True).sort_values("real_confidence")
+                 .drop_duplicates("id", keep="first").drop(columns=["fold"]))
+    per_image["keep"] = per_image["real_confidence"] >= cfg.quality.filter_min_confidence
+    write_parquet(per_image, paths.synthetic_scores)
+    write_parquet(quality, paths.quality)
+    return quality
+
+
+def summarise(quality: pd.DataFrame) -> pd.DataFrame:
+    """Mean over folds per (weight, class): the table the report shows."""
+    cols = ["kid", "cas_recall", "cas_accuracy", "nn_distance_median", "memorised_fraction", "real_confidence_median"]
+    return quality.groupby(["weight", "label"], sort=False)[cols].mean().reset_index()
