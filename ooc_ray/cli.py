@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     stages = PIPELINE if args.stage == "run" else (args.stage,)
     if args.stage == "run" and not cfg.quality.enabled:
         stages = tuple(s for s in stages if s != "quality")
-    for name in stages:
+    from tqdm import tqdm
+
+    bar = tqdm(stages, desc="ooc-ray", unit="stage", disable=len(stages) == 1)
+    for name in bar:
+        bar.set_postfix_str(name)
         start = time.perf_counter()
         print(f"[ooc-ray] {name} ...", flush=True)
         try:

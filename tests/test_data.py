@@ -196,3 +196,18 @@ def test_real_pbc_manifest(shared_pbc, tmp_path):
     assert sizes == {(360, 363): 2325, (366, 369): 46, (360, 360): 29}
     counts = pd.crosstab(m["fold"], m["label"])
     assert (counts == 60).all().all()  # 300 per class over 5 stratified folds
+
+
+def test_run_data_skips_when_unchanged_and_reruns_on_change(tmp_path, tree):
+    cfg = from_dict({"name": "t", "results_dir": str(tmp_path / "out"), "data": {"source": str(tree)},
+                     "folds": {"k": 2}})
+    paths = ExperimentPaths.of(cfg)
+    first = run_data(cfg, paths)
+    mtime = paths.manifest.stat().st_mtime_ns
+    assert run_data(cfg, paths)["id"].tolist() == first["id"].tolist()
+    assert paths.manifest.stat().st_mtime_ns == mtime  # skipped: not rewritten
+    Image.new("L", (64, 48), 7).save(tree / "good" / "new.png")
+    assert len(run_data(cfg, paths)) == len(first) + 1  # a new file is picked up
+    (tree / "good" / "late.png").write_bytes(b"")
+    with pytest.raises(DataError, match="late.png"):
+        run_data(cfg, paths)  # and validated: the old manifest is not silently reused
