@@ -68,7 +68,7 @@ class GeneratorConfig:
     seed: int = 0
     prompt: str = "a microscopy image of {label} organ on chip cells"
     group_prompt: str = "a microscopy image of {label} {group} cells"
-    mixed_precision: str = "no"  # "fp16"/"bf16" on GPU
+    mixed_precision: str = "fp32"  # "fp16"/"bf16" on GPU (not "no": YAML reads a bare no as false)
     gpus: float = 0.0  # GPUs per fine-tuning task (Ray remote); 0 on CPU
 
 
@@ -78,6 +78,7 @@ class SampleConfig:
     sampler: str = "euler_a"
     steps: int = 20
     cfg: float = 7.0
+    negative_prompt: str = ""  # recorded per image; "" = the unconditional prompt of classifier-free guidance
     mode: str = "txt2img"  # or "img2img" (starts from a real training image of the same class)
     strength: float = 0.6  # img2img only
     resolution: int = 512
@@ -91,7 +92,9 @@ class SampleConfig:
 @dataclass(frozen=True)
 class ClassifyConfig:
     backbone: str = "EfficientNetB7"
-    weights: str = "imagenet"  # "imagenet", "none" (random init, offline) or a local .weights.h5 path
+    # "imagenet"; "none" (random init: features ~1e-7, learns class frequencies only); "calibrated" (random init
+    # with the top BatchNorm re-estimated on 32 images: offline demos); or a local .weights.h5 path
+    weights: str = "imagenet"
     input_size: int = 600
     epochs: int = 30
     batch_size: int = 16
@@ -163,7 +166,7 @@ class ExperimentConfig:
 _CHOICES = {
     "folds.strategy": {"auto", "stratified", "group"},
     "generator.split": {"fold", "all"},
-    "generator.mixed_precision": {"no", "fp16", "bf16"},
+    "generator.mixed_precision": {"fp32", "fp16", "bf16"},
     "sample.sampler": {"euler_a"},
     "sample.mode": {"txt2img", "img2img"},
     "classify.mode": {"exact", "cached"},

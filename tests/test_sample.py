@@ -1,0 +1,288 @@
+"""Sample stage on the tiny base: pool sizes, seeds, provenance, reproducibility, Ray actors, crash + resume."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ooc_ray.config import from_dict
+from ooc_ray.io import write_parquet
+from ooc_ray.paths import ExperimentPaths
+
+
+def make_dataset(root: Path, per_class=(4, 2), k: int = 2, size: int = 32, groups=("",)) -> pd.DataFrame:
+    """Tiny manifest (contract columns + fold) over generated PNGs; class i is a brightness level + noise."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for li, n in enumerate(per_class):
+        label = ["good", "bad", "acceptable", "other"][li]
+        for j in range(n):
+            arr = np.clip(40 + 150 * li + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            path = root / "images" / label / f"{j}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(path)
+            rows.append({"id": f"{label}-{j:02d}", "path": str(path), "label": label, "label_index": li,
+                         "group": groups[(j // k) % len(groups)], "sha256": "", "size": path.stat().st_size,
+                         "width": size, "height": size, "mode": "RGB", "fold": j % k})
+    return pd.DataFrame(rows)
+
+
+def tiny_cfg(root: Path, **sections):
+    raw = {
+        "name": "t", "results_dir": str(root / "results"),
+        "generator": {"base": "tiny", "resolution": 32, "epochs": 2, "repeats": 1, "batch_size": 4,
+                      "rank": 4, "alpha": 4.0, "unet_lr": 1e-2, "text_encoder_lr": 1e-3},
+        "sample": {"weights": [1.0, 0.0], "steps": 2, "resolution": 32, "batch_size": 4, "actors": 1},
+        "classify": {"ratios": [0.0, 0.5]},  # + synthetic_only: pools of 1.0 x n_train
+        "ray": {"num_cpus": 2},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return from_dict(raw)
+
+
+def write_manifest(manifest: pd.DataFrame, paths: ExperimentPaths) -> None:
+    write_parquet(manifest.drop(columns="fold"), paths.manifest)
+    write_parquet(manifest[["id", "fold"]], paths.folds)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads spin-wait on cores
+    other processes (Ray workers, other tests) hold: measured 0.7 images/s with 2 threads vs 15 with 1."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny experiment with its 4 LoRAs (2 folds x 2 classes) trained; tests copy it."""
+    from ooc_ray.finetune import run_finetune
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = tiny_cfg(root)
+    paths = ExperimentPaths.of(cfg)
+    manifest = make_dataset(root)
+    write_manifest(manifest, paths)
+    run_finetune(cfg, paths)
+    return paths.root, manifest
+
+
+def experiment(tmp_path: Path, trained, **sections):
+    """A fresh experiment folder holding a copy of the trained base + LoRAs, with config `sections`."""
+    src, manifest = trained
+    cfg = tiny_cfg(tmp_path, **sections)
+    paths = ExperimentPaths.of(cfg)
+    for name in ("models", "lora"):
+        shutil.copytree(src / name, paths.root / name)
+    write_manifest(manifest, paths)
+    return cfg, paths, manifest
+
+
+def base_pipe(paths: ExperimentPaths):
+    import diffusers
+
+    from ooc_ray.tiny_sd import load_pipeline
+
+    pipe = load_pipeline(str(paths.models / "tiny_sd"))
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def render(pipe, rows: pd.DataFrame) -> list[np.ndarray]:
+    """Rows of one (lora, weight), rendered as the sampler does (same batch, prompts, per-row seeds)."""
+    import torch
+
+    images = pipe(prompt=list(rows.prompt), num_inference_steps=int(rows.steps.iloc[0]),
+                  guidance_scale=float(rows.cfg.iloc[0]), height=32, width=32,
+                  generator=[torch.Generator().manual_seed(int(s)) for s in rows.seed]).images
+    return [np.array(im) for im in images]
+
+
+def pngs(rows: pd.DataFrame) -> list[np.ndarray]:
+    return [np.array(Image.open(p)) for p in rows.path]
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+
+def test_pool_sizes():
+    from ooc_ray.finetune import ALL_FOLDS
+    from ooc_ray.sample import pool_sizes
+
+    # 30 good + 10 bad over 3 folds: each fold trains on 20 good, 6-7 bad.
+    m = pd.DataFrame({"id": [f"i{i}" for i in range(40)], "label": ["good"] * 30 + ["bad"] * 10,
+                      "group": ["a", "b"] * 20, "fold": [i % 3 for i in range(40)]})
+    cfg = from_dict({"classify": {"ratios": [0.0, 0.1, 0.5], "synthetic_only": False}})
+    got = pool_sizes(m, cfg)
+    assert list(got.columns) == ["fold", "label", "n_train", "n_pool"]
+    assert got.set_index(["fold", "label"]).n_train.to_dict() == {
+        (0, "bad"): 6, (0, "good"): 20, (1, "bad"): 7, (1, "good"): 20, (2, "bad"): 7, (2, "good"): 20}
+    assert got.set_index(["fold", "label"]).n_pool.to_dict() == {
+        (0, "bad"): 3, (0, "good"): 10, (1, "bad"): 4, (1, "good"): 10, (2, "bad"): 4, (2, "good"): 10}
+    # synthetic-only needs a full n_train pool even when the largest ratio is smaller
+    only = pool_sizes(m, from_dict({"classify": {"ratios": [0.5], "synthetic_only": True}}))
+    assert (only.n_pool == only.n_train).all()
+    # 0.1 x 30 = 3.0000000000000004 in floating point: still 3, not 4
+    ten = pd.DataFrame({"id": [f"i{i}" for i in range(60)], "label": ["good"] * 60, "group": "",
+                        "fold": [i % 2 for i in range(60)]})
+    assert pool_sizes(ten, from_dict({"classify": {"ratios": [0.1], "synthetic_only": False}})).n_pool.tolist() == [3, 3]
+    # split "all": one pool per class, big enough for the largest training fold
+    alls = pool_sizes(m, from_dict({"generator": {"split": "all"}, "classify": {"ratios": [1.0]}}))
+    assert alls.to_dict("records") == [{"fold": ALL_FOLDS, "label": "bad", "n_train": 7, "n_pool": 7},
+                                       {"fold": ALL_FOLDS, "label": "good", "n_train": 20, "n_pool": 20}]
+    grp = pool_sizes(m, from_dict({"generator": {"per_group": True}, "classify": {"ratios": [1.0]}}))
+    assert list(grp.columns) == ["fold", "label", "group", "n_train", "n_pool"]
+    assert grp.groupby(["fold", "label"]).n_train.sum().to_dict() == got.set_index(["fold", "label"]).n_train.to_dict()
+
+
+def test_image_seed_is_stable_and_distinct():
+    from ooc_ray.sample import image_seed
+
+    seeds = {image_seed(1234, k, w, i) for k in ("a", "b") for w in (1.0, 0.8) for i in range(50)}
+    assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
+    assert image_seed(1234, "a", 1.0, 3) == image_seed(1234, "a", 1.0, 3) != image_seed(1235, "a", 1.0, 3)
+
+
+# ---------------------------------------------------------------------------------------------- in process
+
+
+def test_sample_provenance_and_reproducibility(tmp_path, trained):
+    from ooc_ray.sample import TABLE_COLUMNS, image_seed, sample_all
+
+    cfg, paths, manifest = experiment(tmp_path, trained)
+    table = sample_all(cfg, paths, manifest, use_ray=False)
+    # pools: fold 0 trains on 2 good + 1 bad, fold 1 the same; x 2 weights
+    assert len(table) == (2 + 1) * 2 * 2 and list(table.columns) == TABLE_COLUMNS
+    assert not table.duplicated(["lora_key", "weight", "index"]).any() and table.id.is_unique
+    assert pd.read_parquet(paths.synthetic_table).equals(table)
+    assert table.groupby(["fold", "label", "weight"]).size().to_dict() == {
+        (f, c, w): n for f in (0, 1) for c, n in (("bad", 1), ("good", 2)) for w in (0.0, 1.0)}
+    row = table.iloc[0]
+    assert row.seed == image_seed(cfg.sample.seed, row.lora_key, row.weight, row["index"])
+    assert (row.sampler, row.steps, row.cfg, row["mode"], row.base_model) == ("euler_a", 2, 7.0, "txt2img", "tiny")
+    assert all(Image.open(p).size == (32, 32) for p in table.path)
+    assert Path(row.path).relative_to(paths.synthetic).parts[0] == row.lora_key
+
+    loras = pd.read_parquet(paths.lora / "loras.parquet").set_index("lora_key")
+    group = table[(table.fold == 0) & (table.label == "good")]
+    w1, w0 = group[group.weight == 1.0], group[group.weight == 0.0]
+    lora = loras.loc[w1.lora_key.iloc[0]]
+
+    # weight 0.0 reproduces the base model's images exactly
+    pipe = base_pipe(paths)
+    for a, b in zip(render(pipe, w0), pngs(w0)):
+        np.testing.assert_array_equal(a, b)
+    # the saved LoRA reloads in a fresh pipeline to the same images; same seeds -> identical images
+    pipe.load_lora_weights(lora.dir, weight_name=lora.file, adapter_name="diffusers")
+    pipe.set_adapters(["diffusers"], adapter_weights=[1.0])
+    assert any("lora" in n for n, _ in pipe.text_encoder.named_parameters())  # UNet and TE parts both load
+    fresh = render(pipe, w1)
+    for a, b in zip(fresh, pngs(w1)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(fresh[0], pngs(w0)[0])  # ...and the LoRA changes the image
+    for a, b in zip(render(pipe, w1), fresh):
+        np.testing.assert_array_equal(a, b)
+    # the kohya/A1111 export loads in diffusers and gives the same images as the diffusers file
+    kohya = base_pipe(paths)
+    kohya.load_lora_weights(lora.dir, weight_name=lora.kohya_file, adapter_name="kohya")
+    kohya.set_adapters(["kohya"], adapter_weights=[1.0])
+    assert any("lora" in n for n, _ in kohya.text_encoder.named_parameters())  # the TE part loaded too
+    for a, b in zip(render(kohya, w1), fresh):
+        np.testing.assert_array_equal(a, b)
+
+    # re-run: nothing to do, same table
+    before = {p: os.stat(p).st_mtime_ns for p in table.path}
+    assert sample_all(cfg, paths, manifest, use_ray=False).equals(table)
+    assert before == {p: os.stat(p).st_mtime_ns for p in table.path}
+
+
+def test_img2img_records_init_image_and_resizes(tmp_path, trained):
+    from ooc_ray.sample import sample_all
+
+    cfg, paths, manifest = experiment(
+        tmp_path, trained, sample={"mode": "img2img", "strength": 0.5, "steps": 4, "output_size": 48,
+                                   "weights": [0.8], "negative_prompt": "blurry"})
+    table = sample_all(cfg, paths, manifest, use_ray=False)
+    assert len(table) == 6 and set(table["mode"]) == {"img2img"} and set(table.strength) == {0.5}
+    assert set(table.negative_prompt) == {"blurry"}
+    by_id = manifest.set_index("id")
+    for row in table.itertuples():
+        init = by_id.loc[row.init_image_id]
+        assert init.label == row.label and init.fold != row.fold  # a training image of that class and fold
+        assert Image.open(row.path).size == (48, 48) == (row.width, row.height)
+
+
+def test_kill_midway_then_resume(tmp_path, trained, monkeypatch):
+    """A worker crash mid-run leaves some PNGs; the re-run renders only the rest; no missing/duplicate rows."""
+    from ooc_ray.sample import FAIL_AFTER_ENV, sample_all
+
+    cfg, paths, manifest = experiment(tmp_path, trained)
+    monkeypatch.setenv(FAIL_AFTER_ENV, "5")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sample_all(cfg, paths, manifest, use_ray=False)
+    done = sorted(paths.synthetic.rglob("*.png"))
+    assert len(done) == 5 and not paths.synthetic_table.exists()
+    mtimes = {p: p.stat().st_mtime_ns for p in done}
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    table = sample_all(cfg, paths, manifest, use_ray=False)
+    assert len(table) == 12 and not table.duplicated(["lora_key", "weight", "index"]).any()
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # finished images were not redone
+    assert sorted(map(str, paths.synthetic.rglob("*.png"))) == sorted(table.path)
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+
+
+def test_ray_sampling_crash_resume_and_determinism(tmp_path, trained, monkeypatch):
+    """run_sample through Ray Data actors: a crash inside an actor, a resume, then lost files re-rendered
+    bit-identically (seeds are per image, so the actor and batch that render an image do not matter)."""
+    from ooc_ray.sample import FAIL_AFTER_ENV, run_sample
+
+    cfg, paths, _ = experiment(tmp_path, trained)
+    monkeypatch.setenv(FAIL_AFTER_ENV, "5")
+    with pytest.raises(Exception, match="simulated crash"):
+        run_sample(cfg, paths)
+    partial = list(paths.synthetic.rglob("*.png"))
+    assert 0 < len(partial) < 12 and not paths.synthetic_table.exists()
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    table = run_sample(cfg, paths)
+    assert len(table) == 12 and not table.duplicated(["lora_key", "weight", "index"]).any()
+    assert pd.read_parquet(paths.synthetic_table).equals(table)
+
+    lost = table.path.iloc[[0, 5, 11]].tolist()
+    kept = {p: Path(p).read_bytes() for p in lost}
+    for p in lost:
+        os.remove(p)
+    paths.synthetic_table.unlink()
+    again = run_sample(cfg, paths)
+    assert again.equals(table)
+    assert all(Path(p).read_bytes() == data for p, data in kept.items())
+
+
+def test_pools_cover_every_classify_draw():
+    """Pools hold at least what build_trainset draws for every arm, also when the largest ratio is not 1:
+    rounding the fold's total first can give a class one image more than ceil(r x n_class)."""
+    from ooc_ray.classify.trainsets import largest_remainder, round_half_up
+    from ooc_ray.sample import pool_sizes
+
+    labels = ["a"] * 10 + ["b", "c", "d", "e", "f"]
+    index = {c: i for i, c in enumerate("abcdef")}
+    manifest = pd.DataFrame({"id": [f"i{i}" for i in range(30)], "label": labels * 2,
+                             "label_index": [index[x] for x in labels * 2], "group": "",
+                             "fold": [0] * 15 + [1] * 15})
+    cfg = from_dict({"classify": {"ratios": [0.1], "synthetic_only": False}})
+    pools = pool_sizes(manifest, cfg).set_index(["fold", "label"])["n_pool"]
+    # 0.1 x 15 = 1.5 -> 2 images; quotas 1.33 (a) and 0.13 (b..f): a gets both, but ceil(0.1 x 10) = 1
+    draw = largest_remainder(round_half_up(0.1 * 15), [10, 1, 1, 1, 1, 1])
+    assert draw.tolist() == [2, 0, 0, 0, 0, 0]
+    assert pools[(0, "a")] == 2 and pools[(1, "a")] == 2
