@@ -1,0 +1,213 @@
+"""Classifier stage: exact vs cached ("fast") mode.
+
+    python benchmarks/bench_classify.py [--root DIR] [--skip-b7]      (~3-4 min on 2 CPU cores)
+
+1. Wall time of a small grid through Ray Tune (run_classify), exact vs cached, on generated images.
+2. Unit costs, measured in-process after warm-up (steady state, TF graphs already traced):
+     exact   s per training image per epoch (decode + resize + augment + frozen backbone + head step)
+     eval    s per test image (decode + backbone + head)
+     extract s per (image, view) of the feature cache
+     head    s per training image per epoch on cached features
+   plus per-trial fixed costs (graph tracing, model build) read off the first epoch.
+3. Extrapolation to the paper's grid shape: 65 trials (5 folds x [real, 2 weights x (5 ratios + synthetic
+   only)]), 30 epochs, 822 images (n_train 658, n_test 164 per fold), synthetic pools as the trials draw them
+   (generator split "all": 2 weights x 658; split "fold": 5 x 2 x 658), 4 feature views. Totals are sums of
+   unit costs x counts; trials are assumed to run one at a time on one device, so the ratio is what matters.
+   With --skip-b7 off, the forward cost of EfficientNetB7 at 600 px (and the decode of a 2048x1536 JPG) is
+   measured too and used for the paper-scale estimate; the head costs stay those measured at B0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ooc_ray.classify import run_classify  # noqa: E402
+from ooc_ray.classify.tiny import make_tiny_experiment  # noqa: E402
+from ooc_ray.config import from_dict  # noqa: E402
+from ooc_ray.paths import ExperimentPaths  # noqa: E402
+
+SIZE = 64
+
+
+def raw_config(root: Path, mode: str) -> dict:
+    return {
+        "name": "bench", "results_dir": str(root),
+        "data": {"source": "demo", "classes": ["good", "acceptable", "bad"], "group_column": "cell_line",
+                 "demo": {"per_class": [16, 10, 6], "size": SIZE}},
+        "folds": {"k": 2, "strategy": "stratified"},
+        "sample": {"weights": [1.0]},
+        "ray": {"num_cpus": os.cpu_count() or 2},
+        "classify": {"backbone": "EfficientNetB0", "weights": "none", "input_size": SIZE, "epochs": 3,
+                     "batch_size": 16, "ratios": [0.0, 0.5, 1.0], "synthetic_only": True, "augment": ["flip"],
+                     "feature_views": 2, "mode": mode, "cpus_per_trial": 1},
+    }
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def unit_costs(cfg, manifest: pd.DataFrame, synthetic: pd.DataFrame) -> dict:
+    """Steady-state per-image costs at the bench config (B0, 64 px), in this process, with the threads of
+    one trial (cpus_per_trial), as the trials had."""
+    from ooc_ray.classify.model import setup_tf
+
+    setup_tf(cfg.classify.cpus_per_trial)
+    import keras
+    import tensorflow as tf
+
+    from ooc_ray.classify.features import FeatureExtractor, image_batches
+    from ooc_ray.classify.model import build_exact_model, build_head, compile_model
+    from ooc_ray.classify.train import _shuffled_indices
+    from ooc_ray.classify.features import image_map
+
+    cc = cfg.classify
+    paths = pd.concat([manifest["path"], synthetic["path"]]).tolist()[:64]
+    labels = np.eye(3, dtype=np.float32)[np.arange(len(paths)) % 3]
+    out = {}
+
+    keras.utils.set_random_seed(0)
+    model, _ = build_exact_model(cc, 3, 0)
+    compile_model(model, cc.lr)
+    load = image_map(paths, cc.input_size)
+    y = tf.constant(labels)
+    ds = (_shuffled_indices(len(paths), 0).map(lambda i: (load(i), tf.gather(y, i)), num_parallel_calls=tf.data.AUTOTUNE)
+          .batch(cc.batch_size).prefetch(tf.data.AUTOTUNE))
+    _, first = timed(model.fit, ds, epochs=1, verbose=0, shuffle=False)
+    _, steady = timed(model.fit, ds, epochs=3, verbose=0, shuffle=False)
+    out["exact_s_per_img_epoch"] = steady / 3 / len(paths)
+    out["exact_first_epoch_overhead_s"] = first - steady / 3
+    batches = image_batches(paths, cc.input_size, cc.batch_size)
+    _, first = timed(model.predict, batches, verbose=0)
+    _, steady = timed(model.predict, batches, verbose=0)
+    out["eval_s_per_img"] = steady / len(paths)
+    out["exact_predict_overhead_s"] = first - steady
+
+    extractor = FeatureExtractor(cc)
+    extractor(next(iter(batches)))  # warm-up: build + trace
+    feats, t = timed(lambda: np.concatenate([extractor(b) for b in batches]))
+    out["extract_s_per_img_view"] = t / len(paths) / extractor.views  # one decode per image, shared by views
+    feats = feats[:, 1]
+    head = build_head(feats.shape[-1], 3, cc.dropout, 0)
+    compile_model(head, cc.lr)
+    hds = tf.data.Dataset.from_tensor_slices((feats, labels)).shuffle(len(paths), seed=0).batch(cc.batch_size)
+    _, first = timed(head.fit, hds, epochs=1, verbose=0, shuffle=False)
+    _, steady = timed(head.fit, hds, epochs=5, verbose=0, shuffle=False)
+    out["head_s_per_img_epoch"] = steady / 5 / len(paths)
+    out["cached_first_epoch_overhead_s"] = first - steady / 5
+    keras.backend.clear_session()
+    return out
+
+
+def b7_costs(tmp: Path) -> dict:
+    """EfficientNetB7 forward at 600 px (random init: same FLOPs as ImageNet weights) and a 2048x1536 decode."""
+    import keras
+    from PIL import Image
+
+    from ooc_ray.classify.model import build_backbone, frozen
+    from ooc_ray.data import load_image
+
+    jpg = tmp / "frame.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (1536, 2048), dtype=np.uint8), mode="L").save(jpg, quality=90)
+    load_image(jpg, 600)
+    _, t_decode = timed(lambda: [load_image(jpg, 600) for _ in range(5)])
+    backbone = frozen(build_backbone("EfficientNetB7", "none", 600))
+    x = rng.uniform(0, 255, (2, 600, 600, 3)).astype(np.float32)
+    backbone(x)  # warm-up
+    _, t_fwd = timed(lambda: [backbone(x) for _ in range(2)])
+    keras.backend.clear_session()
+    return {"decode_2048x1536_to_600_s": t_decode / 5, "b7_600_forward_s_per_img": t_fwd / 4}
+
+
+def paper_counts(views: int = 4) -> dict:
+    n_train, n_test, epochs, folds, weights = 658, 164, 30, 5, 2
+    ratios = [0.1, 0.25, 0.5, 0.75, 1.0]
+    per_fold = [n_train] + weights * ([n_train + round(r * n_train) for r in ratios] + [n_train])
+    return {
+        "trials": folds * len(per_fold),
+        "train_image_epochs": folds * epochs * sum(per_fold),
+        "test_images": folds * len(per_fold) * n_test,
+        "extract_split_all": (822 + weights * n_train) * views,
+        "extract_split_fold": (822 + folds * weights * n_train) * views,
+    }
+
+
+def estimate(c: dict, counts: dict, fwd: float | None = None, decode: float = 0.0) -> dict:
+    """Seconds for the paper grid. `fwd`/`decode` replace the per-image backbone cost when given (B7 600 px)."""
+    exact_img = c["exact_s_per_img_epoch"] if fwd is None else fwd + decode
+    eval_img = c["eval_s_per_img"] if fwd is None else fwd + decode
+    extract_img = c["extract_s_per_img_view"] if fwd is None else fwd + decode / 4  # decode once for 4 views
+    exact = (counts["train_image_epochs"] * exact_img + counts["test_images"] * eval_img
+             + counts["trials"] * (c["exact_first_epoch_overhead_s"] + c["exact_predict_overhead_s"]))
+    head = counts["train_image_epochs"] * c["head_s_per_img_epoch"] + counts["trials"] * c["cached_first_epoch_overhead_s"]
+    out = {"exact_s": exact}
+    for split in ("all", "fold"):
+        cached = counts[f"extract_split_{split}"] * extract_img + head
+        out[f"cached_split_{split}_s"] = cached
+        out[f"speedup_split_{split}"] = exact / cached
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument("--skip-b7", action="store_true")
+    args = parser.parse_args()
+    root = args.root or Path(tempfile.mkdtemp(prefix="bench_classify_"))
+
+    from ooc_ray.raycluster import init_ray
+
+    cfg = from_dict(raw_config(root, "exact"))
+    paths = ExperimentPaths.of(cfg)
+    manifest, synthetic = make_tiny_experiment(cfg, paths)
+    init_ray(cfg)
+    print(f"small grid: {len(manifest)} real images at {SIZE} px, 2 folds, B0 random init, 3 epochs, "
+          f"augment flip, {os.cpu_count()} CPUs, 1 CPU per trial")
+    walls = {}
+    for mode in ("exact", "cached"):
+        rows, walls[mode] = timed(run_classify, from_dict(raw_config(root, mode)), paths)
+        print(f"  {mode:6s}: {len(rows)} trials, wall {walls[mode]:6.1f} s, sum of trial durations "
+              f"{rows['duration_s'].sum():6.1f} s, mean accuracy {rows['accuracy'].mean():.3f}")
+    print(f"  grid wall-time ratio exact/cached: {walls['exact'] / walls['cached']:.1f}x "
+          "(both dominated by per-trial fixed costs at this size)")
+
+    import ray
+
+    ray.shutdown()
+    c = unit_costs(cfg, manifest, synthetic)
+    print("unit costs (B0, 64 px, this machine):")
+    for k, v in c.items():
+        print(f"  {k:32s} {v * 1000:9.2f} ms" if "per_img" in k else f"  {k:32s} {v:9.2f} s")
+    counts = paper_counts()
+    print("paper grid shape:", ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    est = estimate(c, counts)
+    print(f"extrapolated at B0 64 px: exact {est['exact_s'] / 3600:.2f} h; cached {est['cached_split_all_s'] / 3600:.2f} h "
+          f"(split all, {est['speedup_split_all']:.0f}x), {est['cached_split_fold_s'] / 3600:.2f} h "
+          f"(split fold, {est['speedup_split_fold']:.0f}x)")
+    if not args.skip_b7:
+        b7 = b7_costs(root)
+        for k, v in b7.items():
+            print(f"  {k:32s} {v * 1000:9.1f} ms")
+        est = estimate(c, counts, fwd=b7["b7_600_forward_s_per_img"], decode=b7["decode_2048x1536_to_600_s"])
+        print(f"extrapolated at B7 600 px (CPU): exact {est['exact_s'] / 86400:.1f} days; cached "
+              f"{est['cached_split_all_s'] / 3600:.1f} h (split all, {est['speedup_split_all']:.0f}x), "
+              f"{est['cached_split_fold_s'] / 3600:.1f} h (split fold, {est['speedup_split_fold']:.0f}x)")
+
+
+if __name__ == "__main__":
+    main()

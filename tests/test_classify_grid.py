@@ -1,0 +1,147 @@
+"""The classify stage end to end through Ray Tune on CPU: a tiny grid, killed mid-run and resumed.
+~1.5-2 min on 2 cores (each trial is a fresh Ray worker importing TensorFlow)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ooc_ray.classify import run_classify, trial_specs
+from ooc_ray.classify.tiny import make_tiny_experiment
+from ooc_ray.config import from_dict
+from ooc_ray.paths import ExperimentPaths
+
+
+def raw_config(root, **classify):
+    return {
+        "name": "grid", "results_dir": str(root),
+        "data": {"source": "demo", "classes": ["good", "acceptable", "bad"], "group_column": "cell_line",
+                 "demo": {"per_class": [8, 6, 4], "size": 40}},
+        "folds": {"k": 2, "strategy": "stratified"},
+        "sample": {"weights": [1.0]},
+        "ray": {"num_cpus": 2},
+        "classify": {"backbone": "EfficientNetB0", "weights": "none", "input_size": 32, "epochs": 2,
+                     "batch_size": 8, "ratios": [0.0, 0.5], "synthetic_only": True, "augment": ["flip"],
+                     "feature_views": 2, "mode": "cached", "cpus_per_trial": 1, **classify},
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+DRIVER = textwrap.dedent("""
+    import json, sys
+    from ooc_ray.config import from_dict
+    from ooc_ray.paths import ExperimentPaths
+    from ooc_ray.classify import run_classify
+    cfg = from_dict(json.loads(sys.argv[1]))
+    run_classify(cfg, ExperimentPaths.of(cfg))
+""")
+
+
+def summaries(paths):
+    return {p.name: p.stat().st_mtime_ns for p in paths.trials.glob("*.parquet")}
+
+
+def test_small_pool_fails_before_ray(tmp_path):
+    import ray
+
+    from ooc_ray.classify import TrainsetError
+
+    cfg = from_dict(raw_config(tmp_path, ratios=[0.0, 2.0]))  # 2 x n_train synthetic: more than the pools hold
+    paths = ExperimentPaths.of(cfg)
+    make_tiny_experiment(cfg, paths)
+    with pytest.raises(TrainsetError, match=r"fold 0, class 'good', LoRA weight 1: need \d+"):
+        run_classify(cfg, paths)
+    assert not ray.is_initialized() and not paths.trials.exists()
+
+
+def test_grid_killed_and_resumed(tmp_path):
+    # max_concurrent 1: trials run one after another, so the kill lands between finished and pending ones.
+    raw = raw_config(tmp_path, max_concurrent=1)
+    cfg = from_dict(raw)
+    paths = ExperimentPaths.of(cfg)
+    make_tiny_experiment(cfg, paths)
+    specs = trial_specs(cfg)
+    assert len(specs) == 6  # 2 folds x (real, real+50%, synthetic only)
+
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(raw)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 240
+    while len(summaries(paths)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    first = summaries(paths)
+    assert 2 <= len(first) < 6, f"kill did not land mid-run: {len(first)} trials finished"
+
+    rows = run_classify(cfg, paths)  # resume
+    keys = [s["trial_key"] for s in specs]
+    assert rows["trial_key"].tolist() == keys and not rows["trial_key"].duplicated().any()
+    after = summaries(paths)
+    assert set(after) == {f"{k}.parquet" for k in keys}
+    assert all(after[name] == mtime for name, mtime in first.items())  # finished trials were not re-run
+    assert len(list((paths.history).glob("*.parquet"))) == 6
+    assert len(list((paths.predictions).glob("*.parquet"))) == 6
+
+    # What analysts read: one glob, summary rows only.
+    table = pd.read_parquet(paths.trials)
+    assert len(table) == 6 and set(table["trial_key"]) == set(keys)
+    duckdb = pytest.importorskip("duckdb")
+    n = duckdb.connect().execute(f"select count(*) from read_parquet('{paths.trials}/*.parquet')").fetchall()[0][0]
+    assert n == 6
+    real = rows[rows["arm"] == "real"]
+    assert len(real) == 2 and real["weight"].isna().all() and (real["n_train_synthetic"] == 0).all()
+    synth = rows[rows["synthetic_only"]]
+    assert (synth["n_train_real"] == 0).all() and (synth["n_train_synthetic"] == real["n_train_real"].values).all()
+    half = rows[rows["arm"] == "real+50%"]
+    assert (half["n_train_synthetic"] == np.floor(half["n_train_real"] * 0.5 + 0.5)).all()
+    assert rows["accuracy"].between(0, 1).all() and (rows["mode"] == "cached").all()
+    assert (rows["confusion"].map(lambda c: int(np.sum(np.stack(c)))) == rows["n_test"]).all()
+    assert (paths.config).exists()
+    history = pd.read_parquet(paths.history)
+    assert sorted(history["epoch"].unique()) == [1, 2]
+
+    # The Tune folder lost and one trial file deleted: only that trial runs again, and gives the same numbers.
+    import shutil
+
+    shutil.rmtree(paths.ray_storage)
+    lost = keys[3]
+    (paths.trials / f"{lost}.parquet").unlink()
+    again = run_classify(cfg, paths)
+    assert again["trial_key"].tolist() == keys
+    final = summaries(paths)
+    assert all(final[name] == after[name] for name in after if name != f"{lost}.parquet")
+    pd.testing.assert_series_equal(again["accuracy"], rows["accuracy"])
+
+    # Everything done: no Ray, no TF, just the rows.
+    start = time.perf_counter()
+    assert run_classify(cfg, paths)["trial_key"].tolist() == keys
+    assert time.perf_counter() - start < 5
+
+
+def test_exact_mode_through_tune(tmp_path):
+    raw = raw_config(tmp_path, mode="exact", epochs=1, ratios=[0.0], synthetic_only=False, augment=["flip", "rotation"])
+    cfg = from_dict(raw)
+    paths = ExperimentPaths.of(cfg)
+    make_tiny_experiment(cfg, paths)
+    rows = run_classify(cfg, paths)
+    assert len(rows) == 2 and sorted(rows["fold"]) == [0, 1]
+    assert (rows["mode"] == "exact").all() and (rows["arm"] == "real").all()
+    assert rows["n_test"].sum() == 18  # every image held out exactly once
+    row = rows.iloc[0]
+    assert row["classes"].tolist() == ["good", "acceptable", "bad"] and len(row["per_class_recall"]) == 3
+    assert rows.dtypes["fold"] == np.int64 and rows.dtypes["weight"] == np.float64
+    assert not paths.features.exists()  # exact mode caches nothing
