@@ -20,6 +20,7 @@ from ooc_ray.config import DemoDataConfig, slice_key
 from ooc_ray.io import atomic_dir
 
 CLASSES = ("good", "acceptable", "bad")
+VERSION = 2  # part of the reuse key: bump when the drawing changes, so old generated sets are rebuilt
 _DENSITY = {"good": (26, 34), "acceptable": (11, 17), "bad": (2, 6)}  # cells per image at 64 px height
 _BLUR = {"good": 0.0, "acceptable": 0.6, "bad": 1.4}  # Gaussian radius in px at 64 px height
 
@@ -27,12 +28,12 @@ _BLUR = {"good": 0.0, "acceptable": 0.6, "bad": 1.4}  # Gaussian radius in px at
 def _draw(label: str, line: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
     scale = height / 64.0
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    background = 110.0 + 12.0 * line
+    background = 110.0 + 4.0 * line  # cell lines differ a little (4 grey levels, 8 % in radius), less than classes
     img = np.full((height, width), background, np.float32)
     if label == "bad":  # uneven illumination: a linear ramp of up to 40 grey levels
         angle = rng.uniform(0, 2 * np.pi)
         img += 40.0 * ((np.cos(angle) * xx + np.sin(angle) * yy) / max(width, height) - 0.5)
-    radius0 = (3.0 + 0.6 * line) * scale
+    radius0 = (3.0 + 0.25 * line) * scale
     lo, hi = _DENSITY[label]
     for _ in range(int(rng.integers(lo, hi + 1))):
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
@@ -72,7 +73,7 @@ def write_demo_dataset(root: Path, cfg: DemoDataConfig) -> Path:
 
     Skips the work when the same config already produced the set (key in <root>/demo.json)."""
     root = Path(root)
-    key = slice_key(cfg)
+    key = slice_key(cfg, VERSION)
     csv = root / "labels.csv"
     marker = root / "demo.json"
     if marker.exists() and json.loads(marker.read_text()).get("key") == key and csv.exists():

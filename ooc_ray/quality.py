@@ -19,7 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from ooc_ray.config import ExperimentConfig
+from ooc_ray.config import ExperimentConfig, slice_key
 from ooc_ray.io import read_parquet, write_parquet
 from ooc_ray.paths import ExperimentPaths
 
@@ -161,7 +161,10 @@ def run_quality(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     """quality.parquet (fold, weight, label, KID, CAS, memorisation) and synthetic_scores.parquet (per image)."""
     from ooc_ray.data import class_names, load_manifest
 
+    from ooc_ray.classify.model import with_backbone_weights
+
     manifest = load_manifest(paths)
+    cfg = with_backbone_weights(cfg, paths, manifest)
     synthetic = read_parquet(paths.synthetic_table)
     c = cfg.classify
     key = slice_key(cfg.quality, c.backbone, c.weights, c.input_size, sorted(synthetic["id"]), sorted(manifest["id"]))

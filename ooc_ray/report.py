@@ -201,7 +201,14 @@ def image_grid(manifest: pd.DataFrame, synthetic: pd.DataFrame, path: Path, per_
 def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
     from ooc_ray.data import load_manifest
 
+    from ooc_ray.classify.grid import trial_specs
+
+    # trials/ keeps every config's trials (a changed setting adds files, never overwrites): report this config's.
+    wanted = {spec["trial_key"] for spec in trial_specs(cfg)}
     trials = read_trials(paths.trials)
+    trials = trials[trials["trial_key"].isin(wanted)].reset_index(drop=True)
+    if trials.empty:
+        raise FileNotFoundError(f"{paths.trials}: no trials of this config; run `ooc-ray classify` first")
     manifest = load_manifest(paths)
     naive = naive_baseline(manifest)
     tables = summary_tables(trials)

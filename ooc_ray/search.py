@@ -107,7 +107,7 @@ def run_search_trial(params: dict, cfg: ExperimentConfig, root: str, base_path: 
     from ooc_ray.data import class_names, load_manifest
     from ooc_ray.finetune import ALL_FOLDS, LoraJob, train_job
     from ooc_ray.quality import embed
-    from ooc_ray.sample import SampleWorker
+    from ooc_ray.sample import SampleWorker, _pending_batches
 
     start = time.perf_counter()
     paths = ExperimentPaths(Path(root))
@@ -131,8 +131,8 @@ def run_search_trial(params: dict, cfg: ExperimentConfig, root: str, base_path: 
                       "file": meta["file"], "final_loss": meta.get("final_loss")})
     plan = _sample_plan(loras, cfg, weight, cfg.search.images_per_class, work / "images")
     worker = SampleWorker(base_path, "txt2img", cfg.sample.sampler, cfg.sample.resolution)
-    for start_row in range(0, len(plan), cfg.sample.batch_size):
-        worker(plan.iloc[start_row:start_row + cfg.sample.batch_size])
+    for batch in _pending_batches(plan, cfg.sample.batch_size):
+        worker(batch)
     features = embed(subset["path"].tolist() + test["path"].tolist() + plan["path"].tolist(), cfg)
     metrics = score(cfg.search.objective, subset, test, plan, features, classes)
     row = {"search_key": key, **{k: params[k] for k in sorted(params)}, **metrics,
@@ -158,10 +158,10 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     from ooc_ray.raycluster import init_ray
     from ooc_ray.tiny_sd import resolve_base
 
-    if not paths.manifest.exists():
-        from ooc_ray.data import run_data
+    from ooc_ray.classify.model import with_backbone_weights
+    from ooc_ray.data import run_data
 
-        run_data(cfg, paths)
+    cfg = with_backbone_weights(cfg, paths, run_data(cfg, paths))  # run_data skips an unchanged source
     base_path = resolve_base(cfg.generator.base, paths.models)  # built once, before any trial reads it
     init_ray(cfg)
     mode = OBJECTIVE_MODE[cfg.search.objective]

@@ -96,17 +96,26 @@ def test_run_report_writes_everything(tmp_path, trials):
 
     cfg = from_dict({"name": "r", "results_dir": str(tmp_path), "folds": {"k": 3},
                      "data": {"classes": CLASSES, "demo": {"per_class": [6, 6, 6], "size": 32}},
-                     "generator": {"split": "fold"}})
+                     "generator": {"split": "fold"}, "sample": {"weights": [1.0, 0.8]},
+                     "classify": {"ratios": [0.0, 0.5], "synthetic_only": True}})
     paths = ExperimentPaths.of(cfg)
     run_data(cfg, paths)
+    from ooc_ray.classify.grid import trial_specs
+
     paths.trials.mkdir(parents=True)
+    specs = {(s["fold"], s["weight"] if s["weight"] is not None else -1.0, s["ratio"], s["synthetic_only"]):
+             s["trial_key"] for s in trial_specs(cfg)}
     for i, row in trials.iterrows():
-        pd.DataFrame([row]).to_parquet(paths.trials / f"t{i}.parquet")
+        key = specs[(row["fold"], -1.0 if pd.isna(row["weight"]) else row["weight"], row["ratio"],
+                     row["synthetic_only"])]
+        pd.DataFrame([{**row, "trial_key": key}]).to_parquet(paths.trials / f"{key}.parquet")
+    pd.DataFrame([{**trials.iloc[0], "trial_key": "other-config"}]).to_parquet(paths.trials / "old.parquet")
     m = load_manifest(paths)
     synthetic = pd.DataFrame({"path": m["path"], "label": m["label"], "weight": 1.0})
     synthetic.to_parquet(paths.synthetic_table)
     report = run_report(cfg, paths)
     text = report.read_text()
+    assert "- trials: 12" in text  # the other config's trial file is not reported
     assert "generator protocol: **fold**" in text and "naive (majority class) accuracy: 0.333" in text
     for name in ["table_w1.csv", "table_w1.md", "table_w1.tex", "table_w0.8.md", "summary.csv",
                  "accuracy_vs_ratio.png", "confusion_matrices.png", "real_vs_synthetic.png"]:

@@ -2,6 +2,7 @@
 import pandas as pd
 import pytest
 
+from ooc_ray.classify.model import with_backbone_weights
 from ooc_ray.config import ConfigError, load_config
 from ooc_ray.data import load_manifest, run_data
 from ooc_ray.paths import ExperimentPaths
@@ -20,7 +21,7 @@ def experiment(repo, tmp_path_factory):
         "search.num_samples=2", "search.epochs=[1, 1]", "search.repeats=[1, 1]", "ray.num_cpus=2",
     ])
     paths = ExperimentPaths.of(cfg)
-    run_data(cfg, paths)
+    cfg = with_backbone_weights(cfg, paths, run_data(cfg, paths))  # "calibrated" -> a weights file
     return cfg, paths
 
 
