@@ -10,29 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from conftest import make_dataset, write_manifest
 
 from ooc_ray.config import ConfigError, from_dict
 from ooc_ray.data import DataError
-from ooc_ray.io import write_parquet
 from ooc_ray.paths import ExperimentPaths
-
-
-def make_dataset(root: Path, per_class=(4, 4), k: int = 2, size: int = 32, groups=("",)) -> pd.DataFrame:
-    """Tiny manifest (contract columns + fold) over generated PNGs; class i is a brightness level + noise."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for li, n in enumerate(per_class):
-        label = ["good", "bad", "acceptable", "other"][li]
-        for j in range(n):
-            arr = np.clip(40 + 150 * li + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-            path = root / "images" / label / f"{j}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(path)
-            rows.append({"id": f"{label}-{j:02d}", "path": str(path), "label": label, "label_index": li,
-                         "group": groups[(j // k) % len(groups)], "sha256": "", "size": path.stat().st_size,
-                         "width": size, "height": size, "mode": "RGB", "fold": j % k})
-    return pd.DataFrame(rows)
 
 
 def tiny_cfg(root: Path, **sections):
@@ -50,21 +32,7 @@ def tiny_cfg(root: Path, **sections):
     return from_dict(raw)
 
 
-def write_manifest(manifest: pd.DataFrame, paths: ExperimentPaths) -> None:
-    write_parquet(manifest.drop(columns="fold"), paths.manifest)
-    write_parquet(manifest[["id", "fold"]], paths.folds)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads spin-wait on cores
-    other processes (Ray workers, other tests) hold: measured 0.7 images/s with 2 threads vs 15 with 1."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +188,8 @@ def test_ray_gpu_dispatch_path(tmp_path, tiny_base):
 
     from ooc_ray.finetune import finetune_all
 
-    if ray.is_initialized():
-        pytest.skip("Ray already running in this process without a (fake) GPU resource")
+    if ray.is_initialized():  # an earlier test's local Ray has no GPU resource: restart with a fake one
+        ray.shutdown()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test cluster: no token auth
     cfg = tiny_cfg(tmp_path, generator={"gpus": 0.5, "epochs": 1})
     paths = ExperimentPaths.of(cfg)

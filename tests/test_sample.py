@@ -8,28 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_dataset as _make_dataset
+from conftest import write_manifest
 from PIL import Image
 
 from ooc_ray.config import from_dict
-from ooc_ray.io import write_parquet
 from ooc_ray.paths import ExperimentPaths
 
 
-def make_dataset(root: Path, per_class=(4, 2), k: int = 2, size: int = 32, groups=("",)) -> pd.DataFrame:
-    """Tiny manifest (contract columns + fold) over generated PNGs; class i is a brightness level + noise."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for li, n in enumerate(per_class):
-        label = ["good", "bad", "acceptable", "other"][li]
-        for j in range(n):
-            arr = np.clip(40 + 150 * li + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-            path = root / "images" / label / f"{j}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(path)
-            rows.append({"id": f"{label}-{j:02d}", "path": str(path), "label": label, "label_index": li,
-                         "group": groups[(j // k) % len(groups)], "sha256": "", "size": path.stat().st_size,
-                         "width": size, "height": size, "mode": "RGB", "fold": j % k})
-    return pd.DataFrame(rows)
+def make_dataset(root: Path, per_class=(4, 2), **kwargs) -> pd.DataFrame:
+    """Unbalanced by default (4 good, 2 bad), so pool sizes differ per class."""
+    return _make_dataset(root, per_class, **kwargs)
 
 
 def tiny_cfg(root: Path, **sections):
@@ -46,21 +35,7 @@ def tiny_cfg(root: Path, **sections):
     return from_dict(raw)
 
 
-def write_manifest(manifest: pd.DataFrame, paths: ExperimentPaths) -> None:
-    write_parquet(manifest.drop(columns="fold"), paths.manifest)
-    write_parquet(manifest[["id", "fold"]], paths.folds)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads spin-wait on cores
-    other processes (Ray workers, other tests) hold: measured 0.7 images/s with 2 threads vs 15 with 1."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
