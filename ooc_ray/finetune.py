@@ -324,6 +324,14 @@ def lora_table(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataF
         meta = read_metadata(paths.lora, job.key)
         if meta is None:
             raise FileNotFoundError(f"LoRA {job.key} not trained ({paths.lora / job.key}): run finetune first")
+        for name, digest in ((meta["file"], meta["sha256"]), (meta["kohya_file"], meta["kohya_sha256"])):
+            # Sampling hours later on a cluster must not meet a deleted or swapped LoRA: check it here.
+            weights = paths.lora / job.key / name
+            if not weights.is_file():
+                raise DataError(f"LoRA file missing: {weights} (metadata.json is there); delete "
+                                f"{weights.parent} and re-run finetune")
+            if _sha256(weights) != digest:
+                raise DataError(f"LoRA file changed since training: {weights} (sha256 differs from metadata.json)")
         rows.append({**{c: meta.get(c) for c in TABLE_COLUMNS}, "dir": str(paths.lora / job.key)})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 

@@ -201,3 +201,28 @@ def test_ray_gpu_dispatch_path(tmp_path, tiny_base):
     finally:
         ray.shutdown()
     assert len(table) == 4 and all((Path(d) / "metadata.json").is_file() for d in table["dir"])
+
+
+def test_missing_or_changed_lora_is_named(tmp_path, tiny_base):
+    """A LoRA deleted or swapped after training stops sampling with the file named, before any actor starts."""
+    import ooc_ray.finetune as ft
+    from ooc_ray.data import DataError
+
+    cfg = tiny_cfg(tmp_path, generator={"epochs": 1})
+    paths = ExperimentPaths.of(cfg)
+    seed_models(paths, tiny_base)
+    m = make_dataset(tmp_path, per_class=(2, 2), k=2)
+    write_manifest(m, paths)
+    table = ft.run_finetune(cfg, paths)
+    first = Path(table["dir"].iloc[0])
+    (first / ft.KOHYA_FILE).write_bytes(b"not the trained weights")
+    with pytest.raises(DataError, match=f"changed since training: .*{ft.KOHYA_FILE}"):
+        ft.lora_table(cfg, paths, m)
+    (first / ft.DIFFUSERS_FILE).unlink()
+    with pytest.raises(DataError, match=f"missing: .*{ft.DIFFUSERS_FILE}"):
+        ft.lora_table(cfg, paths, m)
+    import shutil
+
+    shutil.rmtree(first)
+    with pytest.raises(FileNotFoundError, match="not trained"):
+        ft.lora_table(cfg, paths, m)
