@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
@@ -127,22 +129,23 @@ def class_quality(real_train: pd.DataFrame, real_test: pd.DataFrame, synthetic: 
     return table, scores
 
 
-def embed(image_paths: list[str], cfg: ExperimentConfig, batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Pooled features of the classifier's frozen backbone (classify.backbone/weights/input_size), un-augmented."""
-    from ooc_ray.classify.model import build_backbone, setup_tf
-    from ooc_ray.data import load_image
+def embed(image_paths: list[str], cfg: ExperimentConfig, features_root: Path) -> dict[str, np.ndarray]:
+    """Un-augmented pooled features of the classifier's frozen backbone, through the classify stage's cache.
 
+    In cached mode this is the very cache the trials read (view 0), so nothing is computed twice; in exact
+    mode a view-0-only cache (augment off) is kept beside it."""
+    import dataclasses
+
+    from ooc_ray.classify.features import FeatureCache, cache_key, extract_features
+    from ooc_ray.classify.model import setup_tf
+
+    c = cfg.classify if cfg.classify.mode == "cached" else dataclasses.replace(cfg.classify, augment=())
     setup_tf()
-    c = cfg.classify
-    backbone = build_backbone(c.backbone, c.weights, c.input_size)
-    unique = list(dict.fromkeys(image_paths))
-    out = {}
-    for start in range(0, len(unique), batch_size):
-        chunk = unique[start:start + batch_size]
-        batch = np.stack([np.asarray(load_image(p, c.input_size), np.float32) for p in chunk])
-        for path, vec in zip(chunk, backbone.predict(batch, verbose=0)):
-            out[path] = vec.astype(np.float64)
-    return out
+    directory = Path(features_root) / cache_key(c)
+    unique = list(dict.fromkeys(str(p) for p in image_paths))
+    extract_features(c, unique, directory)
+    feats = FeatureCache(directory).load(unique)[:, 0].astype(np.float64)
+    return dict(zip(unique, feats))
 
 
 def _pools(manifest: pd.DataFrame, synthetic: pd.DataFrame, split: str):
@@ -172,7 +175,7 @@ def run_quality(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
         done = read_parquet(paths.quality)
         if len(done) and (done["quality_key"] == key).all():
             return done
-    features = embed(manifest["path"].tolist() + synthetic["path"].tolist(), cfg)
+    features = embed(manifest["path"].tolist() + synthetic["path"].tolist(), cfg, paths.features)
     classes = class_names(manifest)
     tables, scores = [], []
     for fold, weight, train, test, pool in _pools(manifest, synthetic, cfg.generator.split):

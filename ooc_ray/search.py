@@ -133,7 +133,7 @@ def run_search_trial(params: dict, cfg: ExperimentConfig, root: str, base_path: 
     worker = SampleWorker(base_path, "txt2img", cfg.sample.sampler, cfg.sample.resolution)
     for batch in _pending_batches(plan, cfg.sample.batch_size):
         worker(batch)
-    features = embed(subset["path"].tolist() + test["path"].tolist() + plan["path"].tolist(), cfg)
+    features = embed(subset["path"].tolist() + test["path"].tolist() + plan["path"].tolist(), cfg, paths.features)
     metrics = score(cfg.search.objective, subset, test, plan, features, classes)
     row = {"search_key": key, **{k: params[k] for k in sorted(params)}, **metrics,
            "objective": cfg.search.objective, "fold": cfg.search.fold,
