@@ -158,6 +158,7 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     from ooc_ray.raycluster import init_ray
     from ooc_ray.tiny_sd import resolve_base
 
+    from ooc_ray.classify.grid import tune_storage
     from ooc_ray.classify.model import with_backbone_weights
     from ooc_ray.data import run_data
 
@@ -169,7 +170,7 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
         tune.with_parameters(_tune_trainable, cfg=cfg, root=str(paths.root), base_path=base_path),
         {"cpu": max(1.0, cfg.classify.cpus_per_trial), "gpu": cfg.generator.gpus},
     )
-    storage = str(Path(cfg.ray.storage_path or paths.ray_storage).resolve())
+    storage = tune_storage(cfg, paths)  # s3://... stays a URI; local paths become absolute
     run_name = f"lora_search_{slice_key(cfg.search, cfg.generator, cfg.sample)}"
     if tune.Tuner.can_restore(f"{storage}/{run_name}"):
         tuner = tune.Tuner.restore(f"{storage}/{run_name}", trainable, resume_errored=True)

@@ -75,7 +75,7 @@ def _tune_trial(config: dict, cfg: ExperimentConfig, paths: ExperimentPaths, man
     tune.report({"test_accuracy": row["accuracy"], "test_f1_macro": row["f1_macro"], "skipped": False})
 
 
-def _storage(cfg: ExperimentConfig, paths: ExperimentPaths) -> str:
+def tune_storage(cfg: ExperimentConfig, paths: ExperimentPaths) -> str:
     if cfg.ray.storage_path:
         # URIs (s3://, gs://) go to Tune as they are; local paths are made absolute (trials may chdir).
         return cfg.ray.storage_path if "://" in cfg.ray.storage_path else str(Path(cfg.ray.storage_path).resolve())
@@ -93,7 +93,7 @@ def _run_tune(cfg, paths, specs, pending, manifest, synthetic, features_dir) -> 
         # features): GPUs are for the feature extraction, and the trials run on CPUs, many at a time.
         {"cpu": cc.cpus_per_trial, "gpu": 0 if cc.mode == "cached" else cc.gpus_per_trial},
     )
-    storage = _storage(cfg, paths)
+    storage = tune_storage(cfg, paths)
     name = f"classify-{slice_key(config_key(cfg), [s['trial_key'] for s in specs])}"
     exp_path = f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(exp_path):
