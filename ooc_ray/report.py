@@ -149,7 +149,9 @@ def _plot_confusions(trials: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(trials.groupby(["weight", "ratio", "synthetic_only"], dropna=False, sort=True))
+    groups = sorted(trials.groupby(["weight", "ratio", "synthetic_only"], dropna=False),
+                    # real only first, then weights high to low as in the tables, arms by ratio, synthetic last
+                    key=lambda g: (not pd.isna(g[0][0]), -(0 if pd.isna(g[0][0]) else g[0][0]), g[0][2], g[0][1]))
     cols = min(4, len(groups))
     rows = math.ceil(len(groups) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
