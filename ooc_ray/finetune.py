@@ -31,8 +31,8 @@ KOHYA_FILE = "kohya_lora.safetensors"
 METADATA_FILE = "metadata.json"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as kohya's default LoRA
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-TABLE_COLUMNS = ["lora_key", "fold", "label", "group", "prompt", "dir", "file", "sha256", "kohya_file",
-                 "kohya_sha256", "n_images", "final_loss"]
+TABLE_COLUMNS = ["lora_key", "fold", "label", "group", "prompt", "dir", "file", "sha256", "weights_sha256",
+                 "kohya_file", "kohya_sha256", "n_images", "final_loss"]
 # Fields that do not change what a LoRA learns (they choose images/prompts, which enter the key directly,
 # or where it runs): left out of the key so that e.g. moving to GPUs does not retrain everything.
 _KEY_EXCLUDE = {"gpus", "split", "per_group", "prompt", "group_prompt"}
@@ -103,6 +103,24 @@ def plan_loras(cfg: ExperimentConfig, manifest: pd.DataFrame) -> list[LoraJob]:
                 key = f"{name}_{slice_key(train_slice(gcfg), base_spec(gcfg), prompt, list(ids))}"
                 jobs.append(LoraJob(key, fold, label, group, prompt, ids, tuple(sub["path"])))
     return jobs
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 of a .safetensors file's tensors (names, dtypes, shapes, bytes), not of the file.
+
+    The file's own hash is not reproducible: safetensors writes its metadata map in random order (two
+    identical trainings gave different file sha256 and bit-identical tensors, measured). Keys built from this
+    digest are the same on every run and machine, so sampled pools land in the same folders."""
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -282,6 +300,7 @@ def train_lora(pipe, job: LoraJob, gcfg: GeneratorConfig, out_dir: Path) -> dict
         "steps_per_epoch": math.ceil(len(job.image_ids) * gcfg.repeats / gcfg.batch_size),
         "loss_steps": step_losses, "loss_epochs": epoch_losses, "final_loss": epoch_losses[-1],
         "file": DIFFUSERS_FILE, "sha256": _sha256(out_dir / DIFFUSERS_FILE),
+        "weights_sha256": weights_digest(out_dir / DIFFUSERS_FILE),
         "kohya_file": KOHYA_FILE, "kohya_sha256": _sha256(out_dir / KOHYA_FILE),
         "device": str(unet.device), "seconds": round(time.perf_counter() - start, 2),
     }

@@ -4,7 +4,7 @@ Plan (deterministic, pure): for every LoRA x weight, images 0..n_pool-1, each wi
 (sample.seed, lora key, weight, index). Outputs:
   synthetic/<lora_key>/s<sample_key>/w<weight>/<index>.png   one atomic file per image
   synthetic.parquet                                           provenance, one row per image of the plan
-sample_key hashes the sampling config slice, the base and the LoRA file's sha256, so changing any of them
+sample_key hashes the sampling config slice, the base and the LoRA's tensors (weights_sha256), so changing any of them
 writes a new folder instead of mixing old and new images. An image whose PNG exists is never regenerated;
 because every plan row is a pure function of the config, the table is rebuilt from the plan for the PNGs on
 disk, so a killed run resumes per image and the table never holds a duplicate or a missing row.
@@ -115,7 +115,7 @@ def plan_samples(cfg: ExperimentConfig, paths: ExperimentPaths, loras: pd.DataFr
     rows = []
     for lora in loras.itertuples(index=False):
         n = int(sizes.loc[tuple(getattr(lora, k) for k in keys)])
-        skey = slice_key(sample_slice(cfg), base_spec(cfg.generator), lora.sha256)
+        skey = slice_key(sample_slice(cfg), base_spec(cfg.generator), lora.weights_sha256)
         init_ids = jobs[lora.lora_key].image_ids  # img2img starts from this LoRA's own training images
         for weight in s.weights:
             folder = paths.synthetic / lora.lora_key / f"s{skey}" / f"w{weight}"

@@ -147,8 +147,9 @@ def test_finetune_outputs_formats_and_resume(tmp_path, tiny_base, monkeypatch):
     write_manifest(m, paths)
     table = ft.run_finetune(cfg, paths)
 
-    assert list(table.columns[:9]) == ["lora_key", "fold", "label", "group", "prompt", "dir", "file", "sha256",
-                                       "kohya_file"]
+    assert list(table.columns[:10]) == ["lora_key", "fold", "label", "group", "prompt", "dir", "file", "sha256",
+                                        "weights_sha256", "kohya_file"]
+    assert table["weights_sha256"].str.len().eq(64).all()
     assert len(table) == 4 and table.lora_key.is_unique
     assert table.set_index(["fold", "label"]).n_images.to_dict() == {(0, "good"): 2, (0, "bad"): 1,
                                                                      (1, "good"): 2, (1, "bad"): 1}
@@ -226,3 +227,19 @@ def test_missing_or_changed_lora_is_named(tmp_path, tiny_base):
     shutil.rmtree(first)
     with pytest.raises(FileNotFoundError, match="not trained"):
         ft.lora_table(cfg, paths, m)
+
+
+def test_weights_digest_ignores_file_layout(tmp_path):
+    """Two files with the same tensors and metadata in another order: file hashes differ, the digest does not."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ooc_ray.finetune import _sha256, weights_digest
+
+    tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.weight": torch.ones(4)}
+    save_file(tensors, str(tmp_path / "one.safetensors"), metadata={"format": "pt", "x": "1"})
+    save_file(dict(reversed(list(tensors.items()))), str(tmp_path / "two.safetensors"), metadata={"x": "1"})
+    assert _sha256(tmp_path / "one.safetensors") != _sha256(tmp_path / "two.safetensors")
+    assert weights_digest(tmp_path / "one.safetensors") == weights_digest(tmp_path / "two.safetensors")
+    save_file({**tensors, "a.weight": torch.ones(4) * 2}, str(tmp_path / "three.safetensors"))
+    assert weights_digest(tmp_path / "three.safetensors") != weights_digest(tmp_path / "one.safetensors")
