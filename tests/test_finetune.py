@@ -10,26 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_dataset, write_manifest
+from conftest import make_dataset, tiny_cfg, write_manifest
 
-from ooc_ray.config import ConfigError, from_dict
+from ooc_ray.config import ConfigError
 from ooc_ray.data import DataError
 from ooc_ray.paths import ExperimentPaths
-
-
-def tiny_cfg(root: Path, **sections):
-    """Experiment config on the tiny base at 32 px with few steps; `sections` override per section."""
-    raw = {
-        "name": "t", "results_dir": str(root / "results"),
-        "generator": {"base": "tiny", "resolution": 32, "epochs": 2, "repeats": 1, "batch_size": 4,
-                      "rank": 4, "alpha": 4.0, "unet_lr": 1e-3, "text_encoder_lr": 1e-3},
-        "sample": {"weights": [1.0, 0.0], "steps": 2, "resolution": 32, "batch_size": 4},
-        "classify": {"ratios": [0.0, 0.5]},
-        "ray": {"num_cpus": 2},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return from_dict(raw)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

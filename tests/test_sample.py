@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_dataset as _make_dataset
+from conftest import tiny_cfg as _tiny_cfg
 from conftest import write_manifest
 from PIL import Image
 
@@ -22,17 +23,9 @@ def make_dataset(root: Path, per_class=(4, 2), **kwargs) -> pd.DataFrame:
 
 
 def tiny_cfg(root: Path, **sections):
-    raw = {
-        "name": "t", "results_dir": str(root / "results"),
-        "generator": {"base": "tiny", "resolution": 32, "epochs": 2, "repeats": 1, "batch_size": 4,
-                      "rank": 4, "alpha": 4.0, "unet_lr": 1e-2, "text_encoder_lr": 1e-3},
-        "sample": {"weights": [1.0, 0.0], "steps": 2, "resolution": 32, "batch_size": 4, "actors": 1},
-        "classify": {"ratios": [0.0, 0.5]},  # + synthetic_only: pools of 1.0 x n_train
-        "ray": {"num_cpus": 2},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return from_dict(raw)
+    """A 10x higher UNet lr than the fine-tuning tests: LoRAs that visibly change images in 2 steps."""
+    sections["generator"] = {"unet_lr": 1e-2, **sections.get("generator", {})}
+    return _tiny_cfg(root, **sections)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
