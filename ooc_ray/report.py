@@ -237,7 +237,8 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
             table.to_csv(tmp, index=False)
         atomic_write_text(out / f"table_{name}.md", to_markdown(shown) + "\n")
         atomic_write_text(out / f"table_{name}.tex", shown.to_latex(index=False, escape=True))
-        lines += [f"## LoRA weight {weight:g}", "", to_markdown(shown), ""]
+        title = "Real images only (no synthetic arms in this grid)" if pd.isna(weight) else f"LoRA weight {weight:g}"
+        lines += [f"## {title}", "", to_markdown(shown), ""]
         combined.append(table)
     with atomic_path(out / "summary.csv") as tmp:
         pd.concat(combined, ignore_index=True).to_csv(tmp, index=False)

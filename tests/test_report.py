@@ -121,3 +121,11 @@ def test_run_report_writes_everything(tmp_path, trials):
                  "accuracy_vs_ratio.png", "confusion_matrices.png", "real_vs_synthetic.png"]:
         assert (paths.report / name).stat().st_size > 0, name
     assert "\\begin{tabular}" in (paths.report / "table_w1.tex").read_text()
+
+
+def test_real_only_grid_has_one_table(trials):
+    real = trials[trials["weight"].isna()]
+    tables = summary_tables(real)
+    assert len(tables) == 1
+    (table,) = tables.values()
+    assert table["arm"].tolist() == ["real only"] and table["accuracy_mean"].iloc[0] == pytest.approx(0.72)
