@@ -54,3 +54,22 @@ def test_class_quality_known_answers():
     assert len(scores) == 40 and scores["id"].is_unique
     conf = scores.set_index("id")["real_confidence"]
     assert conf[[f"s{i}" for i in range(20, 30)]].max() < 0.5 < conf[[f"s{i}" for i in range(30, 40)]].min()
+
+
+def test_classify_drops_low_confidence_synthetic_images(tmp_path):
+    from ooc_ray.classify.grid import filtered_synthetic
+    from ooc_ray.paths import ExperimentPaths
+
+    synthetic = pd.DataFrame({"id": ["s0", "s1", "s2"], "path": ["a", "b", "c"], "label": "good", "fold": 0,
+                              "weight": 1.0})
+    for threshold, expected in [(0.0, ["s0", "s1", "s2"]), (0.5, ["s0", "s2"])]:
+        cfg = from_dict({"results_dir": str(tmp_path), "quality": {"filter_min_confidence": threshold}})
+        paths = ExperimentPaths.of(cfg)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        synthetic.to_parquet(paths.synthetic_table)
+        if threshold:
+            with pytest.raises(FileNotFoundError, match="quality stage"):
+                filtered_synthetic(cfg, paths)
+            pd.DataFrame({"id": ["s0", "s1", "s2"], "real_confidence": [0.9, 0.2, 0.5]}).to_parquet(
+                paths.synthetic_scores)
+        assert filtered_synthetic(cfg, paths)["id"].tolist() == expected
