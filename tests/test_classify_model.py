@@ -120,3 +120,19 @@ def test_exact_and_cached_agree_without_augmentation(tiny):
     # the loss moved: the comparison is not between two untrained models
     assert histories["exact"]["loss"].iloc[-1] < histories["exact"]["loss"].iloc[0]
     assert len(set(np.round(np.stack(predictions["exact"]["probs"])[:, 0], 4))) > 1
+
+
+def test_augmented_views_do_not_depend_on_extraction_split(tiny, tmp_path):
+    """The same image gets the same augmented views whether extracted alone, in another batch or another part."""
+    _, _, manifest, _, weights = tiny
+    cc = from_dict(raw_config(tmp_path, weights=weights, augment=["flip", "rotation", "contrast"],
+                              feature_views=3, mode="cached")).classify
+    paths = manifest["path"].tolist()[:5]
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    extract_features(cc, paths, one)  # one part, one batch
+    for p in reversed(paths):  # five parts, reversed order, each image alone
+        extract_features(cc, [p], two, chunk=1)
+    a, b = FeatureCache(one).load(paths), FeatureCache(two).load(paths)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(a[:, 1], a[:, 2])  # views 1 and 2 are different draws

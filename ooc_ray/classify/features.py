@@ -7,7 +7,8 @@ memory at once, never the 2048x1536 originals.
 Cache: the backbone is frozen, so its pooled output for an (image, augmentation view) never changes. It is
 computed once per image into paths.features/<key>/, key = slice of (backbone, input size, weights, augment,
 views, seed), and shared by every trial. View 0 is the un-augmented image (evaluation); views 1..V-1 are
-augmented draws, one sampled per training image per epoch. Parts are written atomically (part-*.npy, then its
+augmented draws, one sampled per training image per epoch, each seeded by the image's bytes and the view
+number, so it is the same whichever batch, part or Ray task extracts it. Parts are written atomically (part-*.npy, then its
 part-*.json index, which marks the part complete), so a killed extraction resumes where it stopped.
 """
 from __future__ import annotations
@@ -62,8 +63,9 @@ def train_views(cc: ClassifyConfig) -> list[int]:
 
 
 def cache_key(cc: ClassifyConfig) -> str:
+    # "views_seeded": caches written before augmented views were seeded per image must not be reused.
     return slice_key({"backbone": cc.backbone, "input_size": cc.input_size, "weights": cc.weights,
-                      "augment": list(cc.augment), "views": n_views(cc), "seed": cc.seed})
+                      "augment": list(cc.augment), "views": n_views(cc), "seed": cc.seed, "views_seeded": True})
 
 
 class FeatureCache:
@@ -125,15 +127,55 @@ class FeatureExtractor:
         self.views = n_views(cc)
         backbone = frozen(build_backbone(cc.backbone, cc.weights, cc.input_size))
         augmentation = build_augmentation(cc.augment, cc.seed)
-        self._plain = tf.function(lambda x: backbone(x), reduce_retracing=True)
-        self._augmented = None
-        if augmentation is not None:
-            self._augmented = tf.function(lambda x: backbone(augmentation(x, training=True)), reduce_retracing=True)
+        self._backbone = tf.function(lambda x: backbone(x), reduce_retracing=True)
+        self._augmentation = augmentation
+        self._seed_states = [] if augmentation is None else _seed_states(augmentation)
 
-    def __call__(self, images) -> np.ndarray:
+    def _augment(self, image, seed: int):
+        """One image's augmented copy, its random draws fixed by `seed` alone.
+
+        Each layer's SeedGenerator state is set from (seed, layer) before the call, so a view does not depend
+        on which batch, part or Ray task the image was extracted in (measured: same seed -> identical pixels)."""
+        for j, state in enumerate(self._seed_states):
+            state.assign(np.array([seed, j], dtype=state.dtype))
+        return self._augmentation(image[None], training=True)[0]
+
+    def __call__(self, images, seeds=None) -> np.ndarray:
+        """(batch, views, dim); `seeds` (one int per image, e.g. image_seeds()) fix each augmented view."""
+        import tensorflow as tf
+
         # One decoded batch serves every view: the decode of a 2048x1536 JPG costs as much as a small backbone.
-        outs = [self._plain(images).numpy()] + [self._augmented(images).numpy() for _ in range(1, self.views)]
+        outs = [self._backbone(images).numpy()]
+        if self.views > 1:
+            seeds = list(range(len(images))) if seeds is None else seeds
+            for view in range(1, self.views):
+                augmented = tf.stack([self._augment(img, _view_seed(s, view)) for img, s in zip(images, seeds)])
+                outs.append(self._backbone(augmented).numpy())
         return np.stack(outs, axis=1)
+
+
+def _seed_states(model) -> list:
+    # Keras 3 random layers keep [seed, counter] in a "seed_generator_state" variable; build them first.
+    import tensorflow as tf
+
+    model(tf.zeros((1, 8, 8, 3)), training=True)
+    return [v for v in model.variables if "seed_generator_state" in v.path]
+
+
+def _view_seed(image_seed: int, view: int) -> int:
+    return (image_seed * 1_000_003 + view) % (2**31 - 1)
+
+
+def image_seeds(image_paths, base_seed: int) -> list[int]:
+    """Per-image augmentation seeds from the file's bytes (not its path: the same image elsewhere on a
+    cluster, or on another machine, gets the same augmented views) and classify.seed."""
+    import hashlib
+
+    seeds = []
+    for p in image_paths:
+        digest = hashlib.sha256(Path(p).read_bytes()).digest()
+        seeds.append((int.from_bytes(digest[:4], "big") + base_seed * 7919) % (2**31 - 1))
+    return seeds
 
 
 def extract_features(cc: ClassifyConfig, image_paths, directory: str | Path, chunk: int = CHUNK) -> int:
@@ -145,7 +187,9 @@ def extract_features(cc: ClassifyConfig, image_paths, directory: str | Path, chu
     extractor = FeatureExtractor(cc)
     for start in range(0, len(todo), chunk):
         part = todo[start:start + chunk]
-        rows = [extractor(images) for images in image_batches(part, cc.input_size, cc.batch_size)]
+        seeds = image_seeds(part, cc.seed) if extractor.views > 1 else [0] * len(part)
+        rows = [extractor(images, seeds[i * cc.batch_size:(i + 1) * cc.batch_size])
+                for i, images in enumerate(image_batches(part, cc.input_size, cc.batch_size))]
         cache.write_part(part, np.concatenate(rows))
     return len(todo)
 
