@@ -28,15 +28,20 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from helpers import demo_experiment  # noqa: E402
 
+from ooc_ray.backbones import BackboneWeights, build_backbone, frozen, setup_tf  # noqa: E402
 from ooc_ray.classify import run_classify  # noqa: E402
-from ooc_ray.classify.tiny import make_tiny_experiment  # noqa: E402
+from ooc_ray.classify.model import build_exact_model, build_head, compile_model  # noqa: E402
+from ooc_ray.classify.train import _shuffled_indices  # noqa: E402
 from ooc_ray.config import from_dict  # noqa: E402
-from ooc_ray.paths import ExperimentPaths  # noqa: E402
+from ooc_ray.data import load_image  # noqa: E402
+from ooc_ray.features import FeatureExtractor, image_batches, image_map  # noqa: E402
 
 SIZE = 64
 
@@ -64,25 +69,18 @@ def timed(fn, *args, **kwargs):
 def unit_costs(cfg, manifest: pd.DataFrame, synthetic: pd.DataFrame) -> dict:
     """Steady-state per-image costs at the bench config (B0, 64 px), in this process, with the threads of
     one trial (cpus_per_trial), as the trials had."""
-    from ooc_ray.classify.model import setup_tf
-
     setup_tf(cfg.classify.cpus_per_trial)
     import keras
     import tensorflow as tf
 
-    from ooc_ray.classify.features import FeatureExtractor, image_batches
-    from ooc_ray.classify.model import build_exact_model, build_head, compile_model
-    from ooc_ray.classify.train import _shuffled_indices
-    from ooc_ray.classify.features import image_map
-
     cc = cfg.classify
+    weights = BackboneWeights(None, "none")
     paths = pd.concat([manifest["path"], synthetic["path"]]).tolist()[:64]
     labels = np.eye(3, dtype=np.float32)[np.arange(len(paths)) % 3]
     out = {}
 
     keras.utils.set_random_seed(0)
-    model, _ = build_exact_model(cc, 3, 0)
-    compile_model(model, cc.lr)
+    model = compile_model(build_exact_model(cc, weights, 3, 0), cc.lr)
     load = image_map(paths, cc.input_size)
     y = tf.constant(labels)
     ds = (_shuffled_indices(len(paths), 0).map(lambda i: (load(i), tf.gather(y, i)), num_parallel_calls=tf.data.AUTOTUNE)
@@ -97,9 +95,9 @@ def unit_costs(cfg, manifest: pd.DataFrame, synthetic: pd.DataFrame) -> dict:
     out["eval_s_per_img"] = steady / len(paths)
     out["exact_predict_overhead_s"] = first - steady
 
-    extractor = FeatureExtractor(cc)
-    extractor(next(iter(batches)))  # warm-up: build + trace
-    feats, t = timed(lambda: np.concatenate([extractor(b) for b in batches]))
+    extractor = FeatureExtractor(cc, weights)
+    extractor(next(iter(batches)), list(range(cc.batch_size)))  # warm-up: build + trace
+    feats, t = timed(lambda: np.concatenate([extractor(b, list(range(len(b)))) for b in batches]))
     out["extract_s_per_img_view"] = t / len(paths) / extractor.views  # one decode per image, shared by views
     feats = feats[:, 1]
     head = build_head(feats.shape[-1], 3, cc.dropout, 0)
@@ -118,15 +116,12 @@ def b7_costs(tmp: Path) -> dict:
     import keras
     from PIL import Image
 
-    from ooc_ray.classify.model import build_backbone, frozen
-    from ooc_ray.data import load_image
-
     jpg = tmp / "frame.jpg"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (1536, 2048), dtype=np.uint8), mode="L").save(jpg, quality=90)
     load_image(jpg, 600)
     _, t_decode = timed(lambda: [load_image(jpg, 600) for _ in range(5)])
-    backbone = frozen(build_backbone("EfficientNetB7", "none", 600))
+    backbone = frozen(build_backbone("EfficientNetB7", None, 600))
     x = rng.uniform(0, 255, (2, 600, 600, 3)).astype(np.float32)
     backbone(x)  # warm-up
     _, t_fwd = timed(lambda: [backbone(x) for _ in range(2)])
@@ -173,8 +168,7 @@ def main() -> None:
     from ooc_ray.raycluster import init_ray
 
     cfg = from_dict(raw_config(root, "exact"))
-    paths = ExperimentPaths.of(cfg)
-    manifest, synthetic = make_tiny_experiment(cfg, paths)
+    paths, manifest, synthetic = demo_experiment(cfg)
     init_ray(cfg)
     print(f"small grid: {len(manifest)} real images at {SIZE} px, 2 folds, B0 random init, 3 epochs, "
           f"augment flip, {os.cpu_count()} CPUs, 1 CPU per trial")

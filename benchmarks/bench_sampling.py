@@ -16,38 +16,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from helpers import make_manifest, write_manifest  # noqa: E402
+
 from ooc_ray.config import from_dict  # noqa: E402
-from ooc_ray.finetune import finetune_all  # noqa: E402
-from ooc_ray.finetune import lora_table  # noqa: E402
+from ooc_ray.finetune import run_finetune  # noqa: E402
 from ooc_ray.paths import ExperimentPaths  # noqa: E402
-from ooc_ray.sample import generate, plan_samples  # noqa: E402
+from ooc_ray.sample import plan_pools, render  # noqa: E402
 
 
-def tiny_dataset(root: Path, per_class: int = 4, k: int = 2, size: int = 64) -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    rows = []
-    for li, label in enumerate(["good", "bad"]):
-        for j in range(per_class):
-            path = root / "images" / label / f"{j}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.clip(60 + 120 * li + rng.normal(0, 20, (size, size, 3)), 0, 255)
-                            .astype(np.uint8)).save(path)
-            rows.append({"id": f"{label}-{j}", "path": str(path), "label": label, "label_index": li, "group": "",
-                         "fold": j % k})
-    return pd.DataFrame(rows)
-
-
-def timed(plan: pd.DataFrame, cfg, paths, out: Path, use_ray: bool) -> dict:
+def timed(plan: pd.DataFrame, cfg, paths, base, out: Path, use_ray: bool) -> dict:
     plan = plan.assign(path=[str(out / Path(p).relative_to(paths.synthetic)) for p in plan.path])
     start = time.time()
-    n = generate(plan, cfg, paths, use_ray=use_ray)
+    n = render(plan, cfg, base, use_ray=use_ray)
     wall = time.time() - start
     mtimes = sorted(os.stat(p).st_mtime for p in plan.path)
     first_batch = cfg.sample.batch_size
@@ -66,7 +52,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench_sampling_"))
     try:
-        manifest = tiny_dataset(root, size=args.resolution)
+        manifest = make_manifest((4, 4), k=2, root=root, size=args.resolution)
         ratio = args.images / 8  # 4 LoRAs (2 folds x 2 classes), 2 training images each
         raw = {"name": "bench", "results_dir": str(root / "results"),
                "generator": {"base": "tiny", "resolution": args.resolution, "epochs": 1, "repeats": 1},
@@ -75,19 +61,20 @@ def main() -> None:
                "classify": {"ratios": [ratio], "synthetic_only": False}}
         cfg = from_dict(raw)
         paths = ExperimentPaths.of(cfg)
-        finetune_all(cfg, paths, manifest)
-        plan = plan_samples(cfg, paths, lora_table(cfg, paths, manifest), manifest)
+        write_manifest(manifest, paths)
+        run_finetune(cfg, paths)
+        base, plan = plan_pools(cfg, paths, manifest)
         print(f"tiny base, {len(plan)} images of {args.resolution}px, {args.steps} Euler-a steps, CFG 7, "
               f"batch {args.batch}, {os.cpu_count()} CPUs")
 
         import torch
 
         threads = torch.get_num_threads()
-        results = {f"in-process loop, {threads} torch threads": timed(plan, cfg, paths, root / "local", False)}
+        results = {f"in-process loop, {threads} torch threads": timed(plan, cfg, paths, base, root / "local", False)}
         # Ray actors run with OMP_NUM_THREADS=1; on a shared 2-core machine a multi-threaded torch loop can
         # be >10x slower than a 1-thread one (OpenMP threads spin-wait on cores other processes hold).
         torch.set_num_threads(1)
-        results["in-process loop, 1 torch thread"] = timed(plan, cfg, paths, root / "local1", False)
+        results["in-process loop, 1 torch thread"] = timed(plan, cfg, paths, base, root / "local1", False)
         torch.set_num_threads(threads)
         from ooc_ray.raycluster import init_ray
 
@@ -96,7 +83,7 @@ def main() -> None:
         print(f"ray.init: {time.time() - t:.1f} s (not counted below)")
         for actors in (1, 2):
             c = from_dict({**raw, "sample": {**raw["sample"], "actors": actors}})
-            results[f"ray, {actors} actor{'s' * (actors > 1)}"] = timed(plan, c, paths, root / f"ray{actors}", True)
+            results[f"ray, {actors} actor{'s' * (actors > 1)}"] = timed(plan, c, paths, base, root / f"ray{actors}", True)
         print(pd.DataFrame(results).T.to_string())
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -1,5 +1,9 @@
-"""Thin CLI: parse, load the config, dispatch to a stage function. Stages import lazily so that
-`ooc-ray data` never pays for importing TensorFlow or torch."""
+"""Thin CLI: parse, load the config, take the results folder's lock, dispatch to stage functions.
+
+Stages are imported when they run (the STAGES table names them), so `ooc-ray data` never pays for importing
+TensorFlow or torch. Every expected failure (ooc_ray.errors.OocRayError) becomes one line on stderr and a
+non-zero exit: 2 for a config error, 1 for everything else.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +11,13 @@ import importlib
 import sys
 import time
 
-from ooc_ray.config import ConfigError, load_config, save_resolved
-from ooc_ray.data import DataError
+import yaml
+from tqdm import tqdm
+
+from ooc_ray.config import ExperimentConfig, load_config, to_dict
+from ooc_ray.errors import ConfigError, OocRayError
+from ooc_ray.io import atomic_write_text, note
+from ooc_ray.lock import RunLock, command_line
 from ooc_ray.paths import ExperimentPaths
 
 # stage name -> (module, function); `run` chains the pipeline stages in this order.
@@ -22,59 +31,81 @@ STAGES = {
     "search": ("ooc_ray.search", "run_search"),
 }
 PIPELINE = ("data", "finetune", "sample", "quality", "classify", "report")
+READ_ONLY = {"report"}  # reads finished trials and writes only report/: runs beside a writer, takes no lock
 HELP = {
     "data": "scan + validate images, write manifest.parquet and folds.parquet",
     "finetune": "train one LoRA per (fold, class) [per group]",
     "sample": "sample synthetic pools with Ray actors, write synthetic.parquet",
     "quality": "per-class KID, synthetic-only accuracy (CAS), nearest-real distances",
     "classify": "Ray Tune grid of classifier trials over ratio x LoRA weight x fold",
-    "report": "tables, plots and image grids from the trial Parquet files",
+    "report": "tables, plots and image grids from the trial Parquet files (read-only)",
     "search": "Ray Tune + Optuna search over LoRA hyperparameters",
     "run": "data -> finetune -> sample -> quality -> classify -> report, skipping finished work",
 }
 
 
-def run_stage(name: str, cfg, paths: ExperimentPaths):
+def run_stage(name: str, cfg: ExperimentConfig, paths: ExperimentPaths):
     module, func = STAGES[name]
     return getattr(importlib.import_module(module), func)(cfg, paths)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ooc-ray", description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ooc-ray", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True)
     for name in [*STAGES, "run"]:
         p = sub.add_parser(name, help=HELP[name])
         p.add_argument("config", help="experiment YAML, e.g. experiments/demo.yaml")
-        p.add_argument(
-            "-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-            help="override a config value, e.g. -o classify.epochs=2 (repeatable)",
-        )
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.override)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    paths = ExperimentPaths.of(cfg)
-    save_resolved(cfg, paths.config)
-    stages = PIPELINE if args.stage == "run" else (args.stage,)
-    if args.stage == "run" and not cfg.quality.enabled:
-        stages = tuple(s for s in stages if s != "quality")
-    from tqdm import tqdm
+        p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. -o classify.epochs=2 (repeatable)")
+        p.add_argument("--tiny", action="store_true",
+                       help="seconds-scale settings (config.TINY + the file's `tiny:` section), for smoke tests")
+    return parser
 
+
+def _message(exc: BaseException) -> str:
+    # An error raised inside a Ray task arrives wrapped (RayTaskError, with the remote traceback): show the cause.
+    return str(getattr(exc, "cause", None) or exc).strip().splitlines()[0]
+
+
+def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths) -> int:
     bar = tqdm(stages, desc="ooc-ray", unit="stage", disable=len(stages) == 1)
     for name in bar:
         bar.set_postfix_str(name)
         start = time.perf_counter()
-        print(f"[ooc-ray] {name} ...", flush=True)
+        note(f"{name} ...")
         try:
             run_stage(name, cfg, paths)
-        except (ConfigError, DataError, FileNotFoundError) as exc:  # bad user input: message names file/key
-            print(f"[ooc-ray] {name} failed: {exc}", file=sys.stderr)
+        except OocRayError as exc:
+            print(f"[ooc-ray] {name} failed: {_message(exc)}", file=sys.stderr)
             return 1
-        print(f"[ooc-ray] {name} done in {time.perf_counter() - start:.1f} s", flush=True)
-    print(f"[ooc-ray] outputs in {paths.root}")
+        note(f"{name} done in {time.perf_counter() - start:.1f} s")
+    note(f"outputs in {paths.root}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.override, tiny=args.tiny)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    paths = ExperimentPaths.of(cfg)
+    stages = PIPELINE if args.stage == "run" else (args.stage,)
+    if args.stage == "run" and not cfg.quality.enabled:
+        stages = tuple(s for s in stages if s != "quality")
+    if set(stages) <= READ_ONLY:
+        return _run(stages, cfg, paths)
+    try:
+        lock = RunLock(paths.lock, command_line()).acquire()
+    except OocRayError as exc:
+        print(f"[ooc-ray] {_message(exc)}", file=sys.stderr)
+        return 1
+    try:
+        atomic_write_text(paths.config, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return _run(stages, cfg, paths)
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -1,179 +1,246 @@
-"""Experiment configuration: YAML -> frozen dataclasses.
+"""Experiment configuration: YAML -> frozen dataclasses, with every default in this one file.
 
-Every default lives here, in one place. An experiment file (experiments/*.yaml) holds only what differs.
-Unknown or mistyped keys are errors that name the full dotted key, so a typo like `clasify.epochs`
-never silently runs the default.
+An experiment file (experiments/*.yaml) holds only what differs. Unknown or mistyped keys, values of the wrong
+type and values outside a field's Literal choices are errors that name the full dotted key, so a typo like
+`clasify.epochs` never silently runs the default.
+
+Every field declares its role once, here, and ooc_ray.keys derives every artifact's key from these roles:
+  result(feeds=...)  can change the numbers of the named artifacts: enters their keys
+  input()            names data or weights; their content digest enters the keys, not the name
+  grid()             decides which artifacts exist and what each reads (ratios, LoRA weights, folds, prompts);
+                     each artifact's key carries its own grid point and input digests instead
+  resource()         where and how fast work runs (GPUs, actors, concurrency, batch sizes that leave the
+                     numbers unchanged): never enters a key, so moving to a bigger cluster re-runs nothing
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from ooc_ray.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
+# Artifacts whose keys config fields can feed (ooc_ray.keys): a LoRA, a synthetic image, a backbone-feature
+# cache, a classifier trial, the quality tables, a LoRA-search trial.
+ARTIFACTS = ("lora", "image", "features", "trial", "quality", "search")
+RESULT, INPUT, GRID, RESOURCE = "result", "input", "grid", "resource"
+
+
+def result(default: Any, feeds: tuple[str, ...], only_if: tuple[str, Any] | None = None) -> Any:
+    """A field that can change the numbers of the `feeds` artifacts. `only_if=(sibling, value)`: it matters
+    only when that sibling field has that value (img2img strength under txt2img changes nothing)."""
+    assert set(feeds) <= set(ARTIFACTS), feeds
+    return field(default=default, metadata={"role": RESULT, "feeds": feeds, "only_if": only_if})
+
+
+def input_(default: Any) -> Any:
+    return field(default=default, metadata={"role": INPUT})
+
+
+def grid(default: Any) -> Any:
+    return field(default=default, metadata={"role": GRID})
+
+
+def resource(default: Any) -> Any:
+    return field(default=default, metadata={"role": RESOURCE})
+
+
+def section(cls: type) -> Any:
+    return field(default_factory=cls, metadata={"role": "section"})
+
+
+Backbone = Literal["EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3", "EfficientNetB4",
+                   "EfficientNetB5", "EfficientNetB6", "EfficientNetB7"]
+Augmentation = Literal["flip", "rotation", "zoom", "contrast", "translation", "brightness"]
 
 
 @dataclass(frozen=True)
 class DemoDataConfig:
     """The microscopy-like image set the project generates itself (ooc_ray.demo_data)."""
 
-    per_class: tuple[int, ...] = (30, 14, 8)  # good/acceptable/bad, roughly the paper's 500/212/110 shape
-    size: int = 64
-    groups: int = 3  # fake "cell lines", written to the CSV's group column
-    seed: int = 0
+    per_class: tuple[int, ...] = input_((30, 14, 8))  # good/acceptable/bad, roughly the paper's 500/212/110 shape
+    size: int = input_(64)
+    groups: int = input_(3)  # fake "cell lines", written to the CSV's group column
+    seed: int = input_(0)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     # "demo" builds the generated set under results/<name>/demo_data; otherwise a folder-per-class
     # root or a CSV file with columns file,label[,group] (paths relative to the CSV's folder).
-    source: str = "demo"
-    classes: tuple[str, ...] = ()  # empty: every folder/label found; else the allowed labels, in this order
-    group_column: str = ""  # CSV column holding cell line / well / patient; "" = no groups
-    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    source: str = input_("demo")
+    classes: tuple[str, ...] = grid(())  # empty: every folder/label found; else the allowed labels, in this order
+    group_column: str = grid("")  # CSV column holding cell line / well / patient; "" = no groups
+    demo: DemoDataConfig = section(DemoDataConfig)
 
 
 @dataclass(frozen=True)
 class FoldsConfig:
-    k: int = 5
-    seed: int = 42
+    k: int = grid(5)
+    seed: int = grid(42)
     # "auto": group-aware when the manifest has groups; "stratified" ignores groups; "group" requires them.
-    strategy: str = "auto"
+    strategy: Literal["auto", "stratified", "group"] = grid("auto")
+
+
+_LORA = ("lora",)
 
 
 @dataclass(frozen=True)
 class GeneratorConfig:
     """LoRA fine-tuning of Stable Diffusion (kohya-style parameters)."""
 
-    base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, local path, or "tiny"
-    split: str = "fold"  # "fold": one LoRA per fold's training images (no leakage); "all": the paper's protocol
-    per_group: bool = False  # one LoRA per (class, group), e.g. per cell line
-    resolution: int = 512
-    repeats: int = 2
-    epochs: int = 10
-    batch_size: int = 2
-    unet_lr: float = 5e-4
-    text_encoder_lr: float = 1e-4  # 0 disables the text-encoder LoRA
-    rank: int = 8
-    alpha: float = 8.0
-    seed: int = 0
-    prompt: str = "a microscopy image of {label} organ on chip cells"
-    group_prompt: str = "a microscopy image of {label} {group} cells"
-    mixed_precision: str = "fp32"  # "fp16"/"bf16" on GPU (not "no": YAML reads a bare no as false)
-    gpus: float = 0.0  # GPUs per fine-tuning task (Ray remote); 0 on CPU
+    base: str = input_("stable-diffusion-v1-5/stable-diffusion-v1-5")  # hub id, local path, or "tiny"
+    split: Literal["fold", "all"] = grid("fold")  # "fold": one LoRA per fold's training images; "all": the paper's
+    per_group: bool = grid(False)  # one LoRA per (class, group), e.g. per cell line
+    resolution: int = result(512, _LORA)
+    repeats: int = result(2, _LORA)
+    epochs: int = result(10, _LORA)
+    batch_size: int = result(2, _LORA)  # a training batch: changes the gradient steps, so it is a result
+    unet_lr: float = result(5e-4, _LORA)
+    text_encoder_lr: float = result(1e-4, _LORA)  # 0 disables the text-encoder LoRA
+    rank: int = result(8, _LORA)
+    alpha: float = result(8.0, _LORA)
+    seed: int = result(0, _LORA)
+    prompt: str = grid("a microscopy image of {label} organ on chip cells")  # each LoRA's key holds its prompt
+    group_prompt: str = grid("a microscopy image of {label} {group} cells")
+    # "fp16"/"bf16" on GPU (not "no": YAML reads a bare no as false); numbers differ, so a result.
+    mixed_precision: Literal["fp32", "fp16", "bf16"] = result("fp32", _LORA)
+    gpus: float = resource(0.0)  # GPUs per fine-tuning task (Ray remote); 0 on CPU
+
+
+_IMAGE = ("image",)
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    weights: tuple[float, ...] = (1.0, 0.8)  # LoRA weights, one synthetic pool each
-    sampler: str = "euler_a"
-    steps: int = 20
-    cfg: float = 7.0
-    negative_prompt: str = ""  # recorded per image; "" = the unconditional prompt of classifier-free guidance
-    mode: str = "txt2img"  # or "img2img" (starts from a real training image of the same class)
-    strength: float = 0.6  # img2img only
-    resolution: int = 512
-    batch_size: int = 4
-    actors: int = 0  # 0: one per GPU, or 1 on CPU
-    gpus_per_actor: float = 0.0
-    seed: int = 1234  # base seed; each image's seed is derived from it and recorded
-    output_size: int = 0  # 0: keep the sampler's resolution; else resize saved PNGs to this
+    weights: tuple[float, ...] = grid((1.0, 0.8))  # LoRA weights, one synthetic pool each
+    sampler: Literal["euler_a"] = result("euler_a", _IMAGE)
+    steps: int = result(20, _IMAGE)
+    cfg: float = result(7.0, _IMAGE)
+    negative_prompt: str = result("", _IMAGE)  # "" = the unconditional prompt of classifier-free guidance
+    mode: Literal["txt2img", "img2img"] = result("txt2img", _IMAGE)  # img2img starts from a real training image
+    strength: float = result(0.6, _IMAGE, only_if=("mode", "img2img"))
+    resolution: int = result(512, _IMAGE)
+    # Images per pipeline call. Batched matmuls can move the last bits of an image (as moving to a GPU does),
+    # never what it depicts: a resource, so a new batch size re-uses the images already sampled.
+    batch_size: int = resource(4)
+    actors: int = resource(0)  # 0: one per GPU, or 1 on CPU
+    gpus_per_actor: float = resource(0.0)
+    seed: int = result(1234, _IMAGE)  # base seed; each image's seed is derived from it and recorded
+    output_size: int = result(0, _IMAGE)  # 0: keep the sampler's resolution; else resize saved PNGs to this
+
+
+_FEATURES_TRIAL = ("features", "trial")
+_TRIAL = ("trial",)
 
 
 @dataclass(frozen=True)
 class ClassifyConfig:
-    backbone: str = "EfficientNetB7"
+    backbone: Backbone = result("EfficientNetB7", _FEATURES_TRIAL)
     # "imagenet"; "none" (random init: features ~1e-7, learns class frequencies only); "calibrated" (random init
     # with the top BatchNorm re-estimated on 32 images: offline demos); or a local .weights.h5 path
-    weights: str = "imagenet"
-    input_size: int = 600
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 1e-3
-    dropout: float = 0.2
-    augment: tuple[str, ...] = ("flip", "rotation", "zoom", "contrast")
-    ratios: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
-    synthetic_only: bool = True
-    mode: str = "exact"  # "exact" trains end to end per trial; "cached" trains the head on cached backbone features
-    feature_views: int = 4  # cached mode: augmented views per training image (view 0 is un-augmented)
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_failures: int = 2
-    max_concurrent: int = 0  # 0: as many as resources allow
-    seed: int = 0
+    weights: str = input_("imagenet")
+    input_size: int = result(600, _FEATURES_TRIAL)
+    epochs: int = result(30, _TRIAL)
+    batch_size: int = result(16, _TRIAL)  # the training batch; feature extraction batches are not results
+    lr: float = result(1e-3, _TRIAL)
+    dropout: float = result(0.2, _TRIAL)
+    augment: tuple[Augmentation, ...] = result(("flip", "rotation", "zoom", "contrast"), _FEATURES_TRIAL)
+    ratios: tuple[float, ...] = grid((0.0, 0.1, 0.25, 0.5, 0.75, 1.0))
+    synthetic_only: bool = grid(True)
+    # "exact" trains end to end per trial; "cached" trains the head on cached backbone features
+    mode: Literal["exact", "cached"] = result("exact", _TRIAL)
+    # cached mode: augmented views per training image (view 0 is un-augmented)
+    feature_views: int = result(4, _FEATURES_TRIAL, only_if=("mode", "cached"))
+    cpus_per_trial: float = resource(1.0)
+    gpus_per_trial: float = resource(0.0)
+    max_failures: int = resource(2)
+    max_concurrent: int = resource(0)  # 0: as many as resources allow
+    seed: int = result(0, _FEATURES_TRIAL)
 
 
 @dataclass(frozen=True)
 class QualityConfig:
-    enabled: bool = True
-    kid_subsets: int = 10
-    kid_subset_size: int = 50
-    filter_min_confidence: float = 0.0  # >0: drop synthetic images a real-trained classifier is less sure of
+    enabled: bool = grid(True)
+    kid_subsets: int = result(10, ("quality", "search"))
+    kid_subset_size: int = result(50, ("quality", "search"))
+    # > 0: leave synthetic images a real-trained linear classifier is less sure of out of the pools; the
+    # trials' keys then hold the smaller training sets they draw.
+    filter_min_confidence: float = grid(0.0)
+
+
+_SEARCH = ("search",)
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     """Ray Tune + Optuna search over LoRA hyperparameters (experiments/lora_search.yaml)."""
 
-    num_samples: int = 20
-    objective: str = "cas"  # "cas" (synthetic-only accuracy), "kid" (lower is better) or "accuracy" (downstream)
-    fold: int = 0
-    images_per_class: int = 16
-    rank: tuple[int, ...] = (4, 8, 16, 32)
-    alpha: tuple[float, ...] = (1.0, 4.0, 8.0, 16.0, 32.0)
-    unet_lr: tuple[float, float] = (1e-5, 1e-3)  # log-uniform range
-    text_encoder_lr: tuple[float, float] = (1e-6, 1e-4)
-    epochs: tuple[int, int] = (2, 20)
-    repeats: tuple[int, int] = (1, 4)
-    weight: tuple[float, float] = (0.5, 1.0)
-    seed: int = 0
+    num_samples: int = grid(20)
+    # "cas" (synthetic-only accuracy), "kid" (lower is better) or "accuracy" (downstream); every trial
+    # computes all three, the objective only picks which one Optuna follows.
+    objective: Literal["cas", "kid", "accuracy"] = grid("cas")
+    fold: int = result(0, _SEARCH)
+    images_per_class: int = result(16, _SEARCH)
+    rank: tuple[int, ...] = grid((4, 8, 16, 32))
+    alpha: tuple[float, ...] = grid((1.0, 4.0, 8.0, 16.0, 32.0))
+    unet_lr: tuple[float, float] = grid((1e-5, 1e-3))  # log-uniform range
+    text_encoder_lr: tuple[float, float] = grid((1e-6, 1e-4))
+    epochs: tuple[int, int] = grid((2, 20))
+    repeats: tuple[int, int] = grid((1, 4))
+    weight: tuple[float, float] = grid((0.5, 1.0))
+    seed: int = result(0, _SEARCH)
+    cpus_per_trial: float = resource(1.0)
+    gpus_per_trial: float = resource(0.0)
+    max_concurrent: int = resource(0)  # 0: as many as resources allow
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str = ""  # "" starts a local Ray; "auto" joins a cluster
-    num_cpus: int = 0  # 0: Ray decides (local only)
-    storage_path: str = ""  # Ray Tune storage; "" -> results/<name>/ray
+    address: str = resource("")  # "" starts a local Ray; "auto" joins a cluster
+    num_cpus: int = resource(0)  # 0: Ray decides (local only)
+    storage_path: str = resource("")  # Ray Tune storage; "" -> results/<name>/ray
+    # True where the Ray autoscaler adds nodes on demand: a request no node can meet then waits for one,
+    # instead of failing at once.
+    autoscaling: bool = resource(False)
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    name: str = "experiment"
-    results_dir: str = "results"
-    data: DataConfig = field(default_factory=DataConfig)
-    folds: FoldsConfig = field(default_factory=FoldsConfig)
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
-    quality: QualityConfig = field(default_factory=QualityConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    name: str = resource("experiment")
+    results_dir: str = resource("results")
+    data: DataConfig = section(DataConfig)
+    folds: FoldsConfig = section(FoldsConfig)
+    generator: GeneratorConfig = section(GeneratorConfig)
+    sample: SampleConfig = section(SampleConfig)
+    classify: ClassifyConfig = section(ClassifyConfig)
+    quality: QualityConfig = section(QualityConfig)
+    search: SearchConfig = section(SearchConfig)
+    ray: RayConfig = section(RayConfig)
 
     @property
     def out_dir(self) -> Path:
         return Path(self.results_dir) / self.name
 
 
-_CHOICES = {
-    "folds.strategy": {"auto", "stratified", "group"},
-    "generator.split": {"fold", "all"},
-    "generator.mixed_precision": {"fp32", "fp16", "bf16"},
-    "sample.sampler": {"euler_a"},
-    "sample.mode": {"txt2img", "img2img"},
-    "classify.mode": {"exact", "cached"},
-    "classify.backbone": {f"EfficientNetB{i}" for i in range(8)},
-    "search.objective": {"cas", "kid", "accuracy"},
+# Settings shared by every experiment's tiny mode (`--tiny`): seconds-scale models and data, on CPU. Each
+# experiment file adds its own `tiny:` overrides (possibly none) for what it needs beyond these.
+TINY = {
+    "data.source": "demo", "data.demo.size": 32, "folds.k": 2,
+    "generator.base": "tiny", "generator.resolution": 32, "generator.epochs": 1, "generator.repeats": 1,
+    "generator.batch_size": 4, "generator.gpus": 0, "generator.mixed_precision": "fp32",
+    "sample.resolution": 32, "sample.steps": 2, "sample.gpus_per_actor": 0,
+    "classify.backbone": "EfficientNetB0", "classify.weights": "none", "classify.input_size": 32,
+    "classify.epochs": 1, "classify.gpus_per_trial": 0, "classify.cpus_per_trial": 1,
+    "quality.kid_subsets": 2, "quality.kid_subset_size": 4, "search.gpus_per_trial": 0, "ray.num_cpus": 2,
 }
-_AUGMENTS = {"flip", "rotation", "zoom", "contrast", "translation", "brightness"}
+SPECIAL_WEIGHTS = ("imagenet", "none", "calibrated")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -183,15 +250,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return _build(hint, value, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
     if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return _coerce_tuple(value, typing.get_args(hint), key)
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{key}: union types are not supported in configs")
     if hint is bool:
@@ -217,6 +282,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")
 
 
+def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+
+
 def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -230,25 +305,47 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _check_prompt(key: str, template: str) -> None:
+    try:
+        template.format(label="label", group="group")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"{key}: {template!r} has a bad placeholder ({exc}); use {{label}} and {{group}}") from None
+
+
+def _check_ranges(cfg: ExperimentConfig) -> None:
+    s = cfg.search
+    for name in ("unet_lr", "text_encoder_lr", "epochs", "repeats", "weight"):
+        low, high = getattr(s, name)
+        if low > high:
+            raise ConfigError(f"search.{name}: lower bound {low} is above upper bound {high}")
+    if not s.rank or not s.alpha:
+        raise ConfigError("search.rank / search.alpha: need at least one choice each")
+
+
 def _validate(cfg: ExperimentConfig) -> None:
-    for dotted, allowed in _CHOICES.items():
-        section, name = dotted.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}: {value!r} is not one of {sorted(allowed)}")
-    bad = sorted(set(cfg.classify.augment) - _AUGMENTS)
-    if bad:
-        raise ConfigError(f"classify.augment: unknown augmentation(s) {bad}; known: {sorted(_AUGMENTS)}")
-    if cfg.folds.k < 2:
-        raise ConfigError("folds.k: need at least 2 folds")
-    if any(r < 0 for r in cfg.classify.ratios):
-        raise ConfigError("classify.ratios: ratios must be >= 0")
-    if not cfg.sample.weights:
-        raise ConfigError("sample.weights: need at least one LoRA weight")
-    if not 0.0 < cfg.sample.strength <= 1.0:
-        raise ConfigError("sample.strength: must be in (0, 1]")
-    if not cfg.name or "/" in cfg.name:
-        raise ConfigError(f"name: {cfg.name!r} must be a non-empty folder name")
+    """Checks that no single field's type can express; each error names its key."""
+    checks = [
+        (cfg.folds.k >= 2, "folds.k: need at least 2 folds"),
+        (all(r >= 0 for r in cfg.classify.ratios), "classify.ratios: ratios must be >= 0"),
+        (bool(cfg.sample.weights), "sample.weights: need at least one LoRA weight"),
+        (0.0 < cfg.sample.strength <= 1.0, "sample.strength: must be in (0, 1]"),
+        (bool(cfg.name) and "/" not in cfg.name, f"name: {cfg.name!r} must be a non-empty folder name"),
+        (len(cfg.data.demo.per_class) == 3 and min(cfg.data.demo.per_class) >= 1,
+         "data.demo.per_class: need 3 positive counts (good, acceptable, bad)"),
+        (cfg.data.demo.size >= 16 and cfg.data.demo.groups >= 1, "data.demo: size >= 16 and groups >= 1"),
+        (cfg.classify.feature_views >= 1, "classify.feature_views: need at least 1 view"),
+        (cfg.search.images_per_class >= 2, "search.images_per_class: need at least 2 images per class"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    _check_prompt("generator.prompt", cfg.generator.prompt)
+    _check_prompt("generator.group_prompt", cfg.generator.group_prompt)
+    _check_ranges(cfg)
+    weights = cfg.classify.weights
+    if weights not in SPECIAL_WEIGHTS and not Path(weights).expanduser().is_file():
+        raise ConfigError(f"classify.weights: {weights!r} is neither one of {list(SPECIAL_WEIGHTS)} "
+                          "nor an existing weights file")
 
 
 def from_dict(raw: dict | None) -> ExperimentConfig:
@@ -267,9 +364,7 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Load an experiment YAML; `overrides` are "dotted.key=yaml_value" strings from the CLI."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -278,7 +373,23 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), tiny: bool = False
+                ) -> ExperimentConfig:
+    """Load an experiment YAML; `overrides` are "dotted.key=yaml_value" strings from the CLI (applied last).
+
+    tiny=True applies TINY and the file's own `tiny:` mapping first (seconds-scale settings for tests)."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    tiny_overrides = raw.pop("tiny", None)
     raw.setdefault("name", path.stem)
+    if tiny:
+        if not isinstance(tiny_overrides, dict):
+            raise ConfigError(f"{path}: no `tiny:` mapping (dotted overrides for tiny mode; {{}} for none)")
+        for key, value in {**TINY, **tiny_overrides}.items():
+            _set_dotted(raw, key, value)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
@@ -295,17 +406,12 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def save_resolved(cfg: ExperimentConfig, path: Path) -> Path:
-    from ooc_ray.io import atomic_write_text
-
-    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def slice_key(*parts: Any, length: int = 12) -> str:
-    """Stable short hash of config slices (dataclasses, dicts, strings): the resume key of a stage output.
-
-    Two runs whose slices are equal produce the same key, so finished work is found and skipped."""
-    payload = json.dumps(
-        [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:length]
+def field_roles(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, dict]:
+    """dotted field name -> its metadata (role, feeds, only_if), for every leaf field."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("role") == "section":
+            out.update(field_roles(f.default_factory, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = dict(f.metadata)
+    return out

@@ -1,29 +1,30 @@
-"""Data stage: scan a folder-per-class tree or a CSV, validate every image, write manifest.parquet.
+"""Data stage: scan a folder-per-class tree or a CSV, validate every image, write manifest.parquet + folds.
 
-Every image is opened and fully decoded once here, so later stages (which may run for hours on a
-cluster) never meet a corrupt file: the error names the file before any GPU time is spent.
+Every image's bytes are hashed on every run (cheap: the paper's 822 JPGs are a few hundred MB) and every image
+whose bytes are new is fully decoded, so later stages (which may run for hours on a cluster) never meet a
+corrupt file, and a file replaced in place (same path, new bytes) is never mistaken for the old one.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from ooc_ray.config import ExperimentConfig
-from ooc_ray.io import read_parquet, write_parquet
+from ooc_ray.config import DataConfig, ExperimentConfig
+from ooc_ray.demo_data import write_demo_dataset
+from ooc_ray.errors import DataError, MissingInputError
+from ooc_ray.folds import assign_folds
+from ooc_ray.io import note, parquet_problem, write_parquet
 from ooc_ray.paths import ExperimentPaths
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 # Modes that convert to RGB without losing meaning: 8-bit grey, 16-bit grey (microscopes), palette, RGB(A).
 SUPPORTED_MODES = {"L", "LA", "I;16", "I;16B", "I;16L", "I", "P", "RGB", "RGBA"}
 MANIFEST_COLUMNS = ["id", "path", "label", "label_index", "group", "sha256", "size", "width", "height", "mode"]
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file or label."""
+_FACTS = ["size", "width", "height", "mode"]
 
 
 def _scan_folders(root: Path) -> list[dict]:
@@ -32,9 +33,7 @@ def _scan_folders(root: Path) -> list[dict]:
     if not class_dirs:
         raise DataError(f"{root}: no class folders found (expected one sub-folder of images per class)")
     for class_dir in class_dirs:
-        files = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"{class_dir}: class '{class_dir.name}' has no images")
         rows += [{"path": p, "rel": p.relative_to(root).as_posix(), "label": class_dir.name, "group": ""}
@@ -63,11 +62,8 @@ def _scan_csv(csv_path: Path, group_column: str) -> list[dict]:
     return rows
 
 
-def inspect_image(path: Path) -> dict:
+def inspect_image(path: Path, data: bytes) -> dict:
     """Decode the whole image (catching truncated files) and return its facts."""
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    data = path.read_bytes()
     if not data:
         raise DataError(f"{path}: file is empty (0 bytes)")
     try:
@@ -78,18 +74,10 @@ def inspect_image(path: Path) -> dict:
         raise DataError(f"{path}: unreadable or corrupt image ({exc})") from None
     if mode not in SUPPORTED_MODES:
         raise DataError(f"{path}: unsupported image mode {mode!r} (supported: {sorted(SUPPORTED_MODES)})")
-    return {
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": len(data),
-        "width": width,
-        "height": height,
-        "mode": mode,
-    }
+    return {"size": len(data), "width": width, "height": height, "mode": mode}
 
 
-def scan(source: str | Path, classes: tuple[str, ...] = (), group_column: str = "") -> pd.DataFrame:
-    """Scan and validate a dataset; returns the manifest table (not yet written)."""
-    source = Path(source)
+def _list_images(source: Path, group_column: str) -> list[dict]:
     if source.is_dir():
         if group_column:
             raise DataError(f"{source}: data.group_column needs a CSV source (file,label,{group_column})")
@@ -100,8 +88,12 @@ def scan(source: str | Path, classes: tuple[str, ...] = (), group_column: str = 
         raise DataError(f"data.source {str(source)!r}: not a folder or a .csv file")
     if not rows:
         raise DataError(f"{source}: no images listed")
+    return rows
 
+
+def _class_order(source: Path, rows: list[dict], classes: tuple[str, ...]) -> list[str]:
     found = sorted({r["label"] for r in rows})
+    order = found
     if classes:
         unknown = sorted(set(found) - set(classes))
         if unknown:
@@ -111,20 +103,34 @@ def scan(source: str | Path, classes: tuple[str, ...] = (), group_column: str = 
         if empty:
             raise DataError(f"{source}: class(es) {empty} in data.classes have no images")
         order = list(classes)
-    else:
-        order = found
     if len(order) < 2:
         raise DataError(f"{source}: need at least 2 classes, found {order}")
+    return order
 
+
+def scan(source: str | Path, classes: tuple[str, ...] = (), group_column: str = "",
+         known: dict[str, dict] | None = None) -> pd.DataFrame:
+    """Scan and validate a dataset; returns the manifest table (not yet written).
+
+    `known` maps sha256 -> facts of images decoded before (a previous manifest): bytes seen and checked
+    before need no second decode, since decoding is a pure function of the bytes."""
+    source = Path(source)
+    rows = _list_images(source, group_column)
+    order = _class_order(source, rows, classes)
+    known = known or {}
     records = []
     for row in rows:
         path = row["path"].resolve()
-        facts = inspect_image(path)
-        # id = content hash + name hash: stable across machines and re-scans (absolute paths differ,
-        # files get added), and unique when two files share bytes (repeated acquisitions happen).
-        name_hash = hashlib.sha256(row["rel"].encode()).hexdigest()[:6]
-        records.append({"id": f"{facts['sha256'][:12]}-{name_hash}", "path": str(path), "label": row["label"],
-                        "group": row["group"], **facts})
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        facts = known.get(sha) or inspect_image(path, data)
+        # id = hash of the path relative to the source: stable across machines and moves of the whole set,
+        # and kept when the bytes change (sha256 carries the content), so folds do not reshuffle then.
+        rel_hash = hashlib.sha256(row["rel"].encode()).hexdigest()[:16]
+        records.append({"id": rel_hash, "path": str(path), "label": row["label"], "group": row["group"],
+                        "sha256": sha, **{k: facts[k] for k in _FACTS}})
     df = pd.DataFrame(records)
     dup_paths = df["path"][df["path"].duplicated()]
     if len(dup_paths):
@@ -148,8 +154,6 @@ def load_image(path: str | Path, size: int | None = None) -> Image.Image:
             img.load()
             if img.mode.startswith("I"):
                 # 16-bit microscopy: scale the full range to 8 bits instead of clipping at 255.
-                import numpy as np
-
                 arr = np.asarray(img, dtype=np.float64)
                 top = max(float(arr.max()), 1.0)
                 img = Image.fromarray((arr * (255.0 / top)).astype("uint8"), mode="L")
@@ -161,59 +165,50 @@ def load_image(path: str | Path, size: int | None = None) -> Image.Image:
     return rgb
 
 
-def resolve_source(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
-    if cfg.data.source == "demo":
-        from ooc_ray.demo_data import write_demo_dataset
-
-        return write_demo_dataset(paths.demo_data, cfg.data.demo)
-    return Path(cfg.data.source).expanduser()
+def resolve_source(cfg: DataConfig, paths: ExperimentPaths) -> Path:
+    if cfg.source == "demo":
+        return write_demo_dataset(paths.demo_data, cfg.demo)
+    return Path(cfg.source).expanduser()
 
 
-def source_fingerprint(source: Path) -> str:
-    """Hash of what a scan would read, from file stats only (no decoding): names, sizes, mtimes.
+def _known_facts(paths: ExperimentPaths) -> dict[str, dict]:
+    problem = parquet_problem(paths.manifest)
+    if problem:
+        if problem != "missing":
+            note(f"data: {paths.manifest} is damaged ({problem}): scanning everything again")
+        return {}
+    old = pd.read_parquet(paths.manifest)
+    return {r["sha256"]: r for r in old[["sha256", *_FACTS]].to_dict("records")}
 
-    Re-scanning the paper's 822 2048x1536 JPGs decodes ~2.6 GB of pixels; a stat walk takes milliseconds."""
-    h = hashlib.sha256()
-    if source.is_file():
-        h.update(source.read_bytes())
-        table = pd.read_csv(source, dtype=str, keep_default_na=False)
-        files = [source.parent / f for f in table.get("file", [])]
-    else:
-        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    for f in files:
-        st = f.stat() if f.exists() else None
-        h.update(f"{f}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
-    return h.hexdigest()
+
+def _write_if_changed(table: pd.DataFrame, path: Path) -> bool:
+    """Write `table` unless the same table is already there (its mtime then tells when the data last changed)."""
+    if not parquet_problem(path) and pd.read_parquet(path).equals(table):
+        return False
+    write_parquet(table, path)
+    return True
 
 
 def run_data(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
-    """Write manifest.parquet and folds.parquet; returns the manifest with its `fold` column.
-
-    Skipped when the data/folds config and the source's file stats are those of the last run (data.json)."""
-    from ooc_ray.config import slice_key
-    from ooc_ray.folds import assign_folds
-    from ooc_ray.io import atomic_write_text
-
-    source = resolve_source(cfg, paths)
-    key = slice_key(cfg.data, cfg.folds, source_fingerprint(source))
-    stamp = paths.root / "data.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
-        try:
-            return load_manifest(paths)
-        except (FileNotFoundError, DataError):
-            pass  # outputs damaged or removed: rebuild them
-    manifest = scan(source, cfg.data.classes, cfg.data.group_column)
+    """Write manifest.parquet and folds.parquet; returns the manifest with its `fold` column."""
+    source = resolve_source(cfg.data, paths)
+    manifest = scan(source, cfg.data.classes, cfg.data.group_column, known=_known_facts(paths))
     folds = assign_folds(manifest, cfg.folds)
-    # Manifest first, folds second, stamp last: a kill in between leaves a stale stamp key, so it re-runs.
-    write_parquet(manifest, paths.manifest)
-    write_parquet(folds, paths.folds)
-    atomic_write_text(stamp, json.dumps({"key": key, "source": str(source), "images": len(manifest)}))
+    # Manifest first, folds second: load_manifest refuses a pair that does not match (a kill in between).
+    changed = _write_if_changed(manifest, paths.manifest)
+    changed = _write_if_changed(folds, paths.folds) or changed
+    note(f"data: {len(manifest)} images in {manifest['label'].nunique()} classes from {source}"
+         f"{'' if changed else ' (unchanged)'}")
     return manifest.merge(folds, on="id", validate="one_to_one")
 
 
 def load_manifest(paths: ExperimentPaths) -> pd.DataFrame:
-    manifest = read_parquet(paths.manifest)
-    folds = read_parquet(paths.folds)
+    """The manifest with its `fold` column; errors name the file to re-make."""
+    for path in (paths.manifest, paths.folds):
+        problem = parquet_problem(path)
+        if problem:
+            raise MissingInputError(f"{path}: {problem}; run `ooc-ray data` first")
+    manifest, folds = pd.read_parquet(paths.manifest), pd.read_parquet(paths.folds)
     merged = manifest.merge(folds, on="id", how="left", validate="one_to_one")
     if merged["fold"].isna().any() or len(folds) != len(manifest):
         raise DataError(f"{paths.folds} does not match {paths.manifest}: re-run `ooc-ray data`")

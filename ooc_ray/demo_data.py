@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ooc_ray.config import DemoDataConfig, slice_key
+from ooc_ray.config import DemoDataConfig
+from ooc_ray.errors import ConfigError
 from ooc_ray.io import atomic_dir
+from ooc_ray.keys import digest
 
 CLASSES = ("good", "acceptable", "bad")
 VERSION = 2  # part of the reuse key: bump when the drawing changes, so old generated sets are rebuilt
@@ -73,13 +75,16 @@ def write_demo_dataset(root: Path, cfg: DemoDataConfig) -> Path:
 
     Skips the work when the same config already produced the set (key in <root>/demo.json)."""
     root = Path(root)
-    key = slice_key(cfg, VERSION)
+    key = digest(cfg, VERSION)
     csv = root / "labels.csv"
     marker = root / "demo.json"
     if marker.exists() and json.loads(marker.read_text()).get("key") == key and csv.exists():
-        return csv
-    if len(cfg.per_class) != len(CLASSES):
-        raise ValueError(f"data.demo.per_class: need {len(CLASSES)} counts ({', '.join(CLASSES)})")
+        listed = [line.split(",", 1)[0] for line in csv.read_text().splitlines()[1:]]
+        if all((root / name).is_file() for name in listed):
+            return csv  # whole: the data stage decodes every file anyway
+
+    if len(cfg.per_class) != len(CLASSES):  # the loader checks this too; here for direct callers
+        raise ConfigError(f"data.demo.per_class: need {len(CLASSES)} counts ({', '.join(CLASSES)})")
     with atomic_dir(root) as tmp:
         lines = ["file,label,cell_line"]
         for class_index, (label, count) in enumerate(zip(CLASSES, cfg.per_class)):

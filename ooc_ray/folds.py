@@ -1,5 +1,8 @@
-"""Cross-validation folds: stratified k-fold, or stratified *group* k-fold so that all images of one
-group (cell line, well, patient, tiles of one site) land in the same fold and never straddle train/test."""
+"""Cross-validation folds, and the one train/held-out split of a fold that every stage uses.
+
+Stratified k-fold, or stratified *group* k-fold so that all images of one group (cell line, well, patient,
+tiles of one site) land in the same fold and never straddle train and test.
+"""
 from __future__ import annotations
 
 import warnings
@@ -8,7 +11,25 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ooc_ray.config import FoldsConfig
-from ooc_ray.data import DataError
+from ooc_ray.errors import DataError
+
+ALL_FOLDS = -1  # the "fold" of artifacts trained on every image (generator.split: all): nothing is held out
+
+
+def train_rows(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """Images a model of `fold` may learn from: all but the held-out fold (all of them for ALL_FOLDS),
+    sorted by id so that everything drawn from them is independent of scan order."""
+    rows = manifest if fold == ALL_FOLDS else manifest[manifest["fold"] != fold]
+    return rows.sort_values("id", kind="stable")
+
+
+def held_out_rows(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """The held-out images of `fold`, sorted by id."""
+    return manifest[manifest["fold"] == fold].sort_values("id", kind="stable")
+
+
+def fold_ids(manifest: pd.DataFrame) -> list[int]:
+    return sorted(int(f) for f in manifest["fold"].unique())
 
 
 def uses_groups(manifest: pd.DataFrame, cfg: FoldsConfig) -> bool:
@@ -18,49 +39,39 @@ def uses_groups(manifest: pd.DataFrame, cfg: FoldsConfig) -> bool:
     return cfg.strategy == "group" or (cfg.strategy == "auto" and has_groups)
 
 
+def _check_class_sizes(manifest: pd.DataFrame, k: int) -> None:
+    counts = manifest["label"].value_counts()
+    too_small = counts[counts < k]
+    if len(too_small):
+        raise DataError(f"class '{too_small.index[0]}' has {int(too_small.iloc[0])} images, fewer than "
+                        f"folds.k={k}: every held-out fold needs each class")
+
+
 def assign_folds(manifest: pd.DataFrame, cfg: FoldsConfig) -> pd.DataFrame:
     """Return (id, fold) where `fold` is the fold in which the image is held out."""
-    counts = manifest["label"].value_counts()
-    too_small = counts[counts < cfg.k]
-    if len(too_small):
-        raise DataError(
-            f"class '{too_small.index[0]}' has {int(too_small.iloc[0])} images, fewer than folds.k={cfg.k}: "
-            "every held-out fold needs each class"
-        )
+    _check_class_sizes(manifest, cfg.k)
     y = manifest["label_index"].to_numpy()
-    # Sort by id first: the split then depends only on the data's content and the seed, not on scan order.
+    # Sort by id first: the split then depends only on the ids, labels, groups and the seed, not on scan order.
     order = manifest["id"].argsort().to_numpy()
     fold = pd.Series(-1, index=manifest.index)
     grouped = uses_groups(manifest, cfg)
     if grouped:
         groups = manifest["group"].to_numpy()
-        n_groups = len(set(groups))
-        if n_groups < cfg.k:
-            raise DataError(f"group-aware folds need at least folds.k={cfg.k} groups, found {n_groups}")
+        if len(set(groups)) < cfg.k:
+            raise DataError(f"group-aware folds need at least folds.k={cfg.k} groups, found {len(set(groups))}")
         splitter = StratifiedGroupKFold(n_splits=cfg.k, shuffle=True, random_state=cfg.seed)
         splits = splitter.split(order, y[order], groups[order])
     else:
-        splitter = StratifiedKFold(n_splits=cfg.k, shuffle=True, random_state=cfg.seed)
-        splits = splitter.split(order, y[order])
+        splits = StratifiedKFold(n_splits=cfg.k, shuffle=True, random_state=cfg.seed).split(order, y[order])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # class-size warnings: checked above with a clear error
         for k, (_, test) in enumerate(splits):
             fold.iloc[order[test]] = k
     if grouped:
         # StratifiedGroupKFold can leave a class out of a fold when groups are few and lopsided.
-        missing = [
-            (k, c) for k in range(cfg.k) for c in counts.index
-            if not ((fold == k) & (manifest["label"] == c)).any()
-        ]
-        if missing:
-            k, c = missing[0]
-            raise DataError(f"group-aware folds: fold {k} has no '{c}' images; use fewer folds or more groups")
+        for k in range(cfg.k):
+            for label in sorted(manifest["label"].unique()):
+                if not ((fold == k) & (manifest["label"] == label)).any():
+                    raise DataError(f"group-aware folds: fold {k} has no '{label}' images; use fewer folds or "
+                                    "more groups")
     return pd.DataFrame({"id": manifest["id"].to_numpy(), "fold": fold.to_numpy().astype(int)})
-
-
-def train_rows(manifest_with_folds: pd.DataFrame, fold: int) -> pd.DataFrame:
-    return manifest_with_folds[manifest_with_folds["fold"] != fold]
-
-
-def test_rows(manifest_with_folds: pd.DataFrame, fold: int) -> pd.DataFrame:
-    return manifest_with_folds[manifest_with_folds["fold"] == fold]

@@ -1,6 +1,12 @@
-"""Atomic file writes: a killed run leaves either the old file or the new one, never half of one."""
+"""Durable atomic writes, and checks that a file a stage would skip is whole.
+
+A killed run leaves either the old file or the new one, never half of one: each write goes to a temp file
+beside the target, is fsynced, renamed over the target, and the folder is fsynced (on NFS/EFS, where the
+README puts results_dir, a rename that is not followed by a folder fsync can be lost with the client).
+"""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -12,10 +18,27 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ooc_ray.errors import MissingInputError
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a read-only descriptor fsyncs files and folders alike on Linux
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it over `path` only if the block finishes."""
+    """Yield a temp path beside `path`; fsync it and rename it over `path` only if the block finishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -23,22 +46,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)  # atomic on POSIX within one filesystem
+        _fsync_path(tmp)
+        os.replace(tmp, path)  # atomic on POSIX within one file system
+        _fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; move it to `path` only if the block finishes."""
+    """Yield a temp folder beside `path`; fsync its files and move it to `path` only if the block finishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _fsync_tree(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        _fsync_path(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -47,12 +74,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-    return Path(path)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
     return Path(path)
 
 
@@ -66,5 +87,43 @@ def write_parquet(df: pd.DataFrame | pa.Table, path: str | Path) -> Path:
 def read_parquet(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the stage that writes it first")
+        raise MissingInputError(f"{path} not found: run the stage that writes it first")
     return pd.read_parquet(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parquet_problem(path: str | Path) -> str:
+    """'' when `path` is a whole Parquet file (its footer reads), else what is wrong with it."""
+    try:
+        pq.read_metadata(path)
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, pa.ArrowException) as exc:
+        return f"unreadable Parquet ({exc})"
+    return ""
+
+
+def image_problem(path: str | Path) -> str:
+    """'' when `path` decodes as an image to its last pixel, else what is wrong with it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except FileNotFoundError:
+        return "missing"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"not a whole image ({exc})"
+    return ""
+
+
+def note(message: str) -> None:
+    """A line for the person at the terminal (what was re-used, re-made or skipped, and why)."""
+    print(f"[ooc-ray] {message}", flush=True)

@@ -20,6 +20,10 @@ class ExperimentPaths:
         return self.root / "config.yaml"
 
     @property
+    def lock(self) -> Path:
+        return self.root / ".ooc-ray.lock"
+
+    @property
     def demo_data(self) -> Path:
         return self.root / "demo_data"
 
@@ -45,7 +49,7 @@ class ExperimentPaths:
 
     @property
     def synthetic_table(self) -> Path:
-        return self.root / "synthetic.parquet"
+        return self.root / "synthetic.parquet"  # the current config's pools; each pool keeps its own pool.parquet
 
     @property
     def features(self) -> Path:
@@ -55,6 +59,9 @@ class ExperimentPaths:
     def trials(self) -> Path:
         return self.root / "trials"
 
+    def trial(self, key: str) -> Path:
+        return self.trials / f"{key}.parquet"
+
     @property
     def history(self) -> Path:
         # Beside trials/, not inside: pd.read_parquet("trials/") recurses into sub-folders and would mix schemas.
@@ -63,6 +70,12 @@ class ExperimentPaths:
     @property
     def predictions(self) -> Path:
         return self.root / "predictions"
+
+    @property
+    def superseded(self) -> Path:
+        # Trials of an earlier config or data, moved out of trials/ so a glob of trials/ is never stale; kept
+        # (and moved back) for when that config and data come back.
+        return self.root / "superseded"
 
     @property
     def synthetic_scores(self) -> Path:

@@ -1,4 +1,4 @@
-"""Synthetic quality per class, on frozen-backbone features (no Inception download needed):
+"""Quality stage: synthetic quality per class, on frozen-backbone features (no Inception download needed).
 
 - KID: unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018),
   averaged over random subsets; unbiased, so unlike FID it is fair at the few hundred images per class here.
@@ -13,16 +13,19 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from ooc_ray.config import ExperimentConfig, slice_key
-from ooc_ray.io import read_parquet, write_parquet
+from ooc_ray import keys
+from ooc_ray.backbones import backbone_weights
+from ooc_ray.config import ExperimentConfig, QualityConfig
+from ooc_ray.data import class_names, load_manifest
+from ooc_ray.features import cache_dir, clean_view, embed
+from ooc_ray.folds import ALL_FOLDS, fold_ids, held_out_rows, train_rows
+from ooc_ray.io import note, parquet_problem, read_parquet, write_parquet
 from ooc_ray.paths import ExperimentPaths
 
 MEMORISED_PERCENTILE = 5.0
@@ -78,40 +81,42 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, seed:
     return predict_proba
 
 
+def _stack(df: pd.DataFrame, features: dict[str, np.ndarray], classes: list[str]):
+    index = {c: i for i, c in enumerate(classes)}
+    x = np.stack([features[d] for d in df["sha256"]]) if len(df) else np.zeros((0, 1))
+    return x, df["label"].map(index).to_numpy()
+
+
+def _memorisation(x_real, y_real, x_syn, y_syn, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    dist, memorised = np.full(len(y_syn), np.nan), np.zeros(len(y_syn), bool)
+    for c in range(n_classes):
+        real_c, syn_c = y_real == c, y_syn == c
+        if syn_c.any() and real_c.sum() >= 2:
+            d, _, threshold = nearest_real(x_real[real_c], x_syn[syn_c])
+            dist[syn_c], memorised[syn_c] = d, d < threshold
+    return dist, memorised
+
+
 def class_quality(real_train: pd.DataFrame, real_test: pd.DataFrame, synthetic: pd.DataFrame,
-                  features: dict[str, np.ndarray], classes: list[str], cfg: ExperimentConfig
+                  features: dict[str, np.ndarray], classes: list[str], qcfg: QualityConfig
                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-class quality rows and per-synthetic-image scores for one (fold, weight) pool.
 
-    `features` maps image path -> feature vector; frames need columns path, label (and id for synthetic)."""
-    def stack(df):
-        return np.stack([features[p] for p in df["path"]]) if len(df) else np.zeros((0, 1))
-
+    `features` maps image sha256 -> feature vector; frames need columns sha256, label (and id for synthetic)."""
     n = len(classes)
-    index = {c: i for i, c in enumerate(classes)}
-    x_real, y_real = stack(real_train), real_train["label"].map(index).to_numpy()
-    x_test, y_test = stack(real_test), real_test["label"].map(index).to_numpy()
-    x_syn, y_syn = stack(synthetic), synthetic["label"].map(index).to_numpy()
-
+    x_real, y_real = _stack(real_train, features, classes)
+    x_test, y_test = _stack(real_test, features, classes)
+    x_syn, y_syn = _stack(synthetic, features, classes)
     if len(set(y_syn)) > 1:
         cas_pred = linear_probe(x_syn, y_syn, n)(x_test).argmax(1)
     else:  # a pool with one class can only ever predict that class
         cas_pred = np.full(len(y_test), y_syn[0] if len(y_syn) else -1)
-    real_probe = linear_probe(x_real, y_real, n)
-    confidence = real_probe(x_syn)[np.arange(len(y_syn)), y_syn] if len(y_syn) else np.zeros(0)
-
-    dist = np.full(len(synthetic), np.nan)
-    memorised = np.zeros(len(synthetic), bool)
+    confidence = linear_probe(x_real, y_real, n)(x_syn)[np.arange(len(y_syn)), y_syn] if len(y_syn) else np.zeros(0)
+    dist, memorised = _memorisation(x_real, y_real, x_syn, y_syn, n)
     rows = []
     for c, label in enumerate(classes):
-        real_c, syn_c = y_real == c, y_syn == c
-        kid_mean, kid_std = kid(x_real[real_c], x_syn[syn_c], cfg.quality.kid_subsets,
-                                cfg.quality.kid_subset_size, seed=c)
-        if syn_c.any() and real_c.sum() >= 2:
-            d, _, threshold = nearest_real(x_real[real_c], x_syn[syn_c])
-            dist[syn_c] = d
-            memorised[syn_c] = d < threshold
-        test_c = y_test == c
+        real_c, syn_c, test_c = y_real == c, y_syn == c, y_test == c
+        kid_mean, kid_std = kid(x_real[real_c], x_syn[syn_c], qcfg.kid_subsets, qcfg.kid_subset_size, seed=c)
         rows.append({
             "label": label, "n_real": int(real_c.sum()), "n_synthetic": int(syn_c.sum()),
             "kid": kid_mean, "kid_std": kid_std,
@@ -122,80 +127,57 @@ def class_quality(real_train: pd.DataFrame, real_test: pd.DataFrame, synthetic: 
         })
     table = pd.DataFrame(rows)
     table["cas_accuracy"] = float((cas_pred == y_test).mean()) if len(y_test) else float("nan")
-    scores = pd.DataFrame({
-        "id": synthetic["id"].to_numpy(), "nn_distance": dist, "memorised": memorised,
-        "real_confidence": confidence,
-    })
+    scores = pd.DataFrame({"id": synthetic["id"].to_numpy(), "nn_distance": dist, "memorised": memorised,
+                           "real_confidence": confidence})
     return table, scores
 
 
-def embed(image_paths: list[str], cfg: ExperimentConfig, features_root: Path) -> dict[str, np.ndarray]:
-    """Un-augmented pooled features of the classifier's frozen backbone, through the classify stage's cache.
-
-    In cached mode this is the very cache the trials read (view 0), so nothing is computed twice; in exact
-    mode a view-0-only cache (augment off) is kept beside it."""
-    import dataclasses
-
-    from ooc_ray.classify.features import FeatureCache, cache_key, extract_features
-    from ooc_ray.classify.model import setup_tf
-
-    c = cfg.classify if cfg.classify.mode == "cached" else dataclasses.replace(cfg.classify, augment=())
-    setup_tf()
-    directory = Path(features_root) / cache_key(c)
-    unique = list(dict.fromkeys(str(p) for p in image_paths))
-    extract_features(c, unique, directory)
-    feats = FeatureCache(directory).load(unique)[:, 0].astype(np.float64)
-    return dict(zip(unique, feats))
-
-
-def _pools(manifest: pd.DataFrame, synthetic: pd.DataFrame, split: str):
+def pools(manifest: pd.DataFrame, synthetic: pd.DataFrame, split: str):
     """(fold, weight, real train, real test, synthetic pool) for every pool the classify stage draws from."""
-    from ooc_ray.finetune import ALL_FOLDS
-
-    for fold in sorted(manifest["fold"].unique()):
+    for fold in fold_ids(manifest):
         for weight in sorted(synthetic["weight"].unique(), reverse=True):
             pool_fold = ALL_FOLDS if split == "all" else fold
             pool = synthetic[(synthetic["fold"] == pool_fold) & (synthetic["weight"] == weight)]
-            yield (int(fold), float(weight), manifest[manifest["fold"] != fold], manifest[manifest["fold"] == fold],
-                   pool)
+            yield fold, float(weight), train_rows(manifest, fold), held_out_rows(manifest, fold), pool
+
+
+def _score_pools(cfg: ExperimentConfig, manifest, synthetic, features) -> tuple[pd.DataFrame, pd.DataFrame]:
+    classes = class_names(manifest)
+    tables, scores = [], []
+    for fold, weight, train, test, pool in pools(manifest, synthetic, cfg.generator.split):
+        table, score = class_quality(train, test, pool, features, classes, cfg.quality)
+        tables.append(table.assign(fold=fold, weight=weight))
+        scores.append(score.assign(fold=fold, weight=weight))
+    quality = pd.concat(tables, ignore_index=True)
+    front = ["fold", "weight", "label"]
+    quality = quality[front + [col for col in quality.columns if col not in front]]
+    # With split "all" one pool serves every fold: keep each image's least confident score (the strictest filter).
+    per_image = (pd.concat(scores, ignore_index=True).sort_values("real_confidence")
+                 .drop_duplicates("id", keep="first").drop(columns=["fold"]))
+    per_image["keep"] = per_image["real_confidence"] >= cfg.quality.filter_min_confidence
+    return quality, per_image
 
 
 def run_quality(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     """quality.parquet (fold, weight, label, KID, CAS, memorisation) and synthetic_scores.parquet (per image)."""
-    from ooc_ray.data import class_names, load_manifest
-
-    from ooc_ray.classify.model import with_backbone_weights
-
     manifest = load_manifest(paths)
-    cfg = with_backbone_weights(cfg, paths, manifest)
+    weights = backbone_weights(cfg.classify, paths.models, manifest)
     synthetic = read_parquet(paths.synthetic_table)
-    c = cfg.classify
-    key = slice_key(cfg.quality, c.backbone, c.weights, c.input_size, sorted(synthetic["id"]), sorted(manifest["id"]))
-    if paths.quality.exists() and paths.synthetic_scores.exists():
-        done = read_parquet(paths.quality)
+    cc = clean_view(cfg.classify)
+    key = keys.quality_key(cfg, cache_dir(cc, weights, paths.features).name, manifest, synthetic)
+    problems = [f"{p} ({parquet_problem(p)})" for p in (paths.quality, paths.synthetic_scores) if parquet_problem(p)]
+    if not problems:
+        done = pd.read_parquet(paths.quality)
         if len(done) and (done["quality_key"] == key).all():
+            note("quality: inputs unchanged, re-used")
             return done
-    features = embed(manifest["path"].tolist() + synthetic["path"].tolist(), cfg, paths.features)
-    classes = class_names(manifest)
-    tables, scores = [], []
-    for fold, weight, train, test, pool in _pools(manifest, synthetic, cfg.generator.split):
-        table, score = class_quality(train, test, pool, features, classes, cfg)
-        tables.append(table.assign(fold=fold, weight=weight))
-        scores.append(score.assign(fold=fold, weight=weight))
-    quality = pd.concat(tables, ignore_index=True).assign(quality_key=key)
-    front = ["fold", "weight", "label"]
-    quality = quality[front + [col for col in quality.columns if col not in front]]
-    # With split "all" one pool serves every fold: keep each image's score from the fold it was scored in
-    # last would be arbitrary, so keep the least confident (the strictest filter).
-    per_image = (pd.concat(scores, ignore_index=True).sort_values("real_confidence")
-                 .drop_duplicates("id", keep="first").drop(columns=["fold"]))
-    per_image["keep"] = per_image["real_confidence"] >= cfg.quality.filter_min_confidence
+    elif any("missing" not in p for p in problems):
+        note(f"quality: damaged output {', '.join(problems)}: computing it again")
+    images = pd.concat([manifest[["path", "sha256"]], synthetic[["path", "sha256"]]], ignore_index=True)
+    features = embed(cfg, weights, images, paths.features)
+    quality, per_image = _score_pools(cfg, manifest, synthetic, features)
+    quality = quality.assign(quality_key=key)
     write_parquet(per_image, paths.synthetic_scores)
-    write_parquet(quality, paths.quality)
+    write_parquet(quality, paths.quality)  # last: its key marks the pair complete
     return quality
 
-
-def summarise(quality: pd.DataFrame) -> pd.DataFrame:
-    """Mean over folds per (weight, class): the table the report shows."""
-    cols = ["kid", "cas_recall", "cas_accuracy", "nn_distance_median", "memorised_fraction", "real_confidence_median"]
-    return quality.groupby(["weight", "label"], sort=False)[cols].mean().reset_index()

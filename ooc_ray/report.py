@@ -10,13 +10,24 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on cluster nodes or CI; must precede pyplot's import
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 import pandas as pd
+from PIL import Image, ImageDraw
 from scipy import stats
 
+from ooc_ray import keys
+from ooc_ray.backbones import backbone_weights
 from ooc_ray.config import ExperimentConfig
-from ooc_ray.io import atomic_path, atomic_write_text, read_parquet
+from ooc_ray.data import load_image, load_manifest
+from ooc_ray.errors import DataError, MissingInputError
+from ooc_ray.folds import fold_ids, held_out_rows, train_rows
+from ooc_ray.io import atomic_path, atomic_write_text, note, parquet_problem
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.protocol import draw_table, plan_trials
 
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 
@@ -25,7 +36,7 @@ def read_trials(trials_dir: Path) -> pd.DataFrame:
     """All trial rows: one glob over trials/*.parquet (history/ and predictions/ live in sub-folders)."""
     files = sorted(Path(trials_dir).glob("*.parquet"))
     if not files:
-        raise FileNotFoundError(f"{trials_dir}: no trial results; run `ooc-ray classify` first")
+        raise MissingInputError(f"{trials_dir}: no trial results; run `ooc-ray classify` first")
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
@@ -45,9 +56,8 @@ def naive_baseline(manifest: pd.DataFrame) -> dict:
     """Majority-class accuracy: of the whole set, and per fold (predict the training folds' majority)."""
     overall = manifest["label"].value_counts(normalize=True).iloc[0]
     per_fold = []
-    for fold in sorted(manifest["fold"].unique()):
-        train = manifest[manifest["fold"] != fold]
-        test = manifest[manifest["fold"] == fold]
+    for fold in fold_ids(manifest):
+        train, test = train_rows(manifest, fold), held_out_rows(manifest, fold)
         per_fold.append(float((test["label"] == train["label"].value_counts().idxmax()).mean()))
     return {"overall": float(overall), "per_fold_mean": float(np.mean(per_fold))}
 
@@ -118,11 +128,6 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def _plot_accuracy_vs_ratio(tables: dict[float, pd.DataFrame], naive: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for weight, table in tables.items():
         mixed = table[~table["synthetic_only"]]
@@ -144,11 +149,6 @@ def _plot_accuracy_vs_ratio(tables: dict[float, pd.DataFrame], naive: float, pat
 
 def _plot_confusions(trials: pd.DataFrame, path: Path) -> None:
     """Confusion matrices summed over folds, one panel per (weight, arm)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = sorted(trials.groupby(["weight", "ratio", "synthetic_only"], dropna=False),
                     # real only first, then weights high to low as in the tables, arms by ratio, synthetic last
                     key=lambda g: (not pd.isna(g[0][0]), -(0 if pd.isna(g[0][0]) else g[0][0]), g[0][2], g[0][1]))
@@ -177,10 +177,6 @@ def _plot_confusions(trials: pd.DataFrame, path: Path) -> None:
 
 def image_grid(manifest: pd.DataFrame, synthetic: pd.DataFrame, path: Path, per_row: int = 6, size: int = 96) -> Path:
     """Per class: one row of real images, then one row of synthetic images per LoRA weight."""
-    from PIL import Image, ImageDraw
-
-    from ooc_ray.data import load_image
-
     rows: list[tuple[str, list[str]]] = []
     for label in manifest.sort_values("label_index")["label"].unique():
         real = manifest[manifest["label"] == label].sort_values("id")["path"].head(per_row).tolist()
@@ -200,36 +196,42 @@ def image_grid(manifest: pd.DataFrame, synthetic: pd.DataFrame, path: Path, per_
     return path
 
 
-def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
-    from ooc_ray.data import load_manifest
+def current_trials(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame
+                   ) -> tuple[pd.DataFrame, int]:
+    """The finished trials of this config on this data (trials/ keeps every config's trials: a changed setting
+    or changed data adds files, never overwrites), and how many the grid plans. Read-only: builds nothing."""
+    weights = backbone_weights(cfg.classify, paths.models, manifest, build=False)
+    planned = plan_trials(cfg, manifest, draw_table(cfg, paths), weights.identity)
+    files = [paths.trial(t.key) for t in planned if not parquet_problem(paths.trial(t.key))]
+    if not files:
+        raise MissingInputError(f"{paths.trials}: no trials of this config on this data; run `ooc-ray classify` first")
+    trials = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    digests = sorted(set(trials["data_digest"]))
+    if digests != [keys.data_digest(manifest)]:  # cannot happen through the keys; refuse rather than mix
+        raise DataError(f"{paths.trials}: trials of different data ({', '.join(d[:12] for d in digests)}) "
+                        "would share one table; re-run `ooc-ray classify`")
+    return trials, len(planned)
 
-    from ooc_ray.classify.grid import trial_specs
 
-    # trials/ keeps every config's trials (a changed setting adds files, never overwrites): report this config's.
-    wanted = {spec["trial_key"] for spec in trial_specs(cfg)}
-    trials = read_trials(paths.trials)
-    trials = trials[trials["trial_key"].isin(wanted)].reset_index(drop=True)
-    if trials.empty:
-        raise FileNotFoundError(f"{paths.trials}: no trials of this config; run `ooc-ray classify` first")
-    manifest = load_manifest(paths)
-    naive = naive_baseline(manifest)
-    tables = summary_tables(trials)
-    out = paths.report
-    out.mkdir(parents=True, exist_ok=True)
-
+def _header(cfg: ExperimentConfig, manifest: pd.DataFrame, trials: pd.DataFrame, n_planned: int) -> list[str]:
     protocol = {"fold": "generator per fold: each fold's LoRAs saw only that fold's training images",
                 "all": "generator on all images (the paper's protocol): LoRAs saw the held-out images too"}
-    lines = [f"# ooc-ray report: {cfg.name}", "",
-             f"- images: {len(manifest)} in {manifest['label'].nunique()} classes "
-             f"({', '.join(f'{k} {v}' for k, v in manifest['label'].value_counts().items())}); "
-             f"{cfg.folds.k}-fold CV",
-             f"- generator protocol: **{cfg.generator.split}** ({protocol[cfg.generator.split]})",
-             f"- classifier: {cfg.classify.backbone} ({cfg.classify.weights}), {cfg.classify.input_size} px, "
-             f"{cfg.classify.epochs} epochs, mode {cfg.classify.mode}",
-             f"- naive (majority class) accuracy: {naive['overall']:.3f} overall, "
-             f"{naive['per_fold_mean']:.3f} mean over held-out folds",
-             f"- trials: {len(trials)}", ""]
-    combined = []
+    naive = naive_baseline(manifest)
+    counts = ", ".join(f"{k} {v}" for k, v in manifest["label"].value_counts().items())
+    return [f"# ooc-ray report: {cfg.name}", "",
+            f"- data: {len(manifest)} images in {manifest['label'].nunique()} classes ({counts}); "
+            f"manifest digest `{keys.data_digest(manifest)[:16]}`; {cfg.folds.k}-fold CV",
+            f"- generator protocol: **{cfg.generator.split}** ({protocol[cfg.generator.split]})",
+            f"- classifier: {cfg.classify.backbone} ({cfg.classify.weights}), {cfg.classify.input_size} px, "
+            f"{cfg.classify.epochs} epochs, mode {cfg.classify.mode}",
+            f"- naive (majority class) accuracy: {naive['overall']:.3f} overall, "
+            f"{naive['per_fold_mean']:.3f} mean over held-out folds",
+            f"- trials: {len(trials)}" + ("" if len(trials) == n_planned else f" of {n_planned} planned "
+                                                                            "(the others have not run yet)"), ""]
+
+
+def _write_tables(tables: dict[float, pd.DataFrame], out: Path) -> list[str]:
+    lines, combined = [], []
     for weight, table in tables.items():
         name = "no_weight" if pd.isna(weight) else f"w{weight:g}"
         shown = display_table(table)
@@ -242,24 +244,43 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
         combined.append(table)
     with atomic_path(out / "summary.csv") as tmp:
         pd.concat(combined, ignore_index=True).to_csv(tmp, index=False)
+    return lines
 
-    _plot_accuracy_vs_ratio(tables, naive["overall"], out / "accuracy_vs_ratio.png")
+
+def summarise_quality(quality: pd.DataFrame) -> pd.DataFrame:
+    """Mean over folds per (weight, class): the quality table the report shows."""
+    cols = ["kid", "cas_recall", "cas_accuracy", "nn_distance_median", "memorised_fraction", "real_confidence_median"]
+    return quality.groupby(["weight", "label"], sort=False)[cols].mean().reset_index()
+
+
+def _quality_section(paths: ExperimentPaths) -> list[str]:
+    if parquet_problem(paths.quality):
+        return []
+    quality = summarise_quality(pd.read_parquet(paths.quality))
+    return ["## Synthetic quality per class (mean over folds)", "",
+            "KID on frozen-backbone features (lower is closer to real); CAS = recall on real held-out images "
+            "of a linear classifier trained on synthetic images only; memorised = share of synthetic images "
+            "closer to a real training image than 95 % of real images are to each other.", "",
+            to_markdown(quality.round(4)), ""]
+
+
+def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
+    """report/: tables, plots and image grids of this config's finished trials."""
+    manifest = load_manifest(paths)
+    trials, n_planned = current_trials(cfg, paths, manifest)
+    tables = summary_tables(trials)
+    out = paths.report
+    out.mkdir(parents=True, exist_ok=True)
+    lines = _header(cfg, manifest, trials, n_planned) + _write_tables(tables, out)
+    _plot_accuracy_vs_ratio(tables, naive_baseline(manifest)["overall"], out / "accuracy_vs_ratio.png")
     _plot_confusions(trials, out / "confusion_matrices.png")
     lines += ["![accuracy vs ratio](accuracy_vs_ratio.png)", "", "![confusion](confusion_matrices.png)", ""]
-    if paths.synthetic_table.exists():
-        synthetic = read_parquet(paths.synthetic_table)
+    if not parquet_problem(paths.synthetic_table):
+        synthetic = pd.read_parquet(paths.synthetic_table)
         if len(synthetic):
             image_grid(manifest, synthetic, out / "real_vs_synthetic.png")
             lines += ["![real vs synthetic](real_vs_synthetic.png)", ""]
-    if paths.quality.exists():
-        from ooc_ray.quality import summarise
-
-        quality = summarise(read_parquet(paths.quality))
-        lines += ["## Synthetic quality per class (mean over folds)", "",
-                  "KID on frozen-backbone features (lower is closer to real); CAS = recall on real held-out images "
-                  "of a linear classifier trained on synthetic images only; memorised = share of synthetic images "
-                  "closer to a real training image than 95 % of real images are to each other.", "",
-                  to_markdown(quality.round(4)), ""]
+    lines += _quality_section(paths)
     report = atomic_write_text(out / "report.md", "\n".join(lines))
-    print(f"[ooc-ray] report: {report}")
+    note(f"report: {report}")
     return report

@@ -1,18 +1,18 @@
 """Sample stage: synthetic image pools from the LoRAs, with Ray Data actors that each hold one loaded pipeline.
 
-Plan (deterministic, pure): for every LoRA x weight, images 0..n_pool-1, each with its own seed derived from
-(sample.seed, lora key, weight, index). Outputs:
-  synthetic/<lora_key>/s<sample_key>/w<weight>/<index>.png   one atomic file per image
-  synthetic.parquet                                           provenance, one row per image of the plan
-sample_key hashes the sampling config slice, the base and the LoRA's tensors (weights_sha256), so changing any of them
-writes a new folder instead of mixing old and new images. An image whose PNG exists is never regenerated;
-because every plan row is a pure function of the config, the table is rebuilt from the plan for the PNGs on
-disk, so a killed run resumes per image and the table never holds a duplicate or a missing row.
+Plan (deterministic, pure): for every LoRA x weight, images 0..n_pool-1 (protocol.pool_sizes), each with its own
+seed derived from (sample.seed, LoRA key, weight, index). Outputs:
+  synthetic/<lora_key>/s<pool_key>/w<weight>/<index>.png   one atomic file per image
+  synthetic/<lora_key>/s<pool_key>/w<weight>/pool.parquet  that pool's provenance, append-only
+  synthetic.parquet                                         the current config's pools, one row per image
+pool_key (ooc_ray.keys.pool_key) hashes the sampling result fields, the base's identity, the LoRA's tensors and,
+for img2img, the images it starts from, so changing any of them writes a new folder instead of mixing old and new
+images; resource fields (batch size, actors, GPUs) do not enter it. An image whose PNG exists and is whole is
+never rendered again, so a killed run resumes per image and the table never holds a duplicate or a missing row.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import warnings
 from collections import OrderedDict
@@ -20,69 +20,28 @@ from pathlib import Path
 
 import pandas as pd
 
-from ooc_ray.config import ExperimentConfig, slice_key
+from ooc_ray import keys
+from ooc_ray.config import ExperimentConfig
 from ooc_ray.data import load_image, load_manifest
-from ooc_ray.finetune import ALL_FOLDS, lora_table, plan_loras, training_rows
-from ooc_ray.io import atomic_path, write_parquet
+from ooc_ray.diffusion.base import BaseModel, device_and_dtype, load_pipeline, resolve_base
+from ooc_ray.diffusion.lora import trained_table
+from ooc_ray.errors import StageError
+from ooc_ray.io import atomic_path, image_problem, note, parquet_problem, sha256_file, write_parquet
 from ooc_ray.paths import ExperimentPaths
-from ooc_ray.tiny_sd import device_and_dtype, load_pipeline, resolve_base
+from ooc_ray.protocol import LoraJob, plan_loras, pool_sizes
+from ooc_ray.raycluster import init_ray, require_resources
 
 SAMPLERS = {"euler_a": "EulerAncestralDiscreteScheduler"}
 FAIL_AFTER_ENV = "OOC_RAY_SAMPLE_FAIL_AFTER"  # test hook: a worker raises after writing this many images
 MAX_ADAPTERS = 16  # LoRAs kept loaded per actor (~3 MB each at rank 8 on SD v1.5); least recently used go
+POOL_FILE = "pool.parquet"
 TABLE_COLUMNS = [
-    "id", "path", "label", "group", "fold", "lora_key", "lora_sha256", "weight", "index", "prompt",
+    "id", "path", "sha256", "label", "group", "fold", "lora_key", "lora_sha256", "weight", "index", "prompt",
     "negative_prompt", "seed", "sampler", "steps", "cfg", "strength", "mode", "init_image_id", "base_model",
     "width", "height", "sample_key",
 ]
 # Columns the workers need but analysts do not.
 _WORK_COLUMNS = ["lora_dir", "lora_file", "init_path"]
-
-
-def max_ratio(cfg: ExperimentConfig) -> float:
-    """Largest synthetic share the classifier grid asks for (synthetic-only needs 1x n_train)."""
-    return max(max(cfg.classify.ratios, default=0.0), 1.0 if cfg.classify.synthetic_only else 0.0)
-
-
-def pool_sizes(manifest: pd.DataFrame, cfg: ExperimentConfig) -> pd.DataFrame:
-    """Images to sample per (fold, label[, group]) and LoRA weight: ceil(max ratio x training count).
-
-    Columns fold, label, [group,] n_train, n_pool. For split "all" (fold = ALL_FOLDS) n_train is the largest
-    training count over the folds, so the one shared pool serves every fold."""
-    r = max_ratio(cfg)
-    keys = ["label", "group"] if cfg.generator.per_group else ["label"]
-    folds = sorted(int(f) for f in manifest["fold"].unique())
-    per_fold = []
-    for fold in folds:
-        counts = training_rows(manifest, fold).groupby(keys).size().rename("n_train").reset_index()
-        per_fold.append(counts.assign(fold=fold))
-    table = pd.concat(per_fold, ignore_index=True)
-    # round() first: 0.1 * 30 is 3.0000000000000004 in floating point and must not become 4.
-    table["n_pool"] = [math.ceil(round(r * n, 9)) for n in table["n_train"]]
-    if not cfg.generator.per_group:
-        # The classify stage rounds the fold's total first and splits it over classes (largest remainder), which
-        # can give a class one image more than ceil(r x n_class) when the largest ratio is not 1: take the max.
-        table["n_pool"] = [max(n, _classify_draw(manifest, cfg, fold, label))
-                           for n, fold, label in zip(table["n_pool"], table["fold"], table["label"])]
-    if cfg.generator.split == "all":
-        table = table.groupby(keys, as_index=False)[["n_train", "n_pool"]].max().assign(fold=ALL_FOLDS)
-    return table[["fold", *keys, "n_train", "n_pool"]].sort_values(["fold", *keys], ignore_index=True)
-
-
-def _classify_draw(manifest: pd.DataFrame, cfg: ExperimentConfig, fold: int, label: str) -> int:
-    """Most synthetic images of `label` any trial of fold `fold` draws (the classify stage's own arithmetic)."""
-    import numpy as np
-
-    from ooc_ray.classify.trainsets import largest_remainder, round_half_up
-    from ooc_ray.data import class_names
-
-    classes = class_names(manifest) if "label_index" in manifest else sorted(manifest["label"].unique())
-    train = training_rows(manifest, fold)
-    counts = np.array([(train["label"] == c).sum() for c in classes])
-    c = classes.index(label)
-    totals = [round_half_up(r * len(train)) for r in cfg.classify.ratios]
-    totals += [len(train)] if cfg.classify.synthetic_only else []
-    return max((int(largest_remainder(t, counts)[c]) for t in totals), default=0)
 
 
 def image_seed(base_seed: int, lora_key: str, weight: float, index: int) -> int:
@@ -93,46 +52,40 @@ def image_seed(base_seed: int, lora_key: str, weight: float, index: int) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def sample_slice(cfg: ExperimentConfig) -> dict:
-    """What decides an image's pixels, besides its LoRA, weight and seed."""
+def _pool_rows(cfg: ExperimentConfig, base: BaseModel, lora, n: int, init: pd.DataFrame, root: Path) -> list[dict]:
+    """Plan rows of one LoRA's pools (every weight), images 0..n-1."""
     s = cfg.sample
-    return {"sampler": s.sampler, "steps": s.steps, "cfg": s.cfg, "mode": s.mode, "resolution": s.resolution,
-            "strength": s.strength if s.mode == "img2img" else None, "negative_prompt": s.negative_prompt,
-            "seed": s.seed, "output_size": s.output_size}
-
-
-def plan_samples(cfg: ExperimentConfig, paths: ExperimentPaths, loras: pd.DataFrame,
-                 manifest: pd.DataFrame) -> pd.DataFrame:
-    """Every image to have on disk: one row per (LoRA, weight, index) with all its provenance."""
-    from ooc_ray.finetune import base_spec
-
-    s = cfg.sample
-    keys = ["fold", "label", "group"] if cfg.generator.per_group else ["fold", "label"]
-    sizes = pool_sizes(manifest, cfg).set_index(keys)["n_pool"]
-    paths_by_id = manifest.set_index("id")["path"]
-    jobs = {j.key: j for j in plan_loras(cfg, manifest)}
+    img2img = s.mode == "img2img"
+    pkey = keys.pool_key(cfg, base.identity, lora.weights_sha256, init if img2img else None)
     out_size = s.output_size or s.resolution
     rows = []
+    for weight in s.weights:
+        folder = root / lora.lora_key / f"s{pkey}" / f"w{weight:g}"
+        for i in range(n):
+            start = init.iloc[i % len(init)] if img2img else None  # this LoRA's own training images, in id order
+            rows.append({
+                "id": f"{lora.lora_key}-s{pkey}-w{weight:g}-{i:05d}", "path": str(folder / f"{i:05d}.png"),
+                "sha256": "", "label": lora.label, "group": lora.group, "fold": int(lora.fold),
+                "lora_key": lora.lora_key, "lora_sha256": lora.sha256, "weight": float(weight), "index": i,
+                "prompt": lora.prompt, "negative_prompt": s.negative_prompt,
+                "seed": image_seed(s.seed, lora.lora_key, weight, i), "sampler": s.sampler, "steps": s.steps,
+                "cfg": s.cfg, "strength": s.strength if img2img else 1.0,  # txt2img starts from pure noise
+                "mode": s.mode, "init_image_id": start["id"] if img2img else "", "base_model": base.identity,
+                "width": out_size, "height": out_size, "sample_key": pkey, "lora_dir": lora.dir,
+                "lora_file": lora.file, "init_path": start["path"] if img2img else "",
+            })
+    return rows
+
+
+def plan_images(cfg: ExperimentConfig, base: BaseModel, loras: pd.DataFrame, sizes: dict[str, int],
+                starts: dict[str, pd.DataFrame], root: Path) -> pd.DataFrame:
+    """Every image to have on disk: one row per (LoRA, weight, index) with all its provenance.
+
+    loras: diffusion.lora.trained_table rows; sizes: images per LoRA key; starts: per LoRA key, the real images
+    (id, path, sha256) img2img starts from."""
+    rows = []
     for lora in loras.itertuples(index=False):
-        n = int(sizes.loc[tuple(getattr(lora, k) for k in keys)])
-        skey = slice_key(sample_slice(cfg), base_spec(cfg.generator), lora.weights_sha256)
-        init_ids = jobs[lora.lora_key].image_ids  # img2img starts from this LoRA's own training images
-        for weight in s.weights:
-            folder = paths.synthetic / lora.lora_key / f"s{skey}" / f"w{weight}"
-            for i in range(n):
-                init_id = init_ids[i % len(init_ids)] if s.mode == "img2img" else ""
-                rows.append({
-                    "id": f"{lora.lora_key}-s{skey}-w{weight}-{i:05d}", "path": str(folder / f"{i:05d}.png"),
-                    "label": lora.label, "group": lora.group, "fold": int(lora.fold), "lora_key": lora.lora_key,
-                    "lora_sha256": lora.sha256, "weight": float(weight), "index": i, "prompt": lora.prompt,
-                    "negative_prompt": s.negative_prompt, "seed": image_seed(s.seed, lora.lora_key, weight, i),
-                    "sampler": s.sampler, "steps": s.steps, "cfg": s.cfg,
-                    # txt2img starts from pure noise, i.e. strength 1.0.
-                    "strength": s.strength if s.mode == "img2img" else 1.0, "mode": s.mode,
-                    "init_image_id": init_id, "base_model": cfg.generator.base, "width": out_size,
-                    "height": out_size, "sample_key": skey, "lora_dir": lora.dir, "lora_file": lora.file,
-                    "init_path": str(paths_by_id[init_id]) if init_id else "",
-                })
+        rows += _pool_rows(cfg, base, lora, sizes[lora.lora_key], starts[lora.lora_key], root)
     return pd.DataFrame(rows, columns=TABLE_COLUMNS + _WORK_COLUMNS)
 
 
@@ -202,7 +155,35 @@ class SampleWorker:
         return pd.DataFrame({"id": batch["id"].to_numpy()})
 
 
-def _pending_batches(plan: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
+def _recorded_digests(plan: pd.DataFrame) -> dict[str, str]:
+    """path -> sha256 from the pool.parquet files of the plan's folders (images finished in earlier runs)."""
+    out: dict[str, str] = {}
+    for folder in {Path(p).parent for p in plan["path"]}:
+        pool = folder / POOL_FILE
+        if not parquet_problem(pool):
+            done = pd.read_parquet(pool, columns=["path", "sha256"])
+            out.update(zip(done["path"], done["sha256"]))
+    return out
+
+
+def _drop_damaged(plan: pd.DataFrame) -> None:
+    """Remove (naming it) every planned PNG that is not whole: bytes other than recorded, or undecodable.
+    A SIGKILL inside atomic_path leaves a hidden .<name>.*.tmp beside the PNG: remove those too."""
+    recorded = _recorded_digests(plan)
+    for path in plan["path"]:
+        if not os.path.exists(path):
+            continue
+        problem = (("bytes differ from pool.parquet" if sha256_file(path) != recorded[path] else "")
+                   if path in recorded else image_problem(path))
+        if problem:
+            note(f"sample: {path} is damaged ({problem}): rendering it again")
+            os.remove(path)
+    for folder in {Path(p).parent for p in plan["path"]}:
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+            tmp.unlink(missing_ok=True)
+
+
+def pending_batches(plan: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
     """Fixed batches (index // batch_size within one LoRA and weight) that still miss a PNG.
 
     A batch's composition changes its floating-point results in the last bits (batched matmuls), so batches
@@ -216,13 +197,6 @@ def _pending_batches(plan: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
             if missing[rows.index].any()]
 
 
-def _clean_partial(batches: list[pd.DataFrame]) -> None:
-    # A SIGKILL inside atomic_path leaves a hidden .<name>.*.tmp beside the PNG: remove those of pending images.
-    for folder in {Path(p).parent for rows in batches for p in rows["path"]}:
-        for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
-            tmp.unlink(missing_ok=True)
-
-
 def n_actors(cfg: ExperimentConfig, ray=None) -> int:
     s = cfg.sample
     if s.actors:
@@ -232,63 +206,92 @@ def n_actors(cfg: ExperimentConfig, ray=None) -> int:
     return 1
 
 
-def generate(plan: pd.DataFrame, cfg: ExperimentConfig, paths: ExperimentPaths, use_ray: bool = True) -> int:
-    """Render the plan's missing images; returns how many were rendered.
+def _render_with_ray(cfg: ExperimentConfig, batches: list[pd.DataFrame], worker_kwargs: dict) -> None:
+    import ray.data as ray_data  # heavy: only a Ray run of the sampler pays for it
 
-    use_ray=False runs the same worker in this process (the benchmark's baseline, quick tests)."""
     s = cfg.sample
-    batches = _pending_batches(plan, s.batch_size)
-    if not batches:
-        return 0
-    _clean_partial(batches)
-    n_rows = sum(len(b) for b in batches)
-    kwargs = {"base_path": resolve_base(cfg.generator.base, paths.models), "mode": s.mode, "sampler": s.sampler,
-              "resolution": s.resolution, "fail_after": int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)}
-    if not use_ray:
-        worker = SampleWorker(**kwargs)
-        for batch in batches:
-            worker(batch)
-        return n_rows
-
-    import ray.data
-
-    from ooc_ray.raycluster import init_ray
-
     ray = init_ray(cfg)
+    require_resources(cfg, {"CPU": 1, "GPU": s.gpus_per_actor}, f"sample: sample.gpus_per_actor={s.gpus_per_actor:g}")
     size = min(n_actors(cfg, ray), len(batches))
     # One block per batch, so that the actor pool can spread blocks over its actors (one block is one task).
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.from_pandas(batches)
+    ray_data.DataContext.get_current().enable_progress_bars = False
+    ds = ray_data.from_pandas(batches)
     gpu = {"num_gpus": s.gpus_per_actor} if s.gpus_per_actor > 0 else {}
     ds = ds.map_batches(
         # batch_size=None: one block = one planned batch; a row count would re-cut batches across blocks.
-        SampleWorker, fn_constructor_kwargs=kwargs, batch_size=None, batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=size), **gpu,
+        SampleWorker, fn_constructor_kwargs=worker_kwargs, batch_size=None, batch_format="pandas",
+        compute=ray_data.ActorPoolStrategy(size=size), **gpu,
     )
     ds.materialize()
-    return n_rows
 
 
-def consolidate(plan: pd.DataFrame, paths: ExperimentPaths) -> pd.DataFrame:
-    """synthetic.parquet from the plan rows whose PNG exists; raises if any image is missing."""
+def render(plan: pd.DataFrame, cfg: ExperimentConfig, base: BaseModel, use_ray: bool = True) -> int:
+    """Render the plan's missing (or damaged) images; returns how many there were.
+
+    use_ray=False runs the same worker in this process (the search, the benchmark's baseline, quick tests)."""
+    s = cfg.sample
+    _drop_damaged(plan)
+    batches = pending_batches(plan, s.batch_size)
+    if not batches:
+        return 0
+    n_missing = int((~plan["path"].map(os.path.exists)).sum())
+    kwargs = {"base_path": base.path, "mode": s.mode, "sampler": s.sampler, "resolution": s.resolution,
+              "fail_after": int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)}
+    if use_ray:
+        _render_with_ray(cfg, batches, kwargs)
+    else:
+        worker = SampleWorker(**kwargs)
+        for batch in batches:
+            worker(batch)
+    return n_missing
+
+
+def consolidate(plan: pd.DataFrame) -> pd.DataFrame:
+    """The plan's table with every image's sha256; appends new rows to each pool's pool.parquet (rows already
+    recorded are kept as they are, so an older pool's provenance is never overwritten)."""
     have = plan["path"].map(os.path.exists)
     if not have.all():
         missing = plan.loc[~have, "path"]
-        raise RuntimeError(f"{len(missing)} synthetic images missing after sampling, e.g. {missing.iloc[0]}")
+        raise StageError(f"{len(missing)} synthetic images missing after sampling, e.g. {missing.iloc[0]}")
+    if plan.duplicated(["lora_key", "sample_key", "weight", "index"]).any():  # the invariant resume relies on
+        raise StageError("duplicate (lora_key, sample_key, weight, index) rows in the sampling plan")
+    recorded = _recorded_digests(plan)
     table = plan[TABLE_COLUMNS].reset_index(drop=True)
-    if table.duplicated(["lora_key", "weight", "index"]).any():  # guards the invariant the resume relies on
-        raise RuntimeError("duplicate (lora_key, weight, index) rows in the sampling plan")
+    table["sha256"] = [recorded.get(p) or sha256_file(p) for p in table["path"]]
+    for folder, rows in table.groupby(table["path"].map(lambda p: str(Path(p).parent)), sort=False):
+        pool = Path(folder) / POOL_FILE
+        old = pd.DataFrame(columns=TABLE_COLUMNS) if parquet_problem(pool) else pd.read_parquet(pool)
+        new = rows[~rows["path"].isin(old["path"])]
+        if len(new):
+            write_parquet(pd.concat([old, new], ignore_index=True).sort_values("index", ignore_index=True), pool)
+    return table
+
+
+def plan_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame
+               ) -> tuple[BaseModel, pd.DataFrame]:
+    """The base and the plan of every image the grid's trials may draw (protocol.pool_sizes per LoRA)."""
+    base = resolve_base(cfg.generator.base, paths.models)
+    jobs: list[LoraJob] = plan_loras(cfg, manifest, base.identity)
+    loras = trained_table(jobs, paths.lora)
+    by = ["fold", "label", "group"] if cfg.generator.per_group else ["fold", "label"]
+    n_pool = pool_sizes(manifest, cfg).set_index(by)["n_pool"]
+    by_id = manifest.set_index("id")
+    sizes = {j.key: int(n_pool.loc[tuple(getattr(j, k) for k in by)]) for j in jobs}
+    starts = {j.key: by_id.loc[list(j.image_ids), ["path", "sha256"]].reset_index() for j in jobs}
+    return base, plan_images(cfg, base, loras, sizes, starts, paths.synthetic)
+
+
+def sample_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame, use_ray: bool = True
+                 ) -> pd.DataFrame:
+    """Plan, render and record every pool the grid draws from; writes synthetic.parquet and returns it."""
+    base, plan = plan_pools(cfg, paths, manifest)
+    pending = render(plan, cfg, base, use_ray=use_ray)
+    note(f"sample: {len(plan)} images planned, {len(plan) - pending} re-used, {pending} rendered")
+    table = consolidate(plan)
     write_parquet(table, paths.synthetic_table)
     return table
 
 
-def sample_all(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame,
-               use_ray: bool = True) -> pd.DataFrame:
-    plan = plan_samples(cfg, paths, lora_table(cfg, paths, manifest), manifest)
-    generate(plan, cfg, paths, use_ray=use_ray)
-    return consolidate(plan, paths)
-
-
 def run_sample(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     """Sample every pool through Ray Data; returns the synthetic table (also at paths.synthetic_table)."""
-    return sample_all(cfg, paths, load_manifest(paths))
+    return sample_pools(cfg, paths, load_manifest(paths))

@@ -1,34 +1,50 @@
 """LoRA hyperparameter search: Ray Tune + Optuna over rank, alpha, UNet/TE learning rates, epochs, repeats and
-the sampling LoRA weight. One trial = fine-tune one LoRA per class on a small subset of one fold's training
-images, sample `search.images_per_class` images per class, and score them on frozen-backbone features against
-that fold's real held-out images. Objectives (search.objective):
+the sampling LoRA weight.
+
+One trial is the pipeline in miniature, composed from the stages' own planning functions on a derived config
+(generator settings and LoRA weight of the trial's point): fine-tune one LoRA per class on a small subset of one
+fold's training images (finetune), sample `search.images_per_class` images per class with sample.* as
+configured (sample), and score them on frozen-backbone features against that fold's real held-out images
+(quality's measures). Every trial computes all three objectives; search.objective picks the one Optuna follows:
   cas       accuracy on real held-out images of a linear classifier trained on the synthetic images only (max)
   kid       mean per-class KID between synthetic and real training images (min)
   accuracy  held-out accuracy of a linear classifier on real subset + synthetic images (max)
-The linear probe on cached features stands in for the full EfficientNet grid: it costs seconds, not hours, so
-the search can afford many trials; confirm the winner with the full grid (experiments/<name>.yaml).
+The linear probe stands in for the full EfficientNet grid: it costs seconds, not hours, so the search can
+afford many trials; confirm the winner with the full grid (experiments/<name>.yaml).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ooc_ray.config import ConfigError, ExperimentConfig, slice_key, to_dict
-from ooc_ray.io import atomic_path, read_parquet, write_parquet
+from ooc_ray import keys
+from ooc_ray.backbones import BackboneWeights, backbone_weights
+from ooc_ray.config import ExperimentConfig, SearchConfig
+from ooc_ray.data import class_names, load_manifest, run_data
+from ooc_ray.diffusion.base import BaseModel, resolve_base
+from ooc_ray.diffusion.lora import trained_table
+from ooc_ray.errors import ConfigError, StageError
+from ooc_ray.features import cache_dir, clean_view, embed
+from ooc_ray.finetune import pending_jobs, train_job
+from ooc_ray.folds import fold_ids, held_out_rows, train_rows
+from ooc_ray.io import atomic_write_text, note, parquet_problem, write_parquet
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.protocol import plan_loras
+from ooc_ray.quality import class_quality, linear_probe
+from ooc_ray.raycluster import init_ray, require_resources, tune_storage
+from ooc_ray.sample import consolidate, plan_images, render
 
 OBJECTIVE_MODE = {"cas": "max", "kid": "min", "accuracy": "max"}
+POINT = ("rank", "alpha", "unet_lr", "text_encoder_lr", "epochs", "repeats", "weight")
 
 
-def search_space(cfg: ExperimentConfig) -> dict:
+def search_space(s: SearchConfig) -> dict:
     from ray import tune
 
-    s = cfg.search
     return {
         "rank": tune.choice(list(s.rank)),
         "alpha": tune.choice(list(s.alpha)),
@@ -40,162 +56,134 @@ def search_space(cfg: ExperimentConfig) -> dict:
     }
 
 
-def search_subset(manifest: pd.DataFrame, cfg: ExperimentConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(LoRA training subset: up to images_per_class per class from the fold's training images, held-out fold)."""
-    s = cfg.search
-    folds = sorted(manifest["fold"].unique())
-    if s.fold not in folds:
-        raise ConfigError(f"search.fold: {s.fold} is not one of the folds {folds}")
-    train = manifest[manifest["fold"] != s.fold]
-    train = train.sort_values("id")
-    subset = pd.concat([rows.sample(min(len(rows), s.images_per_class), random_state=s.seed)
-                        for _, rows in train.groupby("label")])
-    return subset.sort_values("id"), manifest[manifest["fold"] == s.fold]
-
-
-def trial_generator(cfg: ExperimentConfig, params: dict):
-    return dataclasses.replace(
+def trial_config(cfg: ExperimentConfig, params: dict) -> ExperimentConfig:
+    """The experiment config of one search point: its LoRA settings, and its weight as the only LoRA weight."""
+    generator = dataclasses.replace(
         cfg.generator, rank=int(params["rank"]), alpha=float(params["alpha"]), unet_lr=float(params["unet_lr"]),
         text_encoder_lr=float(params["text_encoder_lr"]), epochs=int(params["epochs"]),
-        repeats=int(params["repeats"]),
-    )
+        repeats=int(params["repeats"]), split="fold", per_group=False)
+    sample = dataclasses.replace(cfg.sample, weights=(float(params["weight"]),))
+    return dataclasses.replace(cfg, generator=generator, sample=sample)
 
 
-def _sample_plan(loras: list[dict], cfg: ExperimentConfig, weight: float, n: int, out: Path) -> pd.DataFrame:
-    from ooc_ray.sample import image_seed
-
-    s = cfg.sample
-    rows = []
-    for lora in loras:
-        for i in range(n):
-            rows.append({
-                "id": f"{lora['lora_key']}-{i:04d}", "path": str(out / lora["lora_key"] / f"{i:04d}.png"),
-                "label": lora["label"], "lora_key": lora["lora_key"], "lora_dir": lora["dir"],
-                "lora_file": lora["file"], "weight": weight, "index": i, "prompt": lora["prompt"],
-                "negative_prompt": s.negative_prompt, "seed": image_seed(s.seed, lora["lora_key"], weight, i),
-                "steps": s.steps, "cfg": s.cfg, "strength": 1.0, "init_path": "",
-                "width": s.output_size or s.resolution, "height": s.output_size or s.resolution,
-            })
-    return pd.DataFrame(rows)
+def search_subset(manifest: pd.DataFrame, s: SearchConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(LoRA training subset: up to images_per_class per class from the fold's training images, held-out fold)."""
+    if s.fold not in fold_ids(manifest):
+        raise ConfigError(f"search.fold: {s.fold} is not one of the folds {fold_ids(manifest)}")
+    train = train_rows(manifest, s.fold)
+    subset = pd.concat([rows.sample(min(len(rows), s.images_per_class), random_state=s.seed)
+                        for _, rows in train.groupby("label")])
+    return subset.sort_values("id"), held_out_rows(manifest, s.fold)
 
 
-def score(objective: str, subset: pd.DataFrame, test: pd.DataFrame, synthetic: pd.DataFrame,
-          features: dict, classes: list[str]) -> dict:
-    """All three objectives for one trial's images (the chosen one is reported as `score`)."""
-    from ooc_ray.quality import kid, linear_probe
-
+def score(subset: pd.DataFrame, test: pd.DataFrame, synthetic: pd.DataFrame, features: dict, classes: list[str],
+          cfg: ExperimentConfig) -> dict:
+    """The three objectives for one trial's images: quality's CAS and KID, and a real + synthetic probe."""
+    table, _ = class_quality(subset, test, synthetic, features, classes, cfg.quality)
     index = {c: i for i, c in enumerate(classes)}
-
-    def xy(df):
-        return np.stack([features[p] for p in df["path"]]), df["label"].map(index).to_numpy()
-
-    x_real, y_real = xy(subset)
-    x_test, y_test = xy(test)
-    x_syn, y_syn = xy(synthetic)
-    n = len(classes)
-    cas = float((linear_probe(x_syn, y_syn, n)(x_test).argmax(1) == y_test).mean())
-    mixed = linear_probe(np.vstack([x_real, x_syn]), np.concatenate([y_real, y_syn]), n)
-    accuracy = float((mixed(x_test).argmax(1) == y_test).mean())
-    kids = [kid(x_real[y_real == c], x_syn[y_syn == c], subsets=5, subset_size=50, seed=c)[0] for c in range(n)]
-    out = {"cas": cas, "kid": float(np.nanmean(kids)), "accuracy": accuracy}
-    out["score"] = out[objective]
-    return out
+    both = pd.concat([subset, synthetic], ignore_index=True)
+    probe = linear_probe(np.stack([features[d] for d in both["sha256"]]), both["label"].map(index).to_numpy(),
+                         len(classes))
+    predicted = probe(np.stack([features[d] for d in test["sha256"]])).argmax(1)
+    accuracy = float((predicted == test["label"].map(index).to_numpy()).mean())
+    return {"cas": float(table["cas_accuracy"].iloc[0]), "kid": float(np.nanmean(table["kid"])),
+            "accuracy": accuracy}
 
 
-def run_search_trial(params: dict, cfg: ExperimentConfig, root: str, base_path: str) -> dict:
+def _make_images(tcfg: ExperimentConfig, paths: ExperimentPaths, jobs, sub_manifest: pd.DataFrame,
+                 base: BaseModel) -> tuple[pd.DataFrame, list[float]]:
+    """Train the trial's LoRAs (finetune) and sample its pools in this process (sample); the synthetic table."""
+    lora_root = paths.search / "lora"
+    for job in pending_jobs(jobs, lora_root):
+        train_job(job, tcfg.generator, base, lora_root)
+    loras = trained_table(jobs, lora_root)
+    by_id = sub_manifest.set_index("id")
+    sizes = {j.key: tcfg.search.images_per_class for j in jobs}
+    starts = {j.key: by_id.loc[list(j.image_ids), ["path", "sha256"]].reset_index() for j in jobs}
+    plan = plan_images(tcfg, base, loras, sizes, starts, paths.search / "synthetic")
+    render(plan, tcfg, base, use_ray=False)  # inside a Tune trial: its CPUs/GPUs are already this process's
+    return consolidate(plan), loras["final_loss"].tolist()
+
+
+def run_search_trial(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel,
+                     weights: BackboneWeights) -> dict:
     """One search trial (also callable without Ray); writes search/trials/<key>.parquet and returns its row."""
-    from ooc_ray.data import class_names, load_manifest
-    from ooc_ray.finetune import ALL_FOLDS, LoraJob, train_job
-    from ooc_ray.quality import embed
-    from ooc_ray.sample import SampleWorker, _pending_batches
-
     start = time.perf_counter()
-    paths = ExperimentPaths(Path(root))
-    gcfg = trial_generator(cfg, params)
-    weight = float(params["weight"])
-    key = slice_key(to_dict(gcfg), weight, cfg.search.fold, cfg.search.images_per_class, cfg.search.seed)
-    result_file = paths.search / "trials" / f"{key}.parquet"
-    if result_file.exists():  # the same point was already scored (Optuna may propose it again)
-        return read_parquet(result_file).iloc[0].to_dict()
+    tcfg = trial_config(cfg, params)
     manifest = load_manifest(paths)
-    classes = class_names(manifest)
-    subset, test = search_subset(manifest, cfg)
-    work = paths.search / "work" / key
-    loras = []
-    for label in classes:
-        rows = subset[subset["label"] == label]
-        prompt = gcfg.prompt.format(label=label, group="")
-        job = LoraJob(f"{label}_{key}", ALL_FOLDS, label, "", prompt, tuple(rows["id"]), tuple(rows["path"]))
-        meta = train_job(job, gcfg, base_path, work / "lora")
-        loras.append({"lora_key": job.key, "label": label, "prompt": prompt, "dir": str(work / "lora" / job.key),
-                      "file": meta["file"], "final_loss": meta.get("final_loss")})
-    plan = _sample_plan(loras, cfg, weight, cfg.search.images_per_class, work / "images")
-    worker = SampleWorker(base_path, "txt2img", cfg.sample.sampler, cfg.sample.resolution)
-    for batch in _pending_batches(plan, cfg.sample.batch_size):
-        worker(batch)
-    features = embed(subset["path"].tolist() + test["path"].tolist() + plan["path"].tolist(), cfg, paths.features)
-    metrics = score(cfg.search.objective, subset, test, plan, features, classes)
-    row = {"search_key": key, **{k: params[k] for k in sorted(params)}, **metrics,
-           "objective": cfg.search.objective, "fold": cfg.search.fold,
-           "final_loss_mean": float(np.mean([lora["final_loss"] for lora in loras])),
+    subset, test = search_subset(manifest, cfg.search)
+    sub_manifest = pd.concat([subset, test], ignore_index=True)
+    jobs = plan_loras(tcfg, sub_manifest, base.identity, folds=[cfg.search.fold])
+    point = {k: params[k] for k in POINT}
+    features_key = cache_dir(clean_view(cfg.classify), weights, paths.features).name
+    key = keys.search_trial_key(tcfg, point, [j.key for j in jobs], test, features_key)
+    result_file = paths.search / "trials" / f"{key}.parquet"
+    if not parquet_problem(result_file):  # the same point was already scored (Optuna may propose it again)
+        return pd.read_parquet(result_file).iloc[0].to_dict()
+    synthetic, losses = _make_images(tcfg, paths, jobs, sub_manifest, base)
+    images = pd.concat([sub_manifest[["path", "sha256"]], synthetic[["path", "sha256"]]], ignore_index=True)
+    features = embed(tcfg, weights, images, paths.features, use_ray=False)
+    metrics = score(subset, test, synthetic, features, class_names(manifest), tcfg)
+    row = {"search_key": key, **point, **metrics, "score": metrics[cfg.search.objective],
+           "objective": cfg.search.objective, "fold": cfg.search.fold, "final_loss_mean": float(np.mean(losses)),
            "n_lora_images_per_class": cfg.search.images_per_class, "duration_s": time.perf_counter() - start}
     write_parquet(pd.DataFrame([row]), result_file)
     return row
 
 
-def _tune_trainable(params: dict, cfg: ExperimentConfig, root: str, base_path: str) -> None:
+def _tune_trainable(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel,
+                    weights: BackboneWeights) -> None:
     from ray import tune
 
-    row = run_search_trial(params, cfg, root, base_path)
-    tune.report({k: row[k] for k in ("score", "cas", "kid", "accuracy")})
+    row = run_search_trial(params, cfg, paths, base, weights)
+    tune.report({k: row[k] for k in ("search_key", "score", "cas", "kid", "accuracy")})
+
+
+def _tuner(cfg: ExperimentConfig, paths: ExperimentPaths, trainable):
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = cfg.search
+    storage = tune_storage(cfg, paths)  # s3://... stays a URI; local paths become absolute
+    run_name = f"lora_search_{keys.digest(keys.config_slice(cfg, 'search'), s.objective, s.num_samples)}"
+    if tune.Tuner.can_restore(f"{storage}/{run_name}"):
+        return tune.Tuner.restore(f"{storage}/{run_name}", trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable, param_space=search_space(s),
+        tune_config=tune.TuneConfig(search_alg=OptunaSearch(seed=s.seed), metric="score",
+                                    mode=OBJECTIVE_MODE[s.objective], num_samples=s.num_samples,
+                                    max_concurrent_trials=s.max_concurrent or None),
+        run_config=tune.RunConfig(name=run_name, storage_path=storage, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=1)))
 
 
 def run_search(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     """Run (or resume) the Optuna search; writes search/results.parquet sorted best first and best.json."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
-    from ooc_ray.raycluster import init_ray
-    from ooc_ray.tiny_sd import resolve_base
-
-    from ooc_ray.classify.grid import tune_storage
-    from ooc_ray.classify.model import with_backbone_weights
-    from ooc_ray.data import run_data
-
-    cfg = with_backbone_weights(cfg, paths, run_data(cfg, paths))  # run_data skips an unchanged source
-    base_path = resolve_base(cfg.generator.base, paths.models)  # built once, before any trial reads it
+    manifest = run_data(cfg, paths)  # skips an unchanged source
+    weights = backbone_weights(cfg.classify, paths.models, manifest)
+    base = resolve_base(cfg.generator.base, paths.models)  # built once, before any trial reads it
+    s = cfg.search
     init_ray(cfg)
-    mode = OBJECTIVE_MODE[cfg.search.objective]
+    require_resources(cfg, {"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
+                      f"search: search.cpus_per_trial={s.cpus_per_trial:g}, search.gpus_per_trial={s.gpus_per_trial:g}")
     trainable = tune.with_resources(
-        tune.with_parameters(_tune_trainable, cfg=cfg, root=str(paths.root), base_path=base_path),
-        {"cpu": max(1.0, cfg.classify.cpus_per_trial), "gpu": cfg.generator.gpus},
-    )
-    storage = tune_storage(cfg, paths)  # s3://... stays a URI; local paths become absolute
-    run_name = f"lora_search_{slice_key(cfg.search, cfg.generator, cfg.sample)}"
-    if tune.Tuner.can_restore(f"{storage}/{run_name}"):
-        tuner = tune.Tuner.restore(f"{storage}/{run_name}", trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space(cfg),
-            tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(seed=cfg.search.seed), metric="score", mode=mode,
-                num_samples=cfg.search.num_samples,
-                max_concurrent_trials=cfg.classify.max_concurrent or None,
-            ),
-            run_config=tune.RunConfig(name=run_name, storage_path=storage, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=1)),
-        )
-    tuner.fit()
-    results = pd.concat([pd.read_parquet(f) for f in sorted((paths.search / "trials").glob("*.parquet"))],
+        tune.with_parameters(_tune_trainable, cfg=cfg, paths=paths, base=base, weights=weights),
+        {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+    grid = _tuner(cfg, paths, trainable).fit()
+    # This search's trials only: search/trials/ keeps every search's (a changed setting adds, never overwrites).
+    found = sorted({r.metrics["search_key"] for r in grid if r.metrics and "search_key" in r.metrics})
+    if not found:
+        raise StageError(f"search: no trial finished; see the Tune error files under {tune_storage(cfg, paths)}")
+    results = pd.concat([pd.read_parquet(paths.search / "trials" / f"{k}.parquet") for k in found],
                         ignore_index=True)
-    results = results.sort_values("score", ascending=mode == "min", ignore_index=True)
+    results = results.sort_values("score", ascending=OBJECTIVE_MODE[s.objective] == "min", ignore_index=True)
     write_parquet(results, paths.search / "results.parquet")
     best = results.iloc[0].to_dict()
-    with atomic_path(paths.search / "best.json") as tmp:
-        tmp.write_text(json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()}, indent=2))
-    print(f"[ooc-ray] search: best {cfg.search.objective} = {best['score']:.4f} with "
-          f"rank={best['rank']} alpha={best['alpha']} unet_lr={best['unet_lr']:.2e} "
-          f"te_lr={best['text_encoder_lr']:.2e} epochs={best['epochs']} repeats={best['repeats']} "
-          f"weight={best['weight']:.2f}")
+    atomic_write_text(paths.search / "best.json",
+                      json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()}, indent=2))
+    note(f"search: best {s.objective} = {best['score']:.4f} with rank={best['rank']} alpha={best['alpha']} "
+         f"unet_lr={best['unet_lr']:.2e} te_lr={best['text_encoder_lr']:.2e} epochs={best['epochs']} "
+         f"repeats={best['repeats']} weight={best['weight']:.2f}")
     return results

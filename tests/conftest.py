@@ -1,12 +1,8 @@
+"""Fixtures shared by the test modules; builders of tiny data and configs are in helpers.py."""
 import os
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
-from PIL import Image
-
-from ooc_ray.io import write_parquet
 
 # Local Ray for tests: no token auth, no dashboard, trials keep the working directory.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -29,29 +25,6 @@ def shared_pbc() -> Path:
     return SHARED_DATA
 
 
-def make_dataset(root: Path, per_class=(4, 4), k: int = 2, size: int = 32, groups=("",)) -> pd.DataFrame:
-    """Tiny manifest (contract columns + fold) over generated PNGs; class i is a brightness level + noise."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for li, n in enumerate(per_class):
-        label = ["good", "bad", "acceptable", "other"][li]
-        for j in range(n):
-            arr = np.clip(40 + 150 * li + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-            path = root / "images" / label / f"{j}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(path)
-            rows.append({"id": f"{label}-{j:02d}", "path": str(path), "label": label, "label_index": li,
-                         "group": groups[(j // k) % len(groups)], "sha256": "", "size": path.stat().st_size,
-                         "width": size, "height": size, "mode": "RGB", "fold": j % k})
-    return pd.DataFrame(rows)
-
-
-def write_manifest(manifest: pd.DataFrame, paths) -> None:
-    """A manifest with its `fold` column -> manifest.parquet + folds.parquet, as the data stage writes them."""
-    write_parquet(manifest.drop(columns="fold"), paths.manifest)
-    write_parquet(manifest[["id", "fold"]], paths.folds)
-
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads spin-wait on cores
@@ -64,18 +37,12 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def tiny_cfg(root: Path, **sections):
-    """Experiment config on the tiny diffusion base at 32 px with few steps; `sections` update per section."""
-    from ooc_ray.config import from_dict
+@pytest.fixture(scope="session", autouse=True)
+def shared_ray():
+    """One local Ray for the whole session (the CLI's init_ray joins it): its idle workers keep TensorFlow and
+    torch imported between modules, saving ~5-8 s per Ray start and per feature-extraction task."""
+    yield
+    import sys
 
-    raw = {
-        "name": "t", "results_dir": str(root / "results"),
-        "generator": {"base": "tiny", "resolution": 32, "epochs": 2, "repeats": 1, "batch_size": 4,
-                      "rank": 4, "alpha": 4.0, "unet_lr": 1e-3, "text_encoder_lr": 1e-3},
-        "sample": {"weights": [1.0, 0.0], "steps": 2, "resolution": 32, "batch_size": 4, "actors": 1},
-        "classify": {"ratios": [0.0, 0.5]},  # + synthetic_only: pools of 1.0 x n_train
-        "ray": {"num_cpus": 2},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return from_dict(raw)
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()

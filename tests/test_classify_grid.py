@@ -12,33 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ooc_ray.classify import run_classify, trial_specs
-from ooc_ray.classify.tiny import make_tiny_experiment
-from ooc_ray.config import from_dict
-from ooc_ray.paths import ExperimentPaths
+from helpers import classify_cfg, demo_experiment
 
-
-def raw_config(root, **classify):
-    return {
-        "name": "grid", "results_dir": str(root),
-        "data": {"source": "demo", "classes": ["good", "acceptable", "bad"], "group_column": "cell_line",
-                 "demo": {"per_class": [8, 6, 4], "size": 40}},
-        "folds": {"k": 2, "strategy": "stratified"},
-        "sample": {"weights": [1.0]},
-        "ray": {"num_cpus": 2},
-        "classify": {"backbone": "EfficientNetB0", "weights": "none", "input_size": 32, "epochs": 2,
-                     "batch_size": 8, "ratios": [0.0, 0.5], "synthetic_only": True, "augment": ["flip"],
-                     "feature_views": 2, "mode": "cached", "cpus_per_trial": 1, **classify},
-    }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    yield
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
+from ooc_ray.classify import run_classify
+from ooc_ray.config import to_dict
+from ooc_ray.protocol import plan_trials
 
 
 DRIVER = textwrap.dedent("""
@@ -58,11 +36,12 @@ def summaries(paths):
 def test_small_pool_fails_before_ray(tmp_path):
     import ray
 
-    from ooc_ray.classify import TrainsetError
+    from ooc_ray.errors import TrainsetError
 
-    cfg = from_dict(raw_config(tmp_path, ratios=[0.0, 2.0]))  # 2 x n_train synthetic: more than the pools hold
-    paths = ExperimentPaths.of(cfg)
-    make_tiny_experiment(cfg, paths)
+    if ray.is_initialized():  # the session's Ray: this test checks that planning fails before any Ray start
+        ray.shutdown()
+    cfg = classify_cfg(tmp_path, ratios=[0.0, 2.0])  # 2 x n_train synthetic: more than the pools hold
+    paths, _, _ = demo_experiment(cfg)
     with pytest.raises(TrainsetError, match=r"fold 0, class 'good', LoRA weight 1: need \d+"):
         run_classify(cfg, paths)
     assert not ray.is_initialized() and not paths.trials.exists()
@@ -70,14 +49,12 @@ def test_small_pool_fails_before_ray(tmp_path):
 
 def test_grid_killed_and_resumed(tmp_path):
     # max_concurrent 1: trials run one after another, so the kill lands between finished and pending ones.
-    raw = raw_config(tmp_path, max_concurrent=1)
-    cfg = from_dict(raw)
-    paths = ExperimentPaths.of(cfg)
-    make_tiny_experiment(cfg, paths)
-    specs = trial_specs(cfg)
+    cfg = classify_cfg(tmp_path, max_concurrent=1)
+    paths, manifest, synthetic = demo_experiment(cfg)
+    specs = plan_trials(cfg, manifest, synthetic, "none")
     assert len(specs) == 6  # 2 folds x (real, real+50%, synthetic only)
 
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(raw)], start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(to_dict(cfg))], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.time() + 240
     while len(summaries(paths)) < 2 and proc.poll() is None and time.time() < deadline:
@@ -88,7 +65,7 @@ def test_grid_killed_and_resumed(tmp_path):
     assert 2 <= len(first) < 6, f"kill did not land mid-run: {len(first)} trials finished"
 
     rows = run_classify(cfg, paths)  # resume
-    keys = [s["trial_key"] for s in specs]
+    keys = [t.key for t in specs]
     assert rows["trial_key"].tolist() == keys and not rows["trial_key"].duplicated().any()
     after = summaries(paths)
     assert set(after) == {f"{k}.parquet" for k in keys}
@@ -110,7 +87,6 @@ def test_grid_killed_and_resumed(tmp_path):
     assert (half["n_train_synthetic"] == np.floor(half["n_train_real"] * 0.5 + 0.5)).all()
     assert rows["accuracy"].between(0, 1).all() and (rows["mode"] == "cached").all()
     assert (rows["confusion"].map(lambda c: int(np.sum(np.stack(c)))) == rows["n_test"]).all()
-    assert (paths.config).exists()
     history = pd.read_parquet(paths.history)
     assert sorted(history["epoch"].unique()) == [1, 2]
 
@@ -133,10 +109,9 @@ def test_grid_killed_and_resumed(tmp_path):
 
 
 def test_exact_mode_through_tune(tmp_path):
-    raw = raw_config(tmp_path, mode="exact", epochs=1, ratios=[0.0], synthetic_only=False, augment=["flip", "rotation"])
-    cfg = from_dict(raw)
-    paths = ExperimentPaths.of(cfg)
-    make_tiny_experiment(cfg, paths)
+    cfg = classify_cfg(tmp_path, mode="exact", epochs=1, ratios=[0.0], synthetic_only=False,
+                       augment=["flip", "rotation"])
+    paths, _, _ = demo_experiment(cfg)
     rows = run_classify(cfg, paths)
     assert len(rows) == 2 and sorted(rows["fold"]) == [0, 1]
     assert (rows["mode"] == "exact").all() and (rows["arm"] == "real").all()

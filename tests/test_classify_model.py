@@ -3,49 +3,48 @@ In-process TF, no Ray. ~40 s on 2 cores."""
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import classify_cfg, demo_experiment
 from PIL import Image
 
-from ooc_ray.classify import run_trial, trial_specs
-from ooc_ray.classify.features import FeatureCache, cache_key, extract_features, image_batches, n_views, train_views
-from ooc_ray.classify.model import build_backbone, frozen, resolve_weights
-from ooc_ray.classify.model import write_calibrated_weights
-from ooc_ray.classify.tiny import make_tiny_experiment
-from ooc_ray.config import from_dict
-from ooc_ray.paths import ExperimentPaths
+from ooc_ray import keys
+from ooc_ray.backbones import BackboneWeights, backbone_weights, build_backbone, frozen, write_calibrated_weights
+from ooc_ray.classify import TrialContext, run_trial
+from ooc_ray.features import FeatureCache, cache_dir, extract_features, image_batches, n_views, train_views
+from ooc_ray.protocol import plan_trials
 
 
-def raw_config(root, **classify):
-    return {
-        "name": "tiny", "results_dir": str(root),
-        "data": {"source": "demo", "classes": ["good", "acceptable", "bad"], "group_column": "cell_line",
-                 "demo": {"per_class": [10, 6, 4], "size": 40}},
-        "folds": {"k": 2, "strategy": "stratified"},
-        "sample": {"weights": [1.0]},
-        "classify": {"backbone": "EfficientNetB0", "weights": "none", "input_size": 32, "epochs": 3,
-                     "batch_size": 8, "ratios": [0.0, 0.5], "augment": [], **classify},
-    }
+def tiny_cfg(root, **classify):
+    settings = {"epochs": 3, "augment": [], "mode": "exact", **classify}
+    return classify_cfg(root, name="tiny", per_class=(10, 6, 4), **settings)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("classify_model")
-    cfg = from_dict(raw_config(root))
-    paths = ExperimentPaths.of(cfg)
-    manifest, synthetic = make_tiny_experiment(cfg, paths)
-    weights = write_calibrated_weights(paths.models / "b0.weights.h5", "EfficientNetB0", 32, manifest["path"].tolist())
-    return root, paths, manifest, synthetic, str(weights)
+    cfg = tiny_cfg(root)
+    paths, manifest, synthetic = demo_experiment(cfg)
+    path = write_calibrated_weights(paths.models / "b0.weights.h5", "EfficientNetB0", 32, manifest["path"].tolist())
+    return root, paths, manifest, synthetic, str(path)
 
 
-def test_resolve_weights(tmp_path):
-    assert resolve_weights("imagenet") == "imagenet"
-    assert resolve_weights("none") is None
-    with pytest.raises(FileNotFoundError, match="classify.weights"):
-        resolve_weights(str(tmp_path / "missing.weights.h5"))
+def test_backbone_weights_resolve(tmp_path, tiny):
+    _, paths, manifest, _, path = tiny
+    cc = tiny_cfg(tmp_path).classify
+    assert backbone_weights(cc, paths.models, manifest) == BackboneWeights(None, "none")
+    file = backbone_weights(tiny_cfg(tmp_path, weights=path).classify, paths.models, manifest)
+    assert file.value == path and file.identity.startswith("file-")
+    calibrated = tiny_cfg(tmp_path, weights="calibrated").classify
+    planned = backbone_weights(calibrated, tmp_path / "models", manifest, build=False)  # the report's way
+    assert not (tmp_path / "models").exists()
+    built = backbone_weights(calibrated, tmp_path / "models", manifest)
+    assert built == planned and built.value.endswith(f"{built.identity}.weights.h5")
+    changed = manifest.assign(sha256=manifest["sha256"].where(manifest.index != 0, "0" * 64))
+    assert backbone_weights(calibrated, tmp_path / "models", changed, build=False).identity != built.identity
 
 
 def test_frozen_backbone_stays_in_inference_mode(tiny):
     # EfficientNet has stochastic-depth Dropout layers; a frozen backbone must not drop during fit.
-    backbone = build_backbone("EfficientNetB0", "none", 32)
+    backbone = build_backbone("EfficientNetB0", None, 32)
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     layer = frozen(backbone)
     a = np.asarray(layer(x, training=True))
@@ -67,46 +66,71 @@ def test_image_pipeline_mixed_modes_and_formats(tmp_path):
     assert abs(x[0].mean() - 200) < 3 and np.allclose(x[1].mean(axis=(0, 1)), [10, 20, 30], atol=1)
 
 
-def test_feature_cache_resumes_and_views(tiny, tmp_path):
-    _, _, manifest, _, weights = tiny
-    cc = from_dict(raw_config(tmp_path, weights=weights, augment=["flip", "contrast"], feature_views=3,
-                              mode="cached")).classify
+def test_feature_cache_resumes_views_and_is_keyed_by_content(tiny, tmp_path):
+    _, _, manifest, _, path = tiny
+    weights = BackboneWeights(path, "file-test")
+    cc = tiny_cfg(tmp_path, weights=path, augment=["flip", "contrast"], feature_views=3, mode="cached").classify
     assert n_views(cc) == 3 and train_views(cc) == [1, 2]
-    directory = tmp_path / "features" / cache_key(cc)
-    paths = manifest["path"].tolist()[:6]
-    assert extract_features(cc, paths[:4], directory, chunk=2) == 4
+    directory = cache_dir(cc, weights, tmp_path / "features")
+    images = manifest[["path", "sha256"]].iloc[:6]
+    assert extract_features(cc, weights, images.iloc[:4], directory, chunk=2) == 4
     assert len(list(directory.glob("part-*.json"))) == 2
-    assert extract_features(cc, paths, directory, chunk=2) == 2  # only the missing ones
-    assert extract_features(cc, paths, directory) == 0
-    feats = FeatureCache(directory).load(paths[::-1])
+    assert extract_features(cc, weights, images, directory, chunk=2) == 2  # only the missing ones
+    assert extract_features(cc, weights, images, directory) == 0
+    feats = FeatureCache(directory).load(images["sha256"][::-1])
     assert feats.shape == (6, 3, 1280) and np.isfinite(feats).all()
     assert np.std(feats[:, 0], axis=0).mean() > 1e-3  # calibrated backbone: features differ between images
     assert not np.allclose(feats[:, 0], feats[:, 1])  # augmented view differs from the clean one
-    clean = np.asarray(frozen(build_backbone("EfficientNetB0", weights, 32))(
-        next(iter(image_batches(paths[::-1], 32, 8)))))
+    clean = np.asarray(frozen(build_backbone("EfficientNetB0", path, 32))(
+        next(iter(image_batches(images["path"].tolist()[::-1], 32, 8)))))
     np.testing.assert_allclose(feats[:, 0], clean, rtol=1e-4, atol=1e-4)
     with pytest.raises(KeyError, match="no cached features"):
-        FeatureCache(directory).load(manifest["path"].tolist()[6:7])
+        FeatureCache(directory).load(manifest["sha256"].iloc[6:7])
+    # the same bytes elsewhere are the same entry; a file replaced in place is a new one
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(open(images["path"].iloc[0], "rb").read())
+    moved = pd.DataFrame({"path": [str(copy)], "sha256": [images["sha256"].iloc[0]]})
+    assert extract_features(cc, weights, moved, directory) == 0
+    Image.new("RGB", (40, 40), (5, 5, 5)).save(copy)
+    replaced = pd.DataFrame({"path": [str(copy)], "sha256": [keys.digest("new bytes", length=64)]})
+    assert extract_features(cc, weights, replaced, directory) == 1
     # without augmentation there is one view, whatever feature_views says
-    assert n_views(from_dict(raw_config(tmp_path, feature_views=4)).classify) == 1
+    assert n_views(tiny_cfg(tmp_path, feature_views=4).classify) == 1
+
+
+def test_damaged_cache_part_is_named_and_remade(tiny, tmp_path, capsys):
+    _, _, manifest, _, path = tiny
+    weights = BackboneWeights(path, "file-test")
+    cc = tiny_cfg(tmp_path, weights=path).classify
+    directory = tmp_path / "features"
+    images = manifest[["path", "sha256"]].iloc[:3]
+    extract_features(cc, weights, images, directory)
+    (npy,) = directory.glob("part-*.npy")
+    npy.write_bytes(npy.read_bytes()[:100])
+    assert extract_features(cc, weights, images, directory) == 3
+    assert f"damaged part {npy}" in capsys.readouterr().out
 
 
 def test_exact_and_cached_agree_without_augmentation(tiny):
-    root, paths, manifest, synthetic, weights = tiny
+    root, paths, manifest, synthetic, path = tiny
+    weights = BackboneWeights(path, "file-test")
     rows, histories, predictions = {}, {}, {}
     for mode in ("exact", "cached"):
-        cfg = from_dict(raw_config(root, weights=weights, mode=mode))
-        spec = next(s for s in trial_specs(cfg) if s["ratio"] == 0.5 and s["fold"] == 1)
+        cfg = tiny_cfg(root, weights=path, mode=mode)
+        trial = next(t for t in plan_trials(cfg, manifest, synthetic, weights.identity)
+                     if t.spec.ratio == 0.5 and t.spec.fold == 1)
         features_dir = None
         if mode == "cached":
-            features_dir = paths.features / cache_key(cfg.classify)
-            extract_features(cfg.classify, pd.concat([manifest["path"], synthetic["path"]]).tolist(), features_dir)
+            features_dir = cache_dir(cfg.classify, weights, paths.features)
+            extract_features(cfg.classify, weights, pd.concat([manifest, synthetic])[["path", "sha256"]],
+                             features_dir)
         reports = []
-        rows[mode] = run_trial(cfg, paths, spec, manifest, synthetic, report=reports.append,
-                               features_dir=features_dir)
+        ctx = TrialContext(("good", "acceptable", "bad"), weights, keys.data_digest(manifest),
+                           None if features_dir is None else str(features_dir))
+        rows[mode] = run_trial(cfg, paths, trial, ctx, report=reports.append)
         assert [r["epoch"] for r in reports] == [1, 2, 3]
-        histories[mode] = pd.read_parquet(paths.history / f"{spec['trial_key']}.parquet")
-        predictions[mode] = pd.read_parquet(paths.predictions / f"{spec['trial_key']}.parquet")
+        histories[mode] = pd.read_parquet(paths.history / f"{trial.key}.parquet")
+        predictions[mode] = pd.read_parquet(paths.predictions / f"{trial.key}.parquet")
     exact, cached = rows["exact"], rows["cached"]
     assert exact["trial_key"] != cached["trial_key"]  # mode is part of the result key
     for k in ("n_train_real", "n_train_synthetic", "n_test", "fold", "ratio", "weight"):
@@ -124,15 +148,15 @@ def test_exact_and_cached_agree_without_augmentation(tiny):
 
 def test_augmented_views_do_not_depend_on_extraction_split(tiny, tmp_path):
     """The same image gets the same augmented views whether extracted alone, in another batch or another part."""
-    _, _, manifest, _, weights = tiny
-    cc = from_dict(raw_config(tmp_path, weights=weights, augment=["flip", "rotation", "contrast"],
-                              feature_views=3, mode="cached")).classify
-    paths = manifest["path"].tolist()[:5]
-    one = tmp_path / "one"
-    two = tmp_path / "two"
-    extract_features(cc, paths, one)  # one part, one batch
-    for p in reversed(paths):  # five parts, reversed order, each image alone
-        extract_features(cc, [p], two, chunk=1)
-    a, b = FeatureCache(one).load(paths), FeatureCache(two).load(paths)
+    _, _, manifest, _, path = tiny
+    weights = BackboneWeights(path, "file-test")
+    cc = tiny_cfg(tmp_path, weights=path, augment=["flip", "rotation", "contrast"], feature_views=3,
+                  mode="cached").classify
+    images = manifest[["path", "sha256"]].iloc[:3]
+    one, two = tmp_path / "one", tmp_path / "two"
+    extract_features(cc, weights, images, one)  # one part, one batch
+    for i in reversed(range(3)):  # three parts, reversed order, each image alone
+        extract_features(cc, weights, images.iloc[[i]], two, chunk=1)
+    a, b = FeatureCache(one).load(images["sha256"]), FeatureCache(two).load(images["sha256"])
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert not np.allclose(a[:, 1], a[:, 2])  # views 1 and 2 are different draws

@@ -1,18 +1,31 @@
+"""The CLI: dispatch, one-line errors through the one error base class, the run lock, resource checks."""
+import json
+import os
+import socket
 import subprocess
 import sys
+import time
 
 import pandas as pd
+import pytest
 
 from ooc_ray.cli import main
+from ooc_ray.lock import RunLock
+
+
+def data_config(tmp_path, extra: str = "") -> str:
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"results_dir: {tmp_path}\ndata:\n  demo:\n    per_class: [6, 6, 6]\n    size: 32\nfolds:\n  k: 3\n"
+                   + extra)
+    return str(cfg)
 
 
 def test_cli_data_stage(tmp_path, capsys):
-    cfg = tmp_path / "exp.yaml"
-    cfg.write_text(f"results_dir: {tmp_path}\ndata:\n  demo:\n    per_class: [6, 6, 6]\n    size: 32\nfolds:\n  k: 3\n")
-    assert main(["data", str(cfg)]) == 0
+    assert main(["data", data_config(tmp_path)]) == 0
     out = tmp_path / "exp"
     assert len(pd.read_parquet(out / "manifest.parquet")) == 18
     assert (out / "config.yaml").exists()  # resolved config saved beside the outputs
+    assert not (out / ".ooc-ray.lock").exists()  # released
 
 
 def test_cli_config_error_names_key(tmp_path, capsys):
@@ -22,11 +35,19 @@ def test_cli_config_error_names_key(tmp_path, capsys):
     assert "data.sorce" in capsys.readouterr().err
 
 
-def test_cli_data_error_is_clean(tmp_path, capsys):
+def test_cli_data_error_is_one_line(tmp_path, capsys):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(f"results_dir: {tmp_path}\ndata:\n  source: {tmp_path / 'nowhere'}\n")
     assert main(["data", str(cfg)]) == 1
-    assert "nowhere" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("stage", ["finetune", "classify", "report"])
+def test_missing_inputs_are_one_line(tmp_path, capsys, stage):
+    assert main([stage, data_config(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "manifest.parquet" in err and "ooc-ray data" in err and "Traceback" not in err
 
 
 def test_console_script_help():
@@ -34,3 +55,64 @@ def test_console_script_help():
     assert out.returncode == 0
     for stage in ["data", "finetune", "sample", "classify", "report", "run", "search"]:
         assert stage in out.stdout
+
+
+HOLD = """
+import sys, time
+from ooc_ray.lock import RunLock
+RunLock(sys.argv[1], "ooc-ray run experiments/demo.yaml").acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_second_writer_fails_at_once_naming_the_holder(tmp_path, capsys):
+    config = data_config(tmp_path)
+    lock = tmp_path / "exp" / ".ooc-ray.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.perf_counter()
+        assert main(["data", config]) == 1
+        assert time.perf_counter() - start < 5
+        err = capsys.readouterr().err
+        for part in [socket.gethostname(), f"pid {holder.pid}", "`ooc-ray run experiments/demo.yaml`", "since 20"]:
+            assert part in err, (part, err)
+        assert not (tmp_path / "exp" / "manifest.parquet").exists()  # nothing written
+        # reading finished results needs no lock
+        assert main(["report", config]) == 1 and "lock" not in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: its lock is taken over, naming it
+    assert main(["data", config]) == 0
+    assert f"taking over the lock of a run that is gone (host {socket.gethostname()}, pid {holder.pid}" in \
+        capsys.readouterr().out
+
+
+def test_lock_of_a_dead_node_is_stale_after_its_heartbeat(tmp_path, monkeypatch):
+    import ooc_ray.lock as lock_module
+
+    path = tmp_path / ".ooc-ray.lock"
+    path.write_text(json.dumps({"host": "gpu-node-7", "pid": 1, "command": "ooc-ray run x", "since": "then"}))
+    with pytest.raises(lock_module.LockError, match="gpu-node-7"):
+        RunLock(path, "me").acquire()  # another host, fresh heartbeat: alive
+    old = time.time() - lock_module.STALE_S - 1
+    os.utime(path, (old, old))
+    held = RunLock(path, "me").acquire()  # heartbeat too old: the node is gone
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    held.release()
+    assert not path.exists()
+
+
+def test_gpus_no_node_has_fail_within_seconds(repo, tmp_path, capsys):
+    """No GPU node and no autoscaler: the request is named at once instead of waiting for ever."""
+    start = time.perf_counter()
+    code = main(["run", str(repo / "experiments" / "demo.yaml"), "--tiny", "-o", f"results_dir={tmp_path}",
+                 "-o", "generator.gpus=1", "-o", "data.demo.per_class=[4, 4, 4]"])
+    assert code == 1
+    assert time.perf_counter() - start < 60  # Ray start-up included; the check itself is immediate
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "failed" in line]  # progress bars and warnings aside
+    assert "finetune failed" in line and "generator.gpus=1" in line and "GPU 1" in line and "no node" in line
+    assert "Traceback" not in err

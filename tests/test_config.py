@@ -1,6 +1,8 @@
 import pytest
 
-from ooc_ray.config import ConfigError, ExperimentConfig, from_dict, load_config, slice_key
+from ooc_ray.config import ARTIFACTS, ExperimentConfig, field_roles, from_dict, load_config
+from ooc_ray.errors import ConfigError, OocRayError
+from ooc_ray.keys import config_slice
 
 
 def test_defaults_are_the_papers_classifier():
@@ -11,14 +13,24 @@ def test_defaults_are_the_papers_classifier():
     assert cfg.generator.unet_lr == 5e-4 and cfg.generator.text_encoder_lr == 1e-4
 
 
-def test_every_experiment_file_is_listed(repo):
-    assert sorted(p.stem for p in (repo / "experiments").glob("*.yaml")) == ["demo", "lora_search", "paper"]
+def test_experiment_files_load_normal_and_tiny(repo):
+    files = sorted((repo / "experiments").glob("*.yaml"))
+    assert {p.stem for p in files} >= {"demo", "lora_search", "paper"}
+    for path in files:
+        assert load_config(path).name == path.stem
+        tiny = load_config(path, tiny=True)  # every file has its `tiny:` overrides (the smoke test runs them)
+        assert tiny.generator.base == "tiny" and tiny.classify.input_size == 32
 
 
-@pytest.mark.parametrize("name", ["paper", "demo", "lora_search"])
-def test_experiment_files_load(repo, name):
-    cfg = load_config(repo / "experiments" / f"{name}.yaml")
-    assert cfg.name == name
+def test_paper_yaml_holds_only_differences(repo):
+    import yaml
+
+    raw = yaml.safe_load((repo / "experiments" / "paper.yaml").read_text())
+    raw.pop("tiny")
+    defaults = ExperimentConfig()
+    same = [f"{section}.{key}" for section, values in raw.items() for key, value in values.items()
+            if getattr(getattr(defaults, section), key) == (tuple(value) if isinstance(value, list) else value)]
+    assert same == [], f"paper.yaml repeats defaults: {same}"
 
 
 def test_paper_yaml_is_the_papers_protocol(repo):
@@ -53,7 +65,12 @@ def test_unknown_section_is_named():
         ({"classify": {"mode": "fast"}}, "classify.mode"),
         ({"classify": {"backbone": "ResNet50"}}, "classify.backbone"),
         ({"generator": {"split": "none"}}, "generator.split"),
-        ({"classify": {"augment": ["flip", "warp"]}}, "classify.augment"),
+        ({"classify": {"augment": ["flip", "warp"]}}, r"classify.augment\[1\]"),
+        ({"generator": {"prompt": "cells of {cls}"}}, "generator.prompt"),
+        ({"generator": {"group_prompt": "{label} {"}}, "generator.group_prompt"),
+        ({"data": {"demo": {"per_class": [3, 3]}}}, "data.demo.per_class"),
+        ({"classify": {"weights": "/nowhere/b0.weights.h5"}}, "classify.weights"),
+        ({"search": {"epochs": [5, 2]}}, "search.epochs"),
         ({"data": {"demo": {"size": True}}}, "data.demo.size"),
         ({"folds": 5}, "folds"),
     ],
@@ -81,9 +98,34 @@ def test_overrides_and_frozen(tmp_path):
         load_config(path, ["classify.epoch=5"])
 
 
-def test_slice_key_changes_with_content_only():
-    a, b = ExperimentConfig(), ExperimentConfig()
-    assert slice_key(a.generator) == slice_key(b.generator)
-    changed = from_dict({"generator": {"rank": 4}})
-    assert slice_key(changed.generator) != slice_key(a.generator)
-    assert slice_key(changed.classify) == slice_key(a.classify)
+def test_config_errors_are_ooc_ray_errors():
+    with pytest.raises(OocRayError):
+        from_dict({"folds": {"k": 1}})
+
+
+def test_every_field_declares_a_role():
+    roles = field_roles()
+    assert len(roles) > 60
+    for name, meta in roles.items():
+        assert meta.get("role") in {"result", "input", "grid", "resource"}, name
+        if meta["role"] == "result":
+            assert meta["feeds"] and set(meta["feeds"]) <= set(ARTIFACTS), name
+    # the roles the issue names, as declared on the fields
+    assert roles["sample.batch_size"]["role"] == roles["classify.gpus_per_trial"]["role"] == "resource"
+    assert roles["classify.ratios"]["role"] == roles["sample.weights"]["role"] == "grid"
+    assert roles["data.source"]["role"] == roles["generator.base"]["role"] == "input"
+    assert roles["classify.epochs"]["feeds"] == ("trial",)
+
+
+def test_config_slices_follow_roles():
+    base = ExperimentConfig()
+    lora = config_slice(base, "lora")
+    assert lora["generator.rank"] == 8 and "generator.gpus" not in lora and "generator.prompt" not in lora
+    assert set(config_slice(base, "features")) == {"classify.backbone", "classify.input_size", "classify.augment",
+                                                   "classify.seed"}  # feature_views only in cached mode
+    cached = from_dict({"classify": {"mode": "cached"}})
+    assert "classify.feature_views" in config_slice(cached, "features")
+    txt = config_slice(base, "image")
+    assert "sample.strength" not in txt and "sample.batch_size" not in txt and "sample.weights" not in txt
+    assert config_slice(from_dict({"sample": {"mode": "img2img"}}), "image")["sample.strength"] == 0.6
+    assert config_slice(from_dict({"sample": {"batch_size": 64, "actors": 3}}), "image") == txt

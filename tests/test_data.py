@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from ooc_ray.config import DemoDataConfig, FoldsConfig, from_dict
-from ooc_ray.data import DataError, class_names, load_image, load_manifest, run_data, scan
+from ooc_ray.data import class_names, load_image, load_manifest, run_data, scan
+from ooc_ray.errors import DataError
 from ooc_ray.demo_data import CLASSES, write_demo_dataset
 from ooc_ray.folds import assign_folds
 from ooc_ray.paths import ExperimentPaths
@@ -211,3 +212,42 @@ def test_run_data_skips_when_unchanged_and_reruns_on_change(tmp_path, tree):
     (tree / "good" / "late.png").write_bytes(b"")
     with pytest.raises(DataError, match="late.png"):
         run_data(cfg, paths)  # and validated: the old manifest is not silently reused
+
+
+def test_bytes_replaced_in_place_are_seen_even_with_the_same_size_and_mtime(tmp_path, tree):
+    """Content, not file stats: an image rewritten with other pixels, same size and mtime, gets its new sha256
+    and keeps its id and fold (so only what it feeds re-runs)."""
+    import hashlib
+    import os
+
+    cfg = from_dict({"name": "t", "results_dir": str(tmp_path / "out"), "data": {"source": str(tree)},
+                     "folds": {"k": 2}})
+    paths = ExperimentPaths.of(cfg)
+    first = run_data(cfg, paths).set_index("id")
+    target = tree / "good" / "g1.png"
+    st = target.stat()
+    Image.new("L", (64, 48), 41).save(target)  # was 40: same dimensions, other pixels
+    assert target.stat().st_size == st.st_size  # the old stat fingerprint could not tell the difference
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = run_data(cfg, paths).set_index("id")
+    changed = second.index[second["sha256"] != first["sha256"]].tolist()
+    assert len(changed) == 1 and second.loc[changed[0], "path"] == str(target.resolve())
+    assert second.loc[changed[0], "sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert second["fold"].equals(first["fold"])
+
+
+def test_only_new_bytes_are_decoded(tmp_path, tree, monkeypatch):
+    import ooc_ray.data as data
+
+    cfg = from_dict({"name": "t", "results_dir": str(tmp_path / "out"), "data": {"source": str(tree)},
+                     "folds": {"k": 2}})
+    paths = ExperimentPaths.of(cfg)
+    run_data(cfg, paths)
+    decoded = []
+    real = data.inspect_image
+    monkeypatch.setattr(data, "inspect_image", lambda path, raw: decoded.append(path.name) or real(path, raw))
+    run_data(cfg, paths)
+    assert decoded == []  # every sha256 was decoded and checked before
+    Image.new("L", (64, 48), 99).save(tree / "bad" / "fresh.png")
+    run_data(cfg, paths)
+    assert decoded == ["fresh.png"]

@@ -1,32 +1,21 @@
-"""Every experiment file runs end to end through the real CLI (`ooc-ray run`), shrunk to seconds-scale settings.
+"""Every experiment file runs end to end through the real CLI (`ooc-ray run --tiny`): its own settings, shrunk
+by config.TINY and the file's `tiny:` section. A new file in experiments/ is picked up here; one without a
+`tiny:` section fails (tiny mode refuses it).
 
-paper.yaml keeps its protocol (split all, weights 1.0/0.8, the full ratio list, synthetic only) and loses scale:
-generated data, the tiny base, EfficientNetB0 without ImageNet weights at 32 px, and cached mode (26 exact-mode
-trials cost ~3 minutes here; exact mode through Tune is tested in test_classify_grid.py)."""
+paper.yaml keeps its protocol (split all, weights 1.0/0.8, the full ratio list, synthetic only) and loses scale;
+exact mode through Tune is tested in test_classify_grid.py."""
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
 from ooc_ray.cli import main
 
-TINY = ["data.source=demo", "data.demo.size=32", "folds.k=2", "generator.base=tiny", "generator.resolution=32",
-        "generator.epochs=1", "generator.repeats=1", "generator.batch_size=4", "generator.gpus=0",
-        "generator.mixed_precision=fp32", "sample.resolution=32", "sample.steps=2", "sample.gpus_per_actor=0",
-        "classify.backbone=EfficientNetB0", "classify.weights=none", "classify.input_size=32",
-        "classify.epochs=1", "classify.gpus_per_trial=0", "classify.cpus_per_trial=1", "ray.num_cpus=2",
-        "quality.kid_subsets=2", "quality.kid_subset_size=4"]
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
 
 
-def _run(repo, tmp_path, name, extra):
-    code = main(["run", str(repo / "experiments" / f"{name}.yaml"), "-o", f"results_dir={tmp_path}",
-                 *[a for o in TINY + extra for a in ("-o", o)]])
-    assert code == 0
-    return tmp_path / name
-
-
-@pytest.mark.slow
-def test_paper_protocol_smoke(repo, tmp_path):
-    out = _run(repo, tmp_path, "paper", ["data.classes=[good, acceptable, bad]",
-                                          "data.demo.per_class=[8, 6, 4]", "classify.mode=cached"])
+def check_paper(out: Path) -> None:
     trials = pd.read_parquet(out / "trials")
     # 2 folds x (real only + 2 weights x (6 ratios - ratio 0 + synthetic only)) = 2 x 13 = 26 trials
     assert len(trials) == 26 and trials["trial_key"].is_unique
@@ -37,11 +26,39 @@ def test_paper_protocol_smoke(repo, tmp_path):
     assert "generator protocol: **all**" in report and "LoRA weight 0.8" in report
 
 
-@pytest.mark.slow
-def test_demo_smoke(repo, tmp_path):
-    out = _run(repo, tmp_path, "demo", ["data.demo.per_class=[8, 6, 4]", "folds.k=2"])
+def check_demo(out: Path) -> None:
     trials = pd.read_parquet(out / "trials")
     # 2 folds x (real only + 2 weights x (ratios 0.5, 1.0 + synthetic only)) = 14
     assert len(trials) == 14
     assert (out / "report" / "accuracy_vs_ratio.png").exists()
     assert (out / "quality.parquet").exists() and (out / "report" / "real_vs_synthetic.png").exists()
+
+
+def check_lora_search(out: Path) -> None:
+    results = pd.read_parquet(out / "search" / "results.parquet")
+    assert len(results) == 2 and results["score"].is_monotonic_decreasing  # tiny: search.num_samples 2
+    assert (out / "search" / "best.json").exists()
+
+
+def check_pipeline(out: Path) -> None:
+    assert len(pd.read_parquet(out / "trials")) > 0 and (out / "report" / "report.md").exists()
+
+
+CHECKS = {"paper": check_paper, "demo": check_demo, "lora_search": check_lora_search}
+COMMANDS = {"lora_search": "search"}  # what each file is for; `run` unless named here
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_runs_tiny(name, tmp_path):
+    command = COMMANDS.get(name, "run")
+    code = main([command, str(REPO / "experiments" / f"{name}.yaml"), "--tiny", "-o", f"results_dir={tmp_path}"])
+    assert code == 0
+    CHECKS.get(name, check_pipeline)(tmp_path / name)
+
+
+def test_a_file_without_tiny_overrides_is_refused(tmp_path, capsys):
+    path = tmp_path / "new.yaml"
+    path.write_text("classify:\n  epochs: 3\n")
+    assert main(["run", str(path), "--tiny", "-o", f"results_dir={tmp_path}"]) == 2
+    assert "no `tiny:` mapping" in capsys.readouterr().err

@@ -10,19 +10,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_dataset, tiny_cfg, write_manifest
+from helpers import make_manifest, tiny_cfg, write_manifest
 
-from ooc_ray.config import ConfigError
-from ooc_ray.data import DataError
+from ooc_ray.errors import ConfigError, DataError, MissingInputError
 from ooc_ray.paths import ExperimentPaths
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+BASE_ID = "tiny-test"  # planning tests only need some base identity
+
+
+def make_dataset(root: Path, per_class=(4, 4), k: int = 2, groups=("",)):
+    return make_manifest(per_class, k=k, root=root, groups=groups)
+
+
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    from ooc_ray.tiny_sd import ensure_tiny_sd
+    from ooc_ray.diffusion.base import ensure_tiny_sd
 
     return ensure_tiny_sd(tmp_path_factory.mktemp("models"))
 
@@ -36,7 +42,7 @@ def seed_models(paths: ExperimentPaths, tiny_base: Path) -> None:
 
 
 def test_clip_tokenizer_matches_openai_ids(tmp_path):
-    from ooc_ray.tiny_sd import clip_tokenizer
+    from ooc_ray.diffusion.base import clip_tokenizer
 
     tok = clip_tokenizer(tmp_path / "tok")
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
@@ -44,7 +50,7 @@ def test_clip_tokenizer_matches_openai_ids(tmp_path):
 
 
 def test_tiny_base_is_deterministic_and_reloads(tmp_path, tiny_base):
-    from ooc_ray.tiny_sd import build_tiny_sd, ensure_tiny_sd, load_pipeline
+    from ooc_ray.diffusion.base import build_tiny_sd, ensure_tiny_sd, load_pipeline
 
     again = build_tiny_sd(tmp_path / "again")
     for part in ("unet", "vae", "text_encoder"):
@@ -62,26 +68,33 @@ def test_tiny_base_is_deterministic_and_reloads(tmp_path, tiny_base):
 
 
 def test_plan_loras_per_fold_all_and_group(tmp_path):
-    from ooc_ray.finetune import ALL_FOLDS, plan_loras
+    from ooc_ray.folds import ALL_FOLDS
+    from ooc_ray.protocol import plan_loras
 
     m = make_dataset(tmp_path, per_class=(6, 4), k=2, groups=("huvec", "a549"))
-    jobs = plan_loras(tiny_cfg(tmp_path), m)
+    jobs = plan_loras(tiny_cfg(tmp_path), m, BASE_ID)
     assert [(j.fold, j.label) for j in jobs] == [(0, "good"), (0, "bad"), (1, "good"), (1, "bad")]
     for job in jobs:  # only that fold's training images, never its held-out ones
         expected = m[(m.fold != job.fold) & (m.label == job.label)].id
         assert sorted(job.image_ids) == sorted(expected)
         assert job.prompt == f"a microscopy image of {job.label} organ on chip cells"
     assert len({j.key for j in jobs}) == 4 and jobs[0].key.startswith("fold0_good_")
-    assert [j.key for j in plan_loras(tiny_cfg(tmp_path), m)] == [j.key for j in jobs]  # stable keys
+    assert [j.key for j in plan_loras(tiny_cfg(tmp_path), m, BASE_ID)] == [j.key for j in jobs]  # stable keys
     # gpus does not change the key; learning rate does
-    assert plan_loras(tiny_cfg(tmp_path, generator={"gpus": 1.0}), m)[0].key == jobs[0].key
-    assert plan_loras(tiny_cfg(tmp_path, generator={"unet_lr": 2e-3}), m)[0].key != jobs[0].key
+    assert plan_loras(tiny_cfg(tmp_path, generator={"gpus": 1.0}), m, BASE_ID)[0].key == jobs[0].key
+    assert plan_loras(tiny_cfg(tmp_path, generator={"unet_lr": 2e-3}), m, BASE_ID)[0].key != jobs[0].key
+    assert plan_loras(tiny_cfg(tmp_path), m, "another-base")[0].key != jobs[0].key
+    # a training image's new bytes move exactly the LoRAs that learn from it: fold 1's "good" LoRA
+    changed = m.copy()
+    changed.loc[(changed.label == "good") & (changed.fold == 0), "sha256"] = "0" * 64
+    moved = [a.key != b.key for a, b in zip(jobs, plan_loras(tiny_cfg(tmp_path), changed, BASE_ID))]
+    assert moved == [False, False, True, False]
 
-    all_jobs = plan_loras(tiny_cfg(tmp_path, generator={"split": "all"}), m)
+    all_jobs = plan_loras(tiny_cfg(tmp_path, generator={"split": "all"}), m, BASE_ID)
     assert [(j.fold, len(j.image_ids)) for j in all_jobs] == [(ALL_FOLDS, 6), (ALL_FOLDS, 4)]
     assert all_jobs[0].key.startswith("all_good_")
 
-    grp = plan_loras(tiny_cfg(tmp_path, generator={"per_group": True}), m)
+    grp = plan_loras(tiny_cfg(tmp_path, generator={"per_group": True}), m, BASE_ID)
     assert len(grp) == 2 * 2 * 2
     assert {j.prompt for j in grp if j.label == "bad"} == {"a microscopy image of bad huvec cells",
                                                          "a microscopy image of bad a549 cells"}
@@ -89,30 +102,30 @@ def test_plan_loras_per_fold_all_and_group(tmp_path):
 
 
 def test_plan_loras_errors(tmp_path):
-    from ooc_ray.finetune import plan_loras
+    from ooc_ray.protocol import plan_loras
 
-    m = make_dataset(tmp_path, per_class=(4, 4), k=2)
+    m = make_manifest((4, 4), k=2)
     m.loc[m.label == "bad", "fold"] = 1  # every "bad" image held out in fold 1: fold 1 cannot train it
     with pytest.raises(DataError, match="'bad' has no images in fold 1"):
-        plan_loras(tiny_cfg(tmp_path), m)
+        plan_loras(tiny_cfg(tmp_path), m, BASE_ID)
     with pytest.raises(ConfigError, match="per_group"):
-        plan_loras(tiny_cfg(tmp_path, generator={"per_group": True}), make_dataset(tmp_path))
+        plan_loras(tiny_cfg(tmp_path, generator={"per_group": True}), make_manifest((4, 4)), BASE_ID)
     with pytest.raises(ConfigError, match="generator.prompt"):
-        plan_loras(tiny_cfg(tmp_path, generator={"prompt": "{cls}"}), make_dataset(tmp_path))
+        tiny_cfg(tmp_path, generator={"prompt": "{cls}"})  # checked when the config loads
 
 
 # ---------------------------------------------------------------------------------------------- training
 
 
 def test_lora_loss_falls_on_tiny_set(tmp_path, tiny_base):
-    from ooc_ray.finetune import finetune_all
+    from ooc_ray.finetune import run_finetune
 
     cfg = tiny_cfg(tmp_path, generator={"epochs": 30, "unet_lr": 1e-2, "text_encoder_lr": 0.0})
     paths = ExperimentPaths.of(cfg)
     seed_models(paths, tiny_base)
     m = make_dataset(tmp_path, per_class=(2, 2), k=2)
-    m = m[m.label == "good"]  # one class, two folds: 2 LoRAs of one image each
-    table = finetune_all(cfg, paths, m)
+    write_manifest(m[m.label == "good"], paths)  # one class, two folds: 2 LoRAs of one image each
+    table = run_finetune(cfg, paths)
     for d in table["dir"]:
         epochs = json.loads((Path(d) / "metadata.json").read_text())["loss_epochs"]
         first, last = np.mean(epochs[:5]), np.mean(epochs[-5:])
@@ -147,6 +160,7 @@ def test_finetune_outputs_formats_and_resume(tmp_path, tiny_base, monkeypatch):
     assert meta["image_ids"] == sorted(m[(m.fold != row.fold) & (m.label == row.label)].id)
     assert len(meta["loss_steps"]) == cfg.generator.epochs * meta["steps_per_epoch"]
     assert meta["config"]["rank"] == 4 and "gpus" not in meta["config"]
+    assert meta["image_sha256"] == m.set_index("id").loc[meta["image_ids"], "sha256"].tolist()
     assert not list(paths.lora.glob(".*.tmp"))  # atomic_dir leaves no temp folder
 
     with safe_open(str(d / row.kohya_file), "pt") as f:
@@ -156,7 +170,7 @@ def test_finetune_outputs_formats_and_resume(tmp_path, tiny_base, monkeypatch):
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up") for k in keys)
 
     # The shared base is left as loaded: no adapter, weights equal to a fresh load.
-    base = ft._base_pipeline(str(paths.models / "tiny_sd"), cfg.generator)
+    base = ft.base_pipeline(str(paths.models / "tiny_sd"), cfg.generator)
     fresh = ft.load_pipeline(str(paths.models / "tiny_sd"))
     assert not any("lora" in n for n, _ in base.unet.named_parameters())
     assert not any("lora" in n for n, _ in base.text_encoder.named_parameters())
@@ -172,27 +186,30 @@ def test_ray_gpu_dispatch_path(tmp_path, tiny_base):
     """generator.gpus > 0 sends each LoRA to a Ray task with num_gpus; a fake GPU resource runs it on CPU."""
     import ray
 
-    from ooc_ray.finetune import finetune_all
+    from ooc_ray.finetune import run_finetune
 
     if ray.is_initialized():  # an earlier test's local Ray has no GPU resource: restart with a fake one
         ray.shutdown()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test cluster: no token auth
-    cfg = tiny_cfg(tmp_path, generator={"gpus": 0.5, "epochs": 1})
+    cfg = tiny_cfg(tmp_path, generator={"gpus": 0.5, "epochs": 1, "split": "all"})  # 2 LoRAs, 2 GPU tasks
     paths = ExperimentPaths.of(cfg)
     seed_models(paths, tiny_base)
-    m = make_dataset(tmp_path, per_class=(2, 2), k=2)
+    write_manifest(make_dataset(tmp_path, per_class=(2, 2), k=2), paths)
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        table = finetune_all(cfg, paths, m)
+        table = run_finetune(cfg, paths)
     finally:
         ray.shutdown()
-    assert len(table) == 4 and all((Path(d) / "metadata.json").is_file() for d in table["dir"])
+    assert len(table) == 2 and all((Path(d) / "metadata.json").is_file() for d in table["dir"])
 
 
-def test_missing_or_changed_lora_is_named(tmp_path, tiny_base):
-    """A LoRA deleted or swapped after training stops sampling with the file named, before any actor starts."""
+def test_missing_or_changed_lora_is_named_then_retrained(tmp_path, tiny_base, capsys):
+    """A LoRA deleted or swapped after training stops sampling with the file named, before any actor starts;
+    the finetune stage names it and trains it again (and only it)."""
     import ooc_ray.finetune as ft
-    from ooc_ray.data import DataError
+    from ooc_ray.diffusion.base import resolve_base
+    from ooc_ray.diffusion.lora import DIFFUSERS_FILE, KOHYA_FILE, trained_table
+    from ooc_ray.protocol import plan_loras
 
     cfg = tiny_cfg(tmp_path, generator={"epochs": 1})
     paths = ExperimentPaths.of(cfg)
@@ -200,18 +217,22 @@ def test_missing_or_changed_lora_is_named(tmp_path, tiny_base):
     m = make_dataset(tmp_path, per_class=(2, 2), k=2)
     write_manifest(m, paths)
     table = ft.run_finetune(cfg, paths)
+    jobs = plan_loras(cfg, m, resolve_base("tiny", paths.models).identity)
     first = Path(table["dir"].iloc[0])
-    (first / ft.KOHYA_FILE).write_bytes(b"not the trained weights")
-    with pytest.raises(DataError, match=f"changed since training: .*{ft.KOHYA_FILE}"):
-        ft.lora_table(cfg, paths, m)
-    (first / ft.DIFFUSERS_FILE).unlink()
-    with pytest.raises(DataError, match=f"missing: .*{ft.DIFFUSERS_FILE}"):
-        ft.lora_table(cfg, paths, m)
-    import shutil
-
+    (first / KOHYA_FILE).write_bytes(b"not the trained weights")
+    with pytest.raises(DataError, match=f"changed since training: .*{KOHYA_FILE}"):
+        trained_table(jobs, paths.lora)
+    (first / DIFFUSERS_FILE).unlink()
+    with pytest.raises(DataError, match=f"missing: .*{DIFFUSERS_FILE}"):
+        trained_table(jobs, paths.lora)
+    others = {d: (Path(d) / "metadata.json").stat().st_mtime_ns for d in table["dir"].iloc[1:]}
+    again = ft.run_finetune(cfg, paths)
+    assert f"LoRA {first.name} is damaged (file missing" in capsys.readouterr().out
+    assert again["weights_sha256"].tolist() == table["weights_sha256"].tolist()  # seeded: the same LoRA again
+    assert {d: (Path(d) / "metadata.json").stat().st_mtime_ns for d in again["dir"].iloc[1:]} == others
     shutil.rmtree(first)
-    with pytest.raises(FileNotFoundError, match="not trained"):
-        ft.lora_table(cfg, paths, m)
+    with pytest.raises(MissingInputError, match="not trained"):
+        trained_table(jobs, paths.lora)
 
 
 def test_weights_digest_ignores_file_layout(tmp_path):
@@ -219,7 +240,8 @@ def test_weights_digest_ignores_file_layout(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from ooc_ray.finetune import _sha256, weights_digest
+    from ooc_ray.diffusion.lora import weights_digest
+    from ooc_ray.io import sha256_file as _sha256
 
     tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.weight": torch.ones(4)}
     save_file(tensors, str(tmp_path / "one.safetensors"), metadata={"format": "pt", "x": "1"})

@@ -32,8 +32,8 @@ def test_class_quality_known_answers():
     centres = {"good": np.zeros(8), "bad": np.full(8, 3.0)}
 
     def frame(prefix, labels):
-        return pd.DataFrame({"id": [f"{prefix}{i}" for i in range(len(labels))],
-                             "path": [f"{prefix}{i}" for i in range(len(labels))], "label": labels})
+        names = [f"{prefix}{i}" for i in range(len(labels))]
+        return pd.DataFrame({"id": names, "path": names, "sha256": names, "label": labels})
 
     train = frame("r", ["good"] * 30 + ["bad"] * 30)
     test = frame("t", ["good"] * 10 + ["bad"] * 10)
@@ -46,7 +46,7 @@ def test_class_quality_known_answers():
     for p in syn["path"][20:30]:
         feats[p] = centres["good"] + rng.normal(scale=0.5, size=8)
     cfg = from_dict({"quality": {"kid_subsets": 5, "kid_subset_size": 15}})
-    table, scores = class_quality(train, test, syn, feats, classes, cfg)
+    table, scores = class_quality(train, test, syn, feats, classes, cfg.quality)
     good, bad = table.set_index("label").loc["good"], table.set_index("label").loc["bad"]
     assert good["kid"] < bad["kid"]  # half the bad pool is off-distribution
     # the pool labels some good-looking images "bad": real bad images are still found, some good are lost
@@ -57,8 +57,9 @@ def test_class_quality_known_answers():
 
 
 def test_classify_drops_low_confidence_synthetic_images(tmp_path):
-    from ooc_ray.classify.grid import filtered_synthetic
+    from ooc_ray.errors import MissingInputError
     from ooc_ray.paths import ExperimentPaths
+    from ooc_ray.protocol import draw_table
 
     synthetic = pd.DataFrame({"id": ["s0", "s1", "s2"], "path": ["a", "b", "c"], "label": "good", "fold": 0,
                               "weight": 1.0})
@@ -68,8 +69,8 @@ def test_classify_drops_low_confidence_synthetic_images(tmp_path):
         paths.root.mkdir(parents=True, exist_ok=True)
         synthetic.to_parquet(paths.synthetic_table)
         if threshold:
-            with pytest.raises(FileNotFoundError, match="quality stage"):
-                filtered_synthetic(cfg, paths)
+            with pytest.raises(MissingInputError, match="quality stage"):
+                draw_table(cfg, paths)
             pd.DataFrame({"id": ["s0", "s1", "s2"], "real_confidence": [0.9, 0.2, 0.5]}).to_parquet(
                 paths.synthetic_scores)
-        assert filtered_synthetic(cfg, paths)["id"].tolist() == expected
+        assert draw_table(cfg, paths)["id"].tolist() == expected

@@ -69,10 +69,12 @@ def test_paired_tests_pairs_by_fold():
 
 
 def test_naive_baseline():
-    m = pd.DataFrame({"label": ["a"] * 6 + ["b"] * 4, "fold": [0, 1] * 5})
+    from helpers import make_manifest
+
+    m = make_manifest((6, 4), k=2, labels=("a", "b"))  # image j of a class held out in fold j % 2
     out = naive_baseline(m)
     assert out["overall"] == pytest.approx(0.6)
-    # fold 0 test = rows 0,2,4 (a) + 6,8 (b): train majority a -> 3/5; fold 1 the same
+    # fold 0 test = 3 a + 2 b: train majority a -> 3/5; fold 1 the same
     assert out["per_fold_mean"] == pytest.approx(0.6)
 
 
@@ -89,9 +91,15 @@ def test_read_trials_one_glob(tmp_path, trials):
 
 
 def test_run_report_writes_everything(tmp_path, trials):
+    from helpers import fake_synthetic
+
+    from ooc_ray import keys
     from ooc_ray.config import from_dict
-    from ooc_ray.data import load_manifest, run_data
+    from ooc_ray.data import run_data
+    from ooc_ray.errors import DataError
+    from ooc_ray.io import write_parquet
     from ooc_ray.paths import ExperimentPaths
+    from ooc_ray.protocol import plan_trials
     from ooc_ray.report import run_report
 
     cfg = from_dict({"name": "r", "results_dir": str(tmp_path), "folds": {"k": 3},
@@ -99,28 +107,32 @@ def test_run_report_writes_everything(tmp_path, trials):
                      "generator": {"split": "fold"}, "sample": {"weights": [1.0, 0.8]},
                      "classify": {"ratios": [0.0, 0.5], "synthetic_only": True}})
     paths = ExperimentPaths.of(cfg)
-    run_data(cfg, paths)
-    from ooc_ray.classify.grid import trial_specs
-
+    m = run_data(cfg, paths)
+    synthetic = fake_synthetic(m, (1.0, 0.8), root=paths.root)
+    write_parquet(synthetic, paths.synthetic_table)
+    planned = {(t.spec.fold, -1.0 if t.spec.weight is None else t.spec.weight, t.spec.ratio, t.spec.synthetic_only):
+               t.key for t in plan_trials(cfg, m, synthetic, "imagenet")}
     paths.trials.mkdir(parents=True)
-    specs = {(s["fold"], s["weight"] if s["weight"] is not None else -1.0, s["ratio"], s["synthetic_only"]):
-             s["trial_key"] for s in trial_specs(cfg)}
+    digest = keys.data_digest(m)
     for i, row in trials.iterrows():
-        key = specs[(row["fold"], -1.0 if pd.isna(row["weight"]) else row["weight"], row["ratio"],
-                     row["synthetic_only"])]
-        pd.DataFrame([{**row, "trial_key": key}]).to_parquet(paths.trials / f"{key}.parquet")
-    pd.DataFrame([{**trials.iloc[0], "trial_key": "other-config"}]).to_parquet(paths.trials / "old.parquet")
-    m = load_manifest(paths)
-    synthetic = pd.DataFrame({"path": m["path"], "label": m["label"], "weight": 1.0})
-    synthetic.to_parquet(paths.synthetic_table)
-    report = run_report(cfg, paths)
-    text = report.read_text()
+        key = planned[(row["fold"], -1.0 if pd.isna(row["weight"]) else row["weight"], row["ratio"],
+                       row["synthetic_only"])]
+        pd.DataFrame([{**row, "trial_key": key, "data_digest": digest}]).to_parquet(paths.trials / f"{key}.parquet")
+    pd.DataFrame([{**trials.iloc[0], "trial_key": "other-config", "data_digest": "x"}]).to_parquet(
+        paths.trials / "old.parquet")
+    text = run_report(cfg, paths).read_text()
     assert "- trials: 12" in text  # the other config's trial file is not reported
+    assert f"manifest digest `{digest[:16]}`" in text and "18 images in 3 classes" in text
     assert "generator protocol: **fold**" in text and "naive (majority class) accuracy: 0.333" in text
     for name in ["table_w1.csv", "table_w1.md", "table_w1.tex", "table_w0.8.md", "summary.csv",
                  "accuracy_vs_ratio.png", "confusion_matrices.png", "real_vs_synthetic.png"]:
         assert (paths.report / name).stat().st_size > 0, name
     assert "\\begin{tabular}" in (paths.report / "table_w1.tex").read_text()
+    # a trial file of other data under a current key (a copied folder, a bug): refused, never mixed
+    key = next(iter(planned.values()))
+    pd.DataFrame([{**trials.iloc[0], "trial_key": key, "data_digest": "0" * 64}]).to_parquet(paths.trial(key))
+    with pytest.raises(DataError, match="trials of different data"):
+        run_report(cfg, paths)
 
 
 def test_real_only_grid_has_one_table(trials):

@@ -8,18 +8,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_dataset as _make_dataset
-from conftest import tiny_cfg as _tiny_cfg
-from conftest import write_manifest
+from helpers import make_manifest, write_manifest
+from helpers import tiny_cfg as _tiny_cfg
 from PIL import Image
 
-from ooc_ray.config import from_dict
 from ooc_ray.paths import ExperimentPaths
 
 
 def make_dataset(root: Path, per_class=(4, 2), **kwargs) -> pd.DataFrame:
     """Unbalanced by default (4 good, 2 bad), so pool sizes differ per class."""
-    return _make_dataset(root, per_class, **kwargs)
+    return make_manifest(per_class, root=root, **kwargs)
 
 
 def tiny_cfg(root: Path, **sections):
@@ -59,7 +57,7 @@ def experiment(tmp_path: Path, trained, **sections):
 def base_pipe(paths: ExperimentPaths):
     import diffusers
 
-    from ooc_ray.tiny_sd import load_pipeline
+    from ooc_ray.diffusion.base import load_pipeline
 
     pipe = load_pipeline(str(paths.models / "tiny_sd"))
     pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -83,36 +81,6 @@ def pngs(rows: pd.DataFrame) -> list[np.ndarray]:
 # ---------------------------------------------------------------------------------------------- pure parts
 
 
-def test_pool_sizes():
-    from ooc_ray.finetune import ALL_FOLDS
-    from ooc_ray.sample import pool_sizes
-
-    # 30 good + 10 bad over 3 folds: each fold trains on 20 good, 6-7 bad.
-    m = pd.DataFrame({"id": [f"i{i}" for i in range(40)], "label": ["good"] * 30 + ["bad"] * 10,
-                      "group": ["a", "b"] * 20, "fold": [i % 3 for i in range(40)]})
-    cfg = from_dict({"classify": {"ratios": [0.0, 0.1, 0.5], "synthetic_only": False}})
-    got = pool_sizes(m, cfg)
-    assert list(got.columns) == ["fold", "label", "n_train", "n_pool"]
-    assert got.set_index(["fold", "label"]).n_train.to_dict() == {
-        (0, "bad"): 6, (0, "good"): 20, (1, "bad"): 7, (1, "good"): 20, (2, "bad"): 7, (2, "good"): 20}
-    assert got.set_index(["fold", "label"]).n_pool.to_dict() == {
-        (0, "bad"): 3, (0, "good"): 10, (1, "bad"): 4, (1, "good"): 10, (2, "bad"): 4, (2, "good"): 10}
-    # synthetic-only needs a full n_train pool even when the largest ratio is smaller
-    only = pool_sizes(m, from_dict({"classify": {"ratios": [0.5], "synthetic_only": True}}))
-    assert (only.n_pool == only.n_train).all()
-    # 0.1 x 30 = 3.0000000000000004 in floating point: still 3, not 4
-    ten = pd.DataFrame({"id": [f"i{i}" for i in range(60)], "label": ["good"] * 60, "group": "",
-                        "fold": [i % 2 for i in range(60)]})
-    assert pool_sizes(ten, from_dict({"classify": {"ratios": [0.1], "synthetic_only": False}})).n_pool.tolist() == [3, 3]
-    # split "all": one pool per class, big enough for the largest training fold
-    alls = pool_sizes(m, from_dict({"generator": {"split": "all"}, "classify": {"ratios": [1.0]}}))
-    assert alls.to_dict("records") == [{"fold": ALL_FOLDS, "label": "bad", "n_train": 7, "n_pool": 7},
-                                       {"fold": ALL_FOLDS, "label": "good", "n_train": 20, "n_pool": 20}]
-    grp = pool_sizes(m, from_dict({"generator": {"per_group": True}, "classify": {"ratios": [1.0]}}))
-    assert list(grp.columns) == ["fold", "label", "group", "n_train", "n_pool"]
-    assert grp.groupby(["fold", "label"]).n_train.sum().to_dict() == got.set_index(["fold", "label"]).n_train.to_dict()
-
-
 def test_image_seed_is_stable_and_distinct():
     from ooc_ray.sample import image_seed
 
@@ -125,19 +93,21 @@ def test_image_seed_is_stable_and_distinct():
 
 
 def test_sample_provenance_and_reproducibility(tmp_path, trained):
-    from ooc_ray.sample import TABLE_COLUMNS, image_seed, sample_all
+    from ooc_ray.sample import TABLE_COLUMNS, image_seed, sample_pools
 
     cfg, paths, manifest = experiment(tmp_path, trained)
-    table = sample_all(cfg, paths, manifest, use_ray=False)
+    table = sample_pools(cfg, paths, manifest, use_ray=False)
     # pools: fold 0 trains on 2 good + 1 bad, fold 1 the same; x 2 weights
     assert len(table) == (2 + 1) * 2 * 2 and list(table.columns) == TABLE_COLUMNS
     assert not table.duplicated(["lora_key", "weight", "index"]).any() and table.id.is_unique
+    assert table["sha256"].str.len().eq(64).all() and table["sha256"].is_unique
     assert pd.read_parquet(paths.synthetic_table).equals(table)
     assert table.groupby(["fold", "label", "weight"]).size().to_dict() == {
         (f, c, w): n for f in (0, 1) for c, n in (("bad", 1), ("good", 2)) for w in (0.0, 1.0)}
     row = table.iloc[0]
     assert row.seed == image_seed(cfg.sample.seed, row.lora_key, row.weight, row["index"])
-    assert (row.sampler, row.steps, row.cfg, row["mode"], row.base_model) == ("euler_a", 2, 7.0, "txt2img", "tiny")
+    assert (row.sampler, row.steps, row.cfg, row["mode"]) == ("euler_a", 2, 7.0, "txt2img")
+    assert row.base_model.startswith("tiny-")  # the tiny base's content identity
     assert all(Image.open(p).size == (32, 32) for p in table.path)
     assert Path(row.path).relative_to(paths.synthetic).parts[0] == row.lora_key
 
@@ -170,17 +140,17 @@ def test_sample_provenance_and_reproducibility(tmp_path, trained):
 
     # re-run: nothing to do, same table
     before = {p: os.stat(p).st_mtime_ns for p in table.path}
-    assert sample_all(cfg, paths, manifest, use_ray=False).equals(table)
+    assert sample_pools(cfg, paths, manifest, use_ray=False).equals(table)
     assert before == {p: os.stat(p).st_mtime_ns for p in table.path}
 
 
 def test_img2img_records_init_image_and_resizes(tmp_path, trained):
-    from ooc_ray.sample import sample_all
+    from ooc_ray.sample import sample_pools
 
     cfg, paths, manifest = experiment(
         tmp_path, trained, sample={"mode": "img2img", "strength": 0.5, "steps": 4, "output_size": 48,
                                    "weights": [0.8], "negative_prompt": "blurry"})
-    table = sample_all(cfg, paths, manifest, use_ray=False)
+    table = sample_pools(cfg, paths, manifest, use_ray=False)
     assert len(table) == 6 and set(table["mode"]) == {"img2img"} and set(table.strength) == {0.5}
     assert set(table.negative_prompt) == {"blurry"}
     by_id = manifest.set_index("id")
@@ -192,17 +162,17 @@ def test_img2img_records_init_image_and_resizes(tmp_path, trained):
 
 def test_kill_midway_then_resume(tmp_path, trained, monkeypatch):
     """A worker crash mid-run leaves some PNGs; the re-run renders only the rest; no missing/duplicate rows."""
-    from ooc_ray.sample import FAIL_AFTER_ENV, sample_all
+    from ooc_ray.sample import FAIL_AFTER_ENV, sample_pools
 
     cfg, paths, manifest = experiment(tmp_path, trained)
     monkeypatch.setenv(FAIL_AFTER_ENV, "5")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        sample_all(cfg, paths, manifest, use_ray=False)
+        sample_pools(cfg, paths, manifest, use_ray=False)
     done = sorted(paths.synthetic.rglob("*.png"))
     assert len(done) == 5 and not paths.synthetic_table.exists()
     mtimes = {p: p.stat().st_mtime_ns for p in done}
     monkeypatch.delenv(FAIL_AFTER_ENV)
-    table = sample_all(cfg, paths, manifest, use_ray=False)
+    table = sample_pools(cfg, paths, manifest, use_ray=False)
     assert len(table) == 12 and not table.duplicated(["lora_key", "weight", "index"]).any()
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # finished images were not redone
     assert sorted(map(str, paths.synthetic.rglob("*.png"))) == sorted(table.path)
@@ -237,20 +207,33 @@ def test_ray_sampling_crash_resume_and_determinism(tmp_path, trained, monkeypatc
     assert all(Path(p).read_bytes() == data for p, data in kept.items())
 
 
-def test_pools_cover_every_classify_draw():
-    """Pools hold at least what build_trainset draws for every arm, also when the largest ratio is not 1:
-    rounding the fold's total first can give a class one image more than ceil(r x n_class)."""
-    from ooc_ray.classify.trainsets import largest_remainder, round_half_up
-    from ooc_ray.sample import pool_sizes
+def test_resources_reuse_new_settings_add_and_old_provenance_stays(tmp_path, trained, capsys):
+    """A new batch size renders nothing; new steps sample new folders beside the old ones, whose
+    pool.parquet is left as it was; synthetic.parquet holds the current pools; a damaged PNG is named and
+    rendered again bit-identically."""
+    from ooc_ray.sample import POOL_FILE, sample_pools
 
-    labels = ["a"] * 10 + ["b", "c", "d", "e", "f"]
-    index = {c: i for i, c in enumerate("abcdef")}
-    manifest = pd.DataFrame({"id": [f"i{i}" for i in range(30)], "label": labels * 2,
-                             "label_index": [index[x] for x in labels * 2], "group": "",
-                             "fold": [0] * 15 + [1] * 15})
-    cfg = from_dict({"classify": {"ratios": [0.1], "synthetic_only": False}})
-    pools = pool_sizes(manifest, cfg).set_index(["fold", "label"])["n_pool"]
-    # 0.1 x 15 = 1.5 -> 2 images; quotas 1.33 (a) and 0.13 (b..f): a gets both, but ceil(0.1 x 10) = 1
-    draw = largest_remainder(round_half_up(0.1 * 15), [10, 1, 1, 1, 1, 1])
-    assert draw.tolist() == [2, 0, 0, 0, 0, 0]
-    assert pools[(0, "a")] == 2 and pools[(1, "a")] == 2
+    cfg, paths, manifest = experiment(tmp_path, trained)
+    table = sample_pools(cfg, paths, manifest, use_ray=False)
+    pools = sorted(paths.synthetic.rglob(POOL_FILE))
+    assert len(pools) == 4 * 2  # 4 LoRAs x 2 weights
+    stamps = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in pools}
+    pd.testing.assert_frame_equal(pd.concat([pd.read_parquet(p) for p in pools]).sort_values("id", ignore_index=True),
+                                  table.sort_values("id", ignore_index=True), check_dtype=False)
+
+    bigger = tiny_cfg(tmp_path, sample={"batch_size": 3, "actors": 2})
+    assert sample_pools(bigger, paths, manifest, use_ray=False).equals(table)
+    assert "12 re-used, 0 rendered" in capsys.readouterr().out
+
+    more_steps = tiny_cfg(tmp_path, sample={"steps": 3})
+    new = sample_pools(more_steps, paths, manifest, use_ray=False)
+    assert not set(new["path"]) & set(table["path"]) and len(new) == len(table)
+    assert pd.read_parquet(paths.synthetic_table).equals(new)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in pools} == stamps  # old provenance untouched
+
+    victim = Path(table["path"].iloc[2])
+    original = victim.read_bytes()
+    victim.write_bytes(original[: len(original) // 2])  # a half-written file, e.g. a node lost mid-copy
+    again = sample_pools(cfg, paths, manifest, use_ray=False)
+    assert f"{victim} is damaged" in capsys.readouterr().out
+    assert victim.read_bytes() == original and again.equals(table)

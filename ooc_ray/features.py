@@ -1,0 +1,262 @@
+"""Images streamed from disk, and the cache of frozen-backbone features that cached-mode trials, the quality
+stage and the LoRA search read.
+
+Images: a tf.data pipeline over row indices; each element is decoded and resized by PIL in a py_function
+(JPG/PNG, grey or RGB, 16-bit microscopy: ooc_ray.data.load_image), so only a batch of resized images is in
+memory at once, never the 2048x1536 originals.
+
+Cache: the backbone is frozen, so its pooled output for an (image, augmentation view) never changes. It is
+computed once per image *content* (sha256) into features/<key>/, key = the backbone's result fields and
+weights (ooc_ray.keys.features_key), and shared by every trial. View 0 is the un-augmented image (evaluation);
+views 1..V-1 are augmented draws, one sampled per training image per epoch, each seeded by the image's sha256
+and the view number, so it is the same whichever batch, part, Ray task or machine extracts it. Parts are
+written atomically (part-*.npy, then its part-*.json index of sha256 digests, which marks the part complete),
+so a killed extraction resumes where it stopped; a damaged part is named and extracted again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ooc_ray import keys
+from ooc_ray.backbones import BackboneWeights, build_augmentation, build_backbone, frozen, setup_tf
+from ooc_ray.config import ClassifyConfig, ExperimentConfig
+from ooc_ray.data import load_image
+from ooc_ray.io import atomic_path, atomic_write_text, note
+from ooc_ray.raycluster import init_ray, require_resources
+
+CHUNK = 256  # images per part file: B7 features are 2560 float32 = 10 KB per view, ~10 MB per part at 4 views
+
+
+def image_map(paths, size: int):
+    """tf.data map fn: row index (int64 scalar) -> float32 image (size, size, 3) in 0..255."""
+    import tensorflow as tf
+
+    table = [str(p) for p in paths]
+
+    def _load(i):
+        return np.asarray(load_image(table[int(i)], size), dtype=np.uint8)
+
+    def fn(i):
+        img = tf.py_function(_load, [i], tf.uint8)
+        return tf.cast(tf.ensure_shape(img, (size, size, 3)), tf.float32)
+
+    return fn
+
+
+def image_batches(paths, size: int, batch_size: int):
+    """Images of `paths` in order, batched (evaluation and feature extraction)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.range(len(paths)).map(image_map(paths, size), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def n_views(cc: ClassifyConfig) -> int:
+    # Without augmentation every view would be the same numbers: keep only view 0.
+    return 1 if not cc.augment else max(1, cc.feature_views)
+
+
+def train_views(cc: ClassifyConfig) -> list[int]:
+    """Views a training image is drawn from each epoch: the augmented ones, or view 0 when there are none
+    (no augmentation, or feature_views=1, which then trains the head on un-augmented features only)."""
+    v = n_views(cc)
+    return [0] if v == 1 else list(range(1, v))
+
+
+def cache_dir(cc: ClassifyConfig, weights: BackboneWeights, features_root: Path) -> Path:
+    return Path(features_root) / keys.features_key(cc, weights.identity, n_views(cc))
+
+
+class FeatureCache:
+    """Pooled backbone features per image sha256, shape (views, dim), in part files under `directory`."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def _part_rows(self, meta: Path) -> list[str] | None:
+        """The digests a part holds, or None when the part is damaged (then it is removed, to be re-made)."""
+        try:
+            digests = json.loads(meta.read_text())
+            shape = np.load(meta.with_suffix(".npy"), mmap_mode="r").shape
+            if shape[0] == len(digests):
+                return digests
+            problem = f"{shape[0]} rows for {len(digests)} images"
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+        note(f"features: damaged part {meta.with_suffix('.npy')} ({problem}): extracting it again")
+        meta.unlink(missing_ok=True)
+        meta.with_suffix(".npy").unlink(missing_ok=True)
+        return None
+
+    def index(self) -> dict[str, tuple[Path, int]]:
+        found: dict[str, tuple[Path, int]] = {}
+        for meta in sorted(self.directory.glob("part-*.json")):
+            for row, sha in enumerate(self._part_rows(meta) or []):
+                found[sha] = (meta.with_suffix(".npy"), row)
+        return found
+
+    def missing(self, digests) -> list[str]:
+        have = self.index()
+        return sorted({str(d) for d in digests} - set(have))
+
+    def write_part(self, digests: list[str], feats: np.ndarray) -> Path:
+        name = f"part-{keys.digest(list(digests))}"
+        npy = self.directory / f"{name}.npy"
+        with atomic_path(npy) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, feats.astype(np.float32))
+        atomic_write_text(self.directory / f"{name}.json", json.dumps(list(digests)))  # completes the part
+        return npy
+
+    def load(self, digests) -> np.ndarray:
+        """(n, views, dim) float32 for the images with these sha256, in order; KeyError names a missing one."""
+        digests = [str(d) for d in digests]
+        index = self.index()
+        absent = [d for d in digests if d not in index]
+        if absent:
+            raise KeyError(f"{self.directory}: no cached features for image sha256 {absent[0]} "
+                           f"({len(absent)} missing)")
+        by_part: dict[Path, list[tuple[int, int]]] = {}
+        for i, d in enumerate(digests):
+            part, row = index[d]
+            by_part.setdefault(part, []).append((i, row))
+        out = None
+        for part, pairs in by_part.items():
+            arr = np.load(part, mmap_mode="r")  # reads only the rows taken
+            if out is None:
+                out = np.empty((len(digests), *arr.shape[1:]), np.float32)
+            dst, src = zip(*pairs)
+            out[list(dst)] = arr[list(src)]
+        return out if out is not None else np.empty((0, 0, 0), np.float32)
+
+
+def _view_seed(image_seed: int, view: int) -> int:
+    return (image_seed * 1_000_003 + view) % (2**31 - 1)
+
+
+def image_seeds(digests, base_seed: int) -> list[int]:
+    """Per-image augmentation seeds from the image's sha256 (not its path: the same bytes anywhere on a
+    cluster get the same augmented views) and classify.seed."""
+    return [(int(str(d)[:8], 16) + base_seed * 7919) % (2**31 - 1) for d in digests]
+
+
+def _seed_states(model) -> list:
+    # Keras 3 random layers keep [seed, counter] in a "seed_generator_state" variable; build them first.
+    import tensorflow as tf
+
+    model(tf.zeros((1, 8, 8, 3)), training=True)
+    return [v for v in model.variables if "seed_generator_state" in v.path]
+
+
+class FeatureExtractor:
+    """The frozen backbone (and augmentation) built once; maps a batch of images to (batch, views, dim)."""
+
+    def __init__(self, cc: ClassifyConfig, weights: BackboneWeights):
+        import keras
+        import tensorflow as tf
+
+        keras.utils.set_random_seed(cc.seed)  # weights "none": the same random backbone in every task
+        self.views = n_views(cc)
+        backbone = frozen(build_backbone(cc.backbone, weights.value, cc.input_size))
+        self._backbone = tf.function(lambda x: backbone(x), reduce_retracing=True)
+        self._augmentation = build_augmentation(cc.augment, cc.seed)
+        self._seed_states = [] if self._augmentation is None else _seed_states(self._augmentation)
+
+    def _augment(self, image, seed: int):
+        """One image's augmented copy, its random draws fixed by `seed` alone: each layer's SeedGenerator state
+        is set from (seed, layer) before the call (measured: same seed -> identical pixels)."""
+        for j, state in enumerate(self._seed_states):
+            state.assign(np.array([seed, j], dtype=state.dtype))
+        return self._augmentation(image[None], training=True)[0]
+
+    def __call__(self, images, seeds) -> np.ndarray:
+        """(batch, views, dim); `seeds` (one int per image, image_seeds()) fix each augmented view."""
+        import tensorflow as tf
+
+        # One decoded batch serves every view: the decode of a 2048x1536 JPG costs as much as a small backbone.
+        outs = [self._backbone(images).numpy()]
+        for view in range(1, self.views):
+            augmented = tf.stack([self._augment(img, _view_seed(s, view)) for img, s in zip(images, seeds)])
+            outs.append(self._backbone(augmented).numpy())
+        return np.stack(outs, axis=1)
+
+
+def extract_features(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str | Path,
+                     chunk: int = CHUNK) -> int:
+    """Compute and store features for the `images` (columns path, sha256) not yet cached; returns how many."""
+    cache = FeatureCache(directory)
+    todo = images.drop_duplicates("sha256").set_index("sha256").loc[cache.missing(images["sha256"])]
+    if todo.empty:
+        return 0
+    extractor = FeatureExtractor(cc, weights)
+    for start in range(0, len(todo), chunk):
+        part = todo.iloc[start:start + chunk]
+        seeds = image_seeds(part.index, cc.seed)
+        rows = [extractor(batch, seeds[i * cc.batch_size:(i + 1) * cc.batch_size])
+                for i, batch in enumerate(image_batches(part["path"].tolist(), cc.input_size, cc.batch_size))]
+        cache.write_part(part.index.tolist(), np.concatenate(rows))
+    return len(todo)
+
+
+def _extract_task(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str) -> int:
+    setup_tf(cc.cpus_per_trial)
+    return extract_features(cc, weights, images, directory)
+
+
+def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame,
+                    features_root: Path, use_ray: bool = True) -> Path:
+    """Fill the cache for `images` with Ray tasks, one per trial-sized slot, each with the trial's CPUs and
+    GPUs, so a cluster extracts in parallel; returns the cache folder. `cc` may differ from cfg.classify
+    (the quality stage's un-augmented cache in exact mode). use_ray=False extracts in this process (inside
+    a search trial, which already holds its resources)."""
+    directory = cache_dir(cc, weights, features_root)
+    todo = images.drop_duplicates("sha256")
+    todo = todo[todo["sha256"].isin(FeatureCache(directory).missing(todo["sha256"]))]
+    if todo.empty:
+        return directory
+    if not use_ray:
+        setup_tf()
+        extract_features(cc, weights, todo, directory)
+        return directory
+    ray = init_ray(cfg)
+    require_resources(cfg, {"CPU": cc.cpus_per_trial, "GPU": cc.gpus_per_trial},
+                      f"feature extraction: classify.cpus_per_trial={cc.cpus_per_trial:g}, "
+                      f"classify.gpus_per_trial={cc.gpus_per_trial:g}")
+    atomic_write_text(directory / "meta.json", json.dumps(
+        {"key": directory.name, "backbone": cc.backbone, "input_size": cc.input_size, "weights": weights.identity,
+         "augment": list(cc.augment), "views": n_views(cc), "seed": cc.seed}, indent=1))
+    resources = ray.cluster_resources()
+    if cc.gpus_per_trial > 0:
+        slots = int(resources.get("GPU", 0) // cc.gpus_per_trial)
+    else:
+        slots = int(resources.get("CPU", 1) // max(cc.cpus_per_trial, 1))
+    # Each task pays a TF import and a backbone build (~5 s on CPU for B0), so give each at least one part.
+    n_tasks = max(1, min(slots, -(-len(todo) // CHUNK)))
+    task = ray.remote(_extract_task).options(num_cpus=cc.cpus_per_trial, num_gpus=cc.gpus_per_trial)
+    shards = [todo.iloc[idx] for idx in np.array_split(np.arange(len(todo)), n_tasks) if len(idx)]
+    ray.get([task.remote(cc, weights, shard, str(directory)) for shard in shards])
+    note(f"features: {len(todo)} images extracted into {directory.name}")
+    return directory
+
+
+def clean_view(cc: ClassifyConfig) -> ClassifyConfig:
+    """The classifier settings of an un-augmented, view-0-only cache (quality and search in exact mode)."""
+    return cc if cc.mode == "cached" else dataclasses.replace(cc, augment=(), feature_views=1)
+
+
+def embed(cfg: ExperimentConfig, weights: BackboneWeights, images: pd.DataFrame, features_root: Path,
+          use_ray: bool = True) -> dict[str, np.ndarray]:
+    """sha256 -> un-augmented pooled features of the classifier's frozen backbone, through the cache.
+
+    In cached mode this is the very cache the trials read (view 0), so nothing is computed twice; in exact
+    mode a view-0-only cache is kept beside it."""
+    cc = clean_view(cfg.classify)
+    directory = ensure_features(cfg, cc, weights, images, features_root, use_ray)
+    digests = list(dict.fromkeys(images["sha256"]))
+    feats = FeatureCache(directory).load(digests)[:, 0].astype(np.float64)
+    return dict(zip(digests, feats))

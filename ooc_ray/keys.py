@@ -1,0 +1,132 @@
+"""Every artifact key, derived in this one module (DESIGN.md: Provenance).
+
+A key = sha256(the config fields that can change the artifact's numbers, the content digests of every input it
+reads). Which config fields count is read from the fields' own roles (ooc_ray.config: result/input/grid/
+resource), never from a list kept here; inputs are addressed by content: images by sha256, LoRAs by their tensor
+digest, synthetic pools by their images' digests, trials by their exact training and test sets. So a result is
+re-used only when everything it was computed from is byte-identical, and two processes (any PYTHONHASHSEED,
+any machine) derive the same key: canonical JSON with sorted keys, no sets, no Python hash().
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ooc_ray.config import RESULT
+
+KEY_LENGTH = 16  # hex digits: 64 bits, no accidental collision among the ~1e4 artifacts of a large grid
+
+
+def canonical(value: Any) -> Any:
+    """A JSON-able value that is equal for equal content: dataclasses -> dicts, tuples -> lists,
+    numpy scalars -> Python numbers, paths -> strings. Sets are refused (their order is not stable)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        raise TypeError("keys: sets have no stable order; pass a sorted list")
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"  # JSON has no NaN; pandas reads a missing weight as NaN
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"keys: cannot derive a key from a {type(value).__name__}")
+
+
+def digest(*parts: Any, length: int = KEY_LENGTH) -> str:
+    payload = json.dumps(canonical(list(parts)), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+
+def config_slice(cfg: Any, artifact: str, prefix: str = "") -> dict:
+    """{dotted field: value} of every `result` field of `cfg` (a config or a section) that feeds `artifact`,
+    less the fields whose `only_if` condition does not hold."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("role") == "section":
+            out.update(config_slice(value, artifact, f"{prefix}{f.name}."))
+            continue
+        if f.metadata.get("role") != RESULT or artifact not in f.metadata["feeds"]:
+            continue
+        only_if = f.metadata.get("only_if")
+        if only_if and getattr(cfg, only_if[0]) != only_if[1]:
+            continue
+        out[prefix + f.name] = canonical(value)
+    return out
+
+
+def table_digest(frame: pd.DataFrame, columns: list[str]) -> str:
+    """Content digest of a table's `columns`, independent of row order (rows sorted by all columns)."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise KeyError(f"keys: table lacks column(s) {missing}")
+    rows = sorted(tuple(canonical(v) for v in row) for row in frame[columns].itertuples(index=False, name=None))
+    return digest(columns, rows, length=64)
+
+
+# ---------------------------------------------------------------------------------------------- artifacts
+# Image identity in every key below: (id, sha256): a file replaced in place (same path, new bytes) changes it.
+IMAGE_COLUMNS = ["id", "sha256"]
+LABELLED_COLUMNS = ["id", "sha256", "label"]
+
+
+def data_digest(manifest: pd.DataFrame) -> str:
+    """What a report describes: every image's id, bytes and label (what every trial reads, as training or
+    held-out image; groups only act through the folds, which each trial's key holds)."""
+    return table_digest(manifest, LABELLED_COLUMNS)
+
+
+def lora_key(cfg: Any, base_id: str, prompt: str, images: pd.DataFrame) -> str:
+    """One LoRA: the generator's result fields, the base model's identity, its prompt and training images."""
+    return digest("lora", config_slice(cfg, "lora"), base_id, prompt, table_digest(images, IMAGE_COLUMNS))
+
+
+def pool_key(cfg: Any, base_id: str, lora_weights_sha256: str, init_images: pd.DataFrame | None) -> str:
+    """A synthetic pool folder (one LoRA, every weight): sampling's result fields, the base, the LoRA's tensors,
+    and for img2img the images it starts from. Image i of the pool is a pure function of this key, weight, i."""
+    init = table_digest(init_images, IMAGE_COLUMNS) if init_images is not None else None
+    return digest("pool", config_slice(cfg, "image"), base_id, lora_weights_sha256, init)
+
+
+def features_key(cfg: Any, weights_id: str, views: int) -> str:
+    """A backbone-feature cache: the backbone's result fields and weights; `views` is the number of views the
+    cache really holds (1 without augmentation, whatever classify.feature_views says)."""
+    fields = {k: v for k, v in config_slice(cfg, "features").items() if not k.endswith("feature_views")}
+    return digest("features", fields, weights_id, views)
+
+
+def trial_key(cfg: Any, point: dict, classes: list[str], train: pd.DataFrame, test: pd.DataFrame,
+              weights_id: str) -> str:
+    """One classifier trial: its grid point, the classifier's result fields and weights, the class order, and
+    its exact training set (ids, bytes, labels, real/synthetic) and held-out set."""
+    train_digest = table_digest(train, LABELLED_COLUMNS + ["source"])
+    return digest("trial", point, config_slice(cfg, "trial"), weights_id, list(classes), train_digest,
+                  table_digest(test, LABELLED_COLUMNS))
+
+
+def quality_key(cfg: Any, features: str, manifest: pd.DataFrame, synthetic: pd.DataFrame) -> str:
+    """The quality tables: their settings, the feature cache they read (its key), the real images with their
+    folds and the synthetic pools."""
+    real = table_digest(manifest, LABELLED_COLUMNS + ["fold"])
+    pools = table_digest(synthetic, LABELLED_COLUMNS + ["fold", "weight"])
+    return digest("quality", config_slice(cfg, "quality"), features, real, pools)
+
+
+def search_trial_key(cfg: Any, point: dict, lora_keys: list[str], test: pd.DataFrame, features: str) -> str:
+    """One LoRA-search trial: its point (LoRA settings, weight), its LoRAs (which hold their images), sampling
+    and scoring settings, and the held-out images it is scored on."""
+    return digest("search", point, list(lora_keys), config_slice(cfg, "image"), config_slice(cfg, "search"),
+                  features, table_digest(test, LABELLED_COLUMNS))

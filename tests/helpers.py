@@ -1,0 +1,135 @@
+"""Builders for the tests: one manifest builder, fakes built from the real table schemas, one tiny config.
+
+Tables come out in the shape the stages write them (manifest columns + fold; sample.TABLE_COLUMNS with integer
+folds, ALL_FOLDS = -1 for split "all"), so no production code needs a branch for test data."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ooc_ray.config import ExperimentConfig, from_dict
+from ooc_ray.data import MANIFEST_COLUMNS
+from ooc_ray.demo_data import make_image
+from ooc_ray.folds import ALL_FOLDS, fold_ids, train_rows
+from ooc_ray.io import write_parquet
+from ooc_ray.paths import ExperimentPaths
+from ooc_ray.sample import TABLE_COLUMNS as SYNTHETIC_COLUMNS
+
+LABELS = ("good", "bad", "acceptable", "other")
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def make_manifest(per_class=(4, 4), k: int = 2, root: Path | None = None, size: int = 32, groups=("",),
+                  labels=LABELS, fold_seed: int | None = None) -> pd.DataFrame:
+    """A manifest with its `fold` column. With `root`, real PNGs (class i = a brightness level + noise) are
+    written under root/images and hashed; without, paths and digests are names only (pure-pandas tests).
+    Folds: image j of a class is in fold j % k, or a seeded permutation of that with fold_seed."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for li, n in enumerate(per_class):
+        label = labels[li]
+        folds = np.arange(n) % k
+        if fold_seed is not None:
+            folds = np.random.default_rng([fold_seed, li]).permutation(folds)
+        for j in range(n):
+            image_id = f"{label}-{j:03d}"
+            if root is None:
+                path, sha = f"/data/{label}/{j:03d}.png", _sha(image_id)
+            else:
+                arr = np.clip(40 + 150 * li + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+                path = Path(root) / "images" / label / f"{j}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(path)
+                path, sha = str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+            rows.append({"id": image_id, "path": path, "label": label, "label_index": li,
+                         "group": groups[(j // k) % len(groups)], "sha256": sha, "size": 0, "width": size,
+                         "height": size, "mode": "RGB", "fold": int(folds[j])})
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ["fold"])
+
+
+def write_manifest(manifest: pd.DataFrame, paths: ExperimentPaths) -> None:
+    """A manifest with its `fold` column -> manifest.parquet + folds.parquet, as the data stage writes them."""
+    write_parquet(manifest.drop(columns="fold"), paths.manifest)
+    write_parquet(manifest[["id", "fold"]], paths.folds)
+
+
+def fake_synthetic(manifest: pd.DataFrame, weights=(1.0,), split: str = "fold", extra: int = 1,
+                   root: Path | None = None, size: int = 32) -> pd.DataFrame:
+    """A synthetic table in sample.TABLE_COLUMNS standing in for the sample stage: one pool per (fold, or
+    ALL_FOLDS for split "all"; weight; class), big enough for synthetic only plus `extra`. With `root`, the
+    images are demo drawings of their class (learnable), written and hashed; else names only."""
+    classes = manifest.sort_values("label_index")["label"].unique().tolist()
+    folds = [ALL_FOLDS] if split == "all" else fold_ids(manifest)
+    rows = []
+    for f_i, fold in enumerate(folds):
+        train = train_rows(manifest, fold)
+        for w_i, weight in enumerate(weights):
+            for c, label in enumerate(classes):
+                for i in range(int((train["label"] == label).sum()) + extra):
+                    seed = 7_000_000 + f_i * 100_000 + w_i * 10_000 + c * 1_000 + i  # stable across processes
+                    image_id = f"syn-{fold}-{weight:g}-{label}-{i:04d}"
+                    path, sha = f"/syn/{fold}/{weight:g}/{label}/{i:04d}.png", _sha(image_id)
+                    if root is not None:
+                        out = Path(root) / "synthetic" / f"fold{fold}" / f"w{weight:g}" / label / f"{i:04d}.png"
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        if not out.exists():
+                            make_image(label if label in ("good", "acceptable", "bad") else "bad", i % 3, size,
+                                       False, seed).save(out)
+                        path, sha = str(out.resolve()), hashlib.sha256(out.read_bytes()).hexdigest()
+                    rows.append({"id": image_id, "path": path, "sha256": sha, "label": label, "group": "",
+                                 "fold": fold, "lora_key": f"lora-{fold}-{label}", "weight": float(weight),
+                                 "index": i, "seed": seed})
+    return pd.DataFrame(rows).reindex(columns=SYNTHETIC_COLUMNS)
+
+
+def tiny_cfg(root: Path, **sections) -> ExperimentConfig:
+    """Experiment config on the tiny diffusion base at 32 px with few steps; `sections` update per section."""
+    raw = {
+        "name": "t", "results_dir": str(root / "results"),
+        "generator": {"base": "tiny", "resolution": 32, "epochs": 2, "repeats": 1, "batch_size": 4,
+                      "rank": 4, "alpha": 4.0, "unet_lr": 1e-3, "text_encoder_lr": 1e-3},
+        "sample": {"weights": [1.0, 0.0], "steps": 2, "resolution": 32, "batch_size": 4, "actors": 1},
+        "classify": {"ratios": [0.0, 0.5]},  # + synthetic_only: pools of 1.0 x n_train
+        "ray": {"num_cpus": 2},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return from_dict(raw)
+
+
+def classify_cfg(root: Path, name: str = "grid", per_class=(8, 6, 4), **classify) -> ExperimentConfig:
+    """A demo-data experiment with a small cached EfficientNetB0 classifier at 32 px, one LoRA weight."""
+    return from_dict({
+        "name": name, "results_dir": str(root),
+        "data": {"source": "demo", "classes": ["good", "acceptable", "bad"], "group_column": "cell_line",
+                 "demo": {"per_class": list(per_class), "size": 40}},
+        "folds": {"k": 2, "strategy": "stratified"},
+        "sample": {"weights": [1.0]},
+        "ray": {"num_cpus": 2},
+        "classify": {"backbone": "EfficientNetB0", "weights": "none", "input_size": 32, "epochs": 2,
+                     "batch_size": 8, "ratios": [0.0, 0.5], "synthetic_only": True, "augment": ["flip"],
+                     "feature_views": 2, "mode": "cached", "cpus_per_trial": 1, **classify},
+    })
+
+
+def demo_experiment(cfg: ExperimentConfig) -> tuple[ExperimentPaths, pd.DataFrame, pd.DataFrame]:
+    """The data stage on the config's demo set, and a learnable fake synthetic table written as the sample
+    stage would; returns (paths, manifest, synthetic)."""
+    from ooc_ray.data import run_data
+
+    paths = ExperimentPaths.of(cfg)
+    manifest = run_data(cfg, paths)
+    synthetic = fake_synthetic(manifest, cfg.sample.weights, cfg.generator.split, root=paths.root,
+                               size=cfg.data.demo.size)
+    write_parquet(synthetic, paths.synthetic_table)
+    return paths, manifest, synthetic

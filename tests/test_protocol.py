@@ -1,0 +1,249 @@
+"""The protocol's arithmetic (DESIGN.md "Exact semantics"): training sets, pool sizes, grid shape, metrics.
+Pandas only, no TF or Ray."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import fake_synthetic, make_manifest
+
+from ooc_ray.classify.metrics import compute_metrics
+from ooc_ray.config import from_dict
+from ooc_ray.errors import TrainsetError
+from ooc_ray.folds import ALL_FOLDS
+from ooc_ray.protocol import (TrialSpec, build_testset, build_trainset, grid_points, largest_remainder,
+                              plan_trials, pool_sizes, round_half_up)
+
+CLASSES = ("good", "acceptable", "bad")
+
+
+def paper_manifest():
+    return make_manifest((50, 21, 11), k=5, labels=CLASSES, fold_seed=0).sample(frac=1.0, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def tables():
+    m = paper_manifest()
+    return m, fake_synthetic(m, weights=(1.0, 0.8), extra=3)
+
+
+def spec(fold, ratio, weight, synthetic_only=False):
+    return TrialSpec(fold, ratio, weight, synthetic_only)
+
+
+def test_round_half_up():
+    assert round_half_up(0.25 * 658) == 165  # 164.5: half up, not banker's 164
+    assert round_half_up(0.1 * 30) == 3
+    assert round_half_up(0.15 * 10) == 2
+    assert round_half_up(0.0) == 0
+
+
+@pytest.mark.parametrize("total", [0, 1, 2, 7, 65, 66, 164, 658, 1000])
+def test_largest_remainder_sums_and_is_proportional(total):
+    counts = [400, 170, 88]
+    parts = largest_remainder(total, counts)
+    assert parts.sum() == total
+    exact = total * np.array(counts) / sum(counts)
+    assert np.all(np.abs(parts - exact) < 1.0)
+
+
+def test_largest_remainder_ties_go_to_lower_class_index():
+    assert largest_remainder(1, [1, 1, 1]).tolist() == [1, 0, 0]
+    assert largest_remainder(2, [1, 1, 1]).tolist() == [1, 1, 0]
+    with pytest.raises(ValueError):
+        largest_remainder(3, [0, 0])
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.75, 1.0])
+def test_trainset_counts_and_proportions(tables, ratio):
+    m, s = tables
+    for fold in range(5):
+        train = build_trainset(m, s, spec(fold, ratio, 1.0), seed=0)
+        real = train[train["source"] == "real"]
+        syn = train[train["source"] == "synthetic"]
+        n_train = int((m["fold"] != fold).sum())
+        assert len(real) == n_train
+        assert len(syn) == round_half_up(ratio * n_train)
+        real_counts = np.bincount(real["label_index"], minlength=3)
+        assert np.bincount(syn["label_index"], minlength=3).tolist() == \
+            largest_remainder(len(syn), real_counts).tolist()
+        # drawn from this fold's pool of this weight, without replacement
+        pool = s[(s["fold"] == fold) & (s["weight"] == 1.0)]
+        assert set(syn["id"]) <= set(pool["id"])
+        assert not syn["id"].duplicated().any()
+        assert not train["path"].duplicated().any()
+
+
+def test_no_overlap_with_held_out_fold(tables):
+    m, s = tables
+    for fold in range(5):
+        test = build_testset(m, fold)
+        assert (test["source"] == "real").all()
+        assert len(test) == int((m["fold"] == fold).sum())
+        for ratio, synth in [(0.0, False), (0.5, False), (1.0, True)]:
+            train = build_trainset(m, s, spec(fold, ratio, 0.8, synth))
+            assert not set(train["id"]) & set(test["id"])
+            assert not set(train["path"]) & set(test["path"])
+
+
+def test_synthetic_only(tables):
+    m, s = tables
+    train = build_trainset(m, s, spec(2, 1.0, 0.8, True))
+    n_train = int((m["fold"] != 2).sum())
+    assert (train["source"] == "synthetic").all() and len(train) == n_train
+    real_counts = np.bincount(m.loc[m["fold"] != 2, "label_index"], minlength=3)
+    assert np.bincount(train["label_index"], minlength=3).tolist() == real_counts.tolist()
+    assert set(train["id"]) <= set(s[(s["fold"] == 2) & (s["weight"] == 0.8)]["id"])
+
+
+def test_ratio_zero_ignores_weight_and_synthetic_table(tables):
+    m, s = tables
+    a = build_trainset(m, s, spec(1, 0.0, None))
+    b = build_trainset(m, None, spec(1, 0.0, float("nan")))
+    pd.testing.assert_frame_equal(a, b)
+    assert (a["source"] == "real").all()
+
+
+def test_deterministic_and_independent_of_row_order(tables):
+    m, s = tables
+    a = build_trainset(m, s, spec(0, 0.5, 1.0), seed=3)
+    b = build_trainset(m.sample(frac=1, random_state=1), s.sample(frac=1, random_state=2), spec(0, 0.5, 1.0), seed=3)
+    pd.testing.assert_frame_equal(a, b)
+    c = build_trainset(m, s, spec(0, 0.5, 1.0), seed=4)
+    assert set(a["id"]) != set(c["id"])  # the seed matters
+
+
+def test_ratios_draw_nested_subsets(tables):
+    m, s = tables
+    previous = set()
+    for ratio in [0.1, 0.25, 0.5, 0.75, 1.0]:
+        syn = build_trainset(m, s, spec(3, ratio, 1.0))
+        ids = set(syn.loc[syn["source"] == "synthetic", "id"])
+        assert previous <= ids
+        previous = ids
+
+
+def test_pool_too_small_names_fold_class_weight_counts(tables):
+    m, _ = tables
+    small = fake_synthetic(m, weights=(1.0,), extra=0)
+    small = small[~((small["label"] == "bad") & (small["fold"] == 1) & small["id"].str.endswith(("0000", "0001")))]
+    build_trainset(m, small, spec(1, 0.5, 1.0))  # enough for half
+    with pytest.raises(TrainsetError) as err:
+        build_trainset(m, small, spec(1, 1.0, 1.0, True))
+    msg = str(err.value)
+    n_bad = int(((m["fold"] != 1) & (m["label"] == "bad")).sum())
+    for part in ["fold 1", "'bad'", "weight 1", f"need {n_bad}", f"has {n_bad - 2}"]:
+        assert part in msg, (part, msg)
+
+
+def test_missing_weight_or_table_errors(tables):
+    m, s = tables
+    with pytest.raises(TrainsetError, match="LoRA weight"):
+        build_trainset(m, s, spec(0, 0.5, None))
+    with pytest.raises(TrainsetError, match="empty"):
+        build_trainset(m, None, spec(0, 0.5, 1.0))
+    with pytest.raises(TrainsetError, match="need"):  # no pool of weight 0.5 at all
+        build_trainset(m, s, spec(0, 0.5, 0.5))
+    bad = s.assign(label=s["label"].replace({"bad": "awful"}))
+    with pytest.raises(TrainsetError, match="awful"):
+        build_trainset(m, bad, spec(0, 0.5, 1.0))
+
+
+def test_generator_split_all_uses_all_rows():
+    m = paper_manifest()
+    s = fake_synthetic(m, split="all", extra=3)
+    assert (s["fold"] == ALL_FOLDS).all()
+    for fold in range(5):
+        train = build_trainset(m, s, spec(fold, 1.0, 1.0), split="all")
+        assert (train.loc[train["source"] == "synthetic", "id"].str.startswith(f"syn-{ALL_FOLDS}-")).all()
+    with pytest.raises(TrainsetError):  # the per-fold protocol finds no pool of fold 0
+        build_trainset(m, s, spec(0, 0.5, 1.0), split="fold")
+
+
+def cfg_of(**classify):
+    return from_dict({"folds": {"k": 5}, "sample": {"weights": [1.0, 0.8]}, "classify": classify})
+
+
+def test_paper_grid_shape():
+    specs = grid_points(cfg_of(), list(range(5)))
+    assert len(specs) == 65  # 5 folds x (real + 2 weights x (5 ratios + synthetic only))
+    real = [s for s in specs if s.arm == "real"]
+    assert len(real) == 5 and all(s.weight is None for s in real)
+    synth = [s for s in specs if s.synthetic_only]
+    assert len(synth) == 10 and {s.arm for s in synth} == {"synthetic_only"}
+    assert {s.arm for s in specs} == {"real", "real+10%", "real+25%", "real+50%", "real+75%", "real+100%",
+                                     "synthetic_only"}
+    assert len(grid_points(cfg_of(synthetic_only=False, ratios=[0.5]), list(range(5)))) == 10
+
+
+def test_planned_trials_have_unique_stable_keys(tables):
+    m, s = tables
+    planned = plan_trials(cfg_of(), m, s, "none")
+    keys = [t.key for t in planned]
+    assert len(set(keys)) == 65 and keys == [t.key for t in plan_trials(cfg_of(), m, s, "none")]
+    assert keys[0].startswith("fold0-r0-w-")
+    # resources leave keys alone; a result field and the backbone weights move every key
+    assert [t.key for t in plan_trials(cfg_of(gpus_per_trial=1.0, cpus_per_trial=4.0, max_failures=5), m, s,
+                                       "none")] == keys
+    assert not set(t.key for t in plan_trials(cfg_of(epochs=3), m, s, "none")) & set(keys)
+    assert not set(t.key for t in plan_trials(cfg_of(), m, s, "imagenet")) & set(keys)
+    # the grid's shape does not move the trials it keeps
+    smaller = plan_trials(cfg_of(ratios=[0.0, 0.5]), m, s, "none")
+    assert {t.key for t in smaller} < set(keys)
+
+
+def test_arm_names():
+    assert spec(0, 0.0, None).arm == "real"
+    assert spec(0, 0.1, 1.0).arm == "real+10%"
+    assert spec(0, 0.125, 1.0).arm == "real+12.5%"
+    assert spec(0, 1.0, 1.0, True).arm == "synthetic_only"
+
+
+def test_pool_sizes():
+    # 30 good + 10 bad over 3 folds: each fold trains on 20 good, 6-7 bad.
+    m = make_manifest((30, 10), k=3, labels=("good", "bad"), groups=("a", "b"))
+    cfg = from_dict({"classify": {"ratios": [0.0, 0.1, 0.5], "synthetic_only": False}})
+    got = pool_sizes(m, cfg)
+    assert list(got.columns) == ["fold", "label", "n_train", "n_pool"]
+    n_train = got.set_index(["fold", "label"]).n_train.to_dict()
+    assert n_train == {(0, "bad"): 6, (0, "good"): 20, (1, "bad"): 7, (1, "good"): 20, (2, "bad"): 7,
+                       (2, "good"): 20}
+    assert got.set_index(["fold", "label"]).n_pool.to_dict() == {
+        (0, "bad"): 3, (0, "good"): 10, (1, "bad"): 4, (1, "good"): 10, (2, "bad"): 4, (2, "good"): 10}
+    # synthetic-only needs a full n_train pool even when the largest ratio is smaller
+    only = pool_sizes(m, from_dict({"classify": {"ratios": [0.5], "synthetic_only": True}}))
+    assert (only.n_pool == only.n_train).all()
+    # 0.1 x 30 = 3.0000000000000004 in floating point: still 3, not 4
+    ten = make_manifest((60, 2), k=2, labels=("good", "bad"))
+    tens = pool_sizes(ten, from_dict({"classify": {"ratios": [0.1], "synthetic_only": False}}))
+    assert tens[tens.label == "good"].n_pool.tolist() == [3, 3]
+    # split "all": one pool per class, big enough for the largest training fold
+    alls = pool_sizes(m, from_dict({"generator": {"split": "all"}, "classify": {"ratios": [1.0]}}))
+    assert alls.to_dict("records") == [{"fold": ALL_FOLDS, "label": "bad", "n_train": 7, "n_pool": 7},
+                                       {"fold": ALL_FOLDS, "label": "good", "n_train": 20, "n_pool": 20}]
+    grp = pool_sizes(m, from_dict({"generator": {"per_group": True}, "classify": {"ratios": [1.0]}}))
+    assert list(grp.columns) == ["fold", "label", "group", "n_train", "n_pool"]
+    assert grp.groupby(["fold", "label"]).n_train.sum().to_dict() == n_train
+
+
+def test_pools_cover_every_draw():
+    """Pools hold at least what build_trainset draws for every arm, also when the largest ratio is not 1:
+    rounding the fold's total first can give a class one image more than ceil(r x n_class)."""
+    m = make_manifest((20, 2, 2, 2, 2, 2), k=2, labels=("a", "b", "c", "d", "e", "f"))
+    cfg = from_dict({"classify": {"ratios": [0.1], "synthetic_only": False}})
+    pools = pool_sizes(m, cfg).set_index(["fold", "label"])["n_pool"]
+    # each fold trains on 10 a + one of b..f: 0.1 x 15 = 1.5 -> 2 images; quotas 1.33 (a) and 0.13 (b..f):
+    # a gets both, but ceil(0.1 x 10) = 1
+    draw = largest_remainder(round_half_up(0.1 * 15), [10, 1, 1, 1, 1, 1])
+    assert draw.tolist() == [2, 0, 0, 0, 0, 0]
+    assert pools[(0, "a")] == 2 and pools[(1, "a")] == 2
+
+
+def test_metrics_macro_and_confusion():
+    out = compute_metrics([0, 0, 1, 1, 2], [0, 1, 1, 1, 1], 3)
+    assert out["accuracy"] == pytest.approx(0.6)
+    assert out["per_class_recall"] == [0.5, 1.0, 0.0]
+    assert out["recall_macro"] == pytest.approx(0.5)
+    assert out["precision_macro"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)  # class 2 never predicted: 0
+    assert out["confusion"] == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
+    assert not math.isnan(out["f1_macro"])
