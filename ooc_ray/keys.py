@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from ooc_ray.config import RESULT
+from ooc_ray.config import RESOURCE, RESULT
 
 KEY_LENGTH = 16  # hex digits: 64 bits, no accidental collision among the ~1e4 artifacts of a large grid
 
@@ -130,3 +130,12 @@ def search_trial_key(cfg: Any, point: dict, lora_keys: list[str], test: pd.DataF
     and scoring settings, and the held-out images it is scored on."""
     return digest("search", point, list(lora_keys), config_slice(cfg, "image"), config_slice(cfg, "search"),
                   features, table_digest(test, LABELLED_COLUMNS))
+
+
+def search_run_key(cfg: Any, base_id: str, weights_id: str, manifest: pd.DataFrame) -> str:
+    """One LoRA search (its Ray Tune experiment, which a re-run restores): everything but resources of the
+    search section (the space, the objective, the budget), what its trials compute with, and the data."""
+    definition = {f.name: canonical(getattr(cfg.search, f.name)) for f in dataclasses.fields(cfg.search)
+                  if f.metadata.get("role") != RESOURCE}
+    slices = [config_slice(cfg, artifact) for artifact in ("lora", "image", "features", "search")]
+    return digest("search-run", definition, slices, base_id, weights_id, data_digest(manifest))

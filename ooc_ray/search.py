@@ -139,13 +139,13 @@ def _tune_trainable(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths,
     tune.report({k: row[k] for k in ("search_key", "score", "cas", "kid", "accuracy")})
 
 
-def _tuner(cfg: ExperimentConfig, paths: ExperimentPaths, trainable):
+def _tuner(cfg: ExperimentConfig, paths: ExperimentPaths, trainable, run_key: str):
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
     s = cfg.search
     storage = tune_storage(cfg, paths)  # s3://... stays a URI; local paths become absolute
-    run_name = f"lora_search_{keys.digest(keys.config_slice(cfg, 'search'), s.objective, s.num_samples)}"
+    run_name = f"lora_search_{run_key}"  # a changed space, setting or data set starts a new search
     if tune.Tuner.can_restore(f"{storage}/{run_name}"):
         return tune.Tuner.restore(f"{storage}/{run_name}", trainable, resume_errored=True)
     return tune.Tuner(
@@ -171,7 +171,7 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     trainable = tune.with_resources(
         tune.with_parameters(_tune_trainable, cfg=cfg, paths=paths, base=base, weights=weights),
         {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
-    grid = _tuner(cfg, paths, trainable).fit()
+    grid = _tuner(cfg, paths, trainable, keys.search_run_key(cfg, base.identity, weights.identity, manifest)).fit()
     # This search's trials only: search/trials/ keeps every search's (a changed setting adds, never overwrites).
     found = sorted({r.metrics["search_key"] for r in grid if r.metrics and "search_key" in r.metrics})
     if not found:
