@@ -267,6 +267,12 @@ def consolidate(plan: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def start_images(jobs: list[LoraJob], manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per LoRA key, its own training images (id, path, sha256): where img2img starts from."""
+    by_id = manifest.set_index("id")
+    return {j.key: by_id.loc[list(j.image_ids), ["path", "sha256"]].reset_index() for j in jobs}
+
+
 def plan_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame
                ) -> tuple[BaseModel, pd.DataFrame]:
     """The base and the plan of every image the grid's trials may draw (protocol.pool_sizes per LoRA)."""
@@ -275,10 +281,8 @@ def plan_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataF
     loras = trained_table(jobs, paths.lora)
     by = ["fold", "label", "group"] if cfg.generator.per_group else ["fold", "label"]
     n_pool = pool_sizes(manifest, cfg).set_index(by)["n_pool"]
-    by_id = manifest.set_index("id")
     sizes = {j.key: int(n_pool.loc[tuple(getattr(j, k) for k in by)]) for j in jobs}
-    starts = {j.key: by_id.loc[list(j.image_ids), ["path", "sha256"]].reset_index() for j in jobs}
-    return base, plan_images(cfg, base, loras, sizes, starts, paths.synthetic)
+    return base, plan_images(cfg, base, loras, sizes, start_images(jobs, manifest), paths.synthetic)
 
 
 def sample_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame, use_ray: bool = True

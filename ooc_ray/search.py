@@ -36,7 +36,7 @@ from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import plan_loras
 from ooc_ray.quality import class_quality, linear_probe
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
-from ooc_ray.sample import consolidate, plan_images, render
+from ooc_ray.sample import consolidate, plan_images, render, start_images
 
 OBJECTIVE_MODE = {"cas": "max", "kid": "min", "accuracy": "max"}
 POINT = ("rank", "alpha", "unet_lr", "text_encoder_lr", "epochs", "repeats", "weight")
@@ -97,10 +97,8 @@ def _make_images(tcfg: ExperimentConfig, paths: ExperimentPaths, jobs, sub_manif
     for job in pending_jobs(jobs, lora_root):
         train_job(job, tcfg.generator, base, lora_root)
     loras = trained_table(jobs, lora_root)
-    by_id = sub_manifest.set_index("id")
     sizes = {j.key: tcfg.search.images_per_class for j in jobs}
-    starts = {j.key: by_id.loc[list(j.image_ids), ["path", "sha256"]].reset_index() for j in jobs}
-    plan = plan_images(tcfg, base, loras, sizes, starts, paths.search / "synthetic")
+    plan = plan_images(tcfg, base, loras, sizes, start_images(jobs, sub_manifest), paths.search / "synthetic")
     render(plan, tcfg, base, use_ray=False)  # inside a Tune trial: its CPUs/GPUs are already this process's
     return consolidate(plan), loras["final_loss"].tolist()
 
