@@ -32,11 +32,15 @@ ARTIFACTS = ("lora", "image", "features", "trial", "quality", "search")
 RESULT, INPUT, GRID, RESOURCE = "result", "input", "grid", "resource"
 
 
-def result(default: Any, feeds: tuple[str, ...], only_if: tuple[str, Any] | None = None) -> Any:
+def result(default: Any, feeds: tuple[str, ...], only_if: tuple[str, Any] | None = None,
+           keyed_when_set: bool = False) -> Any:
     """A field that can change the numbers of the `feeds` artifacts. `only_if=(sibling, value)`: it matters
-    only when that sibling field has that value (img2img strength under txt2img changes nothing)."""
+    only when that sibling field has that value (img2img strength under txt2img changes nothing).
+    `keyed_when_set`: it enters keys only at a value other than its default. For fields added after results
+    exist whose default computes exactly what ran before, so an upgrade re-runs none of a user's trials."""
     assert set(feeds) <= set(ARTIFACTS), feeds
-    return field(default=default, metadata={"role": RESULT, "feeds": feeds, "only_if": only_if})
+    return field(default=default, metadata={"role": RESULT, "feeds": feeds, "only_if": only_if,
+                                            "keyed_when_set": keyed_when_set})
 
 
 def input_(default: Any) -> Any:
@@ -55,7 +59,9 @@ def section(cls: type) -> Any:
     return field(default_factory=cls, metadata={"role": "section"})
 
 
-Backbone = Literal["EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3", "EfficientNetB4",
+# SmallCNN: a small Keras CNN the classifier trains from scratch (ooc_ray.backbones.build_small_cnn); the
+# EfficientNets are the paper's family and load ImageNet weights.
+Backbone = Literal["SmallCNN", "EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3", "EfficientNetB4",
                    "EfficientNetB5", "EfficientNetB6", "EfficientNetB7"]
 Augmentation = Literal["flip", "rotation", "zoom", "contrast", "translation", "brightness"]
 
@@ -147,6 +153,10 @@ class ClassifyConfig:
     # with the top BatchNorm re-estimated on 32 images: offline demos); or a local .weights.h5 path
     weights: str = input_("imagenet")
     input_size: int = result(600, _FEATURES_TRIAL)
+    # EfficientNet's top N blocks (of 7, plus its top conv) trained with the head, their BatchNorms kept in
+    # inference mode (Keras's fine-tuning guide); 0 = the paper's frozen backbone. Needs mode: exact, and
+    # usually a lower lr (the guide uses 1e-5) so ImageNet features are adjusted rather than overwritten.
+    train_backbone: int = result(0, _TRIAL, keyed_when_set=True)
     epochs: int = result(30, _TRIAL)
     batch_size: int = result(16, _TRIAL)  # the training batch; feature extraction batches are not results
     lr: float = result(1e-3, _TRIAL)
@@ -241,6 +251,7 @@ TINY = {
     "quality.kid_subsets": 2, "quality.kid_subset_size": 4, "search.gpus_per_trial": 0, "ray.num_cpus": 2,
 }
 SPECIAL_WEIGHTS = ("imagenet", "none", "calibrated")
+EFFICIENTNET_BLOCKS = 7  # Keras names them block1a .. block7x
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -322,6 +333,26 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
         raise ConfigError("search.rank / search.alpha: need at least one choice each")
 
 
+def _check_backbone(cc: ClassifyConfig) -> None:
+    """A backbone that trains must run where it trains: only exact mode trains anything but the head."""
+    if cc.backbone == "SmallCNN":
+        if cc.mode != "exact":
+            raise ConfigError("classify.backbone: SmallCNN is trained from scratch in every trial; "
+                              "it needs classify.mode: exact (cached mode trains the head only)")
+        if cc.weights in ("imagenet", "calibrated"):
+            raise ConfigError(f"classify.weights: {cc.weights!r} does not exist for SmallCNN; use none "
+                              "(trained from scratch) or a .weights.h5 file")
+        if cc.train_backbone:
+            raise ConfigError("classify.train_backbone: SmallCNN trains all of its layers; leave it at 0")
+        return
+    if not 0 <= cc.train_backbone <= EFFICIENTNET_BLOCKS:
+        raise ConfigError(f"classify.train_backbone: {cc.train_backbone} is not a number of blocks "
+                          f"in 0..{EFFICIENTNET_BLOCKS}")
+    if cc.train_backbone and cc.mode != "exact":
+        raise ConfigError("classify.train_backbone: training backbone blocks needs classify.mode: exact "
+                          "(cached mode trains the head on frozen features)")
+
+
 def _validate(cfg: ExperimentConfig) -> None:
     """Checks that no single field's type can express; each error names its key."""
     checks = [
@@ -342,6 +373,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     _check_prompt("generator.prompt", cfg.generator.prompt)
     _check_prompt("generator.group_prompt", cfg.generator.group_prompt)
     _check_ranges(cfg)
+    _check_backbone(cfg.classify)
     weights = cfg.classify.weights
     if weights not in SPECIAL_WEIGHTS and not Path(weights).expanduser().is_file():
         raise ConfigError(f"classify.weights: {weights!r} is neither one of {list(SPECIAL_WEIGHTS)} "

@@ -64,6 +64,8 @@ def config_slice(cfg: Any, artifact: str, prefix: str = "") -> dict:
         only_if = f.metadata.get("only_if")
         if only_if and getattr(cfg, only_if[0]) != only_if[1]:
             continue
+        if f.metadata.get("keyed_when_set") and value == f.default:
+            continue
         out[prefix + f.name] = canonical(value)
     return out
 

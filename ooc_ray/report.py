@@ -21,7 +21,7 @@ from scipy import stats
 
 from ooc_ray import keys
 from ooc_ray.backbones import backbone_weights
-from ooc_ray.config import ExperimentConfig
+from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.data import load_image, load_manifest
 from ooc_ray.errors import DataError, MissingInputError
 from ooc_ray.folds import fold_ids, held_out_rows, train_rows
@@ -213,6 +213,16 @@ def current_trials(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.D
     return trials, len(planned)
 
 
+def _classifier_line(cc: ClassifyConfig) -> str:
+    if cc.backbone == "SmallCNN":
+        trained = "trained from scratch" if cc.weights == "none" else f"from {cc.weights}, all layers trained"
+    elif cc.train_backbone:
+        trained = f"{cc.weights}, top {cc.train_backbone} blocks trained"
+    else:
+        trained = f"{cc.weights}, frozen"
+    return f"{cc.backbone} ({trained}), {cc.input_size} px, {cc.epochs} epochs, lr {cc.lr:g}, mode {cc.mode}"
+
+
 def _header(cfg: ExperimentConfig, manifest: pd.DataFrame, trials: pd.DataFrame, n_planned: int) -> list[str]:
     protocol = {"fold": "generator per fold: each fold's LoRAs saw only that fold's training images",
                 "all": "generator on all images (the paper's protocol): LoRAs saw the held-out images too"}
@@ -222,8 +232,7 @@ def _header(cfg: ExperimentConfig, manifest: pd.DataFrame, trials: pd.DataFrame,
             f"- data: {len(manifest)} images in {manifest['label'].nunique()} classes ({counts}); "
             f"manifest digest `{keys.data_digest(manifest)[:16]}`; {cfg.folds.k}-fold CV",
             f"- generator protocol: **{cfg.generator.split}** ({protocol[cfg.generator.split]})",
-            f"- classifier: {cfg.classify.backbone} ({cfg.classify.weights}), {cfg.classify.input_size} px, "
-            f"{cfg.classify.epochs} epochs, mode {cfg.classify.mode}",
+            f"- classifier: {_classifier_line(cfg.classify)}",
             f"- naive (majority class) accuracy: {naive['overall']:.3f} overall, "
             f"{naive['per_fold_mean']:.3f} mean over held-out folds",
             f"- trials: {len(trials)}" + ("" if len(trials) == n_planned else f" of {n_planned} planned "
@@ -253,12 +262,16 @@ def summarise_quality(quality: pd.DataFrame) -> pd.DataFrame:
     return quality.groupby(["weight", "label"], sort=False)[cols].mean().reset_index()
 
 
-def _quality_section(paths: ExperimentPaths) -> list[str]:
+def _quality_section(cfg: ExperimentConfig, paths: ExperimentPaths) -> list[str]:
     if parquet_problem(paths.quality):
         return []
     quality = summarise_quality(pd.read_parquet(paths.quality))
+    cc = cfg.classify
+    untrained = cc.backbone == "SmallCNN" and cc.weights == "none"
+    features = (f"{cc.backbone} features" + (" (its seeded random initialisation: the trials train their own "
+                                             "copies)" if untrained else f" ({cc.weights}, frozen)"))
     return ["## Synthetic quality per class (mean over folds)", "",
-            "KID on frozen-backbone features (lower is closer to real); CAS = recall on real held-out images "
+            f"KID on {features} (lower is closer to real); CAS = recall on real held-out images "
             "of a linear classifier trained on synthetic images only; memorised = share of synthetic images "
             "closer to a real training image than 95 % of real images are to each other.", "",
             to_markdown(quality.round(4)), ""]
@@ -280,7 +293,7 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
         if len(synthetic):
             image_grid(manifest, synthetic, out / "real_vs_synthetic.png")
             lines += ["![real vs synthetic](real_vs_synthetic.png)", ""]
-    lines += _quality_section(paths)
+    lines += _quality_section(cfg, paths)
     report = atomic_write_text(out / "report.md", "\n".join(lines))
     note(f"report: {report}")
     return report

@@ -73,6 +73,11 @@ def test_unknown_section_is_named():
         ({"search": {"epochs": [5, 2]}}, "search.epochs"),
         ({"data": {"demo": {"size": True}}}, "data.demo.size"),
         ({"folds": 5}, "folds"),
+        ({"classify": {"backbone": "SmallCNN", "weights": "none", "mode": "cached"}}, "classify.backbone"),
+        ({"classify": {"backbone": "SmallCNN", "mode": "exact"}}, "classify.weights"),  # imagenet: none exist
+        ({"classify": {"backbone": "SmallCNN", "weights": "none", "train_backbone": 2}}, "classify.train_backbone"),
+        ({"classify": {"train_backbone": 8}}, "classify.train_backbone"),
+        ({"classify": {"train_backbone": 2, "mode": "cached"}}, "classify.train_backbone"),
     ],
 )
 def test_bad_values_name_the_key(raw, key):
@@ -129,3 +134,6 @@ def test_config_slices_follow_roles():
     assert "sample.strength" not in txt and "sample.batch_size" not in txt and "sample.weights" not in txt
     assert config_slice(from_dict({"sample": {"mode": "img2img"}}), "image")["sample.strength"] == 0.6
     assert config_slice(from_dict({"sample": {"batch_size": 64, "actors": 3}}), "image") == txt
+    # A field added later enters keys only when set, so the trials that ran before it existed stay valid.
+    assert "classify.train_backbone" not in config_slice(base, "trial")
+    assert config_slice(from_dict({"classify": {"train_backbone": 2}}), "trial")["classify.train_backbone"] == 2
