@@ -268,10 +268,10 @@ def _quality_section(cfg: ExperimentConfig, paths: ExperimentPaths) -> list[str]
     quality = summarise_quality(pd.read_parquet(paths.quality))
     cc = cfg.classify
     untrained = cc.backbone == "SmallCNN" and cc.weights == "none"
-    features = (f"{cc.backbone} features" + (" (its seeded random initialisation: the trials train their own "
-                                             "copies)" if untrained else f" ({cc.weights}, frozen)"))
+    features = (f"{cc.backbone} features" + (" of its seeded random initialisation, as the trials start from it"
+                                             if untrained else f" ({cc.weights}, frozen)"))
     return ["## Synthetic quality per class (mean over folds)", "",
-            f"KID on {features} (lower is closer to real); CAS = recall on real held-out images "
+            f"KID on {features}; lower is closer to real. CAS = recall on real held-out images "
             "of a linear classifier trained on synthetic images only; memorised = share of synthetic images "
             "closer to a real training image than 95 % of real images are to each other.", "",
             to_markdown(quality.round(4)), ""]
