@@ -20,7 +20,7 @@ import pandas as pd
 from ooc_ray import keys
 from ooc_ray.config import ClassifyConfig
 from ooc_ray.data import load_image
-from ooc_ray.errors import ConfigError
+from ooc_ray.errors import ConfigError, ModelError
 from ooc_ray.io import sha256_file
 
 # Augmentation strengths: those of the Keras "fine-tuning EfficientNet" example the paper's model follows
@@ -90,7 +90,10 @@ def build_small_cnn(input_size: int, weights: str | None = None):
     stack.append(layers.GlobalAveragePooling2D())
     model = keras.Sequential(stack, name="small_cnn")
     if weights is not None:
-        model.load_weights(weights)
+        try:
+            model.load_weights(weights)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"classify.weights {weights}: not SmallCNN weights at {input_size} px ({exc})") from None
     return model
 
 
@@ -212,6 +215,10 @@ def backbone_weights(cc: ClassifyConfig, models_dir: Path, manifest: pd.DataFram
     if cc.weights == "imagenet":
         return BackboneWeights("imagenet", "imagenet")
     if cc.weights == "none":
+        if cc.backbone == SMALL_CNN:
+            # Its architecture is this module's code, not a Keras release: the identity carries it, so trials
+            # of an earlier SmallCNN are never re-used for a changed one.
+            return BackboneWeights(None, "none-" + keys.digest(SMALL_CNN, SMALL_CNN_WIDTHS, SMALL_CNN_BN_MOMENTUM))
         return BackboneWeights(None, "none")
     if cc.weights != CALIBRATED:
         path = Path(cc.weights).expanduser().resolve()

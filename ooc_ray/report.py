@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from scipy import stats
 
 from ooc_ray import keys
-from ooc_ray.backbones import backbone_weights
+from ooc_ray.backbones import SMALL_CNN, backbone_weights
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.data import load_image, load_manifest
 from ooc_ray.errors import DataError, MissingInputError
@@ -214,7 +214,7 @@ def current_trials(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.D
 
 
 def _classifier_line(cc: ClassifyConfig) -> str:
-    if cc.backbone == "SmallCNN":
+    if cc.backbone == SMALL_CNN:
         trained = "trained from scratch" if cc.weights == "none" else f"from {cc.weights}, all layers trained"
     elif cc.train_backbone:
         trained = f"{cc.weights}, top {cc.train_backbone} blocks trained"
@@ -267,7 +267,7 @@ def _quality_section(cfg: ExperimentConfig, paths: ExperimentPaths) -> list[str]
         return []
     quality = summarise_quality(pd.read_parquet(paths.quality))
     cc = cfg.classify
-    untrained = cc.backbone == "SmallCNN" and cc.weights == "none"
+    untrained = cc.backbone == SMALL_CNN and cc.weights == "none"
     features = (f"{cc.backbone} features" + (" of its seeded random initialisation, as the trials start from it"
                                              if untrained else f" ({cc.weights}, frozen)"))
     return ["## Synthetic quality per class (mean over folds)", "",

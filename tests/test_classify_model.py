@@ -84,7 +84,9 @@ def test_small_cnn_learns_from_scratch(tmp_path):
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, demo=dataclasses.replace(
         cfg.data.demo, per_class=(12, 12, 6), size=64)))
     paths, manifest, _ = demo_experiment(cfg)
-    ctx = TrialContext(("good", "acceptable", "bad"), BackboneWeights(None, "none"), keys.data_digest(manifest))
+    weights = backbone_weights(cfg.classify, paths.models, manifest)
+    assert weights.value is None and weights.identity.startswith("none-")  # the architecture enters trial keys
+    ctx = TrialContext(("good", "acceptable", "bad"), weights, keys.data_digest(manifest))
     for trial in plan_trials(cfg, manifest, None, ctx.weights.identity):
         row = run_trial(cfg, paths, trial, ctx)
         naive = (trial.test["label_index"] == trial.train["label_index"].mode()[0]).mean()
