@@ -23,6 +23,7 @@ from ooc_ray.paths import ExperimentPaths
 # stage name -> (module, function); `run` chains the pipeline stages in this order.
 STAGES = {
     "data": ("ooc_ray.data", "run_data"),
+    "pretrain": ("ooc_ray.pretrain", "run_pretrain"),
     "finetune": ("ooc_ray.finetune", "run_finetune"),
     "sample": ("ooc_ray.sample", "run_sample"),
     "quality": ("ooc_ray.quality", "run_quality"),
@@ -30,17 +31,18 @@ STAGES = {
     "report": ("ooc_ray.report", "run_report"),
     "search": ("ooc_ray.search", "run_search"),
 }
-PIPELINE = ("data", "finetune", "sample", "quality", "classify", "report")
+PIPELINE = ("data", "pretrain", "finetune", "sample", "quality", "classify", "report")
 READ_ONLY = {"report"}  # reads finished trials and writes only report/: runs beside a writer, takes no lock
 HELP = {
     "data": "scan + validate images, write manifest.parquet and folds.parquet",
+    "pretrain": "domain-pretrain the generator base on unlabeled images (generator.pretrain)",
     "finetune": "train one LoRA per (fold, class) [per group]",
     "sample": "sample synthetic pools with Ray actors, write synthetic.parquet",
     "quality": "per-class KID, synthetic-only accuracy (CAS), nearest-real distances",
     "classify": "Ray Tune grid of classifier trials over ratio x LoRA weight x fold",
     "report": "tables, plots and image grids from the trial Parquet files (read-only)",
     "search": "Ray Tune + Optuna search over LoRA hyperparameters",
-    "run": "data -> finetune -> sample -> quality -> classify -> report, skipping finished work",
+    "run": "data -> pretrain -> finetune -> sample -> quality -> classify -> report, skipping finished work",
 }
 
 

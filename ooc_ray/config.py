@@ -26,9 +26,9 @@ import yaml
 
 from ooc_ray.errors import ConfigError
 
-# Artifacts whose keys config fields can feed (ooc_ray.keys): a LoRA, a synthetic image, a backbone-feature
-# cache, a classifier trial, the quality tables, a LoRA-search trial.
-ARTIFACTS = ("lora", "image", "features", "trial", "quality", "search")
+# Artifacts whose keys config fields can feed (ooc_ray.keys): a domain-pretrained generator base, a LoRA, a
+# synthetic image, a backbone-feature cache, a classifier trial, the quality tables, a LoRA-search trial.
+ARTIFACTS = ("base", "lora", "image", "features", "trial", "quality", "search")
 RESULT, INPUT, GRID, RESOURCE = "result", "input", "grid", "resource"
 
 
@@ -95,6 +95,33 @@ class FoldsConfig:
 
 
 _LORA = ("lora",)
+_BASE = ("base",)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Domain pretraining of the generator base on unlabeled images (ooc_ray.pretrain), before any LoRA.
+
+    Labs hold far more unlabeled images than labelled ones; a base that has learnt what their images look like
+    leaves each class LoRA only the difference to learn. The tiny base is trained from scratch (its VAE first,
+    then frozen, then its UNet); a real base keeps its VAE and fine-tunes its UNet. Leakage rule: never
+    pretrain on images that any fold holds out (the stage refuses labelled images by content)."""
+
+    # "" = no pretraining; "demo" = demo_images drawn like the demo set with demo_seed (never the labelled
+    # images); else a folder (searched recursively) or a CSV with a `file` column of unlabeled images.
+    source: str = input_("")
+    demo_images: int = input_(300)
+    demo_seed: int = input_(1)
+    caption: str = result("a microscopy image of cells", _BASE)  # one class-agnostic caption for every image
+    vae_steps: int = result(0, _BASE)  # the tiny base needs > 0 (its VAE is trained first, then frozen); a real base 0
+    unet_steps: int = result(500, _BASE)
+    batch_size: int = result(16, _BASE)  # the demo: 16 (~0.14 s per UNet step on 2 CPU cores at 16x16 latents)
+    vae_lr: float = result(1e-3, _BASE)  # 2e-3 reconstructed the demo cells worse at every step count (measured)
+    unet_lr: float = result(1e-3, _BASE)
+    # Share of steps that see the empty caption, so the base also learns the unconditional prediction that
+    # classifier-free guidance (sample.cfg) subtracts; SD v1 trained with 10 %.
+    caption_dropout: float = result(0.1, _BASE)
+    seed: int = result(0, _BASE)
 
 
 @dataclass(frozen=True)
@@ -118,6 +145,13 @@ class GeneratorConfig:
     # "fp16"/"bf16" on GPU (not "no": YAML reads a bare no as false); numbers differ, so a result.
     mixed_precision: Literal["fp32", "fp16", "bf16"] = result("fp32", _LORA)
     gpus: float = resource(0.0)  # GPUs per fine-tuning task (Ray remote); 0 on CPU
+    # Which UNet modules carry the LoRA: "attention" (q/k/v/out, the paper's and kohya's attention LoRA),
+    # "transformer" (every linear layer of the transformer blocks, kohya's default LoRA-LierLa), or
+    # "transformer+conv" (also the ResNet 3x3 convolutions, kohya's LoRA-C3Lier / LoCon): needed where the
+    # base has attention only at its coarsest level, as the tiny base does.
+    unet_modules: Literal["attention", "transformer", "transformer+conv"] = result("attention", _LORA,
+                                                                                   keyed_when_set=True)
+    pretrain: PretrainConfig = section(PretrainConfig)
 
 
 _IMAGE = ("image",)
@@ -353,6 +387,18 @@ def _check_backbone(cc: ClassifyConfig) -> None:
                           "(cached mode trains the head on frozen features)")
 
 
+def _check_pretrain(gc: GeneratorConfig) -> None:
+    """The tiny base has a random VAE, which decodes any latent to noise: it must be trained; a real base's
+    VAE already reconstructs and is kept (the UNet alone adapts to the domain)."""
+    if not gc.pretrain.source:
+        return
+    if gc.base == "tiny" and gc.pretrain.vae_steps == 0:
+        raise ConfigError("generator.pretrain.vae_steps: the tiny base's VAE has random weights; "
+                          "pretraining must train it first (vae_steps > 0; the demo uses 800)")
+    if gc.base != "tiny" and gc.pretrain.vae_steps:
+        raise ConfigError(f"generator.pretrain.vae_steps: {gc.base!r} keeps its trained VAE; set vae_steps: 0")
+
+
 def _validate(cfg: ExperimentConfig) -> None:
     """Checks that no single field's type can express; each error names its key."""
     checks = [
@@ -366,10 +412,16 @@ def _validate(cfg: ExperimentConfig) -> None:
         (cfg.data.demo.size >= 16 and cfg.data.demo.groups >= 1, "data.demo: size >= 16 and groups >= 1"),
         (cfg.classify.feature_views >= 1, "classify.feature_views: need at least 1 view"),
         (cfg.search.images_per_class >= 2, "search.images_per_class: need at least 2 images per class"),
+        (cfg.generator.pretrain.unet_steps >= 1 and cfg.generator.pretrain.vae_steps >= 0
+         and cfg.generator.pretrain.batch_size >= 1,
+         "generator.pretrain: unet_steps and batch_size must be >= 1, vae_steps >= 0"),
+        (0.0 <= cfg.generator.pretrain.caption_dropout < 1.0, "generator.pretrain.caption_dropout: must be in [0, 1)"),
+        (cfg.generator.pretrain.demo_images >= 1, "generator.pretrain.demo_images: must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _check_pretrain(cfg.generator)
     _check_prompt("generator.prompt", cfg.generator.prompt)
     _check_prompt("generator.group_prompt", cfg.generator.group_prompt)
     _check_ranges(cfg)

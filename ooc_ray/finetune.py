@@ -17,10 +17,11 @@ import pandas as pd
 
 from ooc_ray.config import ExperimentConfig, GeneratorConfig
 from ooc_ray.data import load_image, load_manifest
-from ooc_ray.diffusion.base import BaseModel, device_and_dtype, load_pipeline, resolve_base
-from ooc_ray.diffusion.lora import (DIFFUSERS_FILE, KOHYA_FILE, METADATA_FILE, TE_TARGETS, UNET_TARGETS,
-                                    lora_config, lora_problem, read_metadata, save_lora, trained_table,
+from ooc_ray.diffusion.base import BaseModel, device_and_dtype, load_pipeline
+from ooc_ray.diffusion.lora import (DIFFUSERS_FILE, KOHYA_FILE, METADATA_FILE, TE_TARGETS,
+                                    lora_config, lora_problem, read_metadata, save_lora, trained_table, unet_targets,
                                     weights_digest)
+from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import ModelError
 from ooc_ray.io import atomic_dir, note, sha256_file, write_parquet
 from ooc_ray.keys import config_slice
@@ -96,7 +97,7 @@ def _add_adapters(pipe, name: str, gcfg: GeneratorConfig, use_te: bool):
     # LoRA A matrices are drawn from the global RNG: seed it without disturbing the caller's stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(gcfg.seed)
-        unet.add_adapter(LoraConfig(**lora_config(gcfg, UNET_TARGETS)), adapter_name=name)
+        unet.add_adapter(LoraConfig(**lora_config(gcfg, unet_targets(gcfg))), adapter_name=name)
         if use_te:
             te.add_adapter(LoraConfig(**lora_config(gcfg, TE_TARGETS)), adapter_name=name)
     unet_params = [p for p in unet.parameters() if p.requires_grad]
@@ -206,7 +207,7 @@ def train_all(cfg: ExperimentConfig, jobs: list[LoraJob], base: BaseModel, lora_
 def run_finetune(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     """Train every LoRA of the plan that is not trained yet; returns the table (also lora/loras.parquet)."""
     manifest = load_manifest(paths)
-    base = resolve_base(cfg.generator.base, paths.models)  # built here once, before any worker reads it
+    base = generator_base(cfg, paths)  # built here once, before any worker reads it
     jobs = plan_loras(cfg, manifest, base.identity)
     todo = pending_jobs(jobs, paths.lora)
     if todo:

@@ -28,6 +28,14 @@ class ExperimentPaths:
         return self.root / "demo_data"
 
     @property
+    def pretrain_data(self) -> Path:
+        return self.root / "pretrain_data"  # the demo's unlabeled images (generator.pretrain.source: demo)
+
+    @property
+    def pretrain_images(self) -> Path:
+        return self.root / "pretrain_images.parquet"
+
+    @property
     def manifest(self) -> Path:
         return self.root / "manifest.parquet"
 

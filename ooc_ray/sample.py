@@ -23,8 +23,9 @@ import pandas as pd
 from ooc_ray import keys
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.data import load_image, load_manifest
-from ooc_ray.diffusion.base import BaseModel, device_and_dtype, load_pipeline, resolve_base
+from ooc_ray.diffusion.base import BaseModel, device_and_dtype, load_pipeline
 from ooc_ray.diffusion.lora import trained_table
+from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import StageError
 from ooc_ray.io import atomic_path, image_problem, note, parquet_problem, sha256_file, write_parquet
 from ooc_ray.paths import ExperimentPaths
@@ -115,7 +116,15 @@ class SampleWorker:
             if len(self.adapters) >= MAX_ADAPTERS:
                 old, _ = self.adapters.popitem(last=False)
                 self.pipe.delete_adapters(old)
-            self.pipe.load_lora_weights(lora_dir, weight_name=lora_file, adapter_name=key)
+            with warnings.catch_warnings():
+                # peft warns, and loads the rest, when the file lacks modules its own config names: a LoRA
+                # partly applied would sample plausible images from the wrong model.
+                warnings.filterwarnings("error", message=".*inconsistency was discovered between the PEFT config")
+                try:
+                    self.pipe.load_lora_weights(lora_dir, weight_name=lora_file, adapter_name=key)
+                except RuntimeWarning as exc:
+                    raise StageError(f"LoRA {Path(lora_dir) / lora_file} does not load whole: "
+                                     f"{str(exc)[:300]}") from None
             self.adapters[key] = None
         self.pipe.set_adapters([key], adapter_weights=[weight])
 
@@ -276,7 +285,7 @@ def start_images(jobs: list[LoraJob], manifest: pd.DataFrame) -> dict[str, pd.Da
 def plan_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame
                ) -> tuple[BaseModel, pd.DataFrame]:
     """The base and the plan of every image the grid's trials may draw (protocol.pool_sizes per LoRA)."""
-    base = resolve_base(cfg.generator.base, paths.models)
+    base = generator_base(cfg, paths)
     jobs: list[LoraJob] = plan_loras(cfg, manifest, base.identity)
     loras = trained_table(jobs, paths.lora)
     by = ["fold", "label", "group"] if cfg.generator.per_group else ["fold", "label"]

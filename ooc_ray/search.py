@@ -25,8 +25,9 @@ from ooc_ray import keys
 from ooc_ray.backbones import BackboneWeights, backbone_weights
 from ooc_ray.config import ExperimentConfig, SearchConfig
 from ooc_ray.data import class_names, load_manifest, run_data
-from ooc_ray.diffusion.base import BaseModel, resolve_base
+from ooc_ray.diffusion.base import BaseModel
 from ooc_ray.diffusion.lora import trained_table
+from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import ConfigError, StageError
 from ooc_ray.features import cache_dir, clean_view, embed
 from ooc_ray.finetune import pending_jobs, train_job
@@ -161,7 +162,7 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
 
     manifest = run_data(cfg, paths)  # skips an unchanged source
     weights = backbone_weights(cfg.classify, paths.models, manifest)
-    base = resolve_base(cfg.generator.base, paths.models)  # built once, before any trial reads it
+    base = generator_base(cfg, paths)  # built once, before any trial reads it
     s = cfg.search
     init_ray(cfg)
     require_resources(cfg, {"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},

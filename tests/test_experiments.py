@@ -32,6 +32,10 @@ def check_demo(out: Path) -> None:
     assert len(trials) == 6 and set(trials["backbone"]) == {"SmallCNN"}
     assert (out / "report" / "accuracy_vs_ratio.png").exists()
     assert (out / "quality.parquet").exists() and (out / "report" / "real_vs_synthetic.png").exists()
+    # Sampled from the domain-pretrained base (generator.pretrain: demo), never from the untrained tiny one.
+    synthetic = pd.read_parquet(out / "synthetic.parquet")
+    assert synthetic["base_model"].str.startswith("pretrained-").all()
+    assert len(pd.read_parquet(out / "pretrain_images.parquet")) == 24  # tiny: generator.pretrain.demo_images
 
 
 def check_lora_search(out: Path) -> None:

@@ -120,7 +120,8 @@ def test_plan_loras_errors(tmp_path):
 def test_lora_loss_falls_on_tiny_set(tmp_path, tiny_base):
     from ooc_ray.finetune import run_finetune
 
-    cfg = tiny_cfg(tmp_path, generator={"epochs": 30, "unet_lr": 1e-2, "text_encoder_lr": 0.0})
+    cfg = tiny_cfg(tmp_path, generator={"epochs": 30, "unet_lr": 1e-2, "text_encoder_lr": 0.0,
+                                        "unet_modules": "transformer+conv"})
     paths = ExperimentPaths.of(cfg)
     seed_models(paths, tiny_base)
     m = make_dataset(tmp_path, per_class=(2, 2), k=2)
@@ -129,7 +130,7 @@ def test_lora_loss_falls_on_tiny_set(tmp_path, tiny_base):
     for d in table["dir"]:
         epochs = json.loads((Path(d) / "metadata.json").read_text())["loss_epochs"]
         first, last = np.mean(epochs[:5]), np.mean(epochs[-5:])
-        assert last < 0.97 * first, epochs  # measured: 1.09 -> 0.98 (seeded, so stable)
+        assert last < 0.97 * first, epochs  # seeded, so stable
 
 
 def test_finetune_outputs_formats_and_resume(tmp_path, tiny_base, monkeypatch):

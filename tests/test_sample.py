@@ -237,3 +237,29 @@ def test_resources_reuse_new_settings_add_and_old_provenance_stays(tmp_path, tra
     again = sample_pools(cfg, paths, manifest, use_ray=False)
     assert f"{victim} is damaged" in capsys.readouterr().out
     assert victim.read_bytes() == original and again.equals(table)
+
+
+def test_a_lora_file_lacking_modules_of_its_own_config_fails_loud(tmp_path, trained):
+    """peft loads what it finds and only warns about the rest: a LoRA partly applied samples plausible images
+    from the wrong model (it happened: diffusers' old key format dropped every attention LoRA of a
+    transformer+conv file). The sampler refuses such a file, naming it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ooc_ray.errors import StageError
+    from ooc_ray.sample import SampleWorker
+
+    _, paths, _ = experiment(tmp_path, trained)
+    lora = pd.read_parquet(paths.lora / "loras.parquet").iloc[0]
+    whole = Path(lora.dir) / lora.file
+    with safe_open(str(whole), framework="pt") as f:
+        metadata = f.metadata()  # holds the LoRA config: target modules, rank, alpha
+    tensors = load_file(str(whole))
+    partial = {k: v for k, v in tensors.items() if ".to_q." not in k}
+    assert 0 < len(partial) < len(tensors)
+    save_file(partial, str(tmp_path / "partial.safetensors"), metadata=metadata)
+
+    worker = SampleWorker(str(paths.models / "tiny_sd"), "txt2img", "euler_a", 32)
+    worker._activate("whole", lora.dir, lora.file, 1.0)  # the trained file loads whole
+    with pytest.raises(StageError, match="partial.safetensors does not load whole"):
+        worker._activate("partial", str(tmp_path), "partial.safetensors", 1.0)

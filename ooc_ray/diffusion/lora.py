@@ -1,7 +1,7 @@
 """LoRA files: what the finetune stage writes and the sample stage (and the search) reads.
 
 Per LoRA, in lora/<lora key>/ (written atomically):
-  pytorch_lora_weights.safetensors  diffusers format: pipe.load_lora_weights(dir)
+  pytorch_lora_weights.safetensors  diffusers/peft format: pipe.load_lora_weights(dir)
   kohya_lora.safetensors            kohya/A1111 format (lora_unet_*/lora_te_* + .alpha), also loadable by diffusers
   metadata.json                     config slice, image ids, loss per step/epoch, file sha256, tensor digest
 """
@@ -21,8 +21,16 @@ from ooc_ray.io import sha256_file
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "kohya_lora.safetensors"
 METADATA_FILE = "metadata.json"
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as kohya's default LoRA
+# generator.unet_modules -> the UNet module names (suffixes, as peft matches them) that carry the LoRA.
+_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+_TRANSFORMER = _ATTENTION + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+UNET_MODULES = {"attention": _ATTENTION, "transformer": _TRANSFORMER,
+                "transformer+conv": _TRANSFORMER + ["conv1", "conv2"]}
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def unet_targets(gcfg: GeneratorConfig) -> list[str]:
+    return UNET_MODULES[gcfg.unet_modules]
 
 
 def lora_config(gcfg: GeneratorConfig, targets: list[str]) -> dict:
@@ -58,7 +66,6 @@ def kohya_state_dict(unet_sd: dict, te_sd: dict | None, alpha: float) -> dict:
 def save_lora(unet, te, name: str, gcfg: GeneratorConfig, base_id: str, out_dir: Path) -> None:
     """Write adapter `name` of unet (and te, or None) in both formats into out_dir."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -68,11 +75,14 @@ def save_lora(unet, te, name: str, gcfg: GeneratorConfig, base_id: str, out_dir:
               for k, v in get_peft_model_state_dict(te, adapter_name=name).items()} if te is not None else None)
     StableDiffusionPipeline.save_lora_weights(
         out_dir,
-        unet_lora_layers=convert_state_dict_to_diffusers(unet_sd),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(te_sd) if te_sd else None,
+        # peft's own key names (lora_A/lora_B), not diffusers' older lora.down/lora.up: that converter renames
+        # attention projections only, and a file mixing both namings loads without its attention LoRA (measured
+        # with generator.unet_modules: transformer+conv; diffusers reads the file as peft format).
+        unet_lora_layers=unet_sd,
+        text_encoder_lora_layers=te_sd or None,
         weight_name=DIFFUSERS_FILE,
         safe_serialization=True,
-        unet_lora_adapter_metadata=lora_config(gcfg, UNET_TARGETS),
+        unet_lora_adapter_metadata=lora_config(gcfg, unet_targets(gcfg)),
         text_encoder_lora_adapter_metadata=lora_config(gcfg, TE_TARGETS) if te_sd else None,
     )
     save_file(kohya_state_dict(unet_sd, te_sd, gcfg.alpha), str(out_dir / KOHYA_FILE), metadata={

@@ -1,0 +1,112 @@
+"""Pretrain stage: domain-pretrain the generator base on unlabeled images (generator.pretrain), once per content.
+
+Runs after `data` (it needs the labelled images to refuse them) and before `finetune`. Writes
+  pretrain_images.parquet            the unlabeled images it read: id, path, sha256
+  models/pretrained/<key>/           the pretrained pipeline (diffusers folder) + ooc_ray_pretrain.json
+and does nothing when generator.pretrain.source is "". Leakage rule: an image that any fold holds out must never
+shape the generator, or every fold's synthetic images carry its test images; the stage refuses any pretraining
+image whose bytes equal a labelled image's (a renamed copy included). It cannot see a re-encoded or cropped copy:
+keep the unlabeled images from other wells, chips or days than the labelled ones (README: Pretraining).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ooc_ray.config import DemoDataConfig, ExperimentConfig
+from ooc_ray.data import IMAGE_SUFFIXES, load_manifest
+from ooc_ray.demo_data import CLASSES, write_demo_dataset
+from ooc_ray.diffusion.base import device_and_dtype, load_pipeline, resolve_base
+from ooc_ray.diffusion.pretrain import METADATA_FILE, pretrain, pretrain_key, pretrained_dir, save_pretrained
+from ooc_ray.errors import DataError, MissingInputError, ModelError
+from ooc_ray.io import atomic_dir, note, sha256_file, write_parquet
+from ooc_ray.keys import config_slice
+from ooc_ray.paths import ExperimentPaths
+
+IMAGE_COLUMNS = ["id", "path", "sha256"]
+
+
+def _demo_source(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
+    """demo_images drawn like the labelled demo set (same size and groups), with their own seed."""
+    pcfg, demo = cfg.generator.pretrain, cfg.data.demo
+    if pcfg.demo_seed == demo.seed:
+        raise DataError(f"generator.pretrain.demo_seed: {pcfg.demo_seed} is data.demo.seed too; the unlabeled "
+                        "set would redraw the labelled images")
+    n = len(CLASSES)
+    per_class = tuple(pcfg.demo_images // n + (i < pcfg.demo_images % n) for i in range(n))
+    unlabeled = DemoDataConfig(per_class=per_class, size=demo.size, groups=demo.groups, seed=pcfg.demo_seed)
+    return write_demo_dataset(paths.pretrain_data, unlabeled)
+
+
+def _listed(source: Path) -> list[Path]:
+    if source.is_dir():
+        return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        table = pd.read_csv(source)
+        if "file" not in table.columns:
+            raise DataError(f"{source}: no `file` column (generator.pretrain.source CSV lists unlabeled images)")
+        files = [source.parent / f for f in table["file"].astype(str)]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise MissingInputError(f"{source}: listed image not found: {missing[0]} ({len(missing)} missing)")
+        return files
+    raise MissingInputError(f"generator.pretrain.source: {source} is neither a folder nor a .csv file")
+
+
+def unlabeled_images(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
+    """The pretraining images: id (path relative to the source), absolute path, sha256."""
+    source_name = cfg.generator.pretrain.source
+    source = _demo_source(cfg, paths) if source_name == "demo" else Path(source_name).expanduser()
+    files = _listed(source)
+    if not files:
+        raise DataError(f"generator.pretrain.source: no images in {source}")
+    root = source if source.is_dir() else source.parent
+    return pd.DataFrame({"id": [f.resolve().relative_to(root.resolve()).as_posix() if f.resolve().is_relative_to(
+        root.resolve()) else str(f.resolve()) for f in files], "path": [str(f.resolve()) for f in files],
+        "sha256": [sha256_file(f) for f in files]}, columns=IMAGE_COLUMNS)
+
+
+def refuse_labelled(images: pd.DataFrame, manifest: pd.DataFrame) -> None:
+    """Raise, naming the first one, when a pretraining image is byte-identical to a labelled image."""
+    shared = images[images["sha256"].isin(set(manifest["sha256"]))]
+    if len(shared):
+        first = shared.iloc[0]
+        label_id = manifest.loc[manifest["sha256"] == first["sha256"], "id"].iloc[0]
+        raise DataError(f"generator.pretrain.source: {len(shared)} image(s) are also labelled images (e.g. "
+                        f"{first['path']} = {label_id}); pretraining on them leaks held-out images into every "
+                        "fold's synthetic images")
+
+
+def run_pretrain(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None:
+    """Pretrain the base on the unlabeled images unless that exact pretraining exists; returns its folder."""
+    pcfg = cfg.generator.pretrain
+    if not pcfg.source:
+        note("pretrain: generator.pretrain.source is empty: LoRAs train on the base as it is")
+        return None
+    manifest = load_manifest(paths)
+    images = unlabeled_images(cfg, paths)
+    refuse_labelled(images, manifest)
+    write_parquet(images, paths.pretrain_images)
+    base = resolve_base(cfg.generator.base, paths.models)
+    key = pretrain_key(cfg, base.identity, images)
+    folder = pretrained_dir(paths, key)
+    if (folder / METADATA_FILE).is_file():
+        note(f"pretrain: base {key} re-used ({len(images)} images)")
+        return folder
+    device, _ = device_and_dtype()
+    pipe = load_pipeline(base.path, device=device)  # fp32 weights: they are trained, not only run
+    try:
+        measured = pretrain(pipe, images["path"].tolist(), cfg)
+    except FloatingPointError as exc:
+        raise ModelError(f"generator.pretrain: {exc}") from None
+    meta = {"key": key, "base": base.identity, "config": config_slice(pcfg, "base"),
+            "resolution": cfg.generator.resolution, "image_ids": images["id"].tolist(),
+            "image_sha256": images["sha256"].tolist(), **measured}
+    with atomic_dir(folder) as tmp:
+        save_pretrained(pipe, meta, tmp)
+    unet_loss = measured["unet_loss_steps"]
+    tail = sum(unet_loss[-50:]) / len(unet_loss[-50:])
+    note(f"pretrain: base {key} trained on {len(images)} images in {measured['seconds']:.0f} s "
+         f"(VAE reconstruction MSE {measured['vae_recon_mse']}, UNet loss {tail:.4f} over its last 50 steps)")
+    return folder

@@ -1,0 +1,141 @@
+"""Pretrain stage: domain pretraining of the tiny base, its caching and identity, the leakage rule, and the test
+that catches a broken generator (synthetic-only training beats chance on real images, and not without the LoRA)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import make_manifest, tiny_cfg, write_manifest
+from PIL import Image
+
+from ooc_ray.errors import ConfigError, DataError, MissingInputError
+from ooc_ray.paths import ExperimentPaths
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PRETRAIN = {"vae_steps": 4, "unet_steps": 4, "batch_size": 4}
+
+
+def write_unlabeled(folder: Path, n: int, seed: int, size: int = 32) -> Path:
+    """n images drawn like helpers.make_manifest's classes (dark / bright + noise), other seed, no labels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = np.clip(40 + 150 * (i % 2) + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"u{i:03d}.png")
+    return folder
+
+
+def pretrained_experiment(tmp_path: Path, n_unlabeled: int = 8, per_class=(4, 4), **pretrain):
+    """A 2-class experiment (manifest written as the data stage would) with a folder of unlabeled images."""
+    source = write_unlabeled(tmp_path / "unlabeled", n_unlabeled, seed=7)
+    cfg = tiny_cfg(tmp_path, generator={"base": "tiny", "resolution": 32, "epochs": 1, "repeats": 1,
+                                        "batch_size": 4, "rank": 4, "alpha": 4.0, "unet_lr": 1e-3,
+                                        "text_encoder_lr": 0.0, "unet_modules": "transformer+conv",
+                                        "pretrain": {"source": str(source), **PRETRAIN, **pretrain}})
+    paths = ExperimentPaths.of(cfg)
+    manifest = make_manifest(per_class, k=2, root=tmp_path)
+    write_manifest(manifest, paths)
+    return cfg, paths, manifest, source
+
+
+def test_pretrain_config_checks_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="generator.pretrain.vae_steps: the tiny base"):
+        tiny_cfg(tmp_path, generator={"base": "tiny", "pretrain": {"source": "demo"}})
+    with pytest.raises(ConfigError, match="generator.pretrain.vae_steps: 'me/sd' keeps its trained VAE"):
+        tiny_cfg(tmp_path, generator={"base": "me/sd", "pretrain": {"source": "demo", "vae_steps": 10}})
+    with pytest.raises(ConfigError, match="generator.pretrain.caption_dropout"):
+        tiny_cfg(tmp_path, generator={"base": "tiny", "pretrain": {"source": "demo", "vae_steps": 1,
+                                                                   "caption_dropout": 1.0}})
+
+
+def test_pretraining_trains_once_per_content_and_its_files_are_the_identity(tmp_path):
+    from ooc_ray.diffusion.base import resolve_base
+    from ooc_ray.diffusion.pretrain import METADATA_FILE, generator_base
+    from ooc_ray.pretrain import run_pretrain
+
+    cfg, paths, _, source = pretrained_experiment(tmp_path)
+    with pytest.raises(MissingInputError, match="run `ooc-ray pretrain` first"):
+        generator_base(cfg, paths)
+    folder = run_pretrain(cfg, paths)
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    assert meta["n_images"] == 8 and len(meta["unet_loss_steps"]) == 4 and len(meta["vae_loss_steps"]) == 4
+    assert meta["vae_recon_mse"] is not None
+    base = generator_base(cfg, paths)
+    tiny = resolve_base("tiny", paths.models)
+    assert base.path == str(folder) and base.identity.startswith("pretrained-") and base.identity != tiny.identity
+    # Its weights moved away from the tiny base's (VAE and UNet trained), the text encoder did not.
+    from safetensors.torch import load_file
+    for part, trained in (("vae", True), ("unet", True), ("text_encoder", False)):
+        new = load_file(next((folder / part).glob("*.safetensors")))
+        old = load_file(next((Path(tiny.path) / part).glob("*.safetensors")))
+        moved = any(not np.array_equal(new[k].numpy(), old[k].numpy()) for k in old)
+        assert moved == trained, part
+
+    stamp = (folder / METADATA_FILE).stat().st_mtime_ns
+    assert run_pretrain(cfg, paths) == folder  # same images, same settings: re-used, not re-trained
+    assert (folder / METADATA_FILE).stat().st_mtime_ns == stamp
+
+    # One unlabeled image's bytes change: another pretraining, another identity for every LoRA key.
+    write_unlabeled(tmp_path / "other", 1, seed=99)
+    shutil.copy(tmp_path / "other" / "u000.png", source / "u003.png")
+    assert run_pretrain(cfg, paths) != folder
+    assert generator_base(cfg, paths).identity != base.identity
+
+
+def test_pretraining_refuses_labelled_images(tmp_path):
+    from ooc_ray.pretrain import run_pretrain
+
+    cfg, paths, manifest, source = pretrained_experiment(tmp_path)
+    shutil.copy(manifest["path"].iloc[5], source / "renamed_copy.png")
+    with pytest.raises(DataError, match=r"1 image\(s\) are also labelled images \(e.g. .*renamed_copy.png = "
+                                        + manifest["id"].iloc[5]):
+        run_pretrain(cfg, paths)
+    assert not (paths.models / "pretrained").exists()
+
+
+def _cas(synthetic: pd.DataFrame, real: pd.DataFrame, weight: float) -> float:
+    """Train a logistic regression on one pool's images (mean and std of the pixels), test on real images."""
+    from sklearn.linear_model import LogisticRegression
+
+    def feats(paths_):
+        arrs = [np.asarray(Image.open(p).convert("L"), np.float32) / 255.0 for p in paths_]
+        return np.array([[a.mean(), a.std()] for a in arrs])
+
+    pool = synthetic[synthetic["weight"] == weight]
+    probe = LogisticRegression().fit(feats(pool["path"]), pool["label"])
+    return float(probe.score(feats(real["path"]), real["label"]))
+
+
+def test_a_working_generator_teaches_a_classifier_and_one_without_its_lora_does_not(tmp_path):
+    """Issue 10's broken-generator test, on the real stages (pretrain, finetune, sample): classes differ in
+    brightness; a probe trained only on a fold's synthetic images (LoRA weight 1.0) must classify the fold's
+    held-out real images well; the same pools sampled with the LoRA off (weight 0.0, the pretrained base alone,
+    which saw both classes under one caption) must not. A sampler that silently dropped the LoRA fails here."""
+    from ooc_ray.finetune import run_finetune
+    from ooc_ray.pretrain import run_pretrain
+    from ooc_ray.sample import sample_pools
+
+    cfg, paths, manifest, _ = pretrained_experiment(tmp_path, n_unlabeled=64, per_class=(12, 12), vae_steps=60,
+                                                    unet_steps=120, batch_size=16)
+    cfg = tiny_cfg(tmp_path, generator={**_as_dict(cfg.generator), "epochs": 10, "repeats": 2},
+                   sample={"weights": [1.0, 0.0], "steps": 10, "cfg": 1.5, "resolution": 32, "batch_size": 8,
+                           "actors": 1}, classify={"ratios": [2.0]})
+    run_pretrain(cfg, paths)
+    run_finetune(cfg, paths)
+    synthetic = sample_pools(cfg, paths, manifest, use_ray=False)
+    fold0 = synthetic[synthetic["fold"] == 0]
+    held_out = manifest[manifest["fold"] == 0]
+    with_lora, without_lora = _cas(fold0, held_out, 1.0), _cas(fold0, held_out, 0.0)
+    assert with_lora >= 0.875, (with_lora, without_lora)
+    assert without_lora <= 0.75, (with_lora, without_lora)
+
+
+def _as_dict(section) -> dict:
+    from ooc_ray.config import to_dict
+
+    return to_dict(section)
