@@ -17,7 +17,7 @@ import pandas as pd
 
 from ooc_ray.config import ExperimentConfig, GeneratorConfig
 from ooc_ray.data import load_image, load_manifest
-from ooc_ray.diffusion.base import BaseModel, device_and_dtype, load_pipeline
+from ooc_ray.diffusion.base import BaseModel, device_and_dtype, load_pipeline, optimizer_step
 from ooc_ray.diffusion.lora import (DIFFUSERS_FILE, KOHYA_FILE, METADATA_FILE, TE_TARGETS,
                                     lora_config, lora_problem, read_metadata, save_lora, trained_table, unet_targets,
                                     weights_digest)
@@ -74,13 +74,7 @@ def _train_loop(pipe, latents, ids, gcfg: GeneratorConfig, optimizer, gen):
             with autocast:
                 text = te(ids)[0] if use_te else cached_text
                 pred = unet(noisy.to(unet.dtype), t, text.expand(len(idx), -1, -1).to(unet.dtype)).sample
-            loss = F.mse_loss(pred.float(), target.float())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} (lower generator.unet_lr?)")
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(optimizer_step(optimizer, F.mse_loss(pred.float(), target.float()), "generator.unet_lr"))
         step_losses += losses
         epoch_losses.append(sum(losses) / len(losses))
     return step_losses, epoch_losses

@@ -247,6 +247,19 @@ def device_and_dtype(half: bool = True):
     return "cpu", torch.float32
 
 
+def optimizer_step(optimizer, loss, lr_key: str) -> float:
+    """One gradient step on `loss`; a NaN/inf loss raises FloatingPointError naming the lr to lower, before it
+    reaches the weights. Returns the loss as a float."""
+    import torch
+
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()} (lower {lr_key}?)")
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def load_pipeline(base_path: str, img2img: bool = False, device: str = "cpu", dtype=None):
     """A StableDiffusion(Img2Img)Pipeline from a resolved local folder, on `device`.
 

@@ -19,7 +19,7 @@ import pandas as pd
 from ooc_ray import keys
 from ooc_ray.config import ExperimentConfig, PretrainConfig
 from ooc_ray.data import load_image
-from ooc_ray.diffusion.base import TINY, BaseModel, folder_digest, resolve_base
+from ooc_ray.diffusion.base import TINY, BaseModel, folder_digest, optimizer_step, resolve_base
 from ooc_ray.errors import MissingInputError
 from ooc_ray.io import parquet_problem
 from ooc_ray.paths import ExperimentPaths
@@ -95,10 +95,7 @@ def train_vae(vae, pixels, pcfg: PretrainConfig, gen) -> list[float]:
         recon = vae.decode(z).sample
         # L1 keeps edges sharper than MSE alone (SD's VAE adds a perceptual and a GAN loss we cannot run offline).
         loss = (recon - x).abs().mean() + ((recon - x) ** 2).mean() + VAE_KL_WEIGHT * posterior.kl().mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(optimizer, loss, "generator.pretrain.vae_lr"))
     vae.requires_grad_(False).eval()
     return losses
 
@@ -157,13 +154,7 @@ def train_unet(pipe, latents, pcfg: PretrainConfig, gen) -> list[float]:
         dropped = (torch.rand(len(idx), generator=gen) < pcfg.caption_dropout).to(x0.device)
         text = torch.where(dropped[:, None, None], empty, caption)
         pred = unet(sched.add_noise(x0, noise, t), t, text).sample
-        loss = F.mse_loss(pred, noise)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretraining loss became {loss.item()} (lower generator.pretrain.unet_lr?)")
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(optimizer, F.mse_loss(pred, noise), "generator.pretrain.unet_lr"))
     unet.requires_grad_(False).eval()
     return losses
 
