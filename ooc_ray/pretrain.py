@@ -39,15 +39,21 @@ def _demo_source(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
     return write_demo_dataset(paths.pretrain_data, unlabeled)
 
 
-def _listed(source: Path) -> list[Path]:
+def _listed(source: Path) -> dict[str, Path]:
+    """id -> file: a folder's images by their path inside it, a CSV's by its `file` entry as written (so
+    moving the images with their folder or CSV keeps every id, hence the pretraining key)."""
     if source.is_dir():
-        return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return {f.relative_to(source).as_posix(): f for f in files}
     if source.is_file() and source.suffix.lower() == ".csv":
         table = pd.read_csv(source)
         if "file" not in table.columns:
             raise DataError(f"{source}: no `file` column (generator.pretrain.source CSV lists unlabeled images)")
-        files = [source.parent / f for f in table["file"].astype(str)]
-        missing = [f for f in files if not f.is_file()]
+        twice = table.loc[table["file"].duplicated(), "file"]
+        if len(twice):
+            raise DataError(f"{source}: {twice.iloc[0]} is listed more than once")
+        files = {entry: source.parent / entry for entry in table["file"].astype(str)}
+        missing = [f for f in files.values() if not f.is_file()]
         if missing:
             raise MissingInputError(f"{source}: listed image not found: {missing[0]} ({len(missing)} missing)")
         return files
@@ -61,10 +67,8 @@ def unlabeled_images(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFr
     files = _listed(source)
     if not files:
         raise DataError(f"generator.pretrain.source: no images in {source}")
-    root = source if source.is_dir() else source.parent
-    return pd.DataFrame({"id": [f.resolve().relative_to(root.resolve()).as_posix() if f.resolve().is_relative_to(
-        root.resolve()) else str(f.resolve()) for f in files], "path": [str(f.resolve()) for f in files],
-        "sha256": [sha256_file(f) for f in files]}, columns=IMAGE_COLUMNS)
+    return pd.DataFrame({"id": list(files), "path": [str(f.resolve()) for f in files.values()],
+                         "sha256": [sha256_file(f) for f in files.values()]}, columns=IMAGE_COLUMNS)
 
 
 def refuse_labelled(images: pd.DataFrame, manifest: pd.DataFrame) -> None:
