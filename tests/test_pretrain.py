@@ -80,6 +80,12 @@ def test_pretraining_trains_once_per_content_and_its_files_are_the_identity(tmp_
     assert run_pretrain(cfg, paths) == folder  # same images, same settings: re-used, not re-trained
     assert (folder / METADATA_FILE).stat().st_mtime_ns == stamp
 
+    # The same pretraining in another results folder (other absolute paths, other timings) gives a byte-identical
+    # base: its identity seeds every LoRA key and pool seed, so two runs of one config must draw the same images.
+    cfg2, paths2, _, _ = pretrained_experiment(tmp_path / "elsewhere")
+    run_pretrain(cfg2, paths2)
+    assert generator_base(cfg2, paths2).identity == base.identity
+
     # One unlabeled image's bytes change: another pretraining, another identity for every LoRA key.
     write_unlabeled(tmp_path / "other", 1, seed=99)
     shutil.copy(tmp_path / "other" / "u000.png", source / "u003.png")

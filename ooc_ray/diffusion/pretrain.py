@@ -187,5 +187,15 @@ def pretrain(pipe, image_paths, cfg: ExperimentConfig) -> dict:
 
 
 def save_pretrained(pipe, meta: dict, folder: Path) -> None:
+    """Write the pipeline and its metadata so that the same training gives the same bytes: the folder's digest
+    is the identity in every LoRA and pool key (and pool seeds derive from LoRA keys), so anything that differs
+    between two identical runs would give them different synthetic images. diffusers writes the folder it
+    loaded from as `_name_or_path` into each config.json (measured: two runs in two results folders differed
+    only there and in the timings), so that entry is dropped, and timings are not written here."""
     pipe.save_pretrained(folder, safe_serialization=True)
-    (Path(folder) / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+    for config_file in [Path(folder) / "model_index.json", *Path(folder).glob("*/config.json")]:
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    timing_free = {k: v for k, v in meta.items() if not k.endswith("seconds")}
+    (Path(folder) / METADATA_FILE).write_text(json.dumps(timing_free, indent=1))
