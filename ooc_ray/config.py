@@ -151,6 +151,9 @@ class GeneratorConfig:
     # base has attention only at its coarsest level, as the tiny base does.
     unet_modules: Literal["attention", "transformer", "transformer+conv"] = result("attention", _LORA,
                                                                                    keyed_when_set=True)
+    # Which text-encoder modules carry its LoRA (when text_encoder_lr > 0): "attention" (q/k/v/out) or
+    # "attention+mlp" (also fc1/fc2: kohya's default, which targets CLIPAttention and CLIPMLP).
+    text_encoder_modules: Literal["attention", "attention+mlp"] = result("attention", _LORA, keyed_when_set=True)
     pretrain: PretrainConfig = section(PretrainConfig)
 
 

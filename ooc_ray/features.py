@@ -26,6 +26,7 @@ from ooc_ray import keys
 from ooc_ray.backbones import BackboneWeights, build_augmentation, build_backbone, frozen, setup_tf
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.data import load_image
+from ooc_ray.gpu import require_tf_gpu
 from ooc_ray.io import atomic_path, atomic_write_text, note
 from ooc_ray.raycluster import init_ray, require_resources
 
@@ -205,6 +206,8 @@ def extract_features(cc: ClassifyConfig, weights: BackboneWeights, images: pd.Da
 
 def _extract_task(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str) -> int:
     setup_tf(cc.cpus_per_trial)
+    if cc.gpus_per_trial > 0:
+        require_tf_gpu(f"feature extraction: classify.gpus_per_trial={cc.gpus_per_trial:g}")
     return extract_features(cc, weights, images, directory)
 
 
@@ -235,8 +238,11 @@ def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: Backbone
         slots = int(resources.get("GPU", 0) // cc.gpus_per_trial)
     else:
         slots = int(resources.get("CPU", 1) // max(cc.cpus_per_trial, 1))
-    # Each task pays a TF import and a backbone build (~5 s on CPU for B0), so give each at least one part.
-    n_tasks = max(1, min(slots, -(-len(todo) // CHUNK)))
+    n_parts = -(-len(todo) // CHUNK)
+    # Each task pays a TF import and a backbone build (~5 s on CPU for B0), so give each at least one part. On
+    # an autoscaling cluster (which may start with no GPU node) one task per part: queued tasks start on the
+    # nodes as they join, where a count taken now would leave the work to the few slots there are now.
+    n_tasks = max(1, n_parts if cfg.ray.autoscaling else min(slots, n_parts))
     task = ray.remote(_extract_task).options(num_cpus=cc.cpus_per_trial, num_gpus=cc.gpus_per_trial)
     shards = [todo.iloc[idx] for idx in np.array_split(np.arange(len(todo)), n_tasks) if len(idx)]
     ray.get([task.remote(cc, weights, shard, str(directory)) for shard in shards])

@@ -18,11 +18,11 @@ import pandas as pd
 from ooc_ray.config import ExperimentConfig, GeneratorConfig
 from ooc_ray.data import load_image, load_manifest
 from ooc_ray.diffusion.base import BaseModel, device_and_dtype, load_pipeline, optimizer_step
-from ooc_ray.diffusion.lora import (DIFFUSERS_FILE, KOHYA_FILE, METADATA_FILE, TE_TARGETS,
-                                    lora_config, lora_problem, read_metadata, save_lora, trained_table, unet_targets,
-                                    weights_digest)
+from ooc_ray.diffusion.lora import (DIFFUSERS_FILE, KOHYA_FILE, METADATA_FILE, lora_config, lora_problem,
+                                    read_metadata, save_lora, te_targets, trained_table, unet_targets, weights_digest)
 from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import ModelError
+from ooc_ray.gpu import require_torch_cuda, training_precision
 from ooc_ray.io import atomic_dir, note, sha256_file, write_parquet
 from ooc_ray.keys import config_slice
 from ooc_ray.paths import ExperimentPaths
@@ -47,7 +47,9 @@ def _cached_latents(vae, paths: tuple[str, ...], resolution: int, gen):
 
 def _train_loop(pipe, latents, ids, gcfg: GeneratorConfig, optimizer, gen):
     """kohya-style epochs: every image `repeats` times, shuffled, batches of batch_size (last may be short);
-    epsilon (or v) prediction MSE at uniform random timesteps. Returns (loss per step, mean loss per epoch)."""
+    epsilon (or v) prediction MSE at uniform random timesteps, in generator.mixed_precision (gpu.py: autocast,
+    with a GradScaler for fp16). Returns (loss per step, mean loss per epoch, the GradScaler's final scale or
+    None)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
@@ -56,7 +58,9 @@ def _train_loop(pipe, latents, ids, gcfg: GeneratorConfig, optimizer, gen):
     use_te = gcfg.text_encoder_lr > 0
     device = unet.device
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    autocast = torch.autocast(device.type, dtype=unet.dtype, enabled=unet.dtype != torch.float32)
+    weights_dtype, autocast_dtype, scaled = training_precision(gcfg.mixed_precision, device.type)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    scaler = torch.amp.GradScaler(device.type) if scaled else None
     with torch.no_grad():
         cached_text = None if use_te else te(ids)[0]
     n = len(latents)
@@ -73,11 +77,12 @@ def _train_loop(pipe, latents, ids, gcfg: GeneratorConfig, optimizer, gen):
             target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
             with autocast:
                 text = te(ids)[0] if use_te else cached_text
-                pred = unet(noisy.to(unet.dtype), t, text.expand(len(idx), -1, -1).to(unet.dtype)).sample
-            losses.append(optimizer_step(optimizer, F.mse_loss(pred.float(), target.float()), "generator.unet_lr"))
+                pred = unet(noisy.to(weights_dtype), t, text.expand(len(idx), -1, -1).to(weights_dtype)).sample
+            loss = F.mse_loss(pred.float(), target.float())
+            losses.append(optimizer_step(optimizer, loss, "generator.unet_lr", scaler))
         step_losses += losses
         epoch_losses.append(sum(losses) / len(losses))
-    return step_losses, epoch_losses
+    return step_losses, epoch_losses, (scaler.get_scale() if scaler else None)
 
 
 def _add_adapters(pipe, name: str, gcfg: GeneratorConfig, use_te: bool):
@@ -93,7 +98,7 @@ def _add_adapters(pipe, name: str, gcfg: GeneratorConfig, use_te: bool):
         torch.manual_seed(gcfg.seed)
         unet.add_adapter(LoraConfig(**lora_config(gcfg, unet_targets(gcfg))), adapter_name=name)
         if use_te:
-            te.add_adapter(LoraConfig(**lora_config(gcfg, TE_TARGETS)), adapter_name=name)
+            te.add_adapter(LoraConfig(**lora_config(gcfg, te_targets(gcfg))), adapter_name=name)
     unet_params = [p for p in unet.parameters() if p.requires_grad]
     te_params = [p for p in te.parameters() if p.requires_grad] if use_te else []
     for p in unet_params + te_params:
@@ -122,7 +127,7 @@ def train_lora(pipe, job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, out_d
         unet.train()
         te.train(use_te)
         with torch.enable_grad():  # whatever the caller's grad mode
-            step_losses, epoch_losses = _train_loop(pipe, latents, ids, gcfg, optimizer, gen)
+            step_losses, epoch_losses, grad_scale = _train_loop(pipe, latents, ids, gcfg, optimizer, gen)
         save_lora(unet, te if use_te else None, name, gcfg, base.identity, out_dir)
     except FloatingPointError as exc:
         raise ModelError(f"LoRA {name}: {exc}") from None
@@ -142,7 +147,9 @@ def train_lora(pipe, job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, out_d
         "file": DIFFUSERS_FILE, "sha256": sha256_file(out_dir / DIFFUSERS_FILE),
         "weights_sha256": weights_digest(out_dir / DIFFUSERS_FILE),
         "kohya_file": KOHYA_FILE, "kohya_sha256": sha256_file(out_dir / KOHYA_FILE),
-        "device": str(unet.device), "seconds": round(time.perf_counter() - start, 2),
+        "device": str(unet.device), "base_dtype": str(unet.dtype).removeprefix("torch."),
+        "mixed_precision": gcfg.mixed_precision, "grad_scale_final": grad_scale,
+        "seconds": round(time.perf_counter() - start, 2),
     }
     (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=1))
     return meta
@@ -152,11 +159,8 @@ _PIPES: dict = {}  # one base pipeline per process (Ray reuses worker processes 
 
 
 def base_pipeline(base_path: str, gcfg: GeneratorConfig):
-    import torch
-
     device, _ = device_and_dtype()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[gcfg.mixed_precision]
-    dtype = dtype if device == "cuda" else torch.float32  # fp16 matmuls on CPU are slow or unsupported
+    dtype, _, _ = training_precision(gcfg.mixed_precision, device)  # the frozen base's storage dtype
     key = (base_path, device, dtype)
     if key not in _PIPES:
         _PIPES.clear()
@@ -164,8 +168,11 @@ def base_pipeline(base_path: str, gcfg: GeneratorConfig):
     return _PIPES[key]
 
 
-def train_job(job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, lora_root: Path) -> dict:
-    """Train `job` into lora_root/<key>/ atomically (a kill leaves no half-written LoRA)."""
+def train_job(job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, lora_root: Path, gpu_request: str = "") -> dict:
+    """Train `job` into lora_root/<key>/ atomically (a kill leaves no half-written LoRA). `gpu_request` names
+    the GPUs this process was given (e.g. "finetune: generator.gpus=1"): then no usable CUDA device is an error."""
+    if gpu_request:
+        require_torch_cuda(gpu_request)
     pipe = base_pipeline(base.path, gcfg)
     with atomic_dir(Path(lora_root) / job.key) as tmp:
         return train_lora(pipe, job, gcfg, base, tmp)
@@ -195,7 +202,8 @@ def train_all(cfg: ExperimentConfig, jobs: list[LoraJob], base: BaseModel, lora_
     # max_calls=1: the worker exits after its LoRA, so no idle process keeps a base model in GPU
     # memory while the sampling actors start; reloading SD v1.5 (~5 s) is small beside its training.
     remote = ray.remote(num_gpus=gcfg.gpus, max_retries=1, max_calls=1)(train_job)
-    ray.get([remote.remote(job, gcfg, base, lora_root) for job in jobs])
+    request = f"finetune: generator.gpus={gcfg.gpus:g}"
+    ray.get([remote.remote(job, gcfg, base, lora_root, request) for job in jobs])
 
 
 def run_finetune(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:

@@ -27,6 +27,7 @@ from ooc_ray.diffusion.base import BaseModel, device_and_dtype, load_pipeline
 from ooc_ray.diffusion.lora import trained_table
 from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import StageError
+from ooc_ray.gpu import require_torch_cuda
 from ooc_ray.io import atomic_path, image_problem, note, parquet_problem, sha256_file, write_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import LoraJob, plan_loras, pool_sizes
@@ -96,12 +97,15 @@ class SampleWorker:
     Adapters are loaded once per actor and switched with set_adapters (never fused: fuse/unfuse does not
     restore the base exactly, and weight 0.0 must reproduce the base image bit for bit)."""
 
-    def __init__(self, base_path: str, mode: str, sampler: str, resolution: int, fail_after: int = 0):
+    def __init__(self, base_path: str, mode: str, sampler: str, resolution: int, fail_after: int = 0,
+                 gpu_request: str = ""):
         import diffusers
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # a second adapter in the text encoder prints a MISSING-keys report
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # many adapters are intended
+        if gpu_request:  # this actor was given GPUs: sampling SD on its CPU instead would take days
+            require_torch_cuda(gpu_request)
         device, dtype = device_and_dtype()
         self.pipe = load_pipeline(base_path, img2img=mode == "img2img", device=device, dtype=dtype)
         self.pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(self.pipe.scheduler.config)
@@ -206,13 +210,17 @@ def pending_batches(plan: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
             if missing[rows.index].any()]
 
 
-def n_actors(cfg: ExperimentConfig, ray=None) -> int:
+def actor_pool_size(cfg: ExperimentConfig, n_batches: int, ray=None) -> tuple[int, int]:
+    """(min, max) sampling actors. sample.actors fixes both. With GPUs the pool may grow to one actor per batch:
+    Ray Data adds actors as GPUs free up or join (an autoscaling cluster may start with none), instead of
+    keeping the count the cluster had at start. On CPUs one actor: more would share the same cores."""
     s = cfg.sample
     if s.actors:
-        return s.actors
-    if s.gpus_per_actor > 0 and ray is not None:
-        return max(1, int(ray.cluster_resources().get("GPU", 0) // s.gpus_per_actor))
-    return 1
+        return min(s.actors, n_batches), min(s.actors, n_batches)
+    if s.gpus_per_actor > 0:
+        now = int(ray.cluster_resources().get("GPU", 0) // s.gpus_per_actor) if ray is not None else 1
+        return max(1, min(now, n_batches)), n_batches
+    return 1, 1
 
 
 def _render_with_ray(cfg: ExperimentConfig, batches: list[pd.DataFrame], worker_kwargs: dict) -> None:
@@ -221,7 +229,7 @@ def _render_with_ray(cfg: ExperimentConfig, batches: list[pd.DataFrame], worker_
     s = cfg.sample
     ray = init_ray(cfg)
     require_resources(cfg, {"CPU": 1, "GPU": s.gpus_per_actor}, f"sample: sample.gpus_per_actor={s.gpus_per_actor:g}")
-    size = min(n_actors(cfg, ray), len(batches))
+    min_size, max_size = actor_pool_size(cfg, len(batches), ray)
     # One block per batch, so that the actor pool can spread blocks over its actors (one block is one task).
     ray_data.DataContext.get_current().enable_progress_bars = False
     ds = ray_data.from_pandas(batches)
@@ -229,7 +237,7 @@ def _render_with_ray(cfg: ExperimentConfig, batches: list[pd.DataFrame], worker_
     ds = ds.map_batches(
         # batch_size=None: one block = one planned batch; a row count would re-cut batches across blocks.
         SampleWorker, fn_constructor_kwargs=worker_kwargs, batch_size=None, batch_format="pandas",
-        compute=ray_data.ActorPoolStrategy(size=size), **gpu,
+        compute=ray_data.ActorPoolStrategy(min_size=min_size, max_size=max_size), **gpu,
     )
     ds.materialize()
 
@@ -247,6 +255,8 @@ def render(plan: pd.DataFrame, cfg: ExperimentConfig, base: BaseModel, use_ray: 
     kwargs = {"base_path": base.path, "mode": s.mode, "sampler": s.sampler, "resolution": s.resolution,
               "fail_after": int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)}
     if use_ray:
+        if s.gpus_per_actor > 0:
+            kwargs["gpu_request"] = f"sample: sample.gpus_per_actor={s.gpus_per_actor:g}"
         _render_with_ray(cfg, batches, kwargs)
     else:
         worker = SampleWorker(**kwargs)

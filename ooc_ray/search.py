@@ -32,6 +32,7 @@ from ooc_ray.errors import ConfigError, StageError
 from ooc_ray.features import cache_dir, clean_view, embed
 from ooc_ray.finetune import pending_jobs, train_job
 from ooc_ray.folds import fold_ids, held_out_rows, train_rows
+from ooc_ray.gpu import require_tf_gpu, require_torch_cuda
 from ooc_ray.io import atomic_write_text, note, parquet_problem, write_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import plan_loras
@@ -134,6 +135,10 @@ def _tune_trainable(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths,
                     weights: BackboneWeights) -> None:
     from ray import tune
 
+    if cfg.search.gpus_per_trial > 0:  # LoRA training and sampling (torch), then the classifier (TF)
+        request = f"search trial: search.gpus_per_trial={cfg.search.gpus_per_trial:g}"
+        require_torch_cuda(request)
+        require_tf_gpu(request)
     row = run_search_trial(params, cfg, paths, base, weights)
     tune.report({k: row[k] for k in ("search_key", "score", "cas", "kid", "accuracy")})
 

@@ -202,3 +202,20 @@ def test_augmented_views_do_not_depend_on_extraction_split(tiny, tmp_path):
     a, b = FeatureCache(one).load(images["sha256"]), FeatureCache(two).load(images["sha256"])
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert not np.allclose(a[:, 1], a[:, 2])  # views 1 and 2 are different draws
+
+
+def test_a_feature_task_given_a_gpu_tf_cannot_see_fails_naming_node_and_request(tiny, tmp_path):
+    """The function each Ray feature task runs: with classify.gpus_per_trial > 0 and no GPU visible to
+    TensorFlow (plain `tensorflow` has no CUDA libraries) it raises before extracting anything."""
+    from ooc_ray.errors import ResourceError
+    from ooc_ray.features import _extract_task
+    from ooc_ray.gpu import node_name
+
+    _, _, manifest, _, path = tiny
+    cc = tiny_cfg(tmp_path, weights=path, gpus_per_trial=1).classify
+    weights = BackboneWeights(path, "file-test")
+    directory = cache_dir(cc, weights, tmp_path / "features")
+    with pytest.raises(ResourceError, match=f"classify.gpus_per_trial=1: node {node_name()} was given a GPU but "
+                                            "TensorFlow .* sees none"):
+        _extract_task(cc, weights, manifest[["path", "sha256"]].iloc[:2], str(directory))
+    assert not list(directory.glob("part-*"))

@@ -183,11 +183,14 @@ def test_finetune_outputs_formats_and_resume(tmp_path, tiny_base, monkeypatch):
     assert ft.run_finetune(cfg, paths).equals(table)
 
 
-def test_ray_gpu_dispatch_path(tmp_path, tiny_base):
-    """generator.gpus > 0 sends each LoRA to a Ray task with num_gpus; a fake GPU resource runs it on CPU."""
+def test_a_gpu_task_that_sees_no_cuda_fails_naming_node_and_request(tmp_path, tiny_base):
+    """generator.gpus > 0 sends each LoRA to a Ray task with num_gpus. A node that advertises a GPU its torch
+    cannot use (here: a fake GPU resource on this CPU machine) must fail the stage, not train on the CPU."""
     import ray
 
+    from ooc_ray.errors import ResourceError
     from ooc_ray.finetune import run_finetune
+    from ooc_ray.gpu import node_name
 
     if ray.is_initialized():  # an earlier test's local Ray has no GPU resource: restart with a fake one
         ray.shutdown()
@@ -198,10 +201,44 @@ def test_ray_gpu_dispatch_path(tmp_path, tiny_base):
     write_manifest(make_dataset(tmp_path, per_class=(2, 2), k=2), paths)
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        table = run_finetune(cfg, paths)
+        with pytest.raises(ResourceError, match=f"finetune: generator.gpus=0.5: node {node_name()} was given a "
+                                                "GPU but torch .* sees no usable CUDA device"):
+            run_finetune(cfg, paths)
     finally:
         ray.shutdown()
-    assert len(table) == 2 and all((Path(d) / "metadata.json").is_file() for d in table["dir"])
+    assert not list(paths.lora.glob("*/metadata.json"))  # nothing trained, nothing half-written
+
+
+def test_bf16_trains_under_cpu_autocast_and_fp16_needs_a_gpu(tmp_path, tiny_base):
+    """generator.mixed_precision is honoured or refused, never swapped: bf16 runs on CPUs (autocast; the LoRA
+    parameters stay fp32), fp16 has no CPU path and raises naming the key."""
+    from safetensors.torch import load_file
+
+    from ooc_ray.errors import ModelError
+    from ooc_ray.finetune import run_finetune
+
+    m = make_dataset(tmp_path, per_class=(2, 2), k=2)
+    trained = {}
+    for precision in ("fp32", "bf16"):
+        cfg = tiny_cfg(tmp_path / precision, generator={"epochs": 2, "text_encoder_lr": 0.0, "split": "all",
+                                                        "mixed_precision": precision})
+        paths = ExperimentPaths.of(cfg)
+        seed_models(paths, tiny_base)
+        write_manifest(m[m.label == "good"], paths)
+        row = run_finetune(cfg, paths).iloc[0]
+        trained[precision] = load_file(Path(row["dir"]) / "pytorch_lora_weights.safetensors")
+    assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 for t in trained["bf16"].values())
+    # Same seeds, same data: bf16 matmuls round differently, so the LoRAs differ (autocast ran), but only a little.
+    diffs = [(trained["bf16"][k] - trained["fp32"][k]).abs().max().item() for k in trained["fp32"]]
+    scale = max(trained["fp32"][k].abs().max().item() for k in trained["fp32"])
+    assert 0 < max(diffs) < 0.2 * scale, (max(diffs), scale)
+
+    cfg = tiny_cfg(tmp_path / "fp16", generator={"mixed_precision": "fp16", "split": "all"})
+    paths = ExperimentPaths.of(cfg)
+    seed_models(paths, tiny_base)
+    write_manifest(m[m.label == "good"], paths)
+    with pytest.raises(ModelError, match="generator.mixed_precision=fp16 needs a CUDA GPU"):
+        run_finetune(cfg, paths)
 
 
 def test_missing_or_changed_lora_is_named_then_retrained(tmp_path, tiny_base, capsys):

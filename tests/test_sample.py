@@ -263,3 +263,33 @@ def test_a_lora_file_lacking_modules_of_its_own_config_fails_loud(tmp_path, trai
     worker._activate("whole", lora.dir, lora.file, 1.0)  # the trained file loads whole
     with pytest.raises(StageError, match="partial.safetensors does not load whole"):
         worker._activate("partial", str(tmp_path), "partial.safetensors", 1.0)
+
+
+def test_a_sampling_actor_given_a_gpu_torch_cannot_use_fails_before_loading(tmp_path, trained):
+    """What each Ray sampling actor runs first when sample.gpus_per_actor > 0: no usable CUDA device here."""
+    from ooc_ray.errors import ResourceError
+    from ooc_ray.gpu import node_name
+    from ooc_ray.sample import SampleWorker
+
+    _, paths, _ = experiment(tmp_path, trained)
+    with pytest.raises(ResourceError, match=f"sample: sample.gpus_per_actor=1: node {node_name()} was given a GPU"):
+        SampleWorker(str(paths.models / "tiny_sd"), "txt2img", "euler_a", 32,
+                     gpu_request="sample: sample.gpus_per_actor=1")
+
+
+def test_gpu_actor_pool_grows_with_the_cluster(tmp_path):
+    """With GPUs per actor the pool starts with the GPUs there are now (at least one) and may grow to one actor
+    per batch as GPU nodes join; sample.actors fixes it; on CPUs one actor."""
+    import ray
+
+    from ooc_ray.raycluster import init_ray
+    from ooc_ray.sample import actor_pool_size
+
+    cpu = tiny_cfg(tmp_path, sample={"actors": 0})
+    init_ray(cpu)
+    gpus_now = int(ray.cluster_resources().get("GPU", 0))
+    assert actor_pool_size(cpu, 7, ray) == (1, 1)
+    gpu = tiny_cfg(tmp_path, sample={"actors": 0, "gpus_per_actor": 1})
+    assert actor_pool_size(gpu, 7, ray) == (max(1, min(gpus_now, 7)), 7)
+    fixed = tiny_cfg(tmp_path, sample={"actors": 3, "gpus_per_actor": 1})
+    assert actor_pool_size(fixed, 7, ray) == (3, 3) and actor_pool_size(fixed, 2, ray) == (2, 2)

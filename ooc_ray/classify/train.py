@@ -20,6 +20,7 @@ from ooc_ray.classify.model import build_exact_model, build_head, compile_model
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.errors import StageError
 from ooc_ray.features import FeatureCache, image_batches, image_map, train_views
+from ooc_ray.gpu import require_tf_gpu
 from ooc_ray.io import parquet_problem, write_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import PlannedTrial
@@ -143,6 +144,8 @@ def run_trial(cfg: ExperimentConfig, paths: ExperimentPaths, trial: PlannedTrial
     start = time.perf_counter()
     cc = cfg.classify
     setup_tf(cc.cpus_per_trial)  # before any TF op
+    if cc.mode == "exact" and cc.gpus_per_trial > 0:  # cached-mode trials get no GPU (features.py has it)
+        require_tf_gpu(f"classify trial fold {trial.spec.fold} {trial.spec.arm}: classify.gpus_per_trial={cc.gpus_per_trial:g}")
     import keras
 
     seed = cc.seed + trial.spec.fold

@@ -169,6 +169,43 @@ def build_tiny_sd(out_dir: Path, seed: int = TINY_SEED) -> Path:
     return out_dir
 
 
+# SD v1.5's architecture (runwayml/stable-diffusion-v1-5's config.json files, public): what its UNet, VAE and
+# CLIP ViT-L/14 text encoder are, for tests and benchmarks of the real sizes where no weights can be downloaded.
+SD15_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+             "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768, "attention_head_dim": 8,
+             "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+             "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3}
+SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+            "block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4, "sample_size": 512, "scaling_factor": 0.18215}
+SD15_TEXT = {"vocab_size": CLIP_VOCAB_SIZE, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+             "projection_dim": 768, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+SD15_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "clip_sample": False, "steps_offset": 1,
+                  "prediction_type": "epsilon"}
+
+
+def sd15_architecture(tokenizer_dir: Path, seed: int = 0, dtype=None):
+    """A StableDiffusionPipeline with SD v1.5's exact architecture (UNet 860M, VAE 84M, text encoder 123M
+    parameters) and random weights, built in memory from the configs above: the real sizes for tests and
+    benchmarks, nothing downloaded but the tokenizer vocabulary (clip_bpe_path)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL(**SD15_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
+            tokenizer=clip_tokenizer(Path(tokenizer_dir)), unet=UNet2DConditionModel(**SD15_UNET),
+            scheduler=DDPMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype) if dtype is not None else pipe
+
+
 def ensure_tiny_sd(models_dir: Path, seed: int = TINY_SEED) -> Path:
     """The tiny base under models_dir/tiny_sd, built once (rebuilt if its spec changed)."""
     out = Path(models_dir) / "tiny_sd"
@@ -247,15 +284,21 @@ def device_and_dtype(half: bool = True):
     return "cpu", torch.float32
 
 
-def optimizer_step(optimizer, loss, lr_key: str) -> float:
+def optimizer_step(optimizer, loss, lr_key: str, scaler=None) -> float:
     """One gradient step on `loss`; a NaN/inf loss raises FloatingPointError naming the lr to lower, before it
-    reaches the weights. Returns the loss as a float."""
+    reaches the weights. With a GradScaler (fp16 training) the loss is scaled before backward, and a step whose
+    gradients overflowed is skipped by the scaler. Returns the loss as a float."""
     import torch
 
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss became {loss.item()} (lower {lr_key}?)")
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
 

@@ -26,11 +26,16 @@ _ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 _TRANSFORMER = _ATTENTION + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 UNET_MODULES = {"attention": _ATTENTION, "transformer": _TRANSFORMER,
                 "transformer+conv": _TRANSFORMER + ["conv1", "conv2"]}
-TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+_TE_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_ENCODER_MODULES = {"attention": _TE_ATTENTION, "attention+mlp": _TE_ATTENTION + ["fc1", "fc2"]}
 
 
 def unet_targets(gcfg: GeneratorConfig) -> list[str]:
     return UNET_MODULES[gcfg.unet_modules]
+
+
+def te_targets(gcfg: GeneratorConfig) -> list[str]:
+    return TEXT_ENCODER_MODULES[gcfg.text_encoder_modules]
 
 
 def lora_config(gcfg: GeneratorConfig, targets: list[str]) -> dict:
@@ -83,7 +88,7 @@ def save_lora(unet, te, name: str, gcfg: GeneratorConfig, base_id: str, out_dir:
         weight_name=DIFFUSERS_FILE,
         safe_serialization=True,
         unet_lora_adapter_metadata=lora_config(gcfg, unet_targets(gcfg)),
-        text_encoder_lora_adapter_metadata=lora_config(gcfg, TE_TARGETS) if te_sd else None,
+        text_encoder_lora_adapter_metadata=lora_config(gcfg, te_targets(gcfg)) if te_sd else None,
     )
     save_file(kohya_state_dict(unet_sd, te_sd, gcfg.alpha), str(out_dir / KOHYA_FILE), metadata={
         "ss_network_module": "networks.lora", "ss_network_dim": str(gcfg.rank),

@@ -1,0 +1,107 @@
+"""What a GPU request must find on the node that runs it, and the precision LoRA training runs in.
+
+A task, actor or trial that was given GPUs calls require_torch_cuda / require_tf_gpu first: torch and TensorFlow
+both fall back to the CPU without a word when they see no usable device (a CPU-only wheel, a driver too old,
+CUDA_VISIBLE_DEVICES empty), and SD LoRA training or B7 at 600 px on a CPU runs for days instead of minutes.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+from ooc_ray.errors import ModelError, ResourceError
+
+
+def node_name() -> str:
+    return socket.gethostname()
+
+
+def _visible() -> str:
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+
+
+def require_torch_cuda(what: str) -> None:
+    """Raise ResourceError naming the node and the request (`what`, e.g. "sample: sample.gpus_per_actor=1")
+    unless torch can allocate on a CUDA device here."""
+    import torch
+
+    where = (f"{what}: node {node_name()} was given a GPU but torch {torch.__version__} "
+             f"(CUDA build {torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES={_visible()})")
+    if not torch.cuda.is_available():
+        raise ResourceError(f"{where} sees no usable CUDA device; install a CUDA build of torch on that node "
+                            "or set the request to 0")
+    try:  # is_available() can be true for a card this build has no kernels for; one allocation tells
+        torch.zeros(1, device="cuda").add_(1).item()
+    except RuntimeError as exc:
+        raise ResourceError(f"{where} cannot run on {torch.cuda.get_device_name(0)}: {str(exc)[:200]}") from None
+
+
+def require_tf_gpu(what: str) -> None:
+    """Raise ResourceError naming the node and the request unless TensorFlow lists a GPU here. Plain
+    `pip install tensorflow` has no CUDA libraries; `tensorflow[and-cuda]` brings them."""
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        raise ResourceError(
+            f"{what}: node {node_name()} was given a GPU but TensorFlow {tf.__version__} sees none "
+            f"(built with CUDA: {tf.test.is_built_with_cuda()}, CUDA_VISIBLE_DEVICES={_visible()}); "
+            "install tensorflow[and-cuda] on that node or set the request to 0")
+
+
+def _bf16_native(torch) -> bool:
+    try:  # torch >= 2.3 counts emulated bf16 (pre-Ampere cards, slow) as supported unless told not to
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        return torch.cuda.is_bf16_supported()
+
+
+def training_precision(precision: str, device: str):
+    """(weights dtype, autocast dtype or None, GradScaler on?) for generator.mixed_precision on `device`.
+
+    The frozen base is stored in the low precision on a GPU (half the memory); the LoRA parameters the optimizer
+    updates stay fp32 whatever is asked. fp16 gradients underflow (their smallest normal is 6e-5) without a
+    GradScaler; bf16 has fp32's range and needs none. bf16 runs on CPUs as well (autocast; weights stay fp32),
+    fp16 does not: asked for where it cannot run as asked, both fail rather than train something else."""
+    import torch
+
+    if precision == "fp32":
+        return torch.float32, None, False
+    if precision == "fp16":
+        if device != "cuda":
+            raise ModelError("generator.mixed_precision=fp16 needs a CUDA GPU (this process has none); "
+                             "use bf16 or fp32 on CPUs")
+        return torch.float16, torch.float16, True
+    if precision == "bf16":
+        if device == "cuda" and not _bf16_native(torch):
+            raise ModelError(f"generator.mixed_precision=bf16: {torch.cuda.get_device_name(0)} on node "
+                             f"{node_name()} has no bf16 (it needs compute capability 8.0+); use fp16")
+        return (torch.bfloat16 if device == "cuda" else torch.float32), torch.bfloat16, False
+    raise ModelError(f"generator.mixed_precision={precision!r}: not one of fp32, fp16, bf16")
+
+
+def check_node(argv: list[str] | None = None) -> int:
+    """`python -m ooc_ray.gpu`: the setup check of a GPU node (cluster.yaml runs it). Prints what torch and
+    TensorFlow see; exits 1 with one line per failure when either cannot use a GPU, so the node fails its
+    setup instead of joining the cluster and running GPU work on its CPUs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ooc_ray.gpu", description=check_node.__doc__)
+    parser.add_argument("--skip-tf", action="store_true", help="check torch only (a node without TensorFlow)")
+    args = parser.parse_args(argv)
+    failures = []
+    checks = [("torch", require_torch_cuda)] + ([] if args.skip_tf else [("tensorflow", require_tf_gpu)])
+    for name, check in checks:
+        try:
+            check("node setup check")
+            print(f"ok: {name} sees a usable GPU on node {node_name()}")
+        except ResourceError as exc:
+            failures.append(f"{name}: {exc}")
+        except ImportError as exc:
+            failures.append(f"{name}: not importable on node {node_name()} ({exc})")
+    for line in failures:
+        print(f"FAILED {line}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(check_node())
