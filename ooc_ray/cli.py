@@ -30,9 +30,12 @@ STAGES = {
     "classify": ("ooc_ray.classify", "run_classify"),
     "report": ("ooc_ray.report", "run_report"),
     "search": ("ooc_ray.search", "run_search"),
+    "fetch": ("ooc_ray.fetch", "run_fetch"),
 }
 PIPELINE = ("data", "pretrain", "finetune", "sample", "quality", "classify", "report")
-READ_ONLY = {"report"}  # reads finished trials and writes only report/: runs beside a writer, takes no lock
+# Take no lock: report reads finished trials and writes only report/ (it runs beside a writer); fetch writes
+# only into the model caches (HF_HOME, KERAS_HOME, models/) and runs before the jobs that read them.
+READ_ONLY = {"report", "fetch"}
 HELP = {
     "data": "scan + validate images, write manifest.parquet and folds.parquet",
     "pretrain": "domain-pretrain the generator base on unlabeled images (generator.pretrain)",
@@ -42,6 +45,7 @@ HELP = {
     "classify": "Ray Tune grid of classifier trials over ratio x LoRA weight x fold",
     "report": "tables, plots and image grids from the trial Parquet files (read-only)",
     "search": "Ray Tune + Optuna search over LoRA hyperparameters",
+    "fetch": "download the hub base and ImageNet weights the config names, once (cluster setup)",
     "run": "data -> pretrain -> finetune -> sample -> quality -> classify -> report, skipping finished work",
 }
 
