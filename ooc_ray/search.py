@@ -35,6 +35,7 @@ from ooc_ray.folds import fold_ids, held_out_rows, train_rows
 from ooc_ray.gpu import require_tf_gpu, require_torch_cuda
 from ooc_ray.io import atomic_write_text, note, parquet_problem, write_parquet
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.pretrain import run_pretrain
 from ooc_ray.protocol import plan_loras
 from ooc_ray.quality import class_quality, linear_probe
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
@@ -166,6 +167,8 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     from ray import tune
 
     manifest = run_data(cfg, paths)  # skips an unchanged source
+    if cfg.generator.pretrain.source:
+        run_pretrain(cfg, paths)  # the base every trial's LoRAs train on; re-used while its inputs are unchanged
     weights = backbone_weights(cfg.classify, paths.models, manifest)
     base = generator_base(cfg, paths)  # built once, before any trial reads it
     s = cfg.search
@@ -185,9 +188,15 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     results = results.sort_values("score", ascending=OBJECTIVE_MODE[s.objective] == "min", ignore_index=True)
     write_parquet(results, paths.search / "results.parquet")
     best = results.iloc[0].to_dict()
-    atomic_write_text(paths.search / "best.json",
-                      json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()}, indent=2))
+    # How much the objective moves across trials: a best trial inside the others' spread is not yet a finding.
+    scores = results["score"].astype(float)
+    spread = {"n_trials": len(scores), "min": scores.min(), "max": scores.max(), "std": scores.std(ddof=1)
+              if len(scores) > 1 else float("nan")}
+    summary = {**{k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()},
+               "spread": {k: float(v) for k, v in spread.items()}}
+    atomic_write_text(paths.search / "best.json", json.dumps(summary, indent=2))
     note(f"search: best {s.objective} = {best['score']:.4f} with rank={best['rank']} alpha={best['alpha']} "
          f"unet_lr={best['unet_lr']:.2e} te_lr={best['text_encoder_lr']:.2e} epochs={best['epochs']} "
-         f"repeats={best['repeats']} weight={best['weight']:.2f}")
+         f"repeats={best['repeats']} weight={best['weight']:.2f}; across {spread['n_trials']} trials "
+         f"{s.objective} {spread['min']:.4f}..{spread['max']:.4f} (sd {spread['std']:.4f})")
     return results

@@ -4,6 +4,7 @@ by config.TINY and the file's `tiny:` section. A new file in experiments/ is pic
 
 paper.yaml keeps its protocol (split all, weights 1.0/0.8, the full ratio list, synthetic only) and loses scale;
 exact mode through Tune is tested in test_classify_grid.py."""
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -41,7 +42,10 @@ def check_demo(out: Path) -> None:
 def check_lora_search(out: Path) -> None:
     results = pd.read_parquet(out / "search" / "results.parquet")
     assert len(results) == 2 and results["score"].is_monotonic_decreasing  # tiny: search.num_samples 2
-    assert (out / "search" / "best.json").exists()
+    best = json.loads((out / "search" / "best.json").read_text())
+    assert best["score"] == results["score"].iloc[0]
+    assert best["spread"]["n_trials"] == 2 and best["spread"]["max"] == results["score"].max()
+    assert best["spread"]["min"] == results["score"].min()
 
 
 def check_pipeline(out: Path) -> None:
