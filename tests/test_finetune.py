@@ -64,6 +64,32 @@ def test_tiny_base_is_deterministic_and_reloads(tmp_path, tiny_base):
     assert pipe.tokenizer("a photo of a cat").input_ids[:3] == [49406, 320, 1125]
 
 
+def test_a_checkpoint_laid_out_like_sd15_loads_with_its_feature_extractor_and_without_its_safety_checker(
+        tmp_path, tiny_base):
+    """The hub checkpoint's folder also holds a feature_extractor (CLIP's image processor, in the old
+    `CLIPFeatureExtractor` format) and names a safety checker: both as in stable-diffusion-v1-5's model_index.json
+    and preprocessor_config.json. load_pipeline must read the first (transformers 5 still does, without
+    torchvision) and skip the second, whose weights it never downloads."""
+    from ooc_ray.diffusion.base import load_pipeline
+
+    folder = tmp_path / "sd15_layout"
+    shutil.copytree(tiny_base, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update({"feature_extractor": ["transformers", "CLIPImageProcessor"],
+                  "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+                  "requires_safety_checker": True})
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "feature_extractor").mkdir()
+    (folder / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": 224, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}))
+    pipe = load_pipeline(str(folder))
+    assert pipe.safety_checker is None
+    pixels = pipe.feature_extractor(images=[np.zeros((40, 60, 3), np.uint8)], return_tensors="pt").pixel_values
+    assert tuple(pixels.shape) == (1, 3, 224, 224)
+
+
 # ---------------------------------------------------------------------------------------------- planning
 
 
