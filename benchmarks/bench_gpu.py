@@ -1,8 +1,10 @@
 """GPU figures for one node, at SD v1.5's real size (built from its configs, random weights: nothing downloaded).
 
     python benchmarks/bench_gpu.py [--resolution 512] [--out bench_gpu.json] [--only lora,sampling,features,shared]
+    # checks of the script on a CPU (minutes each); their figures mean nothing:
     python benchmarks/bench_gpu.py --device cpu --resolution 64 --only lora,sampling --lora-steps 1,2 \
-        --lora-batches 1 --precisions fp32 --sampling-steps 2 --batches 1,2   # checks the script on a CPU (minutes); its figures mean nothing
+        --lora-batches 1 --precisions fp32 --sampling-steps 2 --batches 1,2
+    python benchmarks/bench_gpu.py --device cpu --only features --feature-batches 1
 
 - lora: LoRA training steps/s and peak GPU memory per generator.mixed_precision (fp32, fp16 + GradScaler, bf16)
   and batch size, through ooc_ray.finetune.train_lora (rank 4, the paper's attention targets). Steps/s is
@@ -161,7 +163,8 @@ def bench_features(batches=(8, 32)) -> list[dict]:
     from ooc_ray.gpu import require_tf_gpu
 
     setup_tf()
-    require_tf_gpu("bench_gpu features")
+    if DEVICE == "cuda":
+        require_tf_gpu("bench_gpu features")
     model = frozen(build_backbone("EfficientNetB7", None, 600))
     call = tf.function(lambda x: model(x), reduce_retracing=True)
     rows = []
@@ -200,6 +203,7 @@ def main() -> None:
     ap.add_argument("--lora-steps", default="4,24", help="the two LoRA lengths whose difference is timed")
     ap.add_argument("--lora-batches", default="1,4", help="LoRA training batch sizes")
     ap.add_argument("--precisions", default="fp32,fp16,bf16")
+    ap.add_argument("--feature-batches", default="8,32", help="EfficientNetB7 batch sizes")
     args = ap.parse_args()
     import torch
 
@@ -213,14 +217,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
     steps_pair = tuple(int(r) for r in args.lora_steps.split(","))
     lora_batches = [int(b) for b in args.lora_batches.split(",")]
-    report["lora"], cpu_pipe = bench_lora(work, args.resolution, steps_pair, args.precisions.split(","),
-                                          lora_batches)  # the others reuse its model and LoRA
+    cpu_pipe = None
+    if only & {"lora", "sampling", "shared"}:  # the others reuse its model and LoRA
+        report["lora"], cpu_pipe = bench_lora(work, args.resolution, steps_pair, args.precisions.split(","),
+                                              lora_batches)
     if "sampling" in only:
         lora = work / f"lora_{args.precisions.split(',')[0]}_{lora_batches[0]}_long"
         batches = [int(b) for b in args.batches.split(",")]
         report["sampling"] = bench_sampling(work, args.resolution, lora, batches, args.sampling_steps)
-    for name, fn in (("features", bench_features), ("shared", lambda: bench_shared(work, cpu_pipe))):
+    feature_batches = tuple(int(b) for b in args.feature_batches.split(","))
+    for name, fn in (("features", lambda: bench_features(feature_batches)),
+                     ("shared", lambda: bench_shared(work, cpu_pipe))):
         if name not in only:
+            continue
+        if name == "shared" and DEVICE != "cuda":
+            report[name] = {"skipped": "needs a GPU"}
             continue
         try:
             report[name] = fn()
