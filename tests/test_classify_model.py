@@ -15,6 +15,8 @@ from ooc_ray.classify import TrialContext, run_trial
 from ooc_ray.features import FeatureCache, cache_dir, extract_features, image_batches, n_views, train_views
 from ooc_ray.protocol import plan_trials
 
+pytestmark = pytest.mark.xdist_group("classify_model")  # one xdist worker builds the module's `tiny` fixture
+
 
 def tiny_cfg(root, **classify):
     settings = {"epochs": 3, "augment": [], "mode": "exact", **classify}

@@ -17,7 +17,9 @@ import pytest
 from ooc_ray.cli import main
 from ooc_ray.demo_data import make_image
 
-pytestmark = pytest.mark.slow
+# One xdist worker for the whole file (--dist loadgroup): its module fixture, a whole tiny pipeline (~95 s),
+# is then built once instead of once per worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("provenance")]
 
 CONFIG = """\
 name: prov

@@ -26,7 +26,7 @@ def tiny_cfg(root: Path, **sections):
     return _tiny_cfg(root, **sections)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.xdist_group("sample")]  # one worker: one `trained`
 
 
 @pytest.fixture(scope="module")
