@@ -88,7 +88,7 @@ def bench_lora(work: Path, resolution: int, steps_pair: tuple[int, int], precisi
 
     from ooc_ray.diffusion.base import BaseModel, sd15_architecture
     from ooc_ray.finetune import train_lora
-    from ooc_ray.gpu import training_precision
+    from ooc_ray.gpu import bf16_native, training_precision
     from ooc_ray.protocol import LoraJob
 
     images = write_images(work / "train", N_IMAGES, resolution)
@@ -100,7 +100,7 @@ def bench_lora(work: Path, resolution: int, steps_pair: tuple[int, int], precisi
     rows = []
     for precision in precisions:
         if DEVICE == "cpu" and precision == "fp16" or (
-                DEVICE == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported()):
+                DEVICE == "cuda" and precision == "bf16" and not bf16_native(torch)):
             rows.append({"precision": precision, "skipped": f"no {precision} on this device"})
             continue
         dtype = training_precision(precision, DEVICE)[0]

@@ -48,7 +48,8 @@ def require_tf_gpu(what: str) -> None:
             "install tensorflow[and-cuda] on that node or set the request to 0")
 
 
-def _bf16_native(torch) -> bool:
+def bf16_native(torch) -> bool:
+    """Whether the CUDA card computes bf16 natively (compute capability 8.0+)."""
     try:  # torch >= 2.3 counts emulated bf16 (pre-Ampere cards, slow) as supported unless told not to
         return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:
@@ -72,7 +73,7 @@ def training_precision(precision: str, device: str):
                              "use bf16 or fp32 on CPUs")
         return torch.float16, torch.float16, True
     if precision == "bf16":
-        if device == "cuda" and not _bf16_native(torch):
+        if device == "cuda" and not bf16_native(torch):
             raise ModelError(f"generator.mixed_precision=bf16: {torch.cuda.get_device_name(0)} on node "
                              f"{node_name()} has no bf16 (it needs compute capability 8.0+); use fp16")
         return (torch.bfloat16 if device == "cuda" else torch.float32), torch.bfloat16, False

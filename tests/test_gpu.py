@@ -62,7 +62,9 @@ def test_lora_training_in_mixed_precision_on_the_gpu(gpu_experiment, precision):
     from safetensors.torch import load_file
 
     root, manifest, models = gpu_experiment
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+    from ooc_ray.gpu import bf16_native
+
+    if precision == "bf16" and not bf16_native(torch):
         pytest.skip(f"{torch.cuda.get_device_name(0)} has no bf16")
     for row in finetuned(root, manifest, models, precision)[2].itertuples():
         meta = json.loads((Path(row.dir) / "metadata.json").read_text())
