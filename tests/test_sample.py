@@ -293,3 +293,22 @@ def test_gpu_actor_pool_grows_with_the_cluster(tmp_path):
     assert actor_pool_size(gpu, 7, ray) == (max(1, min(gpus_now, 7)), 7)
     fixed = tiny_cfg(tmp_path, sample={"actors": 3, "gpus_per_actor": 1})
     assert actor_pool_size(fixed, 7, ray) == (3, 3) and actor_pool_size(fixed, 2, ray) == (2, 2)
+
+
+def test_cpu_sampling_actors_share_the_largest_nodes_cores():
+    """Ray gives an actor as many torch threads as CPUs it reserves (1 unless asked): a CPU-only actor reserves
+    the largest alive node's CPUs divided among the actors, never less than one."""
+    from ooc_ray.sample import cpus_per_cpu_actor
+
+    class FakeRay:
+        def __init__(self, *cpus, dead=()):
+            self._nodes = [{"Alive": True, "Resources": {"CPU": c}} for c in cpus]
+            self._nodes += [{"Alive": False, "Resources": {"CPU": c}} for c in dead]
+
+        def nodes(self):
+            return self._nodes
+
+    assert cpus_per_cpu_actor(FakeRay(2.0), 1) == 2
+    assert cpus_per_cpu_actor(FakeRay(2.0), 2) == 1
+    assert cpus_per_cpu_actor(FakeRay(2.0), 3) == 1
+    assert cpus_per_cpu_actor(FakeRay(4.0, 16.0, dead=(64.0,)), 3) == 5
