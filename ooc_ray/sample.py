@@ -33,14 +33,14 @@ from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import LoraJob, plan_loras, pool_sizes
 from ooc_ray.raycluster import init_ray, require_resources
 
-SAMPLERS = {"euler_a": "EulerAncestralDiscreteScheduler"}
+SAMPLERS = {"euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler"}
 FAIL_AFTER_ENV = "OOC_RAY_SAMPLE_FAIL_AFTER"  # test hook: a worker raises after writing this many images
 MAX_ADAPTERS = 16  # LoRAs kept loaded per actor (~3 MB each at rank 8 on SD v1.5); least recently used go
 POOL_FILE = "pool.parquet"
 TABLE_COLUMNS = [
     "id", "path", "sha256", "label", "group", "fold", "lora_key", "lora_sha256", "weight", "index", "prompt",
-    "negative_prompt", "seed", "sampler", "steps", "cfg", "strength", "mode", "init_image_id", "base_model",
-    "width", "height", "sample_key",
+    "negative_prompt", "seed", "sampler", "clip_sample", "steps", "cfg", "strength", "mode", "init_image_id",
+    "base_model", "width", "height", "sample_key",
 ]
 # Columns the workers need but analysts do not.
 _WORK_COLUMNS = ["lora_dir", "lora_file", "init_path"]
@@ -70,8 +70,9 @@ def _pool_rows(cfg: ExperimentConfig, base: BaseModel, lora, n: int, init: pd.Da
                 "sha256": "", "label": lora.label, "group": lora.group, "fold": int(lora.fold),
                 "lora_key": lora.lora_key, "lora_sha256": lora.sha256, "weight": float(weight), "index": i,
                 "prompt": lora.prompt, "negative_prompt": s.negative_prompt,
-                "seed": image_seed(s.seed, lora.lora_key, weight, i), "sampler": s.sampler, "steps": s.steps,
-                "cfg": s.cfg, "strength": s.strength if img2img else 1.0,  # txt2img starts from pure noise
+                "seed": image_seed(s.seed, lora.lora_key, weight, i), "sampler": s.sampler,
+                "clip_sample": s.clip_sample, "steps": s.steps, "cfg": s.cfg,
+                "strength": s.strength if img2img else 1.0,  # txt2img starts from pure noise
                 "mode": s.mode, "init_image_id": start["id"] if img2img else "", "base_model": base.identity,
                 "width": out_size, "height": out_size, "sample_key": pkey, "lora_dir": lora.dir,
                 "lora_file": lora.file, "init_path": start["path"] if img2img else "",
@@ -98,7 +99,7 @@ class SampleWorker:
     restore the base exactly, and weight 0.0 must reproduce the base image bit for bit)."""
 
     def __init__(self, base_path: str, mode: str, sampler: str, resolution: int, fail_after: int = 0,
-                 gpu_request: str = ""):
+                 gpu_request: str = "", clip_sample: float = 0.0):
         import diffusers
         from transformers.utils import logging as hf_logging
 
@@ -108,7 +109,8 @@ class SampleWorker:
             require_torch_cuda(gpu_request)
         device, dtype = device_and_dtype()
         self.pipe = load_pipeline(base_path, img2img=mode == "img2img", device=device, dtype=dtype)
-        self.pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(self.pipe.scheduler.config)
+        clip = {"clip_sample": True, "clip_sample_range": clip_sample} if clip_sample else {}
+        self.pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(self.pipe.scheduler.config, **clip)
         self.mode, self.resolution = mode, resolution
         self.adapters: OrderedDict[str, None] = OrderedDict()
         self.fail_after, self.written = fail_after, 0
@@ -263,7 +265,8 @@ def render(plan: pd.DataFrame, cfg: ExperimentConfig, base: BaseModel, use_ray: 
     if not batches:
         return 0
     n_missing = int((~plan["path"].map(os.path.exists)).sum())
-    kwargs = {"base_path": base.path, "mode": s.mode, "sampler": s.sampler, "resolution": s.resolution,
+    kwargs = {"base_path": base.path, "mode": s.mode, "sampler": s.sampler, "clip_sample": s.clip_sample,
+              "resolution": s.resolution,
               "fail_after": int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)}
     if use_ray:
         if s.gpus_per_actor > 0:

@@ -78,6 +78,9 @@ def test_unknown_section_is_named():
         ({"classify": {"backbone": "SmallCNN", "weights": "none", "train_backbone": 2}}, "classify.train_backbone"),
         ({"classify": {"train_backbone": 8}}, "classify.train_backbone"),
         ({"classify": {"train_backbone": 2, "mode": "cached"}}, "classify.train_backbone"),
+        ({"sample": {"clip_sample": 2.0}}, "sample.clip_sample: euler_a cannot clip"),
+        ({"sample": {"sampler": "ddim", "clip_sample": -1.0}}, "sample.clip_sample"),
+        ({"quality": {"features": "inception"}}, "quality.features"),
     ],
 )
 def test_bad_values_name_the_key(raw, key):

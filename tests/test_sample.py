@@ -265,6 +265,42 @@ def test_a_lora_file_lacking_modules_of_its_own_config_fails_loud(tmp_path, trai
         worker._activate("partial", str(tmp_path), "partial.safetensors", 1.0)
 
 
+def test_ddim_with_clip_sample_bounds_the_predicted_latent(tmp_path, trained):
+    """sample.clip_sample reaches the scheduler: DDIM clips its predicted clean latent to +-v, so at a small v
+    the images change and their decoded latents stay inside what an unclipped run exceeds; the same settings
+    give the same bytes twice, and the pool key (and so the folder) differs from the unclipped pool's."""
+    import numpy as np
+    import torch
+
+    from ooc_ray import keys
+    from ooc_ray.sample import SampleWorker
+
+    cfg, paths, _ = experiment(tmp_path, trained)
+    base = str(paths.models / "tiny_sd")
+    rows = pd.DataFrame({"prompt": ["a photo of good cells"] * 2, "steps": 4, "cfg": 1.0, "seed": [1, 2],
+                         "negative_prompt": "", "lora_key": "x", "lora_dir": "", "lora_file": "", "weight": 0.0})
+    clipped = SampleWorker(base, "txt2img", "ddim", 32, clip_sample=0.05)
+    plain = SampleWorker(base, "txt2img", "ddim", 32)
+    assert clipped.pipe.scheduler.config.clip_sample and clipped.pipe.scheduler.config.clip_sample_range == 0.05
+    assert not plain.pipe.scheduler.config.clip_sample
+
+    def latents(worker):
+        out = worker.pipe(list(rows.prompt), num_inference_steps=4, guidance_scale=1.0, height=32, width=32,
+                          output_type="latent", generator=[torch.Generator().manual_seed(s) for s in rows.seed])
+        return out.images.abs().max().item()
+
+    assert latents(clipped) <= 0.05 + 1e-6 < latents(plain)
+    again = SampleWorker(base, "txt2img", "ddim", 32, clip_sample=0.05)
+    for worker in (clipped, plain, again):
+        worker._activate = lambda *a: None  # no LoRA: the base alone
+    a, b = clipped.render(rows), again.render(rows)
+    assert [np.asarray(i).tobytes() for i in a] == [np.asarray(i).tobytes() for i in b]
+    assert np.asarray(a[0]).tobytes() != np.asarray(plain.render(rows)[0]).tobytes()
+    ddim = tiny_cfg(tmp_path, sample={"sampler": "ddim"})
+    ddim_clip = tiny_cfg(tmp_path, sample={"sampler": "ddim", "clip_sample": 0.05})
+    assert keys.pool_key(ddim, "b", "w", None) != keys.pool_key(ddim_clip, "b", "w", None)
+
+
 def test_a_sampling_actor_given_a_gpu_torch_cannot_use_fails_before_loading(tmp_path, trained):
     """What each Ray sampling actor runs first when sample.gpus_per_actor > 0: no usable CUDA device here."""
     from ooc_ray.errors import ResourceError
