@@ -223,6 +223,11 @@ class ClassifyConfig:
 @dataclass(frozen=True)
 class QualityConfig:
     enabled: bool = grid(True)
+    # What KID, CAS, memorisation and the filter are computed on: "backbone", the classifier's frozen backbone
+    # (ImageNet EfficientNet with real weights: the usual choice), or "image_statistics", weight-free grey-level,
+    # edge and spectrum statistics (ooc_ray.image_statistics): offline, where a random backbone cannot tell
+    # cells from noise.
+    features: Literal["backbone", "image_statistics"] = result("backbone", ("quality", "search"))
     kid_subsets: int = result(10, ("quality", "search"))
     kid_subset_size: int = result(50, ("quality", "search"))
     # > 0: leave synthetic images a real-trained linear classifier is less sure of out of the pools; the
@@ -251,6 +256,9 @@ class SearchConfig:
     repeats: tuple[int, int] = grid((1, 4))
     weight: tuple[float, float] = grid((0.5, 1.0))
     seed: int = result(0, _SEARCH)
+    # After the search, score the best point and the config's own settings (generator.*, the first of
+    # sample.weights) on every fold the search did not choose on: 2 x (k - 1) more trials.
+    confirm: bool = grid(True)
     cpus_per_trial: float = resource(1.0)
     gpus_per_trial: float = resource(0.0)
     max_concurrent: int = resource(0)  # 0: as many as resources allow

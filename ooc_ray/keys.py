@@ -119,12 +119,12 @@ def trial_key(cfg: Any, point: dict, classes: list[str], train: pd.DataFrame, te
                   table_digest(test, LABELLED_COLUMNS))
 
 
-def quality_key(cfg: Any, features: str, manifest: pd.DataFrame, synthetic: pd.DataFrame) -> str:
-    """The quality tables: their settings, the feature cache they read (its key), the real images with their
-    folds and the synthetic pools."""
+def quality_key(cfg: Any, features: str, manifest: pd.DataFrame, synthetic: pd.DataFrame, version: int) -> str:
+    """The quality tables: their settings, the features they read (the cache's key or the statistics' version),
+    the real images with their folds, the synthetic pools and the version of the table's measures."""
     real = table_digest(manifest, LABELLED_COLUMNS + ["fold"])
     pools = table_digest(synthetic, LABELLED_COLUMNS + ["fold", "weight"])
-    return digest("quality", config_slice(cfg, "quality"), features, real, pools)
+    return digest("quality", config_slice(cfg, "quality"), features, real, pools, version)
 
 
 def search_trial_key(cfg: Any, point: dict, lora_keys: list[str], test: pd.DataFrame, features: str) -> str:

@@ -1,9 +1,12 @@
-"""Quality stage: synthetic quality per class, on frozen-backbone features (no Inception download needed).
+"""Quality stage: synthetic quality per class, on frozen-backbone features or weight-free image statistics
+(quality.features; no Inception download needed).
 
 - KID: unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018),
   averaged over random subsets; unbiased, so unlike FID it is fair at the few hundred images per class here.
 - CAS (classification accuracy score): a linear classifier trained on synthetic images only, tested on the
   real held-out fold; per-class recall says which classes the generator captures.
+- What the LoRA changes, per class: KID between a pool and the LoRA-weight-0.0 pool of its fold (the base
+  alone), and over all folds pooled, MMD^2 between the two with a permutation p-value.
 - Memorisation: cosine distance from each synthetic image to its nearest real training image. An image is
   flagged when it is closer than the 5th percentile of real-to-nearest-other-real distances, i.e. closer
   to a real image than 95 % of real images are to each other.
@@ -19,8 +22,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from ooc_ray import keys
-from ooc_ray.backbones import backbone_weights
+from ooc_ray import image_statistics, keys
+from ooc_ray.backbones import BackboneWeights, backbone_weights
 from ooc_ray.config import ExperimentConfig, QualityConfig
 from ooc_ray.data import class_names, load_manifest
 from ooc_ray.features import cache_dir, clean_view, embed
@@ -29,6 +32,7 @@ from ooc_ray.io import note, parquet_problem, read_parquet, write_parquet
 from ooc_ray.paths import ExperimentPaths
 
 MEMORISED_PERCENTILE = 5.0
+TABLE_VERSION = 2  # part of the key: bump when a measure or column changes, so older tables are not re-used
 
 
 def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 10, subset_size: int = 50, seed: int = 0
@@ -50,6 +54,35 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 10, subset_size: int 
         mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
         values.append(mmd)
     return float(np.mean(values)), float(np.std(values))
+
+
+def _cubic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int = 1000, seed: int = 0
+                         ) -> tuple[float, float]:
+    """(unbiased MMD^2 with KID's kernel on all of x and y, permutation p-value): is there any evidence that the
+    two image sets come from different distributions? p counts the relabelled splits whose MMD^2 is at least
+    the observed one, plus the observed split itself ((b + 1) / (permutations + 1), never 0)."""
+    if min(len(x), len(y)) < 2:
+        return float("nan"), float("nan")
+    both = np.vstack([x, y])
+    k = _cubic(both, both)
+    n, m = len(x), len(y)
+
+    def statistic(idx: np.ndarray) -> float:
+        a, b = idx[:n], idx[n:]
+        kxx, kyy = k[np.ix_(a, a)], k[np.ix_(b, b)]
+        return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                     - 2 * k[np.ix_(a, b)].mean())
+
+    observed = statistic(np.arange(n + m))
+    # A split with the same sets (x and y swapped, when n == m) gives the same value up to rounding: count it.
+    threshold = observed - 1e-9 * max(abs(observed), 1.0)
+    rng = np.random.default_rng(seed)
+    at_least = sum(statistic(rng.permutation(n + m)) >= threshold for _ in range(permutations))
+    return observed, (at_least + 1) / (permutations + 1)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -132,6 +165,35 @@ def class_quality(real_train: pd.DataFrame, real_test: pd.DataFrame, synthetic: 
     return table, scores
 
 
+def kid_to_control(pool: pd.DataFrame, control: pd.DataFrame, features: dict[str, np.ndarray], classes: list[str],
+                   qcfg: QualityConfig) -> np.ndarray:
+    """Per class (in `classes` order), KID between a pool's images and the LoRA-weight-0.0 pool's (the base
+    without the class LoRA, same prompts and seeds scheme): how far the LoRA moved that class's images."""
+    x_pool, y_pool = _stack(pool, features, classes)
+    x_control, y_control = _stack(control, features, classes)
+    return np.array([kid(x_pool[y_pool == c], x_control[y_control == c], qcfg.kid_subsets, qcfg.kid_subset_size,
+                         seed=c)[0] for c in range(len(classes))])
+
+
+def lora_effect(by_pool: dict, features: dict[str, np.ndarray], classes: list[str]) -> pd.DataFrame:
+    """Per (weight != 0, class): MMD^2 between that weight's images and the weight-0.0 images of the class, all
+    folds pooled (one fold's pool of a rare class holds ~5 images: too few for any test), and its permutation
+    p-value. Columns weight, label, lora_effect_mmd, lora_effect_p; empty without a weight-0.0 pool."""
+    rows = []
+    weights = sorted({w for _, w in by_pool if w != 0.0})
+    if not any(w == 0.0 for _, w in by_pool):
+        return pd.DataFrame(columns=["weight", "label", "lora_effect_mmd", "lora_effect_p"])
+    control = pd.concat([pool for (_, w), pool in by_pool.items() if w == 0.0]).drop_duplicates("id")
+    x_control, y_control = _stack(control, features, classes)
+    for weight in weights:
+        pool = pd.concat([p for (_, w), p in by_pool.items() if w == weight]).drop_duplicates("id")
+        x_pool, y_pool = _stack(pool, features, classes)
+        for c, label in enumerate(classes):
+            mmd, p = mmd_permutation_test(x_pool[y_pool == c], x_control[y_control == c], seed=c)
+            rows.append({"weight": weight, "label": label, "lora_effect_mmd": mmd, "lora_effect_p": p})
+    return pd.DataFrame(rows)
+
+
 def pools(manifest: pd.DataFrame, synthetic: pd.DataFrame, split: str):
     """(fold, weight, real train, real test, synthetic pool) for every pool the classify stage draws from."""
     for fold in fold_ids(manifest):
@@ -141,14 +203,36 @@ def pools(manifest: pd.DataFrame, synthetic: pd.DataFrame, split: str):
             yield fold, float(weight), train_rows(manifest, fold), held_out_rows(manifest, fold), pool
 
 
+def features_identity(cfg: ExperimentConfig, weights: BackboneWeights, paths: ExperimentPaths) -> str:
+    """What quality's measures are computed on (quality.features), for the keys of the tables made from them."""
+    if cfg.quality.features == "image_statistics":
+        return image_statistics.identity(cfg.sample.output_size or cfg.sample.resolution)
+    return cache_dir(clean_view(cfg.classify), weights, paths.features).name
+
+
+def quality_features(cfg: ExperimentConfig, weights: BackboneWeights, images: pd.DataFrame, manifest: pd.DataFrame,
+                     paths: ExperimentPaths, use_ray: bool = True) -> dict[str, np.ndarray]:
+    """sha256 -> feature vector for `images` (columns path, sha256), as quality.features says."""
+    if cfg.quality.features == "image_statistics":
+        return image_statistics.image_statistics(images, manifest, cfg.sample.output_size or cfg.sample.resolution)
+    return embed(cfg, weights, images, paths.features, use_ray=use_ray)
+
+
 def _score_pools(cfg: ExperimentConfig, manifest, synthetic, features) -> tuple[pd.DataFrame, pd.DataFrame]:
     classes = class_names(manifest)
-    tables, scores = [], []
+    tables, scores, by_pool = [], [], {}
     for fold, weight, train, test, pool in pools(manifest, synthetic, cfg.generator.split):
         table, score = class_quality(train, test, pool, features, classes, cfg.quality)
         tables.append(table.assign(fold=fold, weight=weight))
         scores.append(score.assign(fold=fold, weight=weight))
+        by_pool[fold, weight] = pool
+    for table in tables:
+        control = by_pool.get((table["fold"].iloc[0], 0.0))
+        table["kid_to_weight0"] = (np.nan if control is None or table["weight"].iloc[0] == 0.0 else
+                                   kid_to_control(by_pool[table["fold"].iloc[0], table["weight"].iloc[0]], control,
+                                                  features, classes, cfg.quality))
     quality = pd.concat(tables, ignore_index=True)
+    quality = quality.merge(lora_effect(by_pool, features, classes), on=["weight", "label"], how="left")
     front = ["fold", "weight", "label"]
     quality = quality[front + [col for col in quality.columns if col not in front]]
     # With split "all" one pool serves every fold: keep each image's least confident score (the strictest filter).
@@ -163,8 +247,7 @@ def run_quality(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     manifest = load_manifest(paths)
     weights = backbone_weights(cfg.classify, paths.models, manifest)
     synthetic = read_parquet(paths.synthetic_table)
-    cc = clean_view(cfg.classify)
-    key = keys.quality_key(cfg, cache_dir(cc, weights, paths.features).name, manifest, synthetic)
+    key = keys.quality_key(cfg, features_identity(cfg, weights, paths), manifest, synthetic, TABLE_VERSION)
     problems = [f"{p} ({parquet_problem(p)})" for p in (paths.quality, paths.synthetic_scores) if parquet_problem(p)]
     if not problems:
         done = pd.read_parquet(paths.quality)
@@ -174,7 +257,7 @@ def run_quality(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     elif any("missing" not in p for p in problems):
         note(f"quality: damaged output {', '.join(problems)}: computing it again")
     images = pd.concat([manifest[["path", "sha256"]], synthetic[["path", "sha256"]]], ignore_index=True)
-    features = embed(cfg, weights, images, paths.features)
+    features = quality_features(cfg, weights, images, manifest, paths)
     quality, per_image = _score_pools(cfg, manifest, synthetic, features)
     quality = quality.assign(quality_key=key)
     write_parquet(per_image, paths.synthetic_scores)

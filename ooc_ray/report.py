@@ -258,7 +258,9 @@ def _write_tables(tables: dict[float, pd.DataFrame], out: Path) -> list[str]:
 
 def summarise_quality(quality: pd.DataFrame) -> pd.DataFrame:
     """Mean over folds per (weight, class): the quality table the report shows."""
-    cols = ["kid", "cas_recall", "cas_accuracy", "nn_distance_median", "memorised_fraction", "real_confidence_median"]
+    cols = ["kid", "kid_to_weight0", "lora_effect_p", "cas_recall", "cas_accuracy", "nn_distance_median", "memorised_fraction",
+            "real_confidence_median"]
+    cols = [c for c in cols if c in quality.columns]  # kid_to_weight0: quality tables from before it existed
     return quality.groupby(["weight", "label"], sort=False)[cols].mean().reset_index()
 
 
@@ -268,11 +270,18 @@ def _quality_section(cfg: ExperimentConfig, paths: ExperimentPaths) -> list[str]
     quality = summarise_quality(pd.read_parquet(paths.quality))
     cc = cfg.classify
     untrained = cc.backbone == SMALL_CNN and cc.weights == "none"
-    features = (f"{cc.backbone} features" + (" of its seeded random initialisation, as the trials start from it"
-                                             if untrained else f" ({cc.weights}, frozen)"))
+    if cfg.quality.features == "image_statistics":
+        features = (f"weight-free image statistics at {cfg.sample.output_size or cfg.sample.resolution} px (grey "
+                    "levels, edges, power spectrum; standardised on the real images)")
+    else:
+        features = (f"{cc.backbone} features" + (" of its seeded random initialisation, as the trials start from it"
+                                                 if untrained else f" ({cc.weights}, frozen)"))
     return ["## Synthetic quality per class (mean over folds)", "",
-            f"KID on {features}; lower is closer to real. CAS = recall on real held-out images "
-            "of a linear classifier trained on synthetic images only; memorised = share of synthetic images "
+            f"All measures on {features}. KID: lower is closer to the real training images of that class; "
+            "kid_to_weight0: KID between this pool and the LoRA-weight-0.0 pool (the base without the class LoRA) "
+            "of the same class, i.e. how far the LoRA moved the images; lora_effect_p: permutation p-value "
+            "(1,000 relabellings) of the MMD between the two, all folds pooled. CAS = recall on real held-out "
+            "images of a linear classifier trained on synthetic images only; memorised = share of synthetic images "
             "closer to a real training image than 95 % of real images are to each other.", "",
             to_markdown(quality.round(4)), ""]
 
