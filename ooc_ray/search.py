@@ -29,7 +29,6 @@ from ooc_ray.diffusion.base import BaseModel
 from ooc_ray.diffusion.lora import trained_table
 from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import ConfigError, StageError
-from ooc_ray.features import cache_dir, clean_view, embed
 from ooc_ray.finetune import pending_jobs, train_job
 from ooc_ray.folds import fold_ids, held_out_rows, train_rows
 from ooc_ray.gpu import require_tf_gpu, require_torch_cuda
@@ -37,7 +36,7 @@ from ooc_ray.io import atomic_write_text, note, parquet_problem, write_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.pretrain import run_pretrain
 from ooc_ray.protocol import plan_loras
-from ooc_ray.quality import class_quality, linear_probe
+from ooc_ray.quality import class_quality, features_identity, linear_probe, quality_features
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
 from ooc_ray.sample import consolidate, plan_images, render, start_images
 
@@ -116,14 +115,13 @@ def run_search_trial(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths
     sub_manifest = pd.concat([subset, test], ignore_index=True)
     jobs = plan_loras(tcfg, sub_manifest, base.identity, folds=[cfg.search.fold])
     point = {k: params[k] for k in POINT}
-    features_key = cache_dir(clean_view(cfg.classify), weights, paths.features).name
-    key = keys.search_trial_key(tcfg, point, [j.key for j in jobs], test, features_key)
+    key = keys.search_trial_key(tcfg, point, [j.key for j in jobs], test, features_identity(cfg, weights, paths))
     result_file = paths.search / "trials" / f"{key}.parquet"
     if not parquet_problem(result_file):  # the same point was already scored (Optuna may propose it again)
         return pd.read_parquet(result_file).iloc[0].to_dict()
     synthetic, losses = _make_images(tcfg, paths, jobs, sub_manifest, base)
     images = pd.concat([sub_manifest[["path", "sha256"]], synthetic[["path", "sha256"]]], ignore_index=True)
-    features = embed(tcfg, weights, images, paths.features, use_ray=False)
+    features = quality_features(tcfg, weights, images, manifest, paths, use_ray=False)
     metrics = score(subset, test, synthetic, features, class_names(manifest), tcfg)
     row = {"search_key": key, **point, **metrics, "score": metrics[cfg.search.objective],
            "objective": cfg.search.objective, "fold": cfg.search.fold, "final_loss_mean": float(np.mean(losses)),
@@ -132,16 +130,54 @@ def run_search_trial(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths
     return row
 
 
-def _tune_trainable(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel,
-                    weights: BackboneWeights) -> None:
-    from ray import tune
-
+def _checked_trial(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel,
+                   weights: BackboneWeights) -> dict:
+    """run_search_trial inside a Ray worker, after checking that the GPUs it was given work."""
     if cfg.search.gpus_per_trial > 0:  # LoRA training and sampling (torch), then the classifier (TF)
         request = f"search trial: search.gpus_per_trial={cfg.search.gpus_per_trial:g}"
         require_torch_cuda(request)
         require_tf_gpu(request)
-    row = run_search_trial(params, cfg, paths, base, weights)
+    return run_search_trial(params, cfg, paths, base, weights)
+
+
+def _tune_trainable(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel,
+                    weights: BackboneWeights) -> None:
+    from ray import tune
+
+    row = _checked_trial(params, cfg, paths, base, weights)
     tune.report({k: row[k] for k in ("search_key", "score", "cas", "kid", "accuracy")})
+
+
+def default_point(cfg: ExperimentConfig) -> dict:
+    """The config's own LoRA settings as a search point: what the best trial has to beat."""
+    g = cfg.generator
+    return {"rank": g.rank, "alpha": g.alpha, "unet_lr": g.unet_lr, "text_encoder_lr": g.text_encoder_lr,
+            "epochs": g.epochs, "repeats": g.repeats, "weight": cfg.sample.weights[0]}
+
+
+def confirm(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel, weights: BackboneWeights,
+            best: dict) -> dict:
+    """Score the best point and the defaults on every fold the search did not choose on (a best trial is
+    selected on its own fold's noise; the other folds are data it never saw), as Ray tasks with the search
+    trials' resources. Writes search/confirm.parquet."""
+    ray = init_ray(cfg)
+    s = cfg.search
+    task = ray.remote(_checked_trial).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial)
+    points = {"best": {k: best[k] for k in POINT}, "default": default_point(cfg)}
+    runs = [(fold, settings, task.remote(point, dataclasses.replace(cfg, search=dataclasses.replace(s, fold=fold)),
+                                         paths, base, weights))
+            for fold in fold_ids(load_manifest(paths)) if fold != s.fold for settings, point in points.items()]
+    done = ray.get([ref for _, _, ref in runs])
+    rows = [{"fold": fold, "settings": settings, "score": float(row["score"]), "search_key": row["search_key"]}
+            for (fold, settings, _), row in zip(runs, done)]
+    table = pd.DataFrame(rows)
+    write_parquet(table, paths.search / "confirm.parquet")
+    scores = table.pivot(index="fold", columns="settings", values="score")
+    sign = 1.0 if OBJECTIVE_MODE[cfg.search.objective] == "max" else -1.0
+    gain = sign * (scores["best"] - scores["default"])  # > 0: the best point did better on that fold
+    return {"folds": [int(f) for f in scores.index], "best_mean": float(scores["best"].mean()),
+            "default_mean": float(scores["default"].mean()), "gain_mean": float(gain.mean()),
+            "best_better_folds": int((gain > 0).sum()), "default_point": default_point(cfg)}
 
 
 def _tuner(cfg: ExperimentConfig, paths: ExperimentPaths, trainable, run_key: str):
@@ -194,9 +230,15 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
               if len(scores) > 1 else float("nan")}
     summary = {**{k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()},
                "spread": {k: float(v) for k, v in spread.items()}}
-    atomic_write_text(paths.search / "best.json", json.dumps(summary, indent=2))
     note(f"search: best {s.objective} = {best['score']:.4f} with rank={best['rank']} alpha={best['alpha']} "
          f"unet_lr={best['unet_lr']:.2e} te_lr={best['text_encoder_lr']:.2e} epochs={best['epochs']} "
          f"repeats={best['repeats']} weight={best['weight']:.2f}; across {spread['n_trials']} trials "
          f"{s.objective} {spread['min']:.4f}..{spread['max']:.4f} (sd {spread['std']:.4f})")
+    if s.confirm:
+        checked = confirm(cfg, paths, base, weights, best)
+        summary["confirm"] = checked
+        note(f"search: confirming on folds {checked['folds']}: best settings {s.objective} "
+             f"{checked['best_mean']:.4f} vs the config's own {checked['default_mean']:.4f}; better on "
+             f"{checked['best_better_folds']} of {len(checked['folds'])} folds")
+    atomic_write_text(paths.search / "best.json", json.dumps(summary, indent=2))
     return results

@@ -46,6 +46,14 @@ def check_lora_search(out: Path) -> None:
     assert best["score"] == results["score"].iloc[0]
     assert best["spread"]["n_trials"] == 2 and best["spread"]["max"] == results["score"].max()
     assert best["spread"]["min"] == results["score"].min()
+    # Confirmed on the other fold (tiny: k = 2) against the config's own settings, one row per (fold, settings).
+    confirm = pd.read_parquet(out / "search" / "confirm.parquet").set_index("settings")
+    assert best["confirm"]["folds"] == [1] and sorted(confirm.index) == ["best", "default"]
+    assert best["confirm"]["best_mean"] == confirm.loc["best", "score"]
+    assert best["confirm"]["default_mean"] == confirm.loc["default", "score"]
+    gain = confirm.loc["best", "score"] - confirm.loc["default", "score"]  # objective cas: higher is better
+    assert best["confirm"]["gain_mean"] == pytest.approx(gain)
+    assert best["confirm"]["best_better_folds"] == int(gain > 0)
 
 
 def check_pipeline(out: Path) -> None:
