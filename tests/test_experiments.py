@@ -2,8 +2,8 @@
 by config.TINY and the file's `tiny:` section. A new file in experiments/ is picked up here; one without a
 `tiny:` section fails (tiny mode refuses it).
 
-paper.yaml keeps its protocol (split all, weights 1.0/0.8, the full ratio list, synthetic only) and loses scale;
-exact mode through Tune is tested in test_classify_grid.py."""
+paper.yaml keeps its protocol (split all, weights 1.0/0.8, ratios, synthetic only) and loses scale (three of
+its six ratios); exact mode through Tune is tested in test_classify_grid.py."""
 import json
 from pathlib import Path
 
@@ -18,8 +18,9 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
 
 def check_paper(out: Path) -> None:
     trials = pd.read_parquet(out / "trials")
-    # 2 folds x (real only + 2 weights x (6 ratios - ratio 0 + synthetic only)) = 2 x 13 = 26 trials
-    assert len(trials) == 26 and trials["trial_key"].is_unique
+    # tiny: 2 folds x (real only + 2 weights x (ratios 0.1 and 1.0 + synthetic only)) = 2 x 7 = 14 trials
+    assert len(trials) == 14 and trials["trial_key"].is_unique
+    assert set(trials["ratio"]) == {0.0, 0.1, 1.0} and trials["synthetic_only"].sum() == 4
     assert set(trials["weight"].dropna()) == {1.0, 0.8}
     synthetic = pd.read_parquet(out / "synthetic.parquet")
     assert (synthetic["fold"] == -1).all()  # split "all": one pool per class shared by the folds
