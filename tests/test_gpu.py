@@ -109,6 +109,26 @@ def test_sampling_on_the_gpu_is_reproducible_and_weight_zero_is_the_base(gpu_exp
     assert not all(np.array_equal(a, b) for a, b in zip(first, zero))  # the LoRA does change the images
 
 
+def test_ddim_clip_sample_on_the_gpu_in_fp16(gpu_experiment):
+    """sample.sampler ddim with sample.clip_sample on CUDA in fp16: the predicted latent stays inside the clip
+    range (to fp16 rounding), and the same seeds give the same images twice."""
+    from ooc_ray.sample import SampleWorker
+
+    root, manifest, models = gpu_experiment
+    _, paths, _ = finetuned(root, manifest, models, "fp32")
+    worker = SampleWorker(str(paths.models / "tiny_sd"), "txt2img", "ddim", 32, clip_sample=0.05,
+                          gpu_request="gpu suite: sample.gpus_per_actor=1")
+    assert worker.pipe.device.type == "cuda" and worker.pipe.scheduler.config.clip_sample
+
+    def latents():
+        return worker.pipe(prompt=["a microscopy image of cells"] * 2, num_inference_steps=4, guidance_scale=1.0,
+                           height=32, width=32, output_type="latent",
+                           generator=[torch.Generator().manual_seed(s) for s in (3, 4)]).images
+
+    first, again = latents(), latents()
+    assert first.abs().max().item() <= 0.05 * (1 + 2e-3) and torch.equal(first, again)
+
+
 def test_tensorflow_and_torch_share_one_gpu_in_one_process():
     """A search trial trains a LoRA (torch) and then a classifier (TF) in one process on one GPU: TF must see
     the GPU and grow its memory instead of taking all of it from torch."""
