@@ -99,9 +99,13 @@ class SampleWorker:
     restore the base exactly, and weight 0.0 must reproduce the base image bit for bit)."""
 
     def __init__(self, base_path: str, mode: str, sampler: str, resolution: int, fail_after: int = 0,
-                 gpu_request: str = "", clip_sample: float = 0.0):
+                 gpu_request: str = "", clip_sample: float = 0.0, cpu_threads: int = 0):
         import diffusers
+        import torch
         from transformers.utils import logging as hf_logging
+
+        if cpu_threads:  # a CPU-only Ray actor: Ray left it one thread (cpus_per_cpu_actor)
+            torch.set_num_threads(cpu_threads)
 
         hf_logging.set_verbosity_error()  # a second adapter in the text encoder prints a MISSING-keys report
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # many adapters are intended
@@ -226,9 +230,12 @@ def actor_pool_size(cfg: ExperimentConfig, n_batches: int, ray=None) -> tuple[in
 
 
 def cpus_per_cpu_actor(ray, n_actors: int) -> int:
-    """CPUs each CPU-only sampling actor reserves: the largest node's CPUs shared by the actors. Ray sets an
+    """Torch threads for each CPU-only sampling actor: the largest node's CPUs shared by the actors. Ray sets an
     actor's OMP_NUM_THREADS (hence torch's threads) to the CPUs it reserves, 1 by default; the demo's one actor
-    then sampled on one of two cores (208 images: 74 s with 1 CPU, 63 s with 2, 41 s in-process with 2)."""
+    then sampled on one of two cores (208 images: 74 s on 1 thread, 63 s on 2, 41 s in-process on 2). The
+    threads are set in the actor, not reserved: an actor reserving every core deadlocked the run that resumed
+    after a crash while the crashed run's actor still held them (found in CI). Images do not depend on the
+    thread count (checked: 1 vs 2 threads, same bytes)."""
     node_cpus = max((n.get("Resources", {}).get("CPU", 1.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
     return max(1, int(node_cpus) // max(1, n_actors))
 
@@ -246,7 +253,7 @@ def _render_with_ray(cfg: ExperimentConfig, batches: list[pd.DataFrame], worker_
     if s.gpus_per_actor > 0:
         resources = {"num_gpus": s.gpus_per_actor}
     else:
-        resources = {"num_cpus": cpus_per_cpu_actor(ray, max_size)}
+        resources, worker_kwargs = {}, {**worker_kwargs, "cpu_threads": cpus_per_cpu_actor(ray, max_size)}
     ds = ds.map_batches(
         # batch_size=None: one block = one planned batch; a row count would re-cut batches across blocks.
         SampleWorker, fn_constructor_kwargs=worker_kwargs, batch_size=None, batch_format="pandas",

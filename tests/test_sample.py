@@ -332,8 +332,8 @@ def test_gpu_actor_pool_grows_with_the_cluster(tmp_path):
 
 
 def test_cpu_sampling_actors_share_the_largest_nodes_cores():
-    """Ray gives an actor as many torch threads as CPUs it reserves (1 unless asked): a CPU-only actor reserves
-    the largest alive node's CPUs divided among the actors, never less than one."""
+    """Ray gives an actor as many torch threads as CPUs it reserves (1 unless asked): a CPU-only actor sets its
+    threads to the largest alive node's CPUs divided among the actors, never less than one."""
     from ooc_ray.sample import cpus_per_cpu_actor
 
     class FakeRay:
