@@ -233,9 +233,9 @@ def cpus_per_cpu_actor(ray, n_actors: int) -> int:
     """Torch threads for each CPU-only sampling actor: the largest node's CPUs shared by the actors. Ray sets an
     actor's OMP_NUM_THREADS (hence torch's threads) to the CPUs it reserves, 1 by default; the demo's one actor
     then sampled on one of two cores (208 images: 74 s on 1 thread, 63 s on 2, 41 s in-process on 2). The
-    threads are set in the actor, not reserved: an actor reserving every core deadlocked the run that resumed
-    after a crash while the crashed run's actor still held them (found in CI). Images do not depend on the
-    thread count (checked: 1 vs 2 threads, same bytes)."""
+    threads are set in the actor, not reserved: an actor reserving every core can block a resumed run while a
+    crashed run's actor still holds them (CI hung there once, while the disk was also full). Images do not
+    depend on the thread count (checked: 1 vs 2 threads, same bytes)."""
     node_cpus = max((n.get("Resources", {}).get("CPU", 1.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
     return max(1, int(node_cpus) // max(1, n_actors))
 
