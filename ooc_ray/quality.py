@@ -203,10 +203,14 @@ def pools(manifest: pd.DataFrame, synthetic: pd.DataFrame, split: str):
             yield fold, float(weight), train_rows(manifest, fold), held_out_rows(manifest, fold), pool
 
 
-def features_identity(cfg: ExperimentConfig, weights: BackboneWeights, paths: ExperimentPaths) -> str:
-    """What quality's measures are computed on (quality.features), for the keys of the tables made from them."""
+def features_identity(cfg: ExperimentConfig, weights: BackboneWeights, paths: ExperimentPaths,
+                      manifest: pd.DataFrame) -> str:
+    """What quality's measures are computed on (quality.features), for the keys of the tables made from them.
+    Image statistics are standardised on the manifest's images, so their identity holds the manifest's content
+    (a search trial's key names only its own images: another fold's new image would change its scores)."""
     if cfg.quality.features == "image_statistics":
-        return image_statistics.identity(cfg.sample.output_size or cfg.sample.resolution)
+        reference = keys.table_digest(manifest, keys.IMAGE_COLUMNS)
+        return f"{image_statistics.identity(cfg.sample.output_size or cfg.sample.resolution)}-{reference}"
     return cache_dir(clean_view(cfg.classify), weights, paths.features).name
 
 
@@ -247,7 +251,8 @@ def run_quality(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     manifest = load_manifest(paths)
     weights = backbone_weights(cfg.classify, paths.models, manifest)
     synthetic = read_parquet(paths.synthetic_table)
-    key = keys.quality_key(cfg, features_identity(cfg, weights, paths), manifest, synthetic, TABLE_VERSION)
+    key = keys.quality_key(cfg, features_identity(cfg, weights, paths, manifest), manifest, synthetic,
+                           TABLE_VERSION)
     problems = [f"{p} ({parquet_problem(p)})" for p in (paths.quality, paths.synthetic_scores) if parquet_problem(p)]
     if not problems:
         done = pd.read_parquet(paths.quality)

@@ -115,7 +115,8 @@ def run_search_trial(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths
     sub_manifest = pd.concat([subset, test], ignore_index=True)
     jobs = plan_loras(tcfg, sub_manifest, base.identity, folds=[cfg.search.fold])
     point = {k: params[k] for k in POINT}
-    key = keys.search_trial_key(tcfg, point, [j.key for j in jobs], test, features_identity(cfg, weights, paths))
+    key = keys.search_trial_key(tcfg, point, [j.key for j in jobs], test,
+                                features_identity(cfg, weights, paths, manifest))
     result_file = paths.search / "trials" / f"{key}.parquet"
     if not parquet_problem(result_file):  # the same point was already scored (Optuna may propose it again)
         return pd.read_parquet(result_file).iloc[0].to_dict()

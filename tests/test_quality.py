@@ -223,3 +223,16 @@ def test_mmd_permutation_test_against_exact_enumeration():
     rng = np.random.default_rng(6)
     same = [mmd_permutation_test(rng.normal(size=(15, 4)), rng.normal(size=(15, 4)), 200, seed=s)[1] for s in range(20)]
     assert np.mean(np.array(same) < 0.05) <= 0.2  # a true null is rarely rejected
+
+
+def test_image_statistics_identity_follows_the_reference_images(tmp_path):
+    """The statistics are standardised on the manifest's images: a changed manifest (one image's bytes) changes
+    the features' identity, and so every quality and search key built on it; the backbone's does not need to."""
+    from ooc_ray.quality import features_identity
+
+    cfg = from_dict({"quality": {"features": "image_statistics"}, "sample": {"resolution": 32}})
+    manifest = pd.DataFrame({"id": ["a", "b"], "sha256": ["1", "2"]})
+    changed = manifest.assign(sha256=["1", "3"])
+    one = features_identity(cfg, None, None, manifest)
+    assert one.startswith("image-statistics-v1-32px-") and one == features_identity(cfg, None, None, manifest.iloc[::-1])
+    assert one != features_identity(cfg, None, None, changed)
