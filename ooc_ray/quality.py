@@ -35,29 +35,27 @@ MEMORISED_PERCENTILE = 5.0
 TABLE_VERSION = 2  # part of the key: bump when a measure or column changes, so older tables are not re-used
 
 
+def _cubic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """KID's kernel k(x, y) = (x.y / d + 1)^3 between every row of x and every row of y."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
 def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 10, subset_size: int = 50, seed: int = 0
         ) -> tuple[float, float]:
     """Kernel Inception Distance (mean, std over subsets) between two feature sets (rows = images)."""
     m = min(subset_size, len(real), len(fake))
     if m < 2:
         return float("nan"), float("nan")
-    d = real.shape[1]
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(subsets):
         x = real[rng.choice(len(real), m, replace=False)]
         y = fake[rng.choice(len(fake), m, replace=False)]
-        kxx = (x @ x.T / d + 1) ** 3
-        kyy = (y @ y.T / d + 1) ** 3
-        kxy = (x @ y.T / d + 1) ** 3
+        kxx, kyy, kxy = _cubic(x, x), _cubic(y, y), _cubic(x, y)
         # unbiased: drop the diagonals (self-similarity) of the within-set terms
         mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
         values.append(mmd)
     return float(np.mean(values)), float(np.std(values))
-
-
-def _cubic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return (x @ y.T / x.shape[1] + 1) ** 3
 
 
 def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int = 1000, seed: int = 0
