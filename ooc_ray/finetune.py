@@ -17,7 +17,8 @@ import pandas as pd
 
 from ooc_ray.config import ExperimentConfig, GeneratorConfig
 from ooc_ray.data import load_image, load_manifest
-from ooc_ray.diffusion.base import BaseModel, device_and_dtype, load_pipeline, optimizer_step
+from ooc_ray.diffusion.base import (BaseModel, device_and_dtype, load_pipeline, optimizer_step,
+                                   training_target)
 from ooc_ray.diffusion.lora import (DIFFUSERS_FILE, KOHYA_FILE, METADATA_FILE, lora_config, lora_problem,
                                     read_metadata, save_lora, te_targets, trained_table, unet_targets, weights_digest)
 from ooc_ray.diffusion.pretrain import generator_base
@@ -74,7 +75,7 @@ def _train_loop(pipe, latents, ids, gcfg: GeneratorConfig, optimizer, gen):
             noise = torch.randn(x0.shape, generator=gen).to(device)  # CPU generator: same draws on any device
             t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
             noisy = sched.add_noise(x0, noise, t)
-            target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+            target = training_target(sched, x0, noise, t)
             with autocast:
                 text = te(ids)[0] if use_te else cached_text
                 pred = unet(noisy.to(weights_dtype), t, text.expand(len(idx), -1, -1).to(weights_dtype)).sample

@@ -314,3 +314,32 @@ def test_weights_digest_ignores_file_layout(tmp_path):
     assert weights_digest(tmp_path / "one.safetensors") == weights_digest(tmp_path / "two.safetensors")
     save_file({**tensors, "a.weight": torch.ones(4) * 2}, str(tmp_path / "three.safetensors"))
     assert weights_digest(tmp_path / "three.safetensors") != weights_digest(tmp_path / "one.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_the_training_target_is_the_one_the_schedulers_prediction_type_names(kind):
+    """Pretraining and LoRA training share training_target; checked against the formulas written out here
+    (DDPM: alpha_bar_t = prod(1 - beta), v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x0)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from ooc_ray.diffusion.base import training_target
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                          prediction_type=kind)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    t = torch.tensor([0, 500, 999])
+    alpha_bar = torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))).float()[t].view(-1, 1, 1, 1)
+    expected = {"epsilon": noise, "sample": x0,
+                "v_prediction": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0}[kind]
+    torch.testing.assert_close(training_target(sched, x0, noise, t), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_prediction_type_is_refused():
+    from types import SimpleNamespace
+
+    from ooc_ray.diffusion.base import training_target
+
+    with pytest.raises(ValueError, match="'flow'"):
+        training_target(SimpleNamespace(config=SimpleNamespace(prediction_type="flow")), None, None, None)

@@ -284,6 +284,20 @@ def device_and_dtype(half: bool = True):
     return "cpu", torch.float32
 
 
+def training_target(sched, x0, noise, t):
+    """What the UNet learns to predict under the base's scheduler: the noise (SD v1), the velocity (SD v2,
+    v_prediction) or the clean latents ("sample"). Training one base on another's target would teach it to
+    answer a question its sampler never asks."""
+    kind = sched.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return sched.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"scheduler prediction_type {kind!r} is none of epsilon, v_prediction, sample")
+
+
 def optimizer_step(optimizer, loss, lr_key: str, scaler=None) -> float:
     """One gradient step on `loss`; a NaN/inf loss raises FloatingPointError naming the lr to lower, before it
     reaches the weights. With a GradScaler (fp16 training) the loss is scaled before backward, and a step whose

@@ -19,7 +19,7 @@ import pandas as pd
 from ooc_ray import keys
 from ooc_ray.config import ExperimentConfig, PretrainConfig
 from ooc_ray.data import load_image
-from ooc_ray.diffusion.base import TINY, BaseModel, folder_digest, optimizer_step, resolve_base
+from ooc_ray.diffusion.base import TINY, BaseModel, folder_digest, optimizer_step, resolve_base, training_target
 from ooc_ray.errors import MissingInputError
 from ooc_ray.io import parquet_problem
 from ooc_ray.paths import ExperimentPaths
@@ -132,7 +132,7 @@ def encode_latents(vae, pixels):
 
 
 def train_unet(pipe, latents, pcfg: PretrainConfig, gen) -> list[float]:
-    """Epsilon-prediction training of pipe.unet on `latents` with the caption (or, at caption_dropout, the empty
+    """Training of pipe.unet (on its scheduler's prediction target) on `latents` with the caption (or, at caption_dropout, the empty
     caption); text encoder and VAE frozen. Returns the loss per step."""
     import torch
     import torch.nn.functional as F
@@ -154,7 +154,8 @@ def train_unet(pipe, latents, pcfg: PretrainConfig, gen) -> list[float]:
         dropped = (torch.rand(len(idx), generator=gen) < pcfg.caption_dropout).to(x0.device)
         text = torch.where(dropped[:, None, None], empty, caption)
         pred = unet(sched.add_noise(x0, noise, t), t, text).sample
-        losses.append(optimizer_step(optimizer, F.mse_loss(pred, noise), "generator.pretrain.unet_lr"))
+        target = training_target(sched, x0, noise, t)
+        losses.append(optimizer_step(optimizer, F.mse_loss(pred, target), "generator.pretrain.unet_lr"))
     unet.requires_grad_(False).eval()
     return losses
 
