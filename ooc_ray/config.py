@@ -166,11 +166,10 @@ class SampleConfig:
     sampler: Literal["euler_a", "ddim"] = result("euler_a", _IMAGE)
     # > 0 (ddim only): clip the sampler's predicted clean latent to [-v, v] at every step (Imagen's static
     # thresholding), in the VAE's scaled latent space (unit variance for the demo's pretrained base, ~1 for SD's
-    # 0.18215). An undertrained UNet otherwise drifts: the demo's pretrained base drew 41 % of its images as dark
-    # blank frames (per-image latent means of -5 where real ones lie within +-1); with 2.0, none (grey level
-    # 0.432 +- 0.014 vs real 0.447 +- 0.016). It pulls every image toward the average one, though: there KID
-    # to real fell 20-100x for good and acceptable but rose 8x for bad (its ramps and clumps are the extremes)
-    # and the linear CAS fell from 0.62 (euler_a) to 0.27, so the demo keeps euler_a.
+    # 0.18215). An undertrained epsilon-prediction UNet can drift: the demo's pretrained base drew 41 % of its
+    # images as dark blank frames (per-image latent means of -5 where real ones lie within +-1); with 2.0, none.
+    # It pulls every image toward the average one, though (bad's KID rose 8x, the linear CAS fell from 0.62 to
+    # 0.27). The tiny base now predicts v instead, which removed the drift without clipping (base.py).
     clip_sample: float = result(0.0, _IMAGE, keyed_when_set=True)
     steps: int = result(20, _IMAGE)
     cfg: float = result(7.0, _IMAGE)

@@ -48,9 +48,9 @@ def _cached_latents(vae, paths: tuple[str, ...], resolution: int, gen):
 
 def _train_loop(pipe, latents, ids, gcfg: GeneratorConfig, optimizer, gen):
     """kohya-style epochs: every image `repeats` times, shuffled, batches of batch_size (last may be short);
-    epsilon (or v) prediction MSE at uniform random timesteps, in generator.mixed_precision (gpu.py: autocast,
-    with a GradScaler for fp16). Returns (loss per step, mean loss per epoch, the GradScaler's final scale or
-    None)."""
+    MSE on the scheduler's prediction target (training_target) at uniform random timesteps, in
+    generator.mixed_precision (gpu.py: autocast, with a GradScaler for fp16). Returns (loss per step, mean loss
+    per epoch, the GradScaler's final scale or None)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler

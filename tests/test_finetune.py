@@ -146,7 +146,8 @@ def test_plan_loras_errors(tmp_path):
 def test_lora_loss_falls_on_tiny_set(tmp_path, tiny_base):
     from ooc_ray.finetune import run_finetune
 
-    cfg = tiny_cfg(tmp_path, generator={"epochs": 30, "unet_lr": 1e-2, "text_encoder_lr": 0.0,
+    # 16 draws of (t, noise) per epoch: the v-prediction loss of one draw depends on its t by 10x or more
+    cfg = tiny_cfg(tmp_path, generator={"epochs": 10, "repeats": 16, "unet_lr": 1e-2, "text_encoder_lr": 0.0,
                                         "unet_modules": "transformer+conv"})
     paths = ExperimentPaths.of(cfg)
     seed_models(paths, tiny_base)
@@ -155,7 +156,7 @@ def test_lora_loss_falls_on_tiny_set(tmp_path, tiny_base):
     table = run_finetune(cfg, paths)
     for d in table["dir"]:
         epochs = json.loads((Path(d) / "metadata.json").read_text())["loss_epochs"]
-        first, last = np.mean(epochs[:5]), np.mean(epochs[-5:])
+        first, last = np.mean(epochs[:3]), np.mean(epochs[-3:])
         assert last < 0.97 * first, epochs  # seeded, so stable
 
 
