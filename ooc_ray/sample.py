@@ -219,7 +219,10 @@ def pending_batches(plan: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
 def actor_pool_size(cfg: ExperimentConfig, n_batches: int, ray=None) -> tuple[int, int]:
     """(min, max) sampling actors. sample.actors fixes both. With GPUs the pool may grow to one actor per batch:
     Ray Data adds actors as GPUs free up or join (an autoscaling cluster may start with none), instead of
-    keeping the count the cluster had at start. On CPUs one actor: more would share the same cores."""
+    keeping the count the cluster had at start. On CPUs one actor by default: each actor holds its own copy of
+    the pipeline (SD v1.5 in fp32: ~4 GB). For a small base, set sample.actors to the cores: the demo's 208
+    images took 53 s with 2 one-thread actors vs 85 s with 1 two-thread actor (the tiny UNet gains little from a
+    second thread: 38 s vs 44 s in-process)."""
     s = cfg.sample
     if s.actors:
         return min(s.actors, n_batches), min(s.actors, n_batches)
@@ -234,8 +237,9 @@ def cpus_per_cpu_actor(ray, n_actors: int) -> int:
     actor's OMP_NUM_THREADS (hence torch's threads) to the CPUs it reserves, 1 by default; the demo's one actor
     then sampled on one of two cores (208 images: 74 s on 1 thread, 63 s on 2, 41 s in-process on 2). The
     threads are set in the actor, not reserved: an actor reserving every core can block a resumed run while a
-    crashed run's actor still holds them (CI hung there once, while the disk was also full). Images do not
-    depend on the thread count (checked: 1 vs 2 threads, same bytes)."""
+    crashed run's actor still holds them (CI hung there once, while the disk was also full). The thread count can
+    change an image in its last bits (1 vs 2 threads: 1 of the demo's 208 PNGs differed); every image's sha256
+    is recorded and is what later keys hold, so a pool re-sampled on other threads never passes as the old one."""
     node_cpus = max((n.get("Resources", {}).get("CPU", 1.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
     return max(1, int(node_cpus) // max(1, n_actors))
 
