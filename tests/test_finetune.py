@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from helpers import make_manifest, tiny_cfg, write_manifest
 
-from ooc_ray.errors import ConfigError, DataError, MissingInputError
+from ooc_ray.errors import ConfigError, DataError, MissingInputError, ModelError
 from ooc_ray.paths import ExperimentPaths
 
 
@@ -342,5 +342,5 @@ def test_an_unknown_prediction_type_is_refused():
 
     from ooc_ray.diffusion.base import training_target
 
-    with pytest.raises(ValueError, match="'flow'"):
+    with pytest.raises(ModelError, match="generator.base.*'flow'"):
         training_target(SimpleNamespace(config=SimpleNamespace(prediction_type="flow")), None, None, None)

@@ -298,7 +298,8 @@ def training_target(sched, x0, noise, t):
         return sched.get_velocity(x0, noise, t)
     if kind == "sample":
         return x0
-    raise ValueError(f"scheduler prediction_type {kind!r} is none of epsilon, v_prediction, sample")
+    raise ModelError(f"generator.base: its scheduler's prediction_type {kind!r} is none of epsilon, v_prediction, "
+                     "sample (nothing trained)")
 
 
 def optimizer_step(optimizer, loss, lr_key: str, scaler=None) -> float:

@@ -132,8 +132,8 @@ def encode_latents(vae, pixels):
 
 
 def train_unet(pipe, latents, pcfg: PretrainConfig, gen) -> list[float]:
-    """Training of pipe.unet (on its scheduler's prediction target) on `latents` with the caption (or, at caption_dropout, the empty
-    caption); text encoder and VAE frozen. Returns the loss per step."""
+    """Training of pipe.unet, on its scheduler's prediction target, on `latents` with the caption (or, at
+    caption_dropout, the empty caption); text encoder and VAE frozen. Returns the loss per step."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
