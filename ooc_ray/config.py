@@ -145,6 +145,9 @@ class GeneratorConfig:
     # "fp16"/"bf16" on GPU (not "no": YAML reads a bare no as false); numbers differ, so a result.
     mixed_precision: Literal["fp32", "fp16", "bf16"] = result("fp32", _LORA)
     gpus: float = resource(0.0)  # GPUs per fine-tuning task (Ray remote); 0 on CPU
+    # Encode each training image's VAE latent (and the prompt's embedding, when the text encoder is frozen)
+    # once, not at every step (kohya's cache_latents): the same LoRA up to float rounding, so a resource.
+    cache_latents: bool = resource(True)
     # Which UNet modules carry the LoRA: "attention" (q/k/v/out, the paper's and kohya's attention LoRA),
     # "transformer" (every linear layer of the transformer blocks, kohya's default LoRA-LierLa), or
     # "transformer+conv" (also the ResNet 3x3 convolutions, kohya's LoRA-C3Lier / LoCon): needed where the

@@ -31,24 +31,79 @@ from ooc_ray.protocol import LoraJob, plan_loras
 from ooc_ray.raycluster import init_ray, require_resources
 
 
-def _cached_latents(vae, paths: tuple[str, ...], resolution: int, gen):
-    """VAE latents of the training images, encoded once (kohya's cache_latents): the VAE is frozen and no
-    augmentation is applied, so re-encoding every step would only cost time."""
+ENCODE_CHUNK = 8  # images per VAE encode when caching: SD's VAE at 512 px needs ~1 GB each
+
+
+def _training_pixels(paths: tuple[str, ...], resolution: int):
+    """The training images as one (n, 3, res, res) tensor in [-1, 1], as the VAE reads them."""
     import numpy as np
     import torch
 
-    pixels = torch.stack([
+    return torch.stack([
         torch.from_numpy(np.array(load_image(p, size=resolution))).permute(2, 0, 1) for p in paths
     ]).float() / 127.5 - 1.0
+
+
+def _latent_noise(vae, n: int, resolution: int, gen):
+    """Each training image's latent-sampling noise, drawn once from gen in chunks of ENCODE_CHUNK, exactly as
+    the VAE's latent_dist.sample(gen) draws it: an image's latent sample is then the same every step, whether
+    cached or encoded again."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    side = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (vae.config.latent_channels, side, side)
+    return torch.cat([randn_tensor((min(ENCODE_CHUNK, n - i), *shape), generator=gen, device=vae.device,
+                                   dtype=vae.dtype) for i in range(0, n, ENCODE_CHUNK)])
+
+
+def _encode(vae, pixels, noise):
+    """Scaled latents of `pixels`, sampled with `noise` (mean + std * noise, as latent_dist.sample does)."""
+    import torch
+
     with torch.no_grad():
-        latents = [vae.encode(pixels[i : i + 8].to(vae.device, vae.dtype)).latent_dist.sample(gen)
-                   for i in range(0, len(pixels), 8)]  # 8 at a time: SD's VAE at 512 px needs ~1 GB each
-    return torch.cat(latents).float() * vae.config.scaling_factor
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return (dist.mean + dist.std * noise).float() * vae.config.scaling_factor
 
 
-def _train_loop(pipe, latents, ids, gcfg: GeneratorConfig, optimizer, gen):
-    """kohya-style epochs: every image `repeats` times, shuffled, batches of batch_size (last may be short);
-    MSE on the scheduler's prediction target (training_target) at uniform random timesteps, in
+def _latent_source(vae, paths: tuple[str, ...], gcfg: GeneratorConfig, gen):
+    """A function from a batch's image indices to their scaled latents. generator.cache_latents (kohya's
+    cache_latents): every image encoded once up front, as nothing changes its pixels between steps (no pixel
+    augmentation) and the VAE is frozen; else encoded again every step from pixels held in memory. Both
+    sample an image's latent with the same noise, so they train the same LoRA up to float rounding
+    (tests/test_finetune.py compares the loss curves)."""
+    import torch
+
+    pixels = _training_pixels(paths, gcfg.resolution)
+    noise = _latent_noise(vae, len(pixels), gcfg.resolution, gen)
+    if not gcfg.cache_latents:
+        return lambda idx: _encode(vae, pixels[idx], noise[idx])
+    latents = torch.cat([_encode(vae, pixels[i : i + ENCODE_CHUNK], noise[i : i + ENCODE_CHUNK])
+                         for i in range(0, len(pixels), ENCODE_CHUNK)])
+    return lambda idx: latents[idx]
+
+
+def _frozen_text(te, ids, gcfg: GeneratorConfig):
+    """When the text encoder carries no LoRA: a function giving the prompt's embedding, computed once under
+    generator.cache_latents (one prompt per LoRA) or again at every step. None when the text encoder trains."""
+    import torch
+
+    if gcfg.text_encoder_lr > 0:
+        return None
+
+    def embed():
+        with torch.no_grad():
+            return te(ids)[0]
+
+    if not gcfg.cache_latents:
+        return embed
+    cached = embed()
+    return lambda: cached
+
+
+def _train_loop(pipe, latents_of, n: int, ids, gcfg: GeneratorConfig, optimizer, gen):
+    """kohya-style epochs: each of the n images `repeats` times, shuffled, batches of batch_size (last may be
+    short); MSE on the scheduler's prediction target (training_target) at uniform random timesteps, in
     generator.mixed_precision (gpu.py: autocast, with a GradScaler for fp16). Returns (loss per step, mean loss
     per epoch, the GradScaler's final scale or None)."""
     import torch
@@ -56,28 +111,26 @@ def _train_loop(pipe, latents, ids, gcfg: GeneratorConfig, optimizer, gen):
     from diffusers import DDPMScheduler
 
     unet, te = pipe.unet, pipe.text_encoder
-    use_te = gcfg.text_encoder_lr > 0
     device = unet.device
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     weights_dtype, autocast_dtype, scaled = training_precision(gcfg.mixed_precision, device.type)
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     scaler = torch.amp.GradScaler(device.type) if scaled else None
-    with torch.no_grad():
-        cached_text = None if use_te else te(ids)[0]
-    n = len(latents)
+    frozen_text = _frozen_text(te, ids, gcfg)
     step_losses, epoch_losses = [], []
     for _epoch in range(gcfg.epochs):
         order = torch.arange(n).repeat(gcfg.repeats)[torch.randperm(n * gcfg.repeats, generator=gen)]
         losses = []
         for i in range(0, len(order), gcfg.batch_size):
             idx = order[i : i + gcfg.batch_size]
-            x0 = latents[idx].to(device)
+            x0 = latents_of(idx).to(device)
             noise = torch.randn(x0.shape, generator=gen).to(device)  # CPU generator: same draws on any device
             t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
             noisy = sched.add_noise(x0, noise, t)
             target = training_target(sched, x0, noise, t)
+            text = frozen_text() if frozen_text else None
             with autocast:
-                text = te(ids)[0] if use_te else cached_text
+                text = te(ids)[0] if text is None else text
                 pred = unet(noisy.to(weights_dtype), t, text.expand(len(idx), -1, -1).to(weights_dtype)).sample
             loss = F.mse_loss(pred.float(), target.float())
             losses.append(optimizer_step(optimizer, loss, "generator.unet_lr", scaler))
@@ -122,13 +175,14 @@ def train_lora(pipe, job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, out_d
     optimizer = _add_adapters(pipe, name, gcfg, use_te)
     try:
         gen = torch.Generator().manual_seed(gcfg.seed)
-        latents = _cached_latents(pipe.vae, job.image_paths, gcfg.resolution, gen)
+        latents_of = _latent_source(pipe.vae, job.image_paths, gcfg, gen)
         ids = tok(job.prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(unet.device)
         unet.train()
         te.train(use_te)
         with torch.enable_grad():  # whatever the caller's grad mode
-            step_losses, epoch_losses, grad_scale = _train_loop(pipe, latents, ids, gcfg, optimizer, gen)
+            step_losses, epoch_losses, grad_scale = _train_loop(pipe, latents_of, len(job.image_paths), ids, gcfg,
+                                                                      optimizer, gen)
         save_lora(unet, te if use_te else None, name, gcfg, base.identity, out_dir)
     except FloatingPointError as exc:
         raise ModelError(f"LoRA {name}: {exc}") from None
@@ -150,6 +204,7 @@ def train_lora(pipe, job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, out_d
         "kohya_file": KOHYA_FILE, "kohya_sha256": sha256_file(out_dir / KOHYA_FILE),
         "device": str(unet.device), "base_dtype": str(unet.dtype).removeprefix("torch."),
         "mixed_precision": gcfg.mixed_precision, "grad_scale_final": grad_scale,
+        "cache_latents": gcfg.cache_latents,
         "seconds": round(time.perf_counter() - start, 2),
     }
     (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=1))

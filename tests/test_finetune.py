@@ -160,6 +160,46 @@ def test_lora_loss_falls_on_tiny_set(tmp_path, tiny_base):
         assert last < 0.97 * first, epochs  # seeded, so stable
 
 
+def test_cached_latents_train_the_same_lora_as_encoding_every_step(tmp_path, tiny_base, monkeypatch):
+    """generator.cache_latents encodes each image once (and the frozen text encoder's prompt once); off, the
+    VAE and the text encoder run at every step. Same noise per image, so the same loss curve up to rounding."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    from ooc_ray.finetune import run_finetune
+
+    calls = {"vae": 0, "text": 0}
+    encode, text_forward = AutoencoderKL.encode, CLIPTextModel.forward
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counted("vae", encode))
+    monkeypatch.setattr(CLIPTextModel, "forward", counted("text", text_forward))
+    m = make_dataset(tmp_path, per_class=(10, 2), k=2)
+    runs = {}
+    for cache in (True, False):
+        calls.update(vae=0, text=0)
+        cfg = tiny_cfg(tmp_path / str(cache), generator={"epochs": 3, "repeats": 2, "batch_size": 4, "split": "all",
+                                                        "text_encoder_lr": 0.0, "cache_latents": cache})
+        paths = ExperimentPaths.of(cfg)
+        seed_models(paths, tiny_base)
+        write_manifest(m[m.label == "good"], paths)
+        row = run_finetune(cfg, paths).iloc[0]
+        runs[cache] = (row, json.loads((Path(row["dir"]) / "metadata.json").read_text()), dict(calls))
+    (cached, meta_c, calls_c), (fresh, meta_f, calls_f) = runs[True], runs[False]
+    steps = 3 * 5  # 10 images x 2 repeats / batch 4, 3 epochs
+    assert len(meta_c["loss_steps"]) == steps
+    assert calls_c == {"vae": 2, "text": 1}  # 10 images in chunks of 8; one prompt
+    assert calls_f == {"vae": steps, "text": steps}
+    assert cached.lora_key == fresh.lora_key  # a resource: the key (and so re-use) does not depend on it
+    np.testing.assert_allclose(meta_f["loss_steps"], meta_c["loss_steps"], rtol=1e-4)
+    assert meta_c["cache_latents"] and not meta_f["cache_latents"]
+
+
 def test_finetune_outputs_formats_and_resume(tmp_path, tiny_base, monkeypatch):
     import torch
     from safetensors import safe_open
