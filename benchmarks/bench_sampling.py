@@ -1,14 +1,21 @@
-"""Sampling throughput on the tiny base: an in-process batched loop vs Ray Data actors (1 and 2).
+"""Sampling throughput on the tiny base: Ray Data actors vs an in-process batched loop, same images, same threads.
 
-    python benchmarks/bench_sampling.py [--images 64] [--steps 10] [--batch 8] [--resolution 64]
+    python benchmarks/bench_sampling.py [--images 512] [--steps 20] [--batch 16] [--resolution 32]   (~10 min)
 
-Prints, per executor, the wall time (pipeline/actor start-up included), end-to-end images/s, and the
-steady-state images/s measured between the first and the last PNG written (start-up excluded). Run it on an
-otherwise idle machine; on a 2-core CPU two 1-thread actors compete with each other and with the driver.
+The defaults are the demo's sampling settings (32 px, 20 Euler-a steps, CFG 1, batch 16). Every executor renders
+the same planned images (4 LoRAs, weight 1.0) into its own folder through sample.render, the stage's own code:
+  in-process  SampleWorker called in this process, torch set to 1 or 2 threads
+  ray         Ray Data actors (the sample stage), Ray started with 1 or 2 CPUs: one actor gets the node's
+              CPUs as threads (sample.cpus_per_cpu_actor), two actors one thread each
+Wall time is end to end: actor start-up (process, imports, pipeline load), every image rendered and written as
+PNG, Ray Data's scheduling; ray.init is printed apart (the pipeline starts Ray once for all its stages). The
+in-process loop pays its pipeline load too (imports are warmed first). Also printed: the steady rate, between
+the first and the last PNG (start-up excluded), and the ratios the goals are stated in.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import sys
@@ -27,6 +34,7 @@ from helpers import make_manifest, write_manifest  # noqa: E402
 from ooc_ray.config import from_dict  # noqa: E402
 from ooc_ray.finetune import run_finetune  # noqa: E402
 from ooc_ray.paths import ExperimentPaths  # noqa: E402
+from ooc_ray.raycluster import init_ray  # noqa: E402
 from ooc_ray.sample import plan_pools, render  # noqa: E402
 
 
@@ -38,16 +46,26 @@ def timed(plan: pd.DataFrame, cfg, paths, base, out: Path, use_ray: bool) -> dic
     mtimes = sorted(os.stat(p).st_mtime for p in plan.path)
     first_batch = cfg.sample.batch_size
     steady = (len(mtimes) - first_batch) / max(mtimes[-1] - mtimes[first_batch - 1], 1e-9)
-    return {"images": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2),
-            "steady_images_per_s": round(steady, 2)}
+    return {"images": n, "wall_s": round(wall, 1), "images_per_s": round(n / wall, 2),
+            "first_png_s": round(mtimes[0] - start, 1), "steady_images_per_s": round(steady, 2)}
+
+
+def restart_ray(cfg) -> float:
+    import ray
+
+    ray.shutdown()
+    start = time.time()
+    init_ray(cfg)
+    return time.time() - start
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=64, help="images per run (multiple of 4 LoRAs x 2 images)")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--images", type=int, default=512, help="images per run (a multiple of 8: 4 LoRAs x 2 images)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--resolution", type=int, default=32)
+    ap.add_argument("--cfg", type=float, default=1.0)
     args = ap.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench_sampling_"))
@@ -56,7 +74,7 @@ def main() -> None:
         ratio = args.images / 8  # 4 LoRAs (2 folds x 2 classes), 2 training images each
         raw = {"name": "bench", "results_dir": str(root / "results"),
                "generator": {"base": "tiny", "resolution": args.resolution, "epochs": 1, "repeats": 1},
-               "sample": {"weights": [1.0], "steps": args.steps, "resolution": args.resolution,
+               "sample": {"weights": [1.0], "steps": args.steps, "resolution": args.resolution, "cfg": args.cfg,
                           "batch_size": args.batch},
                "classify": {"ratios": [ratio], "synthetic_only": False}}
         cfg = from_dict(raw)
@@ -64,27 +82,33 @@ def main() -> None:
         write_manifest(manifest, paths)
         run_finetune(cfg, paths)
         base, plan = plan_pools(cfg, paths, manifest)
-        print(f"tiny base, {len(plan)} images of {args.resolution}px, {args.steps} Euler-a steps, CFG 7, "
-              f"batch {args.batch}, {os.cpu_count()} CPUs")
+        print(f"tiny base, {len(plan)} images of {args.resolution} px, {args.steps} Euler-a steps, CFG {args.cfg:g}, "
+              f"batch {args.batch}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}")
 
         import torch
 
-        threads = torch.get_num_threads()
-        results = {f"in-process loop, {threads} torch threads": timed(plan, cfg, paths, base, root / "local", False)}
-        # Ray actors run with OMP_NUM_THREADS=1; on a shared 2-core machine a multi-threaded torch loop can
-        # be >10x slower than a 1-thread one (OpenMP threads spin-wait on cores other processes hold).
-        torch.set_num_threads(1)
-        results["in-process loop, 1 torch thread"] = timed(plan, cfg, paths, base, root / "local1", False)
-        torch.set_num_threads(threads)
-        from ooc_ray.raycluster import init_ray
+        importlib.import_module("diffusers")  # warm: the in-process loop should not pay the imports an actor pays
 
-        t = time.time()
-        init_ray(cfg)
-        print(f"ray.init: {time.time() - t:.1f} s (not counted below)")
-        for actors in (1, 2):
-            c = from_dict({**raw, "sample": {**raw["sample"], "actors": actors}})
-            results[f"ray, {actors} actor{'s' * (actors > 1)}"] = timed(plan, c, paths, base, root / f"ray{actors}", True)
-        print(pd.DataFrame(results).T.to_string())
+        results, inits = {}, {}
+        for cpus in (1, 2):
+            variant = {**raw, "ray": {"num_cpus": cpus}}
+            inits[cpus] = restart_ray(from_dict(variant))
+            for actors in ((1,) if cpus == 1 else (1, 2)):
+                c = from_dict({**variant, "sample": {**raw["sample"], "actors": actors}})
+                label = f"ray, {actors} actor{'s' * (actors > 1)} x {cpus // actors} thread{'s' * (cpus // actors > 1)}"
+                results[label] = timed(plan, c, paths, base, root / f"ray{cpus}-{actors}", True)
+            torch.set_num_threads(cpus)
+            results[f"in-process, {cpus} thread{'s' * (cpus > 1)}"] = timed(plan, cfg, paths, base,
+                                                                           root / f"local{cpus}", False)
+        print(f"ray.init (not counted): {inits[1]:.1f} s with 1 CPU, {inits[2]:.1f} s with 2")
+        table = pd.DataFrame(results).T
+        print(table.to_string())
+        rate = table["images_per_s"]
+        one_actor = "ray, 1 actor x 1 thread"
+        print(f"1 actor x 1 thread vs in-process 1 thread, end to end: {rate[one_actor] / rate['in-process, 1 thread']:.2f}x")
+        print(f"1 actor x 2 threads vs in-process 2 threads: {rate['ray, 1 actor x 2 threads'] / rate['in-process, 2 threads']:.2f}x")
+        print(f"2 actors x 1 thread vs in-process 2 threads: {rate['ray, 2 actors x 1 thread'] / rate['in-process, 2 threads']:.2f}x;"
+              f" vs 1 actor x 1 thread: {rate['ray, 2 actors x 1 thread'] / rate[one_actor]:.2f}x")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
