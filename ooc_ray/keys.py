@@ -45,9 +45,13 @@ def canonical(value: Any) -> Any:
     raise TypeError(f"keys: cannot derive a key from a {type(value).__name__}")
 
 
-def digest(*parts: Any, length: int = KEY_LENGTH) -> str:
-    payload = json.dumps(canonical(list(parts)), sort_keys=True, separators=(",", ":"), allow_nan=False)
+def _hash_json(value: Any, length: int) -> str:
+    payload = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+
+def digest(*parts: Any, length: int = KEY_LENGTH) -> str:
+    return _hash_json(canonical(list(parts)), length)
 
 
 def config_slice(cfg: Any, artifact: str, prefix: str = "") -> dict:
@@ -75,8 +79,15 @@ def table_digest(frame: pd.DataFrame, columns: list[str]) -> str:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise KeyError(f"keys: table lacks column(s) {missing}")
-    rows = sorted(tuple(canonical(v) for v in row) for row in frame[columns].itertuples(index=False, name=None))
-    return digest(columns, rows, length=64)
+    # Column by column, canonical() only where a value is not a plain str, and the rows not passed through
+    # canonical() a second time: the same JSON bytes as digest(columns, rows), 6x faster (a trial key hashes its
+    # whole training set: the 65 keys at 100x the paper's data took 141 s, now 23 s; benchmarks/bench_scale.py).
+    values = []
+    for column in columns:
+        cells = frame[column].tolist()  # Python scalars, as the row iteration gave them
+        values.append(cells if all(type(v) is str for v in cells) else [canonical(v) for v in cells])
+    rows = sorted(zip(*values)) if values else [()] * len(frame)  # tuples: JSON arrays, as canonical's lists
+    return _hash_json([canonical(columns), rows], 64)
 
 
 # ---------------------------------------------------------------------------------------------- artifacts
