@@ -169,22 +169,54 @@ def synthetic_count(spec: TrialSpec, n_train: int) -> int:
 # ---------------------------------------------------------------------------------------------- training sets
 
 
-def synthetic_pool(synthetic: pd.DataFrame, fold: int, weight: float, classes: list[str], split: str
-                   ) -> pd.DataFrame:
+class PoolIndex:
+    """Row positions of a synthetic table per (fold, LoRA weight), found on first use, so that a grid does not
+    scan the whole table once per trial: the table and the trials both grow with the LoRA weights, and the scans
+    made plan_trials quadratic (200 weights, 6,005 trials over 660,600 rows: 40 s of scans, 5 s with the index;
+    benchmarks/bench_scale.py)."""
+
+    def __init__(self, synthetic: pd.DataFrame):
+        self.synthetic = synthetic
+        self._by_fold: dict | None = None
+
+    def _build(self) -> dict:
+        by = [self.synthetic["fold"].to_numpy(), self.synthetic["weight"].astype(float).to_numpy()]
+        groups = self.synthetic.groupby(by, sort=False).indices  # positions per (fold, weight); NaN dropped
+        by_fold: dict = {}
+        for (fold, weight), positions in groups.items():
+            by_fold.setdefault(fold, ([], []))
+            by_fold[fold][0].append(weight)
+            by_fold[fold][1].append(positions)
+        return {fold: (np.array(ws, dtype=float), parts) for fold, (ws, parts) in by_fold.items()}
+
+    def rows(self, fold: int, weight: float) -> pd.DataFrame:
+        """synthetic[(fold == `fold`) & isclose(weight, `weight`)]: the same rows, order and index."""
+        if self._by_fold is None:
+            self._by_fold = self._build()
+        weights, parts = self._by_fold.get(fold, (np.zeros(0), []))
+        hits = [parts[i] for i in np.flatnonzero(np.isclose(weights, float(weight)))]
+        positions = np.sort(np.concatenate(hits)) if hits else np.zeros(0, dtype=np.int64)
+        return self.synthetic.iloc[positions]
+
+
+def synthetic_pool(synthetic: pd.DataFrame, fold: int, weight: float, classes: list[str], split: str,
+                   index: PoolIndex | None = None) -> pd.DataFrame:
     """Rows of the synthetic table that fold `fold`'s trials may draw from at `weight`, with label_index.
 
     split "fold": the pool of fold `fold`'s LoRAs (they never saw the held-out images); "all": the one pool of
-    the LoRAs trained on every image (fold ALL_FOLDS, the paper's protocol)."""
+    the LoRAs trained on every image (fold ALL_FOLDS, the paper's protocol). `index`: a PoolIndex of
+    `synthetic`, kept across calls (plan_trials)."""
     missing = [c for c in ("id", "path", "sha256", "label", "fold", "weight") if c not in synthetic.columns]
     if missing:
         raise TrainsetError(f"synthetic table lacks column(s) {missing}; found {list(synthetic.columns)}")
     wanted = ALL_FOLDS if split == "all" else fold
-    rows = synthetic[(synthetic["fold"] == wanted) & np.isclose(synthetic["weight"].astype(float), float(weight))]
+    index = index if index is not None and index.synthetic is synthetic else PoolIndex(synthetic)
+    rows = index.rows(wanted, weight)
     unknown = sorted(set(rows["label"]) - set(classes))
     if unknown:
         raise TrainsetError(f"synthetic table: label(s) {unknown} are not classes of the manifest {classes}")
-    index = {c: i for i, c in enumerate(classes)}
-    return rows.assign(label_index=rows["label"].map(index).astype(int))
+    class_index = {c: i for i, c in enumerate(classes)}
+    return rows.assign(label_index=rows["label"].map(class_index).astype(int))
 
 
 def _draw(pool: pd.DataFrame, label_index: int, take: int, spec: TrialSpec, label: str, seed: int) -> pd.DataFrame:
@@ -208,9 +240,11 @@ def build_testset(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
 
 
 def build_trainset(manifest: pd.DataFrame, synthetic: pd.DataFrame | None, spec: TrialSpec, *, seed: int = 0,
-                   split: str = "fold", classes: list[str] | None = None) -> pd.DataFrame:
+                   split: str = "fold", classes: list[str] | None = None, pools: PoolIndex | None = None
+                   ) -> pd.DataFrame:
     """Training rows (TRAINSET_COLUMNS, source "real" or "synthetic") of one trial. Deterministic for equal
-    inputs; the row order of the inputs does not matter (pools are sorted by id)."""
+    inputs; the row order of the inputs does not matter (pools are sorted by id). `pools`: a PoolIndex of
+    `synthetic`, for a loop over trials (as plan_trials): without it each call indexes the whole table."""
     classes = classes if classes is not None else class_names(manifest)
     real = train_rows(manifest, spec.fold)
     if real.empty:
@@ -225,7 +259,7 @@ def build_trainset(manifest: pd.DataFrame, synthetic: pd.DataFrame | None, spec:
         if synthetic is None or synthetic.empty:
             raise TrainsetError(f"fold {spec.fold}, ratio {spec.ratio:g}, weight {spec.weight:g}: "
                                 "the synthetic table is empty")
-        pool = synthetic_pool(synthetic, spec.fold, spec.weight, classes, split)
+        pool = synthetic_pool(synthetic, spec.fold, spec.weight, classes, split, index=pools)
         per_class = largest_remainder(n_synth, np.bincount(real["label_index"], minlength=len(classes)))
         for c, take in enumerate(per_class):
             if take:
@@ -241,10 +275,11 @@ def plan_trials(cfg: ExperimentConfig, manifest: pd.DataFrame, synthetic: pd.Dat
     """Every trial of the grid with its sets and key. Building every training set here (pandas only) also
     makes a pool that is too small fail before any trial starts, naming the fold, class and weight."""
     classes = class_names(manifest)
+    pools = PoolIndex(synthetic) if synthetic is not None else None  # indexes on first use only
     planned = []
     for spec in grid_points(cfg, fold_ids(manifest)):
         train = build_trainset(manifest, synthetic if spec.needs_synthetic else None, spec,
-                               seed=cfg.classify.seed, split=cfg.generator.split, classes=classes)
+                               seed=cfg.classify.seed, split=cfg.generator.split, classes=classes, pools=pools)
         test = build_testset(manifest, spec.fold)
         arm = "synthetic" if spec.synthetic_only else f"r{spec.ratio:g}"
         wtag = "w-" if spec.weight is None else f"w{spec.weight:g}"

@@ -11,7 +11,7 @@ from ooc_ray.classify.metrics import compute_metrics
 from ooc_ray.config import from_dict
 from ooc_ray.errors import TrainsetError
 from ooc_ray.folds import ALL_FOLDS
-from ooc_ray.protocol import (TrialSpec, build_testset, build_trainset, grid_points, largest_remainder,
+from ooc_ray.protocol import (PoolIndex, TrialSpec, build_testset, build_trainset, grid_points, largest_remainder,
                               plan_trials, pool_sizes, round_half_up)
 
 CLASSES = ("good", "acceptable", "bad")
@@ -72,6 +72,22 @@ def test_trainset_counts_and_proportions(tables, ratio):
         assert set(syn["id"]) <= set(pool["id"])
         assert not syn["id"].duplicated().any()
         assert not train["path"].duplicated().any()
+
+
+def test_pool_index_selects_what_the_filter_selects(tables):
+    """plan_trials' PoolIndex picks the rows, order and index of (fold == f) & isclose(weight, w) on the whole
+    table, also with float folds, weights off by float noise or missing, shuffled rows and duplicate labels."""
+    _, s = tables
+    rng = np.random.default_rng(0)
+    weights = (s["weight"] + np.where(rng.random(len(s)) < 0.3, 1e-9, 0.0)).to_numpy(copy=True)
+    weights[:10] = np.nan
+    s = s.assign(fold=s["fold"].astype(float), weight=weights).sample(frac=1, random_state=0)
+    s = s.set_axis(rng.integers(0, 20, len(s)))
+    index = PoolIndex(s)
+    for fold in (ALL_FOLDS, 0, 3, 7):
+        for weight in (1.0, 0.8, 0.5, 1.0 + 1e-7):
+            expected = s[(s["fold"] == fold) & np.isclose(s["weight"].astype(float), weight)]
+            pd.testing.assert_frame_equal(index.rows(fold, weight), expected)
 
 
 def test_no_overlap_with_held_out_fold(tables):
