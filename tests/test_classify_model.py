@@ -190,6 +190,35 @@ def test_exact_and_cached_agree_without_augmentation(tiny):
     assert len(set(np.round(np.stack(predictions["exact"]["probs"])[:, 0], 4))) > 1
 
 
+def test_a_reused_head_trains_exactly_as_a_fresh_one():
+    """Cached mode keeps one compiled head per worker (train.fresh_head): after training another set, with
+    another seed, it must start the next trial bit for bit where a newly built head starts."""
+    import keras
+
+    from ooc_ray.classify import train
+
+    cc = tiny_cfg("/unused", epochs=4, dropout=0.3).classify
+    rng = np.random.default_rng(0)
+    sets = [(rng.normal(size=(n, 16)).astype(np.float32), np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)])
+            for n in (21, 13)]
+
+    def trained(x, y, seed):
+        keras.utils.set_random_seed(seed)
+        head = train.fresh_head(16, 3, cc, seed)
+        loss = head.fit(x, y, batch_size=8, epochs=cc.epochs, verbose=0, shuffle=False).history["loss"]
+        return head, loss, head.predict(x, batch_size=8, verbose=0)
+
+    train._HEADS.clear()
+    first, loss_fresh, probs_fresh = trained(*sets[0], seed=3)
+    other, loss_other, _ = trained(*sets[1], seed=7)  # moves weights, BatchNorm, Adam and the dropout's seed
+    again, loss_again, probs_again = trained(*sets[0], seed=3)
+    assert first is other is again  # one traced model, not three
+    assert loss_again == loss_fresh and np.array_equal(probs_again, probs_fresh)
+    assert loss_fresh[-1] < loss_fresh[0] and loss_other != loss_fresh  # it trained, and the sets differ
+    train._HEADS.clear()
+    assert trained(*sets[1], seed=7)[1] == loss_other  # the second trial, as a fresh head would have run it
+
+
 def test_augmented_views_do_not_depend_on_extraction_split(tiny, tmp_path):
     """The same image gets the same augmented views whether extracted alone, in another batch or another part."""
     _, _, manifest, _, path = tiny
