@@ -1,8 +1,13 @@
 """Classifier stage: exact vs cached ("fast") mode.
 
-    python benchmarks/bench_classify.py [--root DIR] [--skip-b7]      (~3-4 min on 2 CPU cores)
+    python benchmarks/bench_classify.py [--root DIR] [--skip-b7] [--epochs 10]      (~10 min on 2 CPU cores)
 
-1. Wall time of a small grid through Ray Tune (run_classify), exact vs cached, on generated images.
+1. The same grid through Ray Tune (run_classify), exact vs cached, with augmentation (flip, rotation) in both:
+   the demo's labelled set (52 images, 3 classes, read at 64 px), 3 folds, real only / real + 50 % / real +
+   100 % synthetic / synthetic only (the synthetic images are demo drawings of their class: learnable), frozen
+   EfficientNetB0 with offline "calibrated" weights, the same seeds. Exact draws fresh augmented views every
+   epoch; cached trains on classify.feature_views (4) views fixed once. Printed: accuracy per arm and mode
+   (mean +- std over folds), the largest per-arm gap beside the fold-to-fold spread, and the wall-time ratio.
 2. Unit costs, measured in-process after warm-up (steady state, TF graphs already traced):
      exact   s per training image per epoch (decode + resize + augment + frozen backbone + head step)
      eval    s per test image (decode + backbone + head)
@@ -14,7 +19,8 @@
    (generator split "all": 2 weights x 658; split "fold": 5 x 2 x 658), 4 feature views. Totals are sums of
    unit costs x counts; trials are assumed to run one at a time on one device, so the ratio is what matters.
    With --skip-b7 off, the forward cost of EfficientNetB7 at 600 px (and the decode of a 2048x1536 JPG) is
-   measured too and used for the paper-scale estimate; the head costs stay those measured at B0.
+   measured too and used for the paper-scale estimate, with the head's costs measured at B7's feature width
+   (2560; B0's is 1280).
 """
 from __future__ import annotations
 
@@ -46,17 +52,17 @@ from ooc_ray.features import FeatureExtractor, image_batches, image_map  # noqa:
 SIZE = 64
 
 
-def raw_config(root: Path, mode: str) -> dict:
+def raw_config(root: Path, mode: str, epochs: int) -> dict:
     return {
         "name": "bench", "results_dir": str(root),
         "data": {"source": "demo", "classes": ["good", "acceptable", "bad"], "group_column": "cell_line",
-                 "demo": {"per_class": [16, 10, 6], "size": SIZE}},
-        "folds": {"k": 2, "strategy": "stratified"},
+                 "demo": {"per_class": [30, 14, 8], "size": SIZE}},
+        "folds": {"k": 3, "strategy": "stratified"},
         "sample": {"weights": [1.0]},
         "ray": {"num_cpus": os.cpu_count() or 2},
-        "classify": {"backbone": "EfficientNetB0", "weights": "none", "input_size": SIZE, "epochs": 3,
-                     "batch_size": 16, "ratios": [0.0, 0.5, 1.0], "synthetic_only": True, "augment": ["flip"],
-                     "feature_views": 2, "mode": mode, "cpus_per_trial": 1},
+        "classify": {"backbone": "EfficientNetB0", "weights": "calibrated", "input_size": SIZE, "epochs": epochs,
+                     "batch_size": 16, "ratios": [0.0, 0.5, 1.0], "synthetic_only": True,
+                     "augment": ["flip", "rotation"], "feature_views": 4, "mode": mode, "cpus_per_trial": 1},
     }
 
 
@@ -99,16 +105,20 @@ def unit_costs(cfg, manifest: pd.DataFrame, synthetic: pd.DataFrame) -> dict:
     extractor(next(iter(batches)), list(range(cc.batch_size)))  # warm-up: build + trace
     feats, t = timed(lambda: np.concatenate([extractor(b, list(range(len(b)))) for b in batches]))
     out["extract_s_per_img_view"] = t / len(paths) / extractor.views  # one decode per image, shared by views
-    feats = feats[:, 1]
-    head = build_head(feats.shape[-1], 3, cc.dropout, 0)
-    compile_model(head, cc.lr)
-    hds = tf.data.Dataset.from_tensor_slices((feats, labels)).shuffle(len(paths), seed=0).batch(cc.batch_size)
-    _, first = timed(head.fit, hds, epochs=1, verbose=0, shuffle=False)
-    _, steady = timed(head.fit, hds, epochs=5, verbose=0, shuffle=False)
-    out["head_s_per_img_epoch"] = steady / 5 / len(paths)
-    out["cached_first_epoch_overhead_s"] = first - steady / 5
+    out.update(head_costs(cc, feats[:, 1], labels))
     keras.backend.clear_session()
     return out
+
+
+def head_costs(cc, feats: np.ndarray, labels: np.ndarray) -> dict:
+    """The cached-mode head's steady cost per image per epoch, and its first epoch's extra (build, tracing)."""
+    import tensorflow as tf
+
+    head = compile_model(build_head(feats.shape[-1], 3, cc.dropout, 0), cc.lr)
+    hds = tf.data.Dataset.from_tensor_slices((feats, labels)).shuffle(len(feats), seed=0).batch(cc.batch_size)
+    _, first = timed(head.fit, hds, epochs=1, verbose=0, shuffle=False)
+    _, steady = timed(head.fit, hds, epochs=5, verbose=0, shuffle=False)
+    return {"head_s_per_img_epoch": steady / 5 / len(feats), "cached_first_epoch_overhead_s": first - steady / 5}
 
 
 def b7_costs(tmp: Path) -> dict:
@@ -125,8 +135,9 @@ def b7_costs(tmp: Path) -> dict:
     x = rng.uniform(0, 255, (2, 600, 600, 3)).astype(np.float32)
     backbone(x)  # warm-up
     _, t_fwd = timed(lambda: [backbone(x) for _ in range(2)])
+    width = backbone.output_shape[-1]
     keras.backend.clear_session()
-    return {"decode_2048x1536_to_600_s": t_decode / 5, "b7_600_forward_s_per_img": t_fwd / 4}
+    return {"decode_2048x1536_to_600_s": t_decode / 5, "b7_600_forward_s_per_img": t_fwd / 4, "width": width}
 
 
 def paper_counts(views: int = 4) -> dict:
@@ -143,7 +154,8 @@ def paper_counts(views: int = 4) -> dict:
 
 
 def estimate(c: dict, counts: dict, fwd: float | None = None, decode: float = 0.0) -> dict:
-    """Seconds for the paper grid. `fwd`/`decode` replace the per-image backbone cost when given (B7 600 px)."""
+    """Seconds for the paper grid. `fwd`/`decode` replace the per-image backbone cost when given (B7 600 px);
+    c's head costs are those of the backbone's feature width."""
     exact_img = c["exact_s_per_img_epoch"] if fwd is None else fwd + decode
     eval_img = c["eval_s_per_img"] if fwd is None else fwd + decode
     extract_img = c["extract_s_per_img_view"] if fwd is None else fwd + decode / 4  # decode once for 4 views
@@ -162,23 +174,33 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, default=None)
     parser.add_argument("--skip-b7", action="store_true")
+    parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_classify_"))
 
     from ooc_ray.raycluster import init_ray
 
-    cfg = from_dict(raw_config(root, "exact"))
+    cfg = from_dict(raw_config(root, "exact", args.epochs))
     paths, manifest, synthetic = demo_experiment(cfg)
     init_ray(cfg)
-    print(f"small grid: {len(manifest)} real images at {SIZE} px, 2 folds, B0 random init, 3 epochs, "
-          f"augment flip, {os.cpu_count()} CPUs, 1 CPU per trial")
-    walls = {}
+    print(f"grid: {len(manifest)} real images at {SIZE} px, 3 folds x 4 arms, B0 calibrated, {args.epochs} epochs, "
+          f"augment flip+rotation, {os.cpu_count()} CPUs, 1 CPU per trial; {time.strftime('%Y-%m-%d %H:%M')}")
+    walls, rows = {}, {}
     for mode in ("exact", "cached"):
-        rows, walls[mode] = timed(run_classify, from_dict(raw_config(root, mode)), paths)
-        print(f"  {mode:6s}: {len(rows)} trials, wall {walls[mode]:6.1f} s, sum of trial durations "
-              f"{rows['duration_s'].sum():6.1f} s, mean accuracy {rows['accuracy'].mean():.3f}")
-    print(f"  grid wall-time ratio exact/cached: {walls['exact'] / walls['cached']:.1f}x "
-          "(both dominated by per-trial fixed costs at this size)")
+        rows[mode], walls[mode] = timed(run_classify, from_dict(raw_config(root, mode, args.epochs)), paths)
+        print(f"  {mode:6s}: {len(rows[mode])} trials, wall {walls[mode]:6.1f} s, sum of trial durations "
+              f"{rows[mode]['duration_s'].sum():6.1f} s")
+    both = pd.concat(rows.values())
+    both["arm"] = np.where(both["synthetic_only"], "synthetic only", both["ratio"].map(lambda r: f"real + {r:.0%}"))
+    per_arm = both.groupby(["arm", "mode"])["accuracy"].agg(["mean", "std"]).unstack("mode")
+    print(per_arm.round(3).to_string())
+    gaps = (per_arm[("mean", "cached")] - per_arm[("mean", "exact")]).abs()
+    spread = per_arm["std"].max(axis=1)
+    print(f"  largest per-arm gap |cached - exact| {gaps.max():.3f} ({gaps.idxmax()}); fold-to-fold std there "
+          f"{spread[gaps.idxmax()]:.3f}; arms whose gap exceeds their larger std: {int((gaps > spread).sum())} of "
+          f"{len(gaps)}")
+    print(f"  grid wall-time ratio exact/cached: {walls['exact'] / walls['cached']:.1f}x (cached includes its "
+          "feature extraction)")
 
     import ray
 
@@ -195,9 +217,15 @@ def main() -> None:
           f"(split fold, {est['speedup_split_fold']:.0f}x)")
     if not args.skip_b7:
         b7 = b7_costs(root)
-        for k, v in b7.items():
-            print(f"  {k:32s} {v * 1000:9.1f} ms")
-        est = estimate(c, counts, fwd=b7["b7_600_forward_s_per_img"], decode=b7["decode_2048x1536_to_600_s"])
+        for k in ("decode_2048x1536_to_600_s", "b7_600_forward_s_per_img"):
+            print(f"  {k:32s} {b7[k] * 1000:9.1f} ms")
+        rng = np.random.default_rng(0)
+        wide = head_costs(cfg.classify, rng.normal(size=(64, b7["width"])).astype(np.float32),
+                          np.eye(3, dtype=np.float32)[np.arange(64) % 3])
+        print(f"  head at B7's width {b7['width']}: {wide['head_s_per_img_epoch'] * 1000:.2f} ms per image-epoch "
+              f"(B0's {c['head_s_per_img_epoch'] * 1000:.2f})")
+        est = estimate({**c, **wide}, counts, fwd=b7["b7_600_forward_s_per_img"],
+                       decode=b7["decode_2048x1536_to_600_s"])
         print(f"extrapolated at B7 600 px (CPU): exact {est['exact_s'] / 86400:.1f} days; cached "
               f"{est['cached_split_all_s'] / 3600:.1f} h (split all, {est['speedup_split_all']:.0f}x), "
               f"{est['cached_split_fold_s'] / 3600:.1f} h (split fold, {est['speedup_split_fold']:.0f}x)")

@@ -197,7 +197,7 @@ _TRIAL = ("trial",)
 class ClassifyConfig:
     backbone: Backbone = result("EfficientNetB7", _FEATURES_TRIAL)
     # "imagenet"; "none" (random init: features ~1e-7, learns class frequencies only); "calibrated" (random init
-    # with the top BatchNorm re-estimated on 32 images: offline demos); or a local .weights.h5 path
+    # with every BatchNorm set from 32 images: offline demos); or a local .weights.h5 path
     weights: str = input_("imagenet")
     input_size: int = result(600, _FEATURES_TRIAL)
     # EfficientNet's top N blocks (of 7, plus its top conv) trained with the head, their BatchNorms kept in

@@ -12,6 +12,7 @@ from ooc_ray import keys
 from ooc_ray.backbones import (BackboneWeights, backbone_weights, build_backbone, fine_tuned, frozen,
                                 top_block_prefixes, write_calibrated_weights)
 from ooc_ray.classify import TrialContext, run_trial
+from ooc_ray.data import load_image
 from ooc_ray.features import FeatureCache, cache_dir, extract_features, image_batches, n_views, train_views
 from ooc_ray.protocol import plan_trials
 
@@ -45,6 +46,24 @@ def test_backbone_weights_resolve(tmp_path, tiny):
     assert built == planned and built.value.endswith(f"{built.identity}.weights.h5")
     changed = manifest.assign(sha256=manifest["sha256"].where(manifest.index != 0, "0" * 64))
     assert backbone_weights(calibrated, tmp_path / "models", changed, build=False).identity != built.identity
+
+
+def test_calibrated_weights_set_every_batchnorm_from_its_inputs(tiny):
+    """Each BatchNorm's stored mean and variance are those of its own input over the calibration images, measured
+    here independently: the saved weights loaded into a new model, the input of a BatchNorm at the stem, one
+    mid-network and the top computed in inference mode, its moments taken with numpy."""
+    import keras
+
+    _, _, manifest, _, path = tiny
+    images = np.stack([np.asarray(load_image(p, 32), np.float32) for p in manifest["path"][:32]])
+    model = build_backbone("EfficientNetB0", path, 32)
+    for name, source in (("stem_bn", "stem_conv"), ("block4a_bn", "block4a_dwconv"), ("top_bn", "top_conv")):
+        acts = np.asarray(keras.Model(model.input, model.get_layer(source).output)(images, training=False))
+        mean, var = acts.reshape(-1, acts.shape[-1]).mean(0), acts.reshape(-1, acts.shape[-1]).var(0)
+        bn = model.get_layer(name)
+        # Means near 0 (~1e-8 at the top) are compared on the scale of the spread, not relative to themselves.
+        np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=0, atol=1e-3 * np.sqrt(var).max(), err_msg=name)
+        np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-2, atol=1e-4 * var.max(), err_msg=name)
 
 
 def test_frozen_backbone_stays_in_inference_mode(tiny):
@@ -127,7 +146,8 @@ def test_feature_cache_resumes_views_and_is_keyed_by_content(tiny, tmp_path):
     assert not np.allclose(feats[:, 0], feats[:, 1])  # augmented view differs from the clean one
     clean = np.asarray(frozen(build_backbone("EfficientNetB0", path, 32))(
         next(iter(image_batches(images["path"].tolist()[::-1], 32, 8)))))
-    np.testing.assert_allclose(feats[:, 0], clean, rtol=1e-4, atol=1e-4)
+    # Features of order 1 (every BatchNorm calibrated): other batch sizes move them by up to ~3e-4 (measured).
+    np.testing.assert_allclose(feats[:, 0], clean, rtol=1e-4, atol=1e-3)
     with pytest.raises(KeyError, match="no cached features"):
         FeatureCache(directory).load(manifest["sha256"].iloc[6:7])
     # the same bytes elsewhere are the same entry; a file replaced in place is a new one
@@ -180,9 +200,11 @@ def test_exact_and_cached_agree_without_augmentation(tiny):
     for k in ("n_train_real", "n_train_synthetic", "n_test", "fold", "ratio", "weight"):
         assert exact[k] == cached[k]
     assert exact["n_train_synthetic"] == round(0.5 * exact["n_train_real"])
-    np.testing.assert_allclose(histories["exact"]["loss"], histories["cached"]["loss"], rtol=1e-4)
+    # Float error only: the backbone batched differently moves its order-1 features by ~3e-4, the losses by
+    # ~2e-4 relative (measured with every BatchNorm calibrated).
+    np.testing.assert_allclose(histories["exact"]["loss"], histories["cached"]["loss"], rtol=1e-3)
     np.testing.assert_allclose(np.stack(predictions["exact"]["probs"]), np.stack(predictions["cached"]["probs"]),
-                               atol=1e-4)
+                               atol=1e-3)
     assert (predictions["exact"]["pred_index"] == predictions["cached"]["pred_index"]).all()
     assert exact["accuracy"] == cached["accuracy"]
     # the loss moved: the comparison is not between two untrained models
@@ -231,7 +253,7 @@ def test_augmented_views_do_not_depend_on_extraction_split(tiny, tmp_path):
     for i in reversed(range(3)):  # three parts, reversed order, each image alone
         extract_features(cc, weights, images.iloc[[i]], two, chunk=1)
     a, b = FeatureCache(one).load(images["sha256"]), FeatureCache(two).load(images["sha256"])
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)  # order-1 features: batching moves them by ~5e-4
     assert not np.allclose(a[:, 1], a[:, 2])  # views 1 and 2 are different draws
 
 
