@@ -1,19 +1,22 @@
 """Classifier stage: exact vs cached ("fast") mode.
 
-    python benchmarks/bench_classify.py [--root DIR] [--skip-b7] [--epochs 10]      (~10 min on 2 CPU cores)
+    python benchmarks/bench_classify.py [--root DIR] [--skip-b7] [--epochs 10] [--folds 5] [--augment flip,rotation]
+        (~20 min on 2 cores; --folds 3 --epochs 30 --augment flip --skip-b7: ~14 min)
 
-1. The same grid through Ray Tune (run_classify), exact vs cached, with augmentation (flip, rotation) in both:
-   the demo's labelled set (52 images, 3 classes, read at 64 px), 3 folds, real only / real + 50 % / real +
-   100 % synthetic / synthetic only (the synthetic images are demo drawings of their class: learnable), frozen
-   EfficientNetB0 with offline "calibrated" weights, the same seeds. Exact draws fresh augmented views every
-   epoch; cached trains on classify.feature_views (4) views fixed once. Printed: accuracy per arm and mode
-   (mean +- std over folds), the largest per-arm gap beside the fold-to-fold spread, and the wall-time ratio.
+1. The same grid through Ray Tune (run_classify), exact vs cached, with augmentation in both (flip and rotation
+   by default): the paper's grid shape (5 folds x [real only, 2 LoRA weights x (5 ratios + synthetic only)] = 65
+   trials) on the demo's labelled set (52 images, 3 classes, drawn at 128 px and read at 64 px as in the demo;
+   the synthetic images are demo drawings of their class: learnable), frozen EfficientNetB0 with offline
+   "calibrated" weights, the same seeds, 2 trials at a time (1 CPU each). Exact draws fresh augmented views
+   every epoch; cached trains on classify.feature_views (4) views fixed once. Printed: accuracy per arm and
+   mode (mean and std over folds), the largest per-arm gap beside the fold-to-fold spread, the wall-time ratio.
 2. Unit costs, measured in-process after warm-up (steady state, TF graphs already traced):
      exact   s per training image per epoch (decode + resize + augment + frozen backbone + head step)
      eval    s per test image (decode + backbone + head)
      extract s per (image, view) of the feature cache
      head    s per training image per epoch on cached features
-   plus per-trial fixed costs (graph tracing, model build) read off the first epoch.
+   plus each mode's per-trial fixed cost (model build, tracing, pipelines, files): the grid's median trial
+   duration less its per-image work.
 3. Extrapolation to the paper's grid shape: 65 trials (5 folds x [real, 2 weights x (5 ratios + synthetic
    only)]), 30 epochs, 822 images (n_train 658, n_test 164 per fold), synthetic pools as the trials draw them
    (generator split "all": 2 weights x 658; split "fold": 5 x 2 x 658), 4 feature views. Totals are sums of
@@ -52,17 +55,17 @@ from ooc_ray.features import FeatureExtractor, image_batches, image_map  # noqa:
 SIZE = 64
 
 
-def raw_config(root: Path, mode: str, epochs: int) -> dict:
+def raw_config(root: Path, mode: str, epochs: int, folds: int, augment: list[str]) -> dict:
     return {
         "name": "bench", "results_dir": str(root),
         "data": {"source": "demo", "classes": ["good", "acceptable", "bad"], "group_column": "cell_line",
-                 "demo": {"per_class": [30, 14, 8], "size": SIZE}},
-        "folds": {"k": 3, "strategy": "stratified"},
-        "sample": {"weights": [1.0]},
+                 "demo": {"per_class": [30, 14, 8], "size": 128}},  # drawn as the demo draws them
+        "folds": {"k": folds, "strategy": "stratified"},
+        "sample": {"weights": [1.0, 0.8]},
         "ray": {"num_cpus": os.cpu_count() or 2},
         "classify": {"backbone": "EfficientNetB0", "weights": "calibrated", "input_size": SIZE, "epochs": epochs,
-                     "batch_size": 16, "ratios": [0.0, 0.5, 1.0], "synthetic_only": True,
-                     "augment": ["flip", "rotation"], "feature_views": 4, "mode": mode, "cpus_per_trial": 1},
+                     "batch_size": 16, "ratios": [0.0, 0.1, 0.25, 0.5, 0.75, 1.0], "synthetic_only": True,
+                     "augment": augment, "feature_views": 4, "mode": mode, "cpus_per_trial": 1},
     }
 
 
@@ -131,11 +134,11 @@ def b7_costs(tmp: Path) -> dict:
     Image.fromarray(rng.integers(0, 255, (1536, 2048), dtype=np.uint8), mode="L").save(jpg, quality=90)
     load_image(jpg, 600)
     _, t_decode = timed(lambda: [load_image(jpg, 600) for _ in range(5)])
-    backbone = frozen(build_backbone("EfficientNetB7", None, 600))
+    base = build_backbone("EfficientNetB7", None, 600)
+    width, backbone = base.output_shape[-1], frozen(base)
     x = rng.uniform(0, 255, (2, 600, 600, 3)).astype(np.float32)
     backbone(x)  # warm-up
     _, t_fwd = timed(lambda: [backbone(x) for _ in range(2)])
-    width = backbone.output_shape[-1]
     keras.backend.clear_session()
     return {"decode_2048x1536_to_600_s": t_decode / 5, "b7_600_forward_s_per_img": t_fwd / 4, "width": width}
 
@@ -160,8 +163,8 @@ def estimate(c: dict, counts: dict, fwd: float | None = None, decode: float = 0.
     eval_img = c["eval_s_per_img"] if fwd is None else fwd + decode
     extract_img = c["extract_s_per_img_view"] if fwd is None else fwd + decode / 4  # decode once for 4 views
     exact = (counts["train_image_epochs"] * exact_img + counts["test_images"] * eval_img
-             + counts["trials"] * (c["exact_first_epoch_overhead_s"] + c["exact_predict_overhead_s"]))
-    head = counts["train_image_epochs"] * c["head_s_per_img_epoch"] + counts["trials"] * c["cached_first_epoch_overhead_s"]
+             + counts["trials"] * c["exact_trial_fixed_s"])
+    head = counts["train_image_epochs"] * c["head_s_per_img_epoch"] + counts["trials"] * c["cached_trial_fixed_s"]
     out = {"exact_s": exact}
     for split in ("all", "fold"):
         cached = counts[f"extract_split_{split}"] * extract_img + head
@@ -170,28 +173,41 @@ def estimate(c: dict, counts: dict, fwd: float | None = None, decode: float = 0.
     return out
 
 
+def trial_fixed_s(rows: pd.DataFrame, per_img_epoch: float, per_test_img: float) -> float:
+    """A trial's fixed cost as the grid measured it: its median duration less its per-image work (model build,
+    tracing, data pipelines, reading features, writing its Parquet files)."""
+    n_train = rows["n_train_real"] + rows["n_train_synthetic"]
+    return float((rows["duration_s"] - n_train * rows["epochs"] * per_img_epoch - rows["n_test"] * per_test_img)
+                 .median())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, default=None)
     parser.add_argument("--skip-b7", action="store_true")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--augment", default="flip,rotation", help="comma-separated classify.augment")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_classify_"))
+    augment = args.augment.split(",")
 
     from ooc_ray.raycluster import init_ray
 
-    cfg = from_dict(raw_config(root, "exact", args.epochs))
+    cfg = from_dict(raw_config(root, "exact", args.epochs, args.folds, augment))
     paths, manifest, synthetic = demo_experiment(cfg)
     init_ray(cfg)
-    print(f"grid: {len(manifest)} real images at {SIZE} px, 3 folds x 4 arms, B0 calibrated, {args.epochs} epochs, "
-          f"augment flip+rotation, {os.cpu_count()} CPUs, 1 CPU per trial; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"grid: {len(manifest)} real images at {SIZE} px, {args.folds} folds, LoRA weights 1.0/0.8, ratios 0.1-1.0 "
+          f"+ synthetic only, generator split {cfg.generator.split}, B0 calibrated, {args.epochs} epochs, augment "
+          f"{'+'.join(augment)}, {os.cpu_count()} CPUs, 1 CPU per trial; {time.strftime('%Y-%m-%d %H:%M')}")
     walls, rows = {}, {}
     for mode in ("exact", "cached"):
-        rows[mode], walls[mode] = timed(run_classify, from_dict(raw_config(root, mode, args.epochs)), paths)
+        rows[mode], walls[mode] = timed(run_classify, from_dict(raw_config(root, mode, args.epochs, args.folds, augment)), paths)
         print(f"  {mode:6s}: {len(rows[mode])} trials, wall {walls[mode]:6.1f} s, sum of trial durations "
               f"{rows[mode]['duration_s'].sum():6.1f} s")
     both = pd.concat(rows.values())
-    both["arm"] = np.where(both["synthetic_only"], "synthetic only", both["ratio"].map(lambda r: f"real + {r:.0%}"))
+    part = np.where(both["synthetic_only"], "synthetic only", both["ratio"].map(lambda r: f"real + {r:.0%}"))
+    both["arm"] = np.where(both["weight"].isna(), "real only", "w" + both["weight"].map("{:g}".format) + " " + part)
     per_arm = both.groupby(["arm", "mode"])["accuracy"].agg(["mean", "std"]).unstack("mode")
     print(per_arm.round(3).to_string())
     gaps = (per_arm[("mean", "cached")] - per_arm[("mean", "exact")]).abs()
@@ -206,6 +222,8 @@ def main() -> None:
 
     ray.shutdown()
     c = unit_costs(cfg, manifest, synthetic)
+    c["exact_trial_fixed_s"] = trial_fixed_s(rows["exact"], c["exact_s_per_img_epoch"], c["eval_s_per_img"])
+    c["cached_trial_fixed_s"] = trial_fixed_s(rows["cached"], c["head_s_per_img_epoch"], 0.0)
     print("unit costs (B0, 64 px, this machine):")
     for k, v in c.items():
         print(f"  {k:32s} {v * 1000:9.2f} ms" if "per_img" in k else f"  {k:32s} {v:9.2f} s")
