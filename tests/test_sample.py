@@ -184,9 +184,13 @@ def test_kill_midway_then_resume(tmp_path, trained, monkeypatch):
 def test_ray_sampling_crash_resume_and_determinism(tmp_path, trained, monkeypatch):
     """run_sample through Ray Data actors: a crash inside an actor, a resume, then lost files re-rendered
     bit-identically (seeds are per image, so the actor and batch that render an image do not matter)."""
+    from ooc_ray.raycluster import init_ray
     from ooc_ray.sample import FAIL_AFTER_ENV, run_sample
 
     cfg, paths, _ = experiment(tmp_path, trained)
+    # Ray first: a Ray started while the hook is set passes it to every worker of the session (a later test's
+    # Tune trials sampled in-process and "crashed": CI of de3340d).
+    init_ray(cfg)
     monkeypatch.setenv(FAIL_AFTER_ENV, "5")
     with pytest.raises(Exception, match="simulated crash"):
         run_sample(cfg, paths)
