@@ -257,6 +257,33 @@ def test_augmented_views_do_not_depend_on_extraction_split(tiny, tmp_path):
     assert not np.allclose(a[:, 1], a[:, 2])  # views 1 and 2 are different draws
 
 
+def test_traced_augmentation_gives_the_eager_pixels(tiny, tmp_path):
+    """The extractor augments through one traced function (8x faster); its views must be the very pixels an
+    eager call of the same Keras layers gives with each layer's seed state set to (seed, layer), else the
+    feature cache's key (which names no code path) would hide a change of numbers."""
+    import tensorflow as tf
+
+    from ooc_ray.backbones import build_augmentation
+    from ooc_ray.features import FeatureExtractor, image_seeds
+
+    _, _, manifest, _, path = tiny
+    names = ["flip", "rotation", "zoom", "contrast", "translation", "brightness"]
+    cc = tiny_cfg(tmp_path, weights=path, augment=names, feature_views=2, mode="cached").classify
+    extractor = FeatureExtractor(cc, BackboneWeights(path, "file-test"))
+    eager = build_augmentation(names, cc.seed)
+    eager(tf.zeros((1, 8, 8, 3)), training=True)
+    states = [v for v in eager.variables if "seed_generator_state" in v.path]
+    assert len(states) == len(names)
+    images = tf.constant(np.stack([np.asarray(load_image(p, cc.input_size), np.float32)
+                                  for p in manifest["path"].iloc[:4]]))
+    for image, seed in zip(images, image_seeds(manifest["sha256"].iloc[:4], cc.seed)):
+        for j, state in enumerate(states):
+            state.assign(np.array([seed, j], dtype=state.dtype))
+        expected = eager(image[None], training=True)[0].numpy()
+        assert not np.array_equal(expected, image.numpy())
+        np.testing.assert_array_equal(extractor._augment(image, seed).numpy(), expected)
+
+
 def test_a_feature_task_given_a_gpu_tf_cannot_see_fails_naming_node_and_request(tiny, tmp_path):
     """The function each Ray feature task runs: with classify.gpus_per_trial > 0 and no GPU visible to
     TensorFlow (plain `tensorflow` has no CUDA libraries) it raises before extracting anything."""
