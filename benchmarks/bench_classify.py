@@ -1,11 +1,13 @@
 """Classifier stage: exact vs cached ("fast") mode.
 
     python benchmarks/bench_classify.py [--root DIR] [--skip-b7] [--epochs 10] [--folds 5] [--augment flip,rotation]
-        (~20 min on 2 cores; --folds 3 --epochs 30 --augment flip --skip-b7: ~14 min)
+                                        [--scale 1]
+        (~20 min on 2 cores; --folds 3 --epochs 30 --augment flip --skip-b7: ~14 min; the same with --scale 5
+        (260 images): ~30 min)
 
 1. The same grid through Ray Tune (run_classify), exact vs cached, with augmentation in both (flip and rotation
    by default): the paper's grid shape (5 folds x [real only, 2 LoRA weights x (5 ratios + synthetic only)] = 65
-   trials) on the demo's labelled set (52 images, 3 classes, drawn at 128 px and read at 64 px as in the demo;
+   trials) on the demo's labelled set (52 images x --scale, 3 classes, drawn at 128 px and read at 64 px as in the demo;
    the synthetic images are demo drawings of their class: learnable), frozen EfficientNetB0 with offline
    "calibrated" weights, the same seeds, 2 trials at a time (1 CPU each). Exact draws fresh augmented views
    every epoch; cached trains on classify.feature_views (4) views fixed once. Printed: accuracy per arm and
@@ -55,11 +57,14 @@ from ooc_ray.features import FeatureExtractor, image_batches, image_map  # noqa:
 SIZE = 64
 
 
-def raw_config(root: Path, mode: str, epochs: int, folds: int, augment: list[str]) -> dict:
+PER_CLASS = (30, 14, 8)  # the demo's class balance (58 / 27 / 15 %)
+
+
+def raw_config(root: Path, mode: str, epochs: int, folds: int, augment: list[str], scale: int = 1) -> dict:
     return {
         "name": "bench", "results_dir": str(root),
         "data": {"source": "demo", "classes": ["good", "acceptable", "bad"], "group_column": "cell_line",
-                 "demo": {"per_class": [30, 14, 8], "size": 128}},  # drawn as the demo draws them
+                 "demo": {"per_class": [n * scale for n in PER_CLASS], "size": 128}},  # drawn as the demo draws them
         "folds": {"k": folds, "strategy": "stratified"},
         "sample": {"weights": [1.0, 0.8]},
         "ray": {"num_cpus": os.cpu_count() or 2},
@@ -188,13 +193,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--augment", default="flip,rotation", help="comma-separated classify.augment")
+    parser.add_argument("--scale", type=int, default=1, help="images per class x this (the paper has 822 images)")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_classify_"))
     augment = args.augment.split(",")
 
     from ooc_ray.raycluster import init_ray
 
-    cfg = from_dict(raw_config(root, "exact", args.epochs, args.folds, augment))
+    grid = dict(epochs=args.epochs, folds=args.folds, augment=augment, scale=args.scale)
+    cfg = from_dict(raw_config(root, "exact", **grid))
     paths, manifest, synthetic = demo_experiment(cfg)
     init_ray(cfg)
     print(f"grid: {len(manifest)} real images at {SIZE} px, {args.folds} folds, LoRA weights 1.0/0.8, ratios 0.1-1.0 "
@@ -202,7 +209,7 @@ def main() -> None:
           f"{'+'.join(augment)}, {os.cpu_count()} CPUs, 1 CPU per trial; {time.strftime('%Y-%m-%d %H:%M')}")
     walls, rows = {}, {}
     for mode in ("exact", "cached"):
-        rows[mode], walls[mode] = timed(run_classify, from_dict(raw_config(root, mode, args.epochs, args.folds, augment)), paths)
+        rows[mode], walls[mode] = timed(run_classify, from_dict(raw_config(root, mode, **grid)), paths)
         print(f"  {mode:6s}: {len(rows[mode])} trials, wall {walls[mode]:6.1f} s, sum of trial durations "
               f"{rows[mode]['duration_s'].sum():6.1f} s")
     both = pd.concat(rows.values())

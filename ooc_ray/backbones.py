@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ooc_ray import keys
-from ooc_ray.config import ClassifyConfig
+from ooc_ray.config import EFFICIENTNETS, ClassifyConfig
 from ooc_ray.data import load_image
 from ooc_ray.errors import ConfigError, ModelError
 from ooc_ray.io import sha256_file
@@ -97,19 +97,45 @@ def build_small_cnn(input_size: int, weights: str | None = None):
     return model
 
 
-def build_backbone(backbone: str, weights: str | None, input_size: int):
-    """EfficientNetB0..B7 without top, pooling="avg" (= the paper's GlobalAveragePooling2D), frozen; or the
-    SmallCNN (build_small_cnn). `weights` is a resolved value: "imagenet", None (random init) or a weights file.
+# How each keras.applications backbone's ImageNet weights expect their pixels (its preprocess_input), as a
+# per-channel scale and offset on 0..255 images: None where the model does it itself (EfficientNet always,
+# EfficientNetV2 and ConvNeXt with include_preprocessing=True, their default). tests/test_classify_model.py
+# checks every pair against keras.applications.<family>.preprocess_input.
+_IMAGENET_MEAN, _IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+PREPROCESSING = {
+    **{name: None for name in EFFICIENTNETS},
+    **{f"EfficientNetV2{v}": None for v in ("B0", "B1", "B2", "B3", "S")},
+    "ConvNeXtTiny": None, "ConvNeXtSmall": None,
+    "ResNet50V2": (np.full(3, 1 / 127.5), np.full(3, -1.0)),  # "tf" mode: x / 127.5 - 1
+    "DenseNet121": (1 / (255 * _IMAGENET_STD), -_IMAGENET_MEAN / _IMAGENET_STD),  # "torch": (x/255 - mean) / std
+}
 
-    Keras's EfficientNet rescales 0..255 inputs itself, so images go in as float 0..255."""
+
+def _application(backbone: str, weights: str | None, input_size: int):
+    """The keras.applications model without top, pooling="avg" (= the paper's GlobalAveragePooling2D), taking
+    0..255 images: where the family does not rescale itself, a Rescaling layer in front (no weights, so weight
+    files and Keras's ImageNet files load by the same layer order)."""
     import keras
 
+    app = getattr(keras.applications, backbone)
+    shape = (input_size, input_size, 3)
+    if PREPROCESSING[backbone] is None:
+        return app(include_top=False, weights=weights, input_shape=shape, pooling="avg")
+    scale, offset = PREPROCESSING[backbone]
+    inputs = keras.Input(shape, name="image_0_255")
+    x = keras.layers.Rescaling(scale.astype(np.float32), offset.astype(np.float32), name="preprocess")(inputs)
+    model = app(include_top=False, weights=weights, input_tensor=x, pooling="avg")
+    # The application's inputs are a one-element list when built on a tensor; one Input, as for the others.
+    return keras.Model(inputs, model.output, name=model.name)
+
+
+def build_backbone(backbone: str, weights: str | None, input_size: int):
+    """A keras.applications backbone (_application), frozen; or the SmallCNN (build_small_cnn). `weights` is a
+    resolved value: "imagenet", None (random init) or a weights file. Images go in as float 0..255."""
     if backbone == SMALL_CNN:
         model = build_small_cnn(input_size, weights)
-        model.trainable = False
-        return model
-    app = getattr(keras.applications, backbone)
-    model = app(include_top=False, weights=weights, input_shape=(input_size, input_size, 3), pooling="avg")
+    else:
+        model = _application(backbone, weights, input_size)
     model.trainable = False
     return model
 
@@ -192,8 +218,7 @@ def write_calibrated_weights(path: str | Path, backbone: str, input_size: int, i
     if not path.name.endswith(".weights.h5"):
         raise ConfigError(f"{path}: Keras weight files must end with .weights.h5")
     keras.utils.set_random_seed(seed)
-    model = getattr(keras.applications, backbone)(include_top=False, weights=None,
-                                                  input_shape=(input_size, input_size, 3), pooling="avg")
+    model = _application(backbone, None, input_size)
     if len(image_paths):
         x = np.stack([np.asarray(load_image(p, input_size), np.float32) for p in image_paths[:CALIBRATION_IMAGES]])
     else:

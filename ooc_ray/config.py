@@ -60,9 +60,15 @@ def section(cls: type) -> Any:
 
 
 # SmallCNN: a small Keras CNN the classifier trains from scratch (ooc_ray.backbones.build_small_cnn); the
-# EfficientNets are the paper's family and load ImageNet weights.
+# EfficientNets are the paper's family; EfficientNetV2, ResNet50V2, DenseNet121 and ConvNeXt are the other
+# keras.applications families microscopy papers use. All but SmallCNN load ImageNet weights, each with its own
+# input preprocessing (ooc_ray.backbones.PREPROCESSING).
+EFFICIENTNETS = ("EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3", "EfficientNetB4",
+                 "EfficientNetB5", "EfficientNetB6", "EfficientNetB7")
 Backbone = Literal["SmallCNN", "EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3", "EfficientNetB4",
-                   "EfficientNetB5", "EfficientNetB6", "EfficientNetB7"]
+                   "EfficientNetB5", "EfficientNetB6", "EfficientNetB7",
+                   "EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetV2B2", "EfficientNetV2B3", "EfficientNetV2S",
+                   "ResNet50V2", "DenseNet121", "ConvNeXtTiny", "ConvNeXtSmall"]
 Augmentation = Literal["flip", "rotation", "zoom", "contrast", "translation", "brightness"]
 
 
@@ -400,6 +406,12 @@ def _check_backbone(cc: ClassifyConfig) -> None:
         if cc.train_backbone:
             raise ConfigError("classify.train_backbone: SmallCNN trains all of its layers; leave it at 0")
         return
+    if cc.train_backbone and cc.backbone not in EFFICIENTNETS:
+        raise ConfigError(f"classify.train_backbone: training top blocks is built for EfficientNetB0-B7 (whose "
+                          f"blocks it names), not {cc.backbone}; leave it at 0 (frozen backbone)")
+    if cc.weights == "calibrated" and cc.backbone.startswith("ConvNeXt"):
+        raise ConfigError(f"classify.weights: 'calibrated' sets BatchNorm statistics and {cc.backbone} has no "
+                          "BatchNorm (it uses LayerNorm); use imagenet, none or a .weights.h5 file")
     if not 0 <= cc.train_backbone <= EFFICIENTNET_BLOCKS:
         raise ConfigError(f"classify.train_backbone: {cc.train_backbone} is not a number of blocks "
                           f"in 0..{EFFICIENTNET_BLOCKS}")

@@ -175,12 +175,16 @@ def test_damaged_cache_part_is_named_and_remade(tiny, tmp_path, capsys):
     assert f"damaged part {npy}" in capsys.readouterr().out
 
 
-def test_exact_and_cached_agree_without_augmentation(tiny):
+@pytest.mark.parametrize("backbone", ["EfficientNetB0", "DenseNet121"])  # rescales itself / a Rescaling in front
+def test_exact_and_cached_agree_without_augmentation(tiny, backbone):
     root, paths, manifest, synthetic, path = tiny
-    weights = BackboneWeights(path, "file-test")
+    if backbone != "EfficientNetB0":
+        path = str(write_calibrated_weights(paths.models / f"{backbone}.weights.h5", backbone, 32,
+                                            manifest["path"].tolist()))
+    weights = BackboneWeights(path, f"file-{backbone}")
     rows, histories, predictions = {}, {}, {}
     for mode in ("exact", "cached"):
-        cfg = tiny_cfg(root, weights=path, mode=mode)
+        cfg = tiny_cfg(root, weights=path, mode=mode, backbone=backbone)
         trial = next(t for t in plan_trials(cfg, manifest, synthetic, weights.identity)
                      if t.spec.ratio == 0.5 and t.spec.fold == 1)
         features_dir = None
