@@ -49,7 +49,7 @@ from helpers import demo_experiment  # noqa: E402
 from ooc_ray.backbones import BackboneWeights, build_backbone, frozen, setup_tf  # noqa: E402
 from ooc_ray.classify import run_classify  # noqa: E402
 from ooc_ray.classify.model import build_exact_model, build_head, compile_model  # noqa: E402
-from ooc_ray.classify.train import _shuffled_indices  # noqa: E402
+from ooc_ray.classify.train import HEAD_STEPS_PER_EXECUTION, _shuffled_indices  # noqa: E402
 from ooc_ray.config import from_dict  # noqa: E402
 from ooc_ray.data import load_image  # noqa: E402
 from ooc_ray.features import FeatureExtractor, image_batches, image_map  # noqa: E402
@@ -122,7 +122,7 @@ def head_costs(cc, feats: np.ndarray, labels: np.ndarray) -> dict:
     """The cached-mode head's steady cost per image per epoch, and its first epoch's extra (build, tracing)."""
     import tensorflow as tf
 
-    head = compile_model(build_head(feats.shape[-1], 3, cc.dropout, 0), cc.lr)
+    head = compile_model(build_head(feats.shape[-1], 3, cc.dropout, 0), cc.lr, HEAD_STEPS_PER_EXECUTION)
     hds = tf.data.Dataset.from_tensor_slices((feats, labels)).shuffle(len(feats), seed=0).batch(cc.batch_size)
     _, first = timed(head.fit, hds, epochs=1, verbose=0, shuffle=False)
     _, steady = timed(head.fit, hds, epochs=5, verbose=0, shuffle=False)

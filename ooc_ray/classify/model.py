@@ -54,9 +54,9 @@ def build_exact_model(cc: ClassifyConfig, weights: BackboneWeights, n_classes: i
     return keras.Model(inputs, head(features(x)), name="classifier")
 
 
-def compile_model(model, lr: float):
+def compile_model(model, lr: float, steps_per_execution: int = 1):
     import keras
 
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss="categorical_crossentropy",
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], steps_per_execution=steps_per_execution)
     return model

@@ -87,13 +87,19 @@ def fit_exact(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed: 
 _HEADS: dict[tuple, tuple] = {}
 
 
+# A head step on 16 cached feature vectors is ~0.1 ms of arithmetic and ~1 ms of Python and graph-call
+# overhead: 64 steps per graph call and the batch-wise gather above train a 300-image, 30-epoch head in 0.47 s
+# instead of 1.10 s (2 cores), with bit-identical losses, weights and predictions (measured).
+HEAD_STEPS_PER_EXECUTION = 64
+
+
 def fresh_head(n_features: int, n_classes: int, cc: ClassifyConfig, seed: int):
     """A compiled head in the state `compile_model(build_head(..., seed))` has: every variable (weights, BatchNorm
     statistics, the dropout's seed state) copied from a fresh build, the optimizer's back to its first values."""
     fresh = build_head(n_features, n_classes, cc.dropout, seed)
     shape = (n_features, n_classes, cc.dropout, cc.lr)
     if shape not in _HEADS:
-        head = compile_model(fresh, cc.lr)
+        head = compile_model(fresh, cc.lr, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
         head.optimizer.build(head.trainable_variables)
         _HEADS[shape] = (head, [v.numpy() for v in head.optimizer.variables])
         return head
@@ -123,9 +129,10 @@ def fit_cached(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed:
     n_v = len(views)
     # One view per image per epoch: a seeded stream of integers, re-drawn each epoch.
     draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    ds = (tf.data.Dataset.zip(_shuffled_indices(len(trial.train), seed), draws)
-          .map(lambda i, r: (x[i, r % n_v], tf.gather(y, i)))
-          .batch(cc.batch_size).prefetch(tf.data.AUTOTUNE))
+    # Gathered a batch at a time (one map call per batch, not per image): the same elements in the same order.
+    ds = (tf.data.Dataset.zip(_shuffled_indices(len(trial.train), seed), draws).batch(cc.batch_size)
+          .map(lambda i, r: (tf.gather_nd(x, tf.stack([i, r % n_v], axis=1)), tf.gather(y, i)))
+          .prefetch(tf.data.AUTOTUNE))
     history = head.fit(ds, epochs=cc.epochs, verbose=0, shuffle=False, callbacks=list(callbacks))
     probs = head.predict(test_feats, batch_size=cc.batch_size, verbose=0)
     return probs, history
