@@ -283,6 +283,18 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    # Optional MLflow tracking of every classifier trial and LoRA-search trial, through Ray Tune's own
+    # MLflowLoggerCallback (ooc_ray.tracking): params = the grid point and the settings, metrics per epoch, the
+    # trial's Parquet files as artifacts. Needs mlflow (`pip install -e ".[tracking]"`). Changes no result.
+    mlflow: bool = resource(False)
+    # "": a SQLite store under results/<name>/mlflow/ (artifacts beside it); or any MLflow tracking URI
+    # (http://host:5000, databricks, sqlite:///path).
+    uri: str = resource("")
+    experiment: str = resource("")  # the MLflow experiment; "": the experiment's name
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = resource("experiment")
     results_dir: str = resource("results")
@@ -294,6 +306,7 @@ class ExperimentConfig:
     quality: QualityConfig = section(QualityConfig)
     search: SearchConfig = section(SearchConfig)
     ray: RayConfig = section(RayConfig)
+    tracking: TrackingConfig = section(TrackingConfig)
 
     @property
     def out_dir(self) -> Path:
@@ -462,6 +475,9 @@ def _validate(cfg: ExperimentConfig) -> None:
     _check_prompt("generator.group_prompt", cfg.generator.group_prompt)
     _check_ranges(cfg)
     _check_backbone(cfg.classify)
+    if (cfg.tracking.uri or cfg.tracking.experiment) and not cfg.tracking.mlflow:
+        raise ConfigError("tracking.uri / tracking.experiment: set, but tracking.mlflow is false, so nothing "
+                          "would be tracked; set tracking.mlflow: true or remove them")
     weights = cfg.classify.weights
     if weights not in SPECIAL_WEIGHTS and not Path(weights).expanduser().is_file():
         raise ConfigError(f"classify.weights: {weights!r} is neither one of {list(SPECIAL_WEIGHTS)} "

@@ -27,6 +27,7 @@ from ooc_ray.gpu import require_torch_cuda, training_precision
 from ooc_ray.io import atomic_dir, note, sha256_file, write_parquet
 from ooc_ray.keys import config_slice
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.progress import FileProgress
 from ooc_ray.protocol import LoraJob, plan_loras
 from ooc_ray.raycluster import init_ray, require_resources
 
@@ -269,7 +270,8 @@ def run_finetune(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     jobs = plan_loras(cfg, manifest, base.identity)
     todo = pending_jobs(jobs, paths.lora)
     if todo:
-        train_all(cfg, todo, base, paths.lora)
+        with FileProgress([paths.lora / job.key for job in todo], "finetune", "LoRA"):
+            train_all(cfg, todo, base, paths.lora)
     note(f"finetune: {len(jobs)} LoRAs planned, {len(jobs) - len(todo)} re-used, {len(todo)} trained")
     table = trained_table(jobs, paths.lora)
     write_parquet(table, paths.lora / "loras.parquet")

@@ -102,5 +102,9 @@ class ExperimentPaths:
         return self.root / "report"
 
     @property
+    def mlflow(self) -> Path:
+        return self.root / "mlflow"
+
+    @property
     def ray_storage(self) -> Path:
         return self.root / "ray"

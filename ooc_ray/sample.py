@@ -30,6 +30,7 @@ from ooc_ray.errors import StageError
 from ooc_ray.gpu import require_torch_cuda
 from ooc_ray.io import atomic_path, image_problem, note, parquet_problem, sha256_file, write_parquet
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.progress import FileProgress
 from ooc_ray.protocol import LoraJob, plan_loras, pool_sizes
 from ooc_ray.raycluster import init_ray, require_resources
 
@@ -275,19 +276,20 @@ def render(plan: pd.DataFrame, cfg: ExperimentConfig, base: BaseModel, use_ray: 
     batches = pending_batches(plan, s.batch_size)
     if not batches:
         return 0
-    n_missing = int((~plan["path"].map(os.path.exists)).sum())
+    missing = plan.loc[~plan["path"].map(os.path.exists), "path"]
     kwargs = {"base_path": base.path, "mode": s.mode, "sampler": s.sampler, "clip_sample": s.clip_sample,
               "resolution": s.resolution,
               "fail_after": int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)}
-    if use_ray:
-        if s.gpus_per_actor > 0:
-            kwargs["gpu_request"] = f"sample: sample.gpus_per_actor={s.gpus_per_actor:g}"
-        _render_with_ray(cfg, batches, kwargs)
-    else:
-        worker = SampleWorker(**kwargs)
-        for batch in batches:
-            worker(batch)
-    return n_missing
+    with FileProgress(missing, "sample", "image"):
+        if use_ray:
+            if s.gpus_per_actor > 0:
+                kwargs["gpu_request"] = f"sample: sample.gpus_per_actor={s.gpus_per_actor:g}"
+            _render_with_ray(cfg, batches, kwargs)
+        else:
+            worker = SampleWorker(**kwargs)
+            for batch in batches:
+                worker(batch)
+    return len(missing)
 
 
 def consolidate(plan: pd.DataFrame) -> pd.DataFrame:

@@ -15,8 +15,10 @@ afford many trials; confirm the winner with the full grid (experiments/<name>.ya
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -39,6 +41,7 @@ from ooc_ray.protocol import plan_loras
 from ooc_ray.quality import class_quality, features_identity, linear_probe, quality_features
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
 from ooc_ray.sample import consolidate, plan_images, render, start_images
+from ooc_ray.tracking import tracker, with_callbacks
 
 OBJECTIVE_MODE = {"cas": "max", "kid": "min", "accuracy": "max"}
 POINT = ("rank", "alpha", "unet_lr", "text_encoder_lr", "epochs", "repeats", "weight")
@@ -181,6 +184,19 @@ def confirm(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel, weig
             "best_better_folds": int((gain > 0).sum()), "default_point": default_point(cfg)}
 
 
+def _search_trial_id(run_name: str, trial) -> str:
+    return f"{run_name}/{trial.trial_id}"  # Tune's id, kept by a restored search
+
+
+def _search_params(trial) -> dict:
+    return dict(trial.config)
+
+
+def _search_files(paths: ExperimentPaths, trial, last_result: dict) -> list[Path]:
+    key = last_result.get("search_key")
+    return [paths.search / "trials" / f"{key}.parquet"] if key else []
+
+
 def _tuner(cfg: ExperimentConfig, paths: ExperimentPaths, trainable, run_key: str):
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -188,14 +204,18 @@ def _tuner(cfg: ExperimentConfig, paths: ExperimentPaths, trainable, run_key: st
     s = cfg.search
     storage = tune_storage(cfg, paths)  # s3://... stays a URI; local paths become absolute
     run_name = f"lora_search_{run_key}"  # a changed space, setting or data set starts a new search
+    callbacks = tracker(cfg, paths, "search", functools.partial(_search_trial_id, run_name), _search_params,
+                        functools.partial(_search_files, paths))
     if tune.Tuner.can_restore(f"{storage}/{run_name}"):
-        return tune.Tuner.restore(f"{storage}/{run_name}", trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(f"{storage}/{run_name}", trainable, resume_errored=True)
+        with_callbacks(tuner, callbacks)
+        return tuner
     return tune.Tuner(
         trainable, param_space=search_space(s),
         tune_config=tune.TuneConfig(search_alg=OptunaSearch(seed=s.seed), metric="score",
                                     mode=OBJECTIVE_MODE[s.objective], num_samples=s.num_samples,
                                     max_concurrent_trials=s.max_concurrent or None),
-        run_config=tune.RunConfig(name=run_name, storage_path=storage, verbose=0,
+        run_config=tune.RunConfig(name=run_name, storage_path=storage, verbose=0, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=1)))
 
 

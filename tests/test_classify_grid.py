@@ -1,5 +1,6 @@
 """The classify stage end to end through Ray Tune on CPU: a tiny grid, killed mid-run and resumed.
 ~1.5-2 min on 2 cores (each trial is a fresh Ray worker importing TensorFlow)."""
+import dataclasses
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 from helpers import classify_cfg, demo_experiment
 
 from ooc_ray.classify import run_classify
-from ooc_ray.config import to_dict
+from ooc_ray.config import TrackingConfig, to_dict
 from ooc_ray.protocol import plan_trials
 
 
@@ -47,9 +48,25 @@ def test_small_pool_fails_before_ray(tmp_path):
     assert not ray.is_initialized() and not paths.trials.exists()
 
 
+def mlflow_runs(paths) -> pd.DataFrame:
+    """Every MLflow run of the experiment, read back with the real client from the embedded SQLite store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{paths.mlflow.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("grid")
+    runs = client.search_runs([experiment.experiment_id])
+    return pd.DataFrame([{"key": r.data.tags["ooc_ray.trial"], "status": r.info.status, "params": r.data.params,
+                          "losses": [m.value for m in sorted(client.get_metric_history(r.info.run_id, "loss"),
+                                                             key=lambda m: m.step)],
+                          "artifacts": sorted(f.path for folder in client.list_artifacts(r.info.run_id)
+                                              for f in client.list_artifacts(r.info.run_id, folder.path))}
+                         for r in runs])
+
+
 def test_grid_killed_and_resumed(tmp_path):
     # max_concurrent 1: trials run one after another, so the kill lands between finished and pending ones.
-    cfg = classify_cfg(tmp_path, max_concurrent=1)
+    # MLflow tracking on: every trial is logged once, with its history, however often the grid is resumed.
+    cfg = dataclasses.replace(classify_cfg(tmp_path, max_concurrent=1), tracking=TrackingConfig(mlflow=True))
     paths, manifest, synthetic = demo_experiment(cfg)
     specs = plan_trials(cfg, manifest, synthetic, "none")
     assert len(specs) == 6  # 2 folds x (real, real+50%, synthetic only)
@@ -89,6 +106,18 @@ def test_grid_killed_and_resumed(tmp_path):
     assert (rows["confusion"].map(lambda c: int(np.sum(np.stack(c)))) == rows["n_test"]).all()
     history = pd.read_parquet(paths.history)
     assert sorted(history["epoch"].unique()) == [1, 2]
+    runs = mlflow_runs(paths)
+    finished = runs[runs["status"] == "FINISHED"].set_index("key")
+    assert sorted(finished.index) == sorted(keys)  # one finished run per trial, none twice
+    assert set(runs["status"]) <= {"FINISHED", "KILLED"}  # the trial the kill interrupted: closed, not left RUNNING
+    for row in rows.itertuples():
+        logged = finished.loc[row.trial_key]
+        own = history[history["trial_key"] == row.trial_key].sort_values("epoch")
+        np.testing.assert_allclose(logged["losses"], own["loss"], rtol=1e-6)  # per-epoch, as the trial's history
+        assert logged["params"]["fold"] == str(row.fold) and logged["params"]["arm"] == row.arm
+        assert logged["params"]["classify.mode"] == "cached"
+        assert logged["artifacts"] == sorted(f"{d}/{row.trial_key}.parquet" for d in ("history", "predictions",
+                                                                                        "trials"))
 
     # The Tune folder lost and one trial file deleted: only that trial runs again, and gives the same numbers.
     import shutil
@@ -101,6 +130,7 @@ def test_grid_killed_and_resumed(tmp_path):
     final = summaries(paths)
     assert all(final[name] == after[name] for name in after if name != f"{lost}.parquet")
     pd.testing.assert_series_equal(again["accuracy"], rows["accuracy"])
+    assert (mlflow_runs(paths)["status"] == "FINISHED").sum() == 6  # the re-made trial is not logged twice
 
     # Everything done: no Ray, no TF, just the rows.
     start = time.perf_counter()

@@ -120,3 +120,30 @@ def test_gpus_no_node_has_fail_within_seconds(repo, tmp_path, capsys):
     (line,) = [line for line in err.splitlines() if "failed" in line]  # progress bars and warnings aside
     assert "finetune failed" in line and "generator.gpus=1" in line and "GPU 1" in line and "no node" in line
     assert "Traceback" not in err
+
+
+def test_file_progress_counts_items_as_they_are_written(tmp_path, capsys):
+    """New files and a re-made (damaged) one count; a file left as it was does not; the bar ends at the total."""
+    import os
+    import threading
+
+    from ooc_ray.progress import FileProgress
+
+    kept, damaged = tmp_path / "kept.png", tmp_path / "damaged.png"
+    kept.write_bytes(b"x")
+    damaged.write_bytes(b"x")
+    os.utime(damaged, (1, 1))
+    new = [tmp_path / "sub" / f"{i}.png" for i in range(3)]
+
+    def write():
+        (tmp_path / "sub").mkdir()
+        for path in new:
+            path.write_bytes(b"png")
+        damaged.write_bytes(b"fixed")
+
+    with FileProgress([*new, damaged, kept], "sample", "image", poll_s=0.05) as progress:
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join()
+    assert progress.bar.n == 4 and progress.bar.total == 5
+    assert "sample:  80%" in capsys.readouterr().err

@@ -5,6 +5,7 @@ by config.TINY and the file's `tiny:` section. A new file in experiments/ is pic
 paper.yaml keeps its protocol (split all, weights 1.0/0.8, ratios, synthetic only) and loses scale (three of
 its six ratios); exact mode through Tune is tested in test_classify_grid.py."""
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -55,6 +56,17 @@ def check_lora_search(out: Path) -> None:
     gain = confirm.loc["best", "score"] - confirm.loc["default", "score"]  # objective cas: higher is better
     assert best["confirm"]["gain_mean"] == pytest.approx(gain)
     assert best["confirm"]["best_better_folds"] == int(gain > 0)
+    # Every search trial in MLflow (the embedded SQLite store), with its point and its own Parquet file.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(out / 'mlflow' / 'mlflow.db').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name("lora_search").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    logged = {r.data.metrics["score"]: r for r in runs}
+    for row in results.itertuples():
+        run = logged[row.score]
+        assert int(run.data.params["rank"]) == row.rank
+        assert [f.path for f in client.list_artifacts(run.info.run_id, "trials")] == [f"trials/{row.search_key}.parquet"]
 
 
 def check_pipeline(out: Path) -> None:
@@ -75,13 +87,33 @@ COMMANDS = {"lora_search": "search"}  # what each file is for; `run` unless name
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_runs_tiny(name, tmp_path):
+def test_experiment_runs_tiny(name, tmp_path, capsys):
     if name == "pbc_blood_cells" and not (REPO.parent / "shared" / "data" / "pbc_blood_cells").is_dir():
         pytest.skip("../shared/data/pbc_blood_cells is absent (it is never committed)")
     command = COMMANDS.get(name, "run")
-    code = main([command, str(REPO / "experiments" / f"{name}.yaml"), "--tiny", "-o", f"results_dir={tmp_path}"])
+    extra = ["-o", "tracking.mlflow=true"] if name == "lora_search" else []  # its trials logged to MLflow
+    code = main([command, str(REPO / "experiments" / f"{name}.yaml"), "--tiny", "-o", f"results_dir={tmp_path}",
+                 *extra])
     assert code == 0
     CHECKS.get(name, check_pipeline)(tmp_path / name)
+    if command == "run":
+        check_progress(tmp_path / name, capsys.readouterr().err)
+
+
+def final_bar(err: str, what: str) -> tuple[int, int, str]:
+    """(done, total, unit) of the last state of tqdm bar `what` in the captured stderr."""
+    states = re.findall(rf"{what}: +\d+%\|[^|]*\| (\d+)/(\d+) \[[^\]]*?([a-zA-Z]+)/s\]", err)
+    states += re.findall(rf"{what}: +\d+%\|[^|]*\| (\d+)/(\d+) \[[^\]]*?s/([a-zA-Z]+)\]", err)
+    assert states, f"no progress bar for {what} in stderr"
+    done, total, unit = max(states, key=lambda s: int(s[0]))
+    return int(done), int(total), unit
+
+
+def check_progress(out: Path, err: str) -> None:
+    """Finetune, sample and classify each showed a bar that counted every LoRA, image and trial it made."""
+    assert final_bar(err, "finetune") == (n := len(pd.read_parquet(out / "lora" / "loras.parquet")), n, "LoRA")
+    assert final_bar(err, "sample") == (n := len(pd.read_parquet(out / "synthetic.parquet")), n, "image")
+    assert final_bar(err, "classify") == (n := len(pd.read_parquet(out / "trials")), n, "trial")
 
 
 def test_a_file_without_tiny_overrides_is_refused(tmp_path, capsys):

@@ -8,21 +8,26 @@ trials are never re-run or duplicated even when the Tune folder is lost.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+from pathlib import Path
 
 import pandas as pd
 
 from ooc_ray import keys
 from ooc_ray.backbones import backbone_weights
 from ooc_ray.classify.train import TrialContext, run_trial, trial_outputs, trial_problem
-from ooc_ray.config import ExperimentConfig
+from ooc_ray.config import ExperimentConfig, to_dict
 from ooc_ray.data import class_names, load_manifest
 from ooc_ray.errors import StageError
 from ooc_ray.features import ensure_features
 from ooc_ray.io import note
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.progress import FileProgress
 from ooc_ray.protocol import PlannedTrial, draw_table, plan_trials
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
+from ooc_ray.tracking import tracker, with_callbacks
 
 
 def _tune_trial(config: dict, cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, PlannedTrial],
@@ -37,6 +42,25 @@ def _tune_trial(config: dict, cfg: ExperimentConfig, paths: ExperimentPaths, tri
         return
     row = run_trial(cfg, paths, trial, ctx, report=tune.report)
     tune.report({"test_accuracy": row["accuracy"], "test_f1_macro": row["f1_macro"], "skipped": False})
+
+
+def _trial_key(trial) -> str:
+    return trial.config["trial_key"]
+
+
+def _tracked_params(params: dict[str, dict], trial) -> dict:
+    return params[_trial_key(trial)]
+
+
+def _tracked_files(paths: ExperimentPaths, trial, last_result: dict) -> list[Path]:
+    return trial_outputs(paths, _trial_key(trial))
+
+
+def trial_params(cfg: ExperimentConfig, trial: PlannedTrial, ctx: TrialContext) -> dict:
+    """What MLflow records of a trial: its grid point, the classifier settings, and what it was computed from."""
+    return {"trial_key": trial.key, **dataclasses.asdict(trial.spec), "arm": trial.spec.arm,
+            "n_train": len(trial.train), "n_test": len(trial.test), "classify": to_dict(cfg)["classify"],
+            "generator_split": cfg.generator.split, "weights": ctx.weights.identity, "data": ctx.data_digest}
 
 
 def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, planned: list[PlannedTrial], pending: list[str],
@@ -55,9 +79,13 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, planned: list[Plann
     storage = tune_storage(cfg, paths)
     name = f"classify-{keys.digest([t.key for t in planned])}"
     exp_path = f"{storage.rstrip('/')}/{name}"
+    params = {t.key: trial_params(cfg, t, ctx) for t in planned if t.key in set(pending)}
+    callbacks = tracker(cfg, paths, "classify", _trial_key, functools.partial(_tracked_params, params),
+                        functools.partial(_tracked_files, paths))
     if tune.Tuner.can_restore(exp_path):
         # An interrupted run of this same grid: continue it (finished trials are not re-run; errored ones are).
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        with_callbacks(tuner, callbacks)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -69,7 +97,7 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, planned: list[Plann
                 reuse_actors=True,
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=cc.max_failures)),
         )
     tuner.fit()
@@ -149,5 +177,6 @@ def run_classify(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
         if cfg.classify.mode == "cached":
             features_dir = str(ensure_features(cfg, cfg.classify, weights, _feature_images(pending), paths.features))
         ctx = TrialContext(tuple(class_names(manifest)), weights, keys.data_digest(manifest), features_dir)
-        _run_tune(cfg, paths, planned, [t.key for t in pending], ctx)
+        with FileProgress([paths.trial(t.key) for t in pending], "classify", "trial"):
+            _run_tune(cfg, paths, planned, [t.key for t in pending], ctx)
     return collect(paths, planned)
