@@ -1,18 +1,24 @@
 """Report stage: Table I/II-style tables, plots and real-vs-synthetic grids from the trial Parquet files.
 
 Tables follow the paper's layout (one table per LoRA weight; rows real only, real + r% synthetic, synthetic
-only) with mean and std over folds, the naive majority baseline, and a paired per-fold test of each row
-against real only. With k=5 folds a paired t-test has 4 degrees of freedom and the Wilcoxon signed-rank test
-cannot go below p=0.0625, so both are shown and neither should be over-read.
+only) with mean and std over folds and the naive majority baseline. Each row is compared with real only, fold
+by fold (ooc_ray.comparisons): the headline is the Nadeau-Bengio corrected resampled t-test (its CI of the
+accuracy difference and its p, then Holm-adjusted across the table's arms), beside a paired bootstrap CI over
+held-out images. The plain paired t and Wilcoxon p stay as columns, not as the headline: the plain t treats
+overlapping training folds as independent, and with k=5 the Wilcoxon test cannot go below p=0.0625.
 """
 from __future__ import annotations
 
+import base64
+import html
 import math
+import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on cluster nodes or CI; must precede pyplot's import
+import markdown  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 import pandas as pd
@@ -21,6 +27,8 @@ from scipy import stats
 
 from ooc_ray import keys
 from ooc_ray.backbones import SMALL_CNN, backbone_weights
+from ooc_ray.comparisons import (ALPHA, POWER, corrected_t, holm, minimum_detectable_effect, paired_bootstrap,
+                                 repeats_to_detect)
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.data import load_image, load_manifest
 from ooc_ray.errors import DataError, MissingInputError
@@ -86,19 +94,40 @@ def paired_tests(real: pd.Series, other: pd.Series) -> dict:
     both = pd.concat([real.rename("real"), other.rename("other")], axis=1).dropna()
     diff = both["other"] - both["real"]
     out = {"n_pairs": len(both), "mean_diff": float(diff.mean()) if len(both) else float("nan"),
-           "t_p": float("nan"), "wilcoxon_p": float("nan")}
+           "t_p": float("nan"), "wilcoxon_p": float("nan"), "differences": diff.to_numpy()}
     if len(both) >= 2 and diff.abs().sum() > 0:
         out["t_p"] = float(stats.ttest_rel(both["other"], both["real"]).pvalue)
         out["wilcoxon_p"] = float(stats.wilcoxon(both["other"], both["real"]).pvalue)
     return out
 
 
-def summary_tables(trials: pd.DataFrame) -> dict[float, pd.DataFrame]:
-    """One table per LoRA weight: mean/std over folds per arm, plus paired tests against real only.
+def test_train_ratio(real: pd.DataFrame) -> float:
+    """n_test / n_train of the real-only trials, mean over folds: the overlap term of the corrected t-test. The
+    real images are what the folds resample; synthetic images added to an arm do not change the overlap."""
+    return float((real["n_test"] / real["n_train_real"]).mean())
+
+
+def _correct(predictions: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """(fold, id, correct) of `trials`' held-out predictions."""
+    rows = predictions.merge(trials[["trial_key", "fold"]], on="trial_key")
+    return pd.DataFrame({"fold": rows["fold"], "id": rows["id"], "correct": rows["pred_index"] == rows["label_index"]})
+
+
+def bootstrap_vs_real(predictions: pd.DataFrame, arm: pd.DataFrame, real: pd.DataFrame, seed: int = 0) -> dict:
+    """Paired bootstrap CI of accuracy(arm) - accuracy(real only) over the images both predicted in a fold."""
+    both = _correct(predictions, arm).merge(_correct(predictions, real), on=["fold", "id"], suffixes=("_arm", "_real"))
+    return paired_bootstrap(both["id"], both["correct_arm"], both["correct_real"], seed=seed)
+
+
+def summary_tables(trials: pd.DataFrame, predictions: pd.DataFrame | None = None) -> dict[float, pd.DataFrame]:
+    """One table per LoRA weight: mean/std over folds per arm, and each arm against real only: the corrected
+    t-test (CI, p, Holm-adjusted p across the table's arms), the plain paired t and Wilcoxon p, and, given the
+    trials' `predictions` (trial_key, id, pred_index, label_index), a paired bootstrap CI over images.
 
     Real-only trials have no weight (NaN; run once per fold) and appear as the first row of every table."""
     real = trials[(trials["ratio"] == 0) & ~trials["synthetic_only"]]
     real_by_fold = real.set_index("fold")
+    overlap = test_train_ratio(real) if len(real) else math.nan
     weights = sorted(trials["weight"].dropna().unique(), reverse=True)
     tables = {}
     for weight in weights or [float("nan")]:
@@ -113,14 +142,42 @@ def summary_tables(trials: pd.DataFrame) -> dict[float, pd.DataFrame]:
                 rec[f"{metric}_std"] = group[metric].std(ddof=1) if len(group) > 1 else float("nan")
             is_real = ratio == 0 and not synthetic_only
             test = paired_tests(real_by_fold["accuracy"], by_fold["accuracy"]) if not is_real else {}
-            rec["accuracy_diff_vs_real"] = test.get("mean_diff", float("nan"))
-            rec["paired_t_p"] = test.get("t_p", float("nan"))
-            rec["wilcoxon_p"] = test.get("wilcoxon_p", float("nan"))
+            rec["accuracy_diff_vs_real"] = test.get("mean_diff", math.nan)
+            corrected = corrected_t(test["differences"], overlap) if not is_real else {}
+            rec["diff_ci_low"], rec["diff_ci_high"] = corrected.get("ci_low", math.nan), corrected.get("ci_high", math.nan)
+            rec["corrected_p"] = corrected.get("p", math.nan)
+            rec["diff_sd"] = float(np.std(test["differences"], ddof=1)) if len(test.get("differences", [])) > 1 else math.nan
+            rec["paired_t_p"] = test.get("t_p", math.nan)
+            rec["wilcoxon_p"] = test.get("wilcoxon_p", math.nan)
+            boot = bootstrap_vs_real(predictions, group, real) if predictions is not None and not is_real else {}
+            rec["bootstrap_ci_low"], rec["bootstrap_ci_high"] = boot.get("ci_low", math.nan), boot.get("ci_high", math.nan)
             out.append(rec)
         table = pd.DataFrame(out)
-        table = table.iloc[sorted(range(len(table)), key=lambda i: _arm_order(table.iloc[i]))]
-        tables[weight] = table.reset_index(drop=True)
+        table = table.iloc[sorted(range(len(table)), key=lambda i: _arm_order(table.iloc[i]))].reset_index(drop=True)
+        table["holm_p"] = holm(table["corrected_p"])  # the family: this table's arms against real only
+        tables[weight] = table
     return tables
+
+
+def sensitivity_line(table: pd.DataFrame, k: int) -> str:
+    """What the design can detect: the corrected t's minimum detectable effect at 80 % power from the arms'
+    median fold-to-fold sd of the difference, and the repeats of k-fold CV that 0.01 and 0.02 would need."""
+    arms = table[table["diff_sd"].notna()]
+    if arms.empty or not arms["diff_sd"].median() > 0:  # no spread of differences: nothing to scale from
+        return ""
+    sd, j = float(arms["diff_sd"].median()), int(arms["n_folds"].median())
+    mde = minimum_detectable_effect(sd, j, 1 / (k - 1))
+    floor = minimum_detectable_effect(sd, 10 ** 6, 1 / (k - 1))
+
+    def need(effect: float) -> str:
+        repeats = repeats_to_detect(effect, sd, k)
+        if repeats is None:
+            return f"{effect:g}: no number of repeats (the corrected test's floor is {floor:.3f})"
+        return f"{effect:g}: " + ("this design" if repeats == 1 else f"{repeats} repeats")
+
+    return (f"Design sensitivity (corrected t, {POWER:.0%} power, two-sided α = {ALPHA:g}): with {j} folds and the "
+            f"arms' median fold-to-fold sd of the difference, {sd:.3f}, the smallest accuracy difference this grid "
+            f"detects is **{mde:.3f}**. Repeats of {k}-fold CV needed to detect {need(0.01)}; {need(0.02)}.")
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -133,9 +190,20 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     for metric in METRICS:
         shown[metric.replace("_macro", "")] = [_fmt(m, s) for m, s in
                                                zip(table[f"{metric}_mean"], table[f"{metric}_std"])]
+    def interval(low: float, high: float) -> str:
+        return "" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
+
+    def p_value(p: float) -> str:
+        return "" if math.isnan(p) else f"{p:.3f}"
+
     shown["Δacc vs real"] = [("" if math.isnan(d) else f"{d:+.3f}") for d in table["accuracy_diff_vs_real"]]
-    shown["paired t p"] = [("" if math.isnan(p) else f"{p:.3f}") for p in table["paired_t_p"]]
-    shown["Wilcoxon p"] = [("" if math.isnan(p) else f"{p:.3f}") for p in table["wilcoxon_p"]]
+    shown["95% CI (corrected t)"] = [interval(lo, hi) for lo, hi in zip(table["diff_ci_low"], table["diff_ci_high"])]
+    shown["p (corrected t)"] = table["corrected_p"].map(p_value)
+    shown["p (Holm)"] = table["holm_p"].map(p_value)
+    shown["95% CI (bootstrap)"] = [interval(lo, hi) for lo, hi in zip(table["bootstrap_ci_low"],
+                                                                       table["bootstrap_ci_high"])]
+    shown["plain paired t p"] = table["paired_t_p"].map(p_value)
+    shown["Wilcoxon p"] = table["wilcoxon_p"].map(p_value)
     return shown
 
 
@@ -232,6 +300,17 @@ def current_trials(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.D
     return trials, len(planned)
 
 
+def trial_predictions(paths: ExperimentPaths, trials: pd.DataFrame) -> pd.DataFrame | None:
+    """The per-image predictions of `trials` (for the bootstrap), or None where any trial's file is missing
+    (trials from before predictions were stored): then the report says so rather than resample a subset."""
+    files = [paths.predictions / f"{key}.parquet" for key in trials["trial_key"]]
+    if any(parquet_problem(f) for f in files):
+        note("report: some trials have no predictions file: no bootstrap intervals")
+        return None
+    columns = ["trial_key", "id", "pred_index", "label_index"]
+    return pd.concat([pd.read_parquet(f, columns=columns) for f in files], ignore_index=True)
+
+
 def _classifier_line(cc: ClassifyConfig) -> str:
     if cc.backbone == SMALL_CNN:
         trained = "trained from scratch" if cc.weights == "none" else f"from {cc.weights}, all layers trained"
@@ -258,8 +337,19 @@ def _header(cfg: ExperimentConfig, manifest: pd.DataFrame, trials: pd.DataFrame,
                                                                             "(the others have not run yet)"), ""]
 
 
-def _write_tables(tables: dict[float, pd.DataFrame], out: Path) -> list[str]:
-    lines, combined = [], []
+TESTS_NOTE = (
+    "Each row is compared with real only, fold by fold. **Δacc** is the mean paired difference. **95% CI (corrected "
+    "t)** and **p (corrected t)**: the Nadeau-Bengio corrected resampled t-test (the variance of the fold "
+    "differences times 1/J + n_test/n_train, J - 1 df), because training folds overlap and the plain t-test "
+    "over-rejects; **p (Holm)**: that p adjusted across this table's arms. **95% CI (bootstrap)**: a paired "
+    "percentile bootstrap (2,000 resamples) of the accuracy difference over the held-out images both classifiers "
+    "predicted. **plain paired t p** and **Wilcoxon p** are shown for comparison only (with 5 folds Wilcoxon "
+    "cannot go below 0.0625). A difference is supported when the corrected CI excludes 0 and the Holm p is below "
+    "0.05.")
+
+
+def _write_tables(tables: dict[float, pd.DataFrame], out: Path, k: int) -> list[str]:
+    lines, combined = [TESTS_NOTE, ""], []
     for weight, table in tables.items():
         name = "no_weight" if pd.isna(weight) else f"w{weight:g}"
         shown = display_table(table)
@@ -269,6 +359,8 @@ def _write_tables(tables: dict[float, pd.DataFrame], out: Path) -> list[str]:
         atomic_write_text(out / f"table_{name}.tex", shown.to_latex(index=False, escape=True))
         title = "Real images only (no synthetic arms in this grid)" if pd.isna(weight) else f"LoRA weight {weight:g}"
         lines += [f"## {title}", "", to_markdown(shown), ""]
+        if sensitivity := sensitivity_line(table, k):
+            lines += [sensitivity, ""]
         combined.append(table)
     with atomic_path(out / "summary.csv") as tmp:
         pd.concat(combined, ignore_index=True).to_csv(tmp, index=False)
@@ -305,14 +397,47 @@ def _quality_section(cfg: ExperimentConfig, paths: ExperimentPaths) -> list[str]
             to_markdown(quality.round(4)), ""]
 
 
+# One file to open anywhere (mail it, attach it to a lab notebook): no script, no external resource.
+HTML_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: right; }}
+th {{ background: #eee; }} td:first-child, th:first-child {{ text-align: left; }}
+img {{ max-width: 100%; border: 1px solid #ddd; }}
+code {{ background: #f3f3f3; padding: 0 0.2em; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
+def html_report(markdown_text: str, folder: Path, title: str) -> str:
+    """report.md as one self-contained HTML page: the same text and tables (Python-Markdown with its tables
+    extension), every PNG it shows embedded as a data URI. A PNG the text names but the folder lacks is an error,
+    never a broken image."""
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+
+    def embed(match: re.Match) -> str:
+        png = folder / html.unescape(match.group(1))
+        if not png.is_file():
+            raise MissingInputError(f"{png}: the report shows it, but it was not written")
+        return f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="([^"/:]+\.png)"', embed, body)
+    return HTML_PAGE.format(title=html.escape(title), body=body)
+
+
 def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
     """report/: tables, plots and image grids of this config's finished trials."""
     manifest = load_manifest(paths)
     trials, n_planned = current_trials(cfg, paths, manifest)
-    tables = summary_tables(trials)
+    tables = summary_tables(trials, trial_predictions(paths, trials))
     out = paths.report
     out.mkdir(parents=True, exist_ok=True)
-    lines = _header(cfg, manifest, trials, n_planned) + _write_tables(tables, out)
+    lines = _header(cfg, manifest, trials, n_planned) + _write_tables(tables, out, cfg.folds.k)
     _plot_accuracy_vs_ratio(tables, naive_baseline(manifest)["overall"], out / "accuracy_vs_ratio.png")
     _plot_confusions(trials, out / "confusion_matrices.png")
     lines += ["![accuracy vs ratio](accuracy_vs_ratio.png)", "", "![confusion](confusion_matrices.png)", ""]
@@ -322,6 +447,8 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
             image_grid(manifest, synthetic, out / "real_vs_synthetic.png")
             lines += ["![real vs synthetic](real_vs_synthetic.png)", ""]
     lines += _quality_section(cfg, paths)
-    report = atomic_write_text(out / "report.md", "\n".join(lines))
-    note(f"report: {report}")
+    text = "\n".join(lines)
+    atomic_write_text(out / "report.html", html_report(text, out, f"ooc-ray report: {cfg.name}"))
+    report = atomic_write_text(out / "report.md", text)
+    note(f"report: {report} (and report.html beside it: one file, images embedded)")
     return report

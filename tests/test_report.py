@@ -1,9 +1,19 @@
-"""Report numbers against hand-computed ones on a fixed trial table."""
+"""Report numbers against hand-computed ones on a fixed trial table; report.html read back and opened in a
+headless browser."""
+import base64
+import html
+import json
 import math
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from ooc_ray.report import display_table, naive_baseline, paired_tests, read_trials, summary_tables, to_markdown
 
@@ -12,6 +22,7 @@ CLASSES = ["good", "acceptable", "bad"]
 
 def _trial(fold, weight, ratio, acc, synthetic_only=False):
     return {"fold": fold, "weight": weight, "ratio": ratio, "synthetic_only": synthetic_only, "accuracy": acc,
+            "n_train_real": 0 if synthetic_only else 12, "n_test": 6,
             "precision_macro": acc - 0.1, "recall_macro": acc - 0.2, "f1_macro": acc - 0.3,
             "classes": CLASSES, "confusion": [[2, 1, 0], [0, 3, 0], [0, 0, 1]]}
 
@@ -52,10 +63,30 @@ def test_summary_tables_by_hand(trials):
     assert math.isnan(t08.iloc[1]["paired_t_p"])  # all differences zero: no test
 
 
+def test_corrected_t_and_holm_in_the_tables_by_hand(trials):
+    """3 folds, n_test / n_train = 6 / 12 (real only's), so the variance factor is 1/3 + 1/2 = 5/6; df 2, where
+    the two-sided p of t is 1 - |t| / sqrt(t^2 + 2)."""
+    t1 = summary_tables(trials)[1.0]
+    plus, syn = t1.iloc[1], t1.iloc[2]
+    # +50 %: differences 0.01, 0.02, 0.00; variance 1e-4; se = sqrt(5/6 x 1e-4) = 0.0091287; t = 1.095445
+    assert plus["corrected_p"] == pytest.approx(1 - 1.095445 / math.sqrt(1.095445 ** 2 + 2), abs=1e-6)
+    half = 4.302653 * 0.0091287  # t_0.975,2 = 4.302653 (tables: 4.303)
+    assert (plus["diff_ci_low"], plus["diff_ci_high"]) == pytest.approx((0.01 - half, 0.01 + half), abs=1e-6)
+    # synthetic only: differences -0.10, -0.10, -0.13; variance 3e-4; se = 0.0158114; t = -6.957011
+    assert syn["corrected_p"] == pytest.approx(1 - 6.957011 / math.sqrt(6.957011 ** 2 + 2), abs=1e-6)
+    # Holm over the two arms: 0.020042 x 2 = 0.040084; then max(0.040084, 0.387628 x 1)
+    assert syn["holm_p"] == pytest.approx(0.040084, abs=1e-5)
+    assert plus["holm_p"] == pytest.approx(0.387628, abs=1e-5)
+    assert math.isnan(t1.iloc[0]["holm_p"])  # real only is the reference, not a test
+    assert plus["corrected_p"] > plus["paired_t_p"]  # the correction widens what the plain test claims
+
+
 def test_display_and_markdown(trials):
     shown = display_table(summary_tables(trials)[1.0])
     assert shown.loc[0, "accuracy"] == "0.720 ± 0.020"
     assert shown.loc[1, "Δacc vs real"] == "+0.010"
+    assert shown.loc[1, "95% CI (corrected t)"] == "[-0.029, +0.049]" and shown.loc[1, "p (Holm)"] == "0.388"
+    assert shown.loc[0, "p (corrected t)"] == "" and shown.loc[1, "95% CI (bootstrap)"] == ""  # no predictions
     md = to_markdown(shown)
     assert md.splitlines()[0].startswith("| training set | folds | accuracy")
     assert "| real + 50% synthetic | 3 | 0.730 ± 0.017" in md
@@ -90,17 +121,17 @@ def test_read_trials_one_glob(tmp_path, trials):
         read_trials(tmp_path / "none")
 
 
-def test_run_report_writes_everything(tmp_path, trials):
+def write_report(tmp_path, trials):
+    """A demo data set, its synthetic table and the fixture's trials filed under this config's keys, plus one
+    trial of another config; returns (cfg, paths, planned keys, data digest)."""
     from helpers import fake_synthetic
 
     from ooc_ray import keys
     from ooc_ray.config import from_dict
     from ooc_ray.data import run_data
-    from ooc_ray.errors import DataError
     from ooc_ray.io import write_parquet
     from ooc_ray.paths import ExperimentPaths
     from ooc_ray.protocol import plan_trials
-    from ooc_ray.report import run_report
 
     cfg = from_dict({"name": "r", "results_dir": str(tmp_path), "folds": {"k": 3},
                      "data": {"classes": CLASSES, "demo": {"per_class": [6, 6, 6], "size": 32}},
@@ -114,25 +145,132 @@ def test_run_report_writes_everything(tmp_path, trials):
                t.key for t in plan_trials(cfg, m, synthetic, "imagenet")}
     paths.trials.mkdir(parents=True)
     digest = keys.data_digest(m)
+    paths.predictions.mkdir(parents=True)
     for i, row in trials.iterrows():
         key = planned[(row["fold"], -1.0 if pd.isna(row["weight"]) else row["weight"], row["ratio"],
                        row["synthetic_only"])]
         pd.DataFrame([{**row, "trial_key": key, "data_digest": digest}]).to_parquet(paths.trials / f"{key}.parquet")
+        # Of the fold's 6 held-out images, the first round(20 x (accuracy - 0.55)) are predicted right: 3-4 for
+        # real only, 1 for synthetic only (with 6 images, round(6 x accuracy) would be 4 for both).
+        held = m[m["fold"] == row["fold"]].sort_values("id")
+        right = np.arange(len(held)) < round(20 * (row["accuracy"] - 0.55))
+        pd.DataFrame({"trial_key": key, "id": held["id"].to_numpy(), "label_index": held["label_index"].to_numpy(),
+                      "pred_index": np.where(right, held["label_index"], (held["label_index"] + 1) % 3)}
+                     ).to_parquet(paths.predictions / f"{key}.parquet")
     pd.DataFrame([{**trials.iloc[0], "trial_key": "other-config", "data_digest": "x"}]).to_parquet(
         paths.trials / "old.parquet")
+    return cfg, paths, planned, digest
+
+
+def test_run_report_writes_everything(tmp_path, trials):
+    from ooc_ray.errors import DataError
+    from ooc_ray.report import run_report
+
+    cfg, paths, planned, digest = write_report(tmp_path, trials)
     text = run_report(cfg, paths).read_text()
     assert "- trials: 12" in text  # the other config's trial file is not reported
     assert f"manifest digest `{digest[:16]}`" in text and "18 images in 3 classes" in text
     assert "generator protocol: **fold**" in text and "naive (majority class) accuracy: 0.333" in text
     for name in ["table_w1.csv", "table_w1.md", "table_w1.tex", "table_w0.8.md", "summary.csv",
-                 "accuracy_vs_ratio.png", "confusion_matrices.png", "real_vs_synthetic.png"]:
+                 "accuracy_vs_ratio.png", "confusion_matrices.png", "real_vs_synthetic.png", "report.html"]:
         assert (paths.report / name).stat().st_size > 0, name
     assert "\\begin{tabular}" in (paths.report / "table_w1.tex").read_text()
+    assert "Nadeau-Bengio corrected resampled t-test" in text and "Design sensitivity" in text
+    # The bootstrap CI over the images, checked against the difference counted straight from the files.
+    table = pd.read_csv(paths.report / "table_w1.csv")
+    syn = table[table["synthetic_only"]].iloc[0]
+    preds = {k: pd.read_parquet(paths.predictions / f"{k}.parquet") for k in planned.values()
+             if (paths.predictions / f"{k}.parquet").exists()}
+
+    def hits(weight, ratio, only):
+        return sum(int((preds[k]["pred_index"] == preds[k]["label_index"]).sum())
+                   for (_, w, r, o), k in planned.items() if (w, r, o) == (weight, ratio, only))
+    counted = (hits(1.0, 1.0, True) - hits(-1.0, 0.0, False)) / 18
+    assert counted == (3 - 10) / 18  # 3 right of 18 vs 10 right of 18
+    assert syn["bootstrap_ci_low"] <= counted <= syn["bootstrap_ci_high"] < 0
     # a trial file of other data under a current key (a copied folder, a bug): refused, never mixed
     key = next(iter(planned.values()))
     pd.DataFrame([{**trials.iloc[0], "trial_key": key, "data_digest": "0" * 64}]).to_parquet(paths.trial(key))
     with pytest.raises(DataError, match="trials of different data"):
         run_report(cfg, paths)
+
+
+class PageParts(HTMLParser):
+    """What a browser would fetch or show, read with the standard library's parser (not Markdown's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources, self.links, self.tables, self.rows, self.text = [], [], 0, 0, []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tables += tag == "table"
+        self.rows += tag == "tr"
+        if tag in ("img", "script", "iframe") and "src" in attrs:
+            self.sources.append(attrs["src"])
+        if tag == "link" and "href" in attrs:
+            self.links.append(attrs["href"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_html_is_one_file_with_the_markdown_tables_and_every_image_embedded(tmp_path, trials):
+    from ooc_ray.report import run_report
+
+    cfg, paths, _, digest = write_report(tmp_path, trials)
+    markdown_text = run_report(cfg, paths).read_text()
+    page = PageParts()
+    page.feed((paths.report / "report.html").read_text())
+    tables = [block for block in markdown_text.split("\n\n") if block.startswith("| ")]
+    assert page.tables == len(tables) >= 2  # LoRA weight 1 and 0.8
+    assert page.rows == sum(block.count("\n") for block in tables)  # header + body rows (the rule is no row)
+    assert not page.links and all(src.startswith("data:image/png;base64,") for src in page.sources)
+    shown = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown_text)
+    assert [base64.b64decode(src.split(",", 1)[1]) for src in page.sources] == [
+        (paths.report / name).read_bytes() for name in shown]
+    text = " ".join(page.text)
+    assert digest[:16] in text and "generator protocol" in text and "± 0.020" in text
+
+
+def test_report_html_renders_in_headless_chromium(tmp_path, trials):
+    """Debian's Chromium opens the page: every table and image is there, every image decodes, nothing errs.
+    A screenshot lands in tmp_path (never in git). Skipped where Chromium is absent, except in CI (.ci/run
+    installs it and sets OOC_RAY_REQUIRE_BROWSER=1)."""
+    from ooc_ray.report import run_report
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("OOC_RAY_REQUIRE_BROWSER"):
+            pytest.fail("OOC_RAY_REQUIRE_BROWSER is set but chromium is not installed (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    cfg, paths, _, _ = write_report(tmp_path, trials)
+    run_report(cfg, paths)
+    page = (paths.report / "report.html").read_text()
+    # The probe, put in a copy: errors are caught from the first byte on; after load, the title carries the counts.
+    probe = """<script>window.errs = []; addEventListener("error", e => errs.push(String(e.message || e.target.src)),
+    true); addEventListener("load", () => { const imgs = [...document.images]; document.title = JSON.stringify({
+    tables: document.querySelectorAll("table").length, cells: document.querySelectorAll("td").length,
+    images: imgs.length, decoded: imgs.filter(i => i.complete && i.naturalWidth > 0).length, errors: errs}); });
+    </script>"""
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("<head>", "<head>" + probe, 1))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", probed.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    seen = json.loads(html.unescape(re.search(r"<title>(.*?)</title>", dom, re.S).group(1)))
+    expected = PageParts()
+    expected.feed(page)
+    assert seen == {"tables": expected.tables, "cells": seen["cells"], "images": len(expected.sources),
+                    "decoded": len(expected.sources), "errors": []}
+    assert seen["images"] == 3 and seen["cells"] > 0
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, *flags, "--window-size=1200,2400", f"--screenshot={shot}", (paths.report /
+                    "report.html").as_uri()], capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.std() > 10  # not a blank page
 
 
 def test_real_only_grid_has_one_table(trials):
