@@ -60,12 +60,14 @@ SIZE = 64
 PER_CLASS = (30, 14, 8)  # the demo's class balance (58 / 27 / 15 %)
 
 
-def raw_config(root: Path, mode: str, epochs: int, folds: int, augment: list[str], scale: int = 1) -> dict:
+def raw_config(root: Path, mode: str, epochs: int, folds: int, augment: list[str], scale: int = 1,
+               split: str = "fold") -> dict:
     return {
         "name": "bench", "results_dir": str(root),
         "data": {"source": "demo", "classes": ["good", "acceptable", "bad"], "group_column": "cell_line",
                  "demo": {"per_class": [n * scale for n in PER_CLASS], "size": 128}},  # drawn as the demo draws them
         "folds": {"k": folds, "strategy": "stratified"},
+        "generator": {"split": split},
         "sample": {"weights": [1.0, 0.8]},
         "ray": {"num_cpus": os.cpu_count() or 2},
         "classify": {"backbone": "EfficientNetB0", "weights": "calibrated", "input_size": SIZE, "epochs": epochs,
@@ -194,13 +196,15 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--augment", default="flip,rotation", help="comma-separated classify.augment")
     parser.add_argument("--scale", type=int, default=1, help="images per class x this (the paper has 822 images)")
+    parser.add_argument("--split", choices=["fold", "all"], default="fold",
+                        help="generator.split: per-fold pools, or one pool per weight (the paper's protocol)")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_classify_"))
     augment = args.augment.split(",")
 
     from ooc_ray.raycluster import init_ray
 
-    grid = dict(epochs=args.epochs, folds=args.folds, augment=augment, scale=args.scale)
+    grid = dict(epochs=args.epochs, folds=args.folds, augment=augment, scale=args.scale, split=args.split)
     cfg = from_dict(raw_config(root, "exact", **grid))
     paths, manifest, synthetic = demo_experiment(cfg)
     init_ray(cfg)

@@ -312,8 +312,8 @@ def part_report(work: Path, scale: int) -> tuple[str, list[dict]]:
     trials = read_trials(root / "trials")
     tables = summary_tables(trials)
     steps = [measure("c1 report.read_trials", lambda: read_trials(root / "trials")),
-             measure("c2 report.summary_tables (+ paired tests)", lambda: summary_tables(trials)),
-             measure("c3 table files (CSV, Markdown, LaTeX)", lambda: _write_tables(tables, out)),
+             measure("c2 report.summary_tables (+ corrected t, Holm)", lambda: summary_tables(trials)),
+             measure("c3 table files (CSV, Markdown, LaTeX)", lambda: _write_tables(tables, out, K)),
              measure("c4 report.naive_baseline", lambda: naive_baseline(world)),
              measure("c5 plots (accuracy vs ratio, confusions)",
                      lambda: (_plot_accuracy_vs_ratio(tables, 0.608, out / "acc.png"),

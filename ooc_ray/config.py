@@ -96,6 +96,9 @@ class DataConfig:
 class FoldsConfig:
     k: int = grid(5)
     seed: int = grid(42)
+    # Repeated k-fold CV: R independent partitions (repeat r shuffled with seed + 1000 r); every stage runs per
+    # (repeat, fold), and the report's tests pair all R x k folds (ooc_ray.comparisons).
+    repeats: int = grid(1)
     # "auto": group-aware when the manifest has groups; "stratified" ignores groups; "group" requires them.
     strategy: Literal["auto", "stratified", "group"] = grid("auto")
 
@@ -449,6 +452,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     """Checks that no single field's type can express; each error names its key."""
     checks = [
         (cfg.folds.k >= 2, "folds.k: need at least 2 folds"),
+        (cfg.folds.repeats >= 1, "folds.repeats: need at least 1 (1 = plain k-fold CV)"),
         (all(r >= 0 for r in cfg.classify.ratios), "classify.ratios: ratios must be >= 0"),
         (bool(cfg.sample.weights), "sample.weights: need at least one LoRA weight"),
         (0.0 < cfg.sample.strength <= 1.0, "sample.strength: must be in (0, 1]"),

@@ -18,6 +18,7 @@ from ooc_ray.demo_data import write_demo_dataset
 from ooc_ray.errors import DataError, MissingInputError
 from ooc_ray.folds import assign_folds
 from ooc_ray.io import note, parquet_problem, write_parquet
+from ooc_ray.keys import fold_columns
 from ooc_ray.paths import ExperimentPaths
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
@@ -210,7 +211,8 @@ def load_manifest(paths: ExperimentPaths) -> pd.DataFrame:
             raise MissingInputError(f"{path}: {problem}; run `ooc-ray data` first")
     manifest, folds = pd.read_parquet(paths.manifest), pd.read_parquet(paths.folds)
     merged = manifest.merge(folds, on="id", how="left", validate="one_to_one")
-    if merged["fold"].isna().any() or len(folds) != len(manifest):
+    columns = fold_columns(merged)
+    if merged[columns].isna().any(axis=None) or len(folds) != len(manifest):
         raise DataError(f"{paths.folds} does not match {paths.manifest}: re-run `ooc-ray data`")
-    merged["fold"] = merged["fold"].astype(int)
+    merged[columns] = merged[columns].astype(int)
     return merged

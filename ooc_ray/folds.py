@@ -1,7 +1,11 @@
 """Cross-validation folds, and the one train/held-out split of a fold that every stage uses.
 
 Stratified k-fold, or stratified *group* k-fold so that all images of one group (cell line, well, patient,
-tiles of one site) land in the same fold and never straddle train and test.
+tiles of one site) land in the same fold and never straddle train and test. Repeated (folds.repeats = R):
+R independent k-fold partitions, each with its own shuffle seed. A fold id carries its repeat: fold id
+r x k + f is fold f of repeat r, so repeat 0's ids are 0..k-1 exactly as without repeats, and everything keyed
+by a fold id (LoRAs, pools, trials) is per (repeat, fold) with no other change. The manifest holds one fold
+column per repeat (keys.fold_columns).
 """
 from __future__ import annotations
 
@@ -12,24 +16,48 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ooc_ray.config import FoldsConfig
 from ooc_ray.errors import DataError
+from ooc_ray.keys import fold_columns
 
 ALL_FOLDS = -1  # the "fold" of artifacts trained on every image (generator.split: all): nothing is held out
+# Repeat r > 0 shuffles with folds.seed + REPEAT_SEED_STEP x r: far from the seeds people pick by hand.
+REPEAT_SEED_STEP = 1000
+
+
+def n_folds(manifest: pd.DataFrame) -> int:
+    """k: folds per repeat."""
+    return int(manifest["fold"].max()) + 1
+
+
+def _split(manifest: pd.DataFrame, fold: int) -> tuple[str, int]:
+    """(fold column, fold within its repeat) of a fold id."""
+    repeat, within = divmod(fold, n_folds(manifest))
+    column = "fold" if repeat == 0 else f"fold_r{repeat}"
+    if column not in manifest.columns:
+        raise DataError(f"fold {fold}: repeat {repeat} is not in this manifest (folds {fold_ids(manifest)})")
+    return column, within
 
 
 def train_rows(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
     """Images a model of `fold` may learn from: all but the held-out fold (all of them for ALL_FOLDS),
     sorted by id so that everything drawn from them is independent of scan order."""
-    rows = manifest if fold == ALL_FOLDS else manifest[manifest["fold"] != fold]
+    if fold == ALL_FOLDS:
+        rows = manifest
+    else:
+        column, within = _split(manifest, fold)
+        rows = manifest[manifest[column] != within]
     return rows.sort_values("id", kind="stable")
 
 
 def held_out_rows(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
     """The held-out images of `fold`, sorted by id."""
-    return manifest[manifest["fold"] == fold].sort_values("id", kind="stable")
+    column, within = _split(manifest, fold)
+    return manifest[manifest[column] == within].sort_values("id", kind="stable")
 
 
 def fold_ids(manifest: pd.DataFrame) -> list[int]:
-    return sorted(int(f) for f in manifest["fold"].unique())
+    """Every fold id of every repeat: r x k + f."""
+    k = n_folds(manifest)
+    return [r * k + int(f) for r, column in enumerate(fold_columns(manifest)) for f in sorted(manifest[column].unique())]
 
 
 def uses_groups(manifest: pd.DataFrame, cfg: FoldsConfig) -> bool:
@@ -48,7 +76,16 @@ def _check_class_sizes(manifest: pd.DataFrame, k: int) -> None:
 
 
 def assign_folds(manifest: pd.DataFrame, cfg: FoldsConfig) -> pd.DataFrame:
-    """Return (id, fold) where `fold` is the fold in which the image is held out."""
+    """(id, fold[, fold_r1, ...]): per repeat, the fold (0..k-1) in which the image is held out."""
+    out = pd.DataFrame({"id": manifest["id"].to_numpy()})
+    for repeat in range(cfg.repeats):
+        column = "fold" if repeat == 0 else f"fold_r{repeat}"
+        out[column] = _assign_once(manifest, cfg, cfg.seed + REPEAT_SEED_STEP * repeat)
+    return out
+
+
+def _assign_once(manifest: pd.DataFrame, cfg: FoldsConfig, seed: int) -> pd.Series:
+    """One k-fold partition: each image's held-out fold."""
     _check_class_sizes(manifest, cfg.k)
     y = manifest["label_index"].to_numpy()
     # Sort by id first: the split then depends only on the ids, labels, groups and the seed, not on scan order.
@@ -59,10 +96,10 @@ def assign_folds(manifest: pd.DataFrame, cfg: FoldsConfig) -> pd.DataFrame:
         groups = manifest["group"].to_numpy()
         if len(set(groups)) < cfg.k:
             raise DataError(f"group-aware folds need at least folds.k={cfg.k} groups, found {len(set(groups))}")
-        splitter = StratifiedGroupKFold(n_splits=cfg.k, shuffle=True, random_state=cfg.seed)
+        splitter = StratifiedGroupKFold(n_splits=cfg.k, shuffle=True, random_state=seed)
         splits = splitter.split(order, y[order], groups[order])
     else:
-        splits = StratifiedKFold(n_splits=cfg.k, shuffle=True, random_state=cfg.seed).split(order, y[order])
+        splits = StratifiedKFold(n_splits=cfg.k, shuffle=True, random_state=seed).split(order, y[order])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # class-size warnings: checked above with a clear error
         for k, (_, test) in enumerate(splits):
@@ -74,4 +111,4 @@ def assign_folds(manifest: pd.DataFrame, cfg: FoldsConfig) -> pd.DataFrame:
                 if not ((fold == k) & (manifest["label"] == label)).any():
                     raise DataError(f"group-aware folds: fold {k} has no '{label}' images; use fewer folds or "
                                     "more groups")
-    return pd.DataFrame({"id": manifest["id"].to_numpy(), "fold": fold.to_numpy().astype(int)})
+    return fold.to_numpy().astype(int)

@@ -96,6 +96,13 @@ IMAGE_COLUMNS = ["id", "sha256"]
 LABELLED_COLUMNS = ["id", "sha256", "label"]
 
 
+def fold_columns(manifest: pd.DataFrame) -> list[str]:
+    """The manifest's fold assignments, one column per repeat of the k-fold CV: `fold` (the first repeat, as before
+    repeats existed), then `fold_r1`, `fold_r2`, ..."""
+    repeats = sorted(int(c[len("fold_r"):]) for c in manifest.columns if c.startswith("fold_r"))
+    return ["fold"] + [f"fold_r{r}" for r in repeats]
+
+
 def data_digest(manifest: pd.DataFrame) -> str:
     """What a report describes: every image's id, bytes and label (what every trial reads, as training or
     held-out image; groups only act through the folds, which each trial's key holds)."""
@@ -133,7 +140,7 @@ def trial_key(cfg: Any, point: dict, classes: list[str], train: pd.DataFrame, te
 def quality_key(cfg: Any, features: str, manifest: pd.DataFrame, synthetic: pd.DataFrame, version: int) -> str:
     """The quality tables: their settings, the features they read (the cache's key or the statistics' version),
     the real images with their folds, the synthetic pools and the version of the table's measures."""
-    real = table_digest(manifest, LABELLED_COLUMNS + ["fold"])
+    real = table_digest(manifest, LABELLED_COLUMNS + fold_columns(manifest))
     pools = table_digest(synthetic, LABELLED_COLUMNS + ["fold", "weight"])
     return digest("quality", config_slice(cfg, "quality"), features, real, pools, version)
 

@@ -32,7 +32,6 @@ from ooc_ray.comparisons import (ALPHA, POWER, corrected_t, holm, minimum_detect
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.data import load_image, load_manifest
 from ooc_ray.errors import DataError, MissingInputError
-from ooc_ray.folds import fold_ids
 from ooc_ray.io import atomic_path, atomic_write_text, note, parquet_problem
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import draw_table, plan_trials
@@ -61,23 +60,30 @@ def _arm_order(row) -> float:
 
 
 def naive_baseline(manifest: pd.DataFrame) -> dict:
-    """Majority-class accuracy: of the whole set, and per fold (predict the training folds' majority)."""
+    """Majority-class accuracy: of the whole set, and per fold of every repeat (predict the training folds'
+    majority)."""
     overall = manifest["label"].value_counts(normalize=True).iloc[0]
+    per_fold = [acc for column in keys.fold_columns(manifest) for acc in _majority_per_fold(manifest, column)]
+    return {"overall": float(overall), "per_fold_mean": float(np.mean(per_fold))}
+
+
+def _majority_per_fold(manifest: pd.DataFrame, column: str) -> list[float]:
+    """Held-out accuracy of the training majority, per fold of one repeat's fold `column`."""
     # From counts, not by filtering and sorting the manifest once per fold: with folds growing with the data that
     # loop was quadratic (500 folds of 164 of 82,000 images: 10 s, now 0.2 s; benchmarks/bench_scale.py).
-    held = manifest.groupby(["fold", "label"]).size()
+    held = manifest.groupby([column, "label"]).size()
     total = manifest["label"].value_counts(sort=False)
     # A tie goes where train_rows(...)["label"].value_counts().idxmax() sends it: to the label met first in the
     # training rows sorted by id. Per label: its first image in id order, and its first in any other fold.
     ordered = manifest.sort_values("id", kind="stable")
-    labels, folds = ordered["label"].to_numpy(), ordered["fold"].to_numpy()
+    labels, folds = ordered["label"].to_numpy(), ordered[column].to_numpy()
     first = {}
     for label in total.index:
         pos = np.flatnonzero(labels == label)
         other = pos[folds[pos] != folds[pos[0]]]
         first[label] = (folds[pos[0]], pos[0], other[0] if len(other) else None)
     per_fold = []
-    for fold in fold_ids(manifest):
+    for fold in sorted(int(f) for f in manifest[column].unique()):
         train = {label: n - int(held.get((fold, label), 0)) for label, n in total.items()}
         met_first = {label: (elsewhere if first_fold == fold else at)
                      for label, (first_fold, at, elsewhere) in first.items()}
@@ -86,7 +92,7 @@ def naive_baseline(manifest: pd.DataFrame) -> dict:
             raise ValueError(f"fold {fold}: no training images")  # as value_counts().idxmax() raised
         majority = min((label for label, n in train.items() if n == most), key=met_first.get)
         per_fold.append(int(held.get((fold, majority), 0)) / int(held.loc[fold].sum()))  # == (test == majority).mean()
-    return {"overall": float(overall), "per_fold_mean": float(np.mean(per_fold))}
+    return per_fold
 
 
 def paired_tests(real: pd.Series, other: pd.Series) -> dict:
@@ -328,7 +334,8 @@ def _header(cfg: ExperimentConfig, manifest: pd.DataFrame, trials: pd.DataFrame,
     counts = ", ".join(f"{k} {v}" for k, v in manifest["label"].value_counts().items())
     return [f"# ooc-ray report: {cfg.name}", "",
             f"- data: {len(manifest)} images in {manifest['label'].nunique()} classes ({counts}); "
-            f"manifest digest `{keys.data_digest(manifest)[:16]}`; {cfg.folds.k}-fold CV",
+            f"manifest digest `{keys.data_digest(manifest)[:16]}`; {cfg.folds.k}-fold CV"
+            + ("" if cfg.folds.repeats == 1 else f", {cfg.folds.repeats} repeats ({cfg.folds.k * cfg.folds.repeats} folds)"),
             f"- generator protocol: **{cfg.generator.split}** ({protocol[cfg.generator.split]})",
             f"- classifier: {_classifier_line(cfg.classify)}",
             f"- naive (majority class) accuracy: {naive['overall']:.3f} overall, "

@@ -251,3 +251,34 @@ def test_only_new_bytes_are_decoded(tmp_path, tree, monkeypatch):
     Image.new("L", (64, 48), 99).save(tree / "bad" / "fresh.png")
     run_data(cfg, paths)
     assert decoded == ["fresh.png"]
+
+
+def test_repeated_folds_are_independent_partitions_and_repeat_0_is_plain_k_fold():
+    from ooc_ray.folds import fold_ids, held_out_rows, train_rows
+
+    m = scan_demo_manifest()
+    once = assign_folds(m, FoldsConfig(k=3, seed=1, strategy="stratified"))
+    thrice = assign_folds(m, FoldsConfig(k=3, seed=1, strategy="stratified", repeats=3))
+    assert list(thrice.columns) == ["id", "fold", "fold_r1", "fold_r2"]
+    assert thrice["fold"].equals(once["fold"])  # repeats=1 results (and their keys) stay what they were
+    assert not thrice["fold_r1"].equals(thrice["fold"]) and not thrice["fold_r2"].equals(thrice["fold_r1"])
+    merged = m.merge(thrice, on="id")
+    assert fold_ids(merged) == list(range(9))
+    for repeat in range(3):  # every repeat is a partition: each image held out exactly once, classes balanced
+        held = [set(held_out_rows(merged, 3 * repeat + f)["id"]) for f in range(3)]
+        assert sum(map(len, held)) == len(m) and set().union(*held) == set(m["id"])
+        column = ["fold", "fold_r1", "fold_r2"][repeat]
+        per_fold = pd.crosstab(merged[column], merged["label"])
+        assert (per_fold.max() - per_fold.min()).max() <= 1
+    # fold 4 = repeat 1, fold 1: trained on the images fold_r1 does not hold out in fold 1
+    assert set(train_rows(merged, 4)["id"]) == set(merged.loc[merged["fold_r1"] != 1, "id"])
+    with pytest.raises(DataError, match="repeat 3 is not in this manifest"):
+        held_out_rows(merged, 9)
+
+
+def test_repeated_group_folds_keep_groups_together_in_every_repeat():
+    m = scan_demo_manifest(groups=6)
+    merged = m.merge(assign_folds(m, FoldsConfig(k=3, seed=0, strategy="group", repeats=2)), on="id")
+    for column in ("fold", "fold_r1"):
+        assert (merged.groupby("group")[column].nunique() == 1).all()
+    assert not merged["fold"].equals(merged["fold_r1"])

@@ -121,3 +121,26 @@ def test_a_file_without_tiny_overrides_is_refused(tmp_path, capsys):
     path.write_text("classify:\n  epochs: 3\n")
     assert main(["run", str(path), "--tiny", "-o", f"results_dir={tmp_path}"]) == 2
     assert "no `tiny:` mapping" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_repeated_cross_validation_runs_every_stage_per_repeat_and_fold(tmp_path):
+    """folds.repeats: 2 on the demo (tiny: k = 2): LoRAs, pools and trials per (repeat, fold), fold ids 0-3,
+    and a report whose tests pair all four folds."""
+    code = main(["run", str(REPO / "experiments" / "demo.yaml"), "--tiny", "-o", f"results_dir={tmp_path}",
+                 "-o", "folds.repeats=2"])
+    assert code == 0
+    out = tmp_path / "demo"
+    folds = pd.read_parquet(out / "folds.parquet")
+    assert list(folds.columns) == ["id", "fold", "fold_r1"]
+    trials = pd.read_parquet(out / "trials")
+    assert sorted(trials["fold"].unique()) == [0, 1, 2, 3] and len(trials) == 12  # 2 x the tiny grid's 6
+    for fold in range(4):  # each trial was tested on its own (repeat, fold)'s held-out images
+        column, within = ("fold", fold) if fold < 2 else ("fold_r1", fold - 2)
+        held = set(folds.loc[folds[column] == within, "id"])
+        for key in trials.loc[trials["fold"] == fold, "trial_key"]:
+            assert set(pd.read_parquet(out / "predictions" / f"{key}.parquet")["id"]) == held
+    loras = pd.read_parquet(out / "lora" / "loras.parquet")
+    assert sorted(loras["fold"].unique()) == [0, 1, 2, 3]  # leak-free: one LoRA set per (repeat, fold)
+    report = (out / "report" / "report.md").read_text()
+    assert "2-fold CV, 2 repeats (4 folds)" in report and "| real only | 4 |" in report
