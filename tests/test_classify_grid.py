@@ -63,7 +63,7 @@ def mlflow_runs(paths) -> pd.DataFrame:
                          for r in runs])
 
 
-def test_grid_killed_and_resumed(tmp_path):
+def test_grid_killed_and_resumed(tmp_path, monkeypatch):
     # max_concurrent 1: trials run one after another, so the kill lands between finished and pending ones.
     # MLflow tracking on: every trial is logged once, with its history, however often the grid is resumed.
     cfg = dataclasses.replace(classify_cfg(tmp_path, max_concurrent=1), tracking=TrackingConfig(mlflow=True))
@@ -131,6 +131,18 @@ def test_grid_killed_and_resumed(tmp_path):
     assert all(final[name] == after[name] for name in after if name != f"{lost}.parquet")
     pd.testing.assert_series_equal(again["accuracy"], rows["accuracy"])
     assert (mlflow_runs(paths)["status"] == "FINISHED").sum() == 6  # the re-made trial is not logged twice
+
+    # A finished trial that a restored Tune experiment runs again reports its recorded epochs (so the MLflow run
+    # opened for it has them all), then its result marked skipped.
+    from ray import tune
+
+    from ooc_ray.classify.grid import _tune_trial
+
+    reported = []
+    monkeypatch.setattr(tune, "report", reported.append)
+    _tune_trial({"trial_key": keys[0]}, cfg, paths, {t.key: t for t in specs}, ctx=None)
+    own = history[history["trial_key"] == keys[0]].sort_values("epoch")
+    assert [r["loss"] for r in reported[:-1]] == own["loss"].tolist() and reported[-1]["skipped"]
 
     # Everything done: no Ray, no TF, just the rows.
     start = time.perf_counter()

@@ -37,6 +37,10 @@ def _tune_trial(config: dict, cfg: ExperimentConfig, paths: ExperimentPaths, tri
 
     trial = trials[config["trial_key"]]
     if not trial_problem(paths, trial.key):  # finished by an earlier run: report its result, compute nothing
+        # Its recorded epochs first, as the run that computed it reported them (a resumed Tune experiment re-runs
+        # a trial whose files were written just before a kill; its MLflow run then still has every epoch).
+        for epoch in pd.read_parquet(paths.history / f"{trial.key}.parquet").itertuples():
+            tune.report({"epoch": int(epoch.epoch), "loss": float(epoch.loss), "train_accuracy": float(epoch.accuracy)})
         row = pd.read_parquet(paths.trial(trial.key)).iloc[0]
         tune.report({"test_accuracy": float(row["accuracy"]), "skipped": True})
         return
@@ -79,7 +83,8 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, planned: list[Plann
     storage = tune_storage(cfg, paths)
     name = f"classify-{keys.digest([t.key for t in planned])}"
     exp_path = f"{storage.rstrip('/')}/{name}"
-    params = {t.key: trial_params(cfg, t, ctx) for t in planned if t.key in set(pending)}
+    # Every planned trial's: a restored experiment can re-run one that finished just before a kill.
+    params = {t.key: trial_params(cfg, t, ctx) for t in planned}
     callbacks = tracker(cfg, paths, "classify", _trial_key, functools.partial(_tracked_params, params),
                         functools.partial(_tracked_files, paths))
     if tune.Tuner.can_restore(exp_path):
