@@ -24,6 +24,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.errors import ConfigError
+from ooc_ray.io import note
 from ooc_ray.paths import ExperimentPaths
 
 IDENTITY_TAG = "ooc_ray.trial"
@@ -102,6 +103,8 @@ class TrialTracker(MLflowLoggerCallback):
             for path in self.artifacts(trial, self._last.get(trial, {})):
                 if Path(path).exists():
                     self.client.log_artifact(run_id, str(path), artifact_path=Path(path).parent.name)
+                else:  # a finished trial always has them: say so rather than log a run that silently lacks one
+                    note(f"tracking: {path} is missing; MLflow run {run_id} has no copy of it")
         super().log_trial_end(trial, failed)
         del self._trial_runs[trial]
 
