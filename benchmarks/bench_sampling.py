@@ -42,7 +42,7 @@ from ooc_ray.sample import plan_pools, render  # noqa: E402
 def timed(plan: pd.DataFrame, cfg, paths, base, out: Path, use_ray: bool) -> dict:
     plan = plan.assign(path=[str(out / Path(p).relative_to(paths.synthetic)) for p in plan.path])
     start = time.time()
-    n = render(plan, cfg, base, use_ray=use_ray)
+    n = len(render(plan, cfg, base, use_ray=use_ray))
     wall = time.time() - start
     mtimes = sorted(os.stat(p).st_mtime for p in plan.path)
     first_batch = cfg.sample.batch_size

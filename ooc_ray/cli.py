@@ -14,7 +14,7 @@ import time
 import yaml
 from tqdm import tqdm
 
-from ooc_ray.config import ExperimentConfig, load_config, to_dict
+from ooc_ray.config import ExperimentConfig, load_config, to_dict, variants
 from ooc_ray.errors import ConfigError, OocRayError
 from ooc_ray.io import atomic_write_text, note
 from ooc_ray.lock import RunLock, command_line
@@ -50,9 +50,21 @@ HELP = {
 }
 
 
+# Stages that make a variant's own tables (config.variants: the axes and generation replicates): run once per
+# variant. What variants share (a base, a LoRA, a pool) is keyed by content and made once; classify plans every
+# variant's trials into one Tune run, and report writes one table per variant.
+PER_VARIANT = {"pretrain", "finetune", "sample", "quality"}
+
+
 def run_stage(name: str, cfg: ExperimentConfig, paths: ExperimentPaths):
     module, func = STAGES[name]
-    return getattr(importlib.import_module(module), func)(cfg, paths)
+    stage = getattr(importlib.import_module(module), func)
+    if name not in PER_VARIANT or not variants(cfg)[0].point:  # no axes, one replicate: the config itself
+        return stage(cfg, paths)
+    for variant in variants(cfg):
+        note(f"{name}: variant {variant.label}")
+        stage(variant.cfg, paths.for_variant(variant.tag))
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -96,3 +96,25 @@ def repeats_to_detect(effect: float, sd: float, k: int, alpha: float = ALPHA, po
         if minimum_detectable_effect(sd, k * repeats, ratio, alpha, power) <= effect:
             return repeats
     return None
+
+
+def equivalence(differences, test_train_ratio: float, margin: float, alpha: float = ALPHA) -> dict:
+    """Two one-sided tests (TOST, Schuirmann 1987) on the corrected resampled t: is the true mean difference
+    inside (-margin, +margin)? p = the larger of the two one-sided p-values of H0 "mean <= -margin" and
+    H0 "mean >= +margin"; equivalent at level alpha exactly when the (1 - 2 alpha) corrected CI lies inside the
+    margin. So "no benefit" can be stated as a result, not read from a non-significant difference."""
+    d = np.asarray(differences, dtype=float)
+    j = len(d)
+    out = {"p": math.nan, "ci_low": math.nan, "ci_high": math.nan, "margin": margin}
+    if j < 2:
+        return out
+    mean, df = float(d.mean()), j - 1
+    se = math.sqrt((1 / j + test_train_ratio) * d.var(ddof=1))
+    if se == 0:  # every difference equal: inside the margin or not, with certainty
+        out.update(p=0.0 if abs(mean) < margin else 1.0, ci_low=mean, ci_high=mean)
+        return out
+    p_lower = stats.t.sf((mean + margin) / se, df)  # H0: mean <= -margin
+    p_upper = stats.t.cdf((mean - margin) / se, df)  # H0: mean >= +margin
+    half = stats.t.ppf(1 - alpha, df) * se
+    out.update(p=float(max(p_lower, p_upper)), ci_low=mean - half, ci_high=mean + half)
+    return out

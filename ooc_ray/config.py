@@ -29,7 +29,7 @@ from ooc_ray.errors import ConfigError
 # Artifacts whose keys config fields can feed (ooc_ray.keys): a domain-pretrained generator base, a LoRA, a
 # synthetic image, a backbone-feature cache, a classifier trial, the quality tables, a LoRA-search trial.
 ARTIFACTS = ("base", "lora", "image", "features", "trial", "quality", "search")
-RESULT, INPUT, GRID, RESOURCE = "result", "input", "grid", "resource"
+RESULT, INPUT, GRID, RESOURCE, PRESENTATION = "result", "input", "grid", "resource", "presentation"
 
 
 def result(default: Any, feeds: tuple[str, ...], only_if: tuple[str, Any] | None = None,
@@ -55,6 +55,11 @@ def resource(default: Any) -> Any:
     return field(default=default, metadata={"role": RESOURCE})
 
 
+def presentation(default: Any) -> Any:
+    """How the report reads finished results (a test's margin): computes nothing, so it never enters a key."""
+    return field(default=default, metadata={"role": PRESENTATION})
+
+
 def section(cls: type) -> Any:
     return field(default_factory=cls, metadata={"role": "section"})
 
@@ -70,6 +75,11 @@ Backbone = Literal["SmallCNN", "EfficientNetB0", "EfficientNetB1", "EfficientNet
                    "EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetV2B2", "EfficientNetV2B3", "EfficientNetV2S",
                    "ResNet50V2", "DenseNet121", "ConvNeXtTiny", "ConvNeXtSmall"]
 Augmentation = Literal["flip", "rotation", "zoom", "contrast", "translation", "brightness"]
+# How a trial's synthetic images enter training (ooc_ray.classify.train; README: Mixing strategies).
+Mixing = Literal["concat", "loss_weighted", "replace", "split_bn"]
+# Matched controls (ooc_ray.protocol): real only for as many steps as each ratio's arm, and real + classic
+# augmentations of real images at each ratio's count.
+Control = Literal["real_steps", "real_augmented"]
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,10 @@ class SampleConfig:
     actors: int = resource(0)  # 0: one per GPU, or 1 on CPU
     gpus_per_actor: float = resource(0.0)
     seed: int = result(1234, _IMAGE)  # base seed; each image's seed is derived from it and recorded
+    # Independent pools for the same settings: replicate r samples with seed + REPLICATE_SEED_STEP x r (replicate
+    # 0 is the pool of `seed`), and runs its own trials, so the report can tell generator randomness from the
+    # classifier's.
+    replicates: int = grid(1)
     output_size: int = result(0, _IMAGE)  # 0: keep the sampler's resolution; else resize saved PNGs to this
 
 
@@ -229,6 +243,21 @@ class ClassifyConfig:
     max_failures: int = resource(2)
     max_concurrent: int = resource(0)  # 0: as many as resources allow
     seed: int = result(0, _FEATURES_TRIAL)
+    # How synthetic images enter a real + synthetic arm: "concat" (one shuffled set, the paper's), "loss_weighted"
+    # (a real and a synthetic batch per step, loss (1 - w) real + w synthetic, w = synthetic_loss_weight;
+    # DataDream: 0.2), "replace" (real-only epochs, each sample swapped for a synthetic image of its class with
+    # probability replace_probability; DA-Fusion: 0.5), "split_bn" (the head's BatchNorm keeps separate
+    # statistics for synthetic images; evaluated with the real ones). Real-only and synthetic-only trials do not
+    # mix, so they are shared by every strategy.
+    mixing: Mixing = result("concat", _TRIAL, keyed_when_set=True)
+    synthetic_loss_weight: float = result(0.2, _TRIAL, only_if=("mixing", "loss_weighted"))
+    replace_probability: float = result(0.5, _TRIAL, only_if=("mixing", "replace"))
+    # Matched controls per ratio r > 0 (once per fold, no LoRA weight): "real_steps" trains on real images only
+    # for as many steps as the real + r arm (the real set drawn round(r x n_train) times more, per class), so
+    # "synthetic helps" is never "more steps help"; "real_augmented" adds round(r x n_train) classic augmentations
+    # of real training images (flips, 90-degree turns, small rotation, crop, brightness/contrast) instead of
+    # synthetic ones.
+    controls: tuple[Control, ...] = grid(())
 
 
 @dataclass(frozen=True)
@@ -298,6 +327,13 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    # TOST equivalence margin on accuracy: an arm is "equivalent" to real only when the corrected t's 90 % CI of
+    # the difference lies inside +-margin (two one-sided tests at 5 %), so "no benefit" can be a result.
+    equivalence_margin: float = presentation(0.02)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = resource("experiment")
     results_dir: str = resource("results")
@@ -310,6 +346,10 @@ class ExperimentConfig:
     search: SearchConfig = section(SearchConfig)
     ray: RayConfig = section(RayConfig)
     tracking: TrackingConfig = section(TrackingConfig)
+    report: ReportConfig = section(ReportConfig)
+    # Grid axes beyond ratio x weight: ((dotted field, (values...)), ...), from the file's `axes:` mapping. Every
+    # combination is a variant (config.variants) with its own LoRAs, pools and trials, each keyed by content.
+    axes: tuple = grid(())
 
     @property
     def out_dir(self) -> Path:
@@ -470,6 +510,12 @@ def _validate(cfg: ExperimentConfig) -> None:
          "generator.pretrain: unet_steps and batch_size must be >= 1, vae_steps >= 0"),
         (0.0 <= cfg.generator.pretrain.caption_dropout < 1.0, "generator.pretrain.caption_dropout: must be in [0, 1)"),
         (cfg.generator.pretrain.demo_images >= 1, "generator.pretrain.demo_images: must be >= 1"),
+        (0.0 <= cfg.classify.synthetic_loss_weight <= 1.0, "classify.synthetic_loss_weight: must be in [0, 1]"),
+        (0.0 <= cfg.classify.replace_probability <= 1.0, "classify.replace_probability: must be in [0, 1]"),
+        (len(set(cfg.classify.controls)) == len(cfg.classify.controls), "classify.controls: a control is listed twice"),
+        (cfg.classify.mixing != "split_bn" or cfg.classify.backbone != "SmallCNN",
+         "classify.mixing: split_bn separates the head's BatchNorm statistics, but SmallCNN's own BatchNorm layers "
+         "train on both kinds of image; use a frozen keras.applications backbone (e.g. EfficientNetB0)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -488,9 +534,119 @@ def _validate(cfg: ExperimentConfig) -> None:
                           "nor an existing weights file")
 
 
+# Where an axis may vary a field: what makes or uses synthetic images. Data and folds stay fixed, so every
+# variant is tested on the same held-out images and the variants' tables can be compared row by row.
+AXIS_SECTIONS = ("generator.", "sample.", "classify.")
+AXIS_GRID_FIELDS = ("generator.split", "generator.per_group")
+REPLICATE_SEED_STEP = 1000  # replicate r samples with sample.seed + 1000 r (image seeds are hashed from it)
+
+
+def _field(dotted: str) -> tuple[dict, Any]:
+    """(role metadata, type hint) of a leaf field, or ConfigError naming it."""
+    cls, parts = ExperimentConfig, dotted.split(".")
+    for part in parts[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields or fields[part].metadata.get("role") != "section":
+            raise ConfigError(f"axes.{dotted}: no such config section '{part}'")
+        cls = fields[part].default_factory
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if parts[-1] not in fields or fields[parts[-1]].metadata.get("role") == "section":
+        raise ConfigError(f"axes.{dotted}: no such config field")
+    return dict(fields[parts[-1]].metadata), typing.get_type_hints(cls)[parts[-1]]
+
+
+def _parse_axes(raw: Any) -> tuple:
+    """The file's `axes:` mapping -> ((dotted field, (coerced values...)), ...), each checked to be a field that
+    changes the synthetic images or the trials."""
+    if not isinstance(raw, dict):
+        raise ConfigError("axes: expected a mapping of config fields to lists of values, e.g. sample.cfg: [2, 7]")
+    out = []
+    for dotted, values in raw.items():
+        meta, hint = _field(dotted)
+        if not dotted.startswith(AXIS_SECTIONS):
+            raise ConfigError(f"axes.{dotted}: an axis varies generator, sample or classify fields; data and folds "
+                              "stay fixed so that every variant is tested on the same held-out images")
+        if meta["role"] not in (RESULT, INPUT) and dotted not in AXIS_GRID_FIELDS:
+            why = ("changes no result, so every value would give the same numbers" if meta["role"] == RESOURCE
+                   else "is already a dimension of the grid (or shapes it); list its values there")
+            raise ConfigError(f"axes.{dotted}: {why}")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"axes.{dotted}: expected a non-empty list of values, got {values!r}")
+        coerced = tuple(_coerce(v, hint, f"axes.{dotted}[{i}]") for i, v in enumerate(values))
+        if len(set(map(repr, coerced))) != len(coerced):
+            raise ConfigError(f"axes.{dotted}: values repeat ({list(values)})")
+        out.append((dotted, coerced))
+    return tuple(out)
+
+
+def _with_value(cfg: Any, dotted: str, value: Any) -> Any:
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: _with_value(getattr(cfg, head), rest, value)})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One combination of axis values (and generation replicate): its point and its whole config."""
+
+    point: tuple[tuple[str, Any], ...]  # ((dotted field or "replicate", value), ...); () without axes
+    cfg: ExperimentConfig
+
+    @property
+    def tag(self) -> str:
+        """A folder-safe name: "" without axes (the experiment's own files), else e.g. sample.cfg=2__replicate=1."""
+        parts = [f"{name}={format_value(value)}" for name, value in self.point]
+        return "__".join("".join(c if c.isalnum() or c in "._=+-" else "-" for c in part) for part in parts)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{name} = {format_value(value)}" for name, value in self.point)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "+".join(map(format_value, value)) or "none"
+    return str(value)
+
+
+def variants(cfg: ExperimentConfig) -> list[Variant]:
+    """Every combination of cfg.axes values x sample.replicates, in file order (the last axis varies fastest),
+    each a validated config with those values set and no axes of its own. Without axes or replicates: one
+    variant, the config itself."""
+    points: list[tuple] = [()]
+    for dotted, values in cfg.axes:
+        points = [p + ((dotted, v),) for p in points for v in values]
+    if cfg.sample.replicates > 1:
+        points = [p + (("replicate", r),) for p in points for r in range(cfg.sample.replicates)]
+    out = []
+    for point in points:
+        vcfg = dataclasses.replace(cfg, axes=())
+        for name, value in point:
+            if name == "replicate":
+                vcfg = _with_value(vcfg, "sample.seed", vcfg.sample.seed + REPLICATE_SEED_STEP * value)
+            else:
+                vcfg = _with_value(vcfg, name, value)
+        out.append(Variant(point, vcfg))
+    return out
+
+
 def from_dict(raw: dict | None) -> ExperimentConfig:
-    cfg = _build(ExperimentConfig, raw or {})
+    raw = dict(raw or {})
+    axes_raw = raw.pop("axes", None)
+    cfg = _build(ExperimentConfig, raw)
     _validate(cfg)
+    if cfg.sample.replicates < 1:
+        raise ConfigError("sample.replicates: need at least 1 (1 = one pool per setting)")
+    if axes_raw is not None:
+        cfg = dataclasses.replace(cfg, axes=_parse_axes(axes_raw))
+        for variant in variants(cfg):
+            try:
+                _validate(variant.cfg)
+            except ConfigError as exc:
+                raise ConfigError(f"axes ({variant.label}): {exc}") from None
     return cfg
 
 
@@ -542,8 +698,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), t
 
 
 def to_dict(cfg: Any) -> dict:
-    """Plain dict (tuples -> lists) for YAML/JSON/Parquet."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    """Plain dict (tuples -> lists) for YAML/JSON/Parquet; axes as the mapping an experiment file writes."""
+    out = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if isinstance(cfg, ExperimentConfig):
+        out["axes"] = {name: values for name, values in out["axes"]}
+    return out
 
 
 def field_roles(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, dict]:

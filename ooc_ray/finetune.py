@@ -264,7 +264,7 @@ def train_all(cfg: ExperimentConfig, jobs: list[LoraJob], base: BaseModel, lora_
 
 
 def run_finetune(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
-    """Train every LoRA of the plan that is not trained yet; returns the table (also lora/loras.parquet)."""
+    """Train every LoRA of the plan that is not trained yet; returns the table (also paths.lora_table)."""
     manifest = load_manifest(paths)
     base = generator_base(cfg, paths)  # built here once, before any worker reads it
     jobs = plan_loras(cfg, manifest, base.identity)
@@ -274,5 +274,5 @@ def run_finetune(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
             train_all(cfg, todo, base, paths.lora)
     note(f"finetune: {len(jobs)} LoRAs planned, {len(jobs) - len(todo)} re-used, {len(todo)} trained")
     table = trained_table(jobs, paths.lora)
-    write_parquet(table, paths.lora / "loras.parquet")
+    write_parquet(table, paths.lora_table)
     return table

@@ -10,10 +10,21 @@ from ooc_ray.config import ExperimentConfig
 @dataclass(frozen=True)
 class ExperimentPaths:
     root: Path
+    # A variant of the grid's axes (config.Variant.tag): its own synthetic and quality tables under
+    # variants/<tag>/; LoRAs, pools, features and trials stay shared, as their keys are their content.
+    variant: str = ""
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> "ExperimentPaths":
         return cls(cfg.out_dir.resolve())  # absolute: Ray Tune trials chdir into their own folders
+
+    def for_variant(self, tag: str) -> "ExperimentPaths":
+        return ExperimentPaths(self.root, tag)
+
+    @property
+    def tables(self) -> Path:
+        """Where this variant's tables live: the root without axes (as before axes existed)."""
+        return self.root / "variants" / self.variant if self.variant else self.root
 
     @property
     def config(self) -> Path:
@@ -52,12 +63,20 @@ class ExperimentPaths:
         return self.root / "lora"
 
     @property
+    def lora_table(self) -> Path:
+        return self.tables / "loras.parquet" if self.variant else self.lora / "loras.parquet"  # this config's LoRAs
+
+    @property
     def synthetic(self) -> Path:
         return self.root / "synthetic"
 
     @property
     def synthetic_table(self) -> Path:
-        return self.root / "synthetic.parquet"  # the current config's pools; each pool keeps its own pool.parquet
+        return self.tables / "synthetic.parquet"  # the current config's pools; each pool keeps its own pool.parquet
+
+    @property
+    def augmented(self) -> Path:
+        return self.root / "augmented"  # classic augmentations of real images (classify.controls: real_augmented)
 
     @property
     def features(self) -> Path:
@@ -87,11 +106,11 @@ class ExperimentPaths:
 
     @property
     def synthetic_scores(self) -> Path:
-        return self.root / "synthetic_scores.parquet"
+        return self.tables / "synthetic_scores.parquet"
 
     @property
     def quality(self) -> Path:
-        return self.root / "quality.parquet"
+        return self.tables / "quality.parquet"
 
     @property
     def search(self) -> Path:

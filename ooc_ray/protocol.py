@@ -9,15 +9,19 @@ proportions and no real ones. The held-out fold is always real images only.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from ooc_ray import keys
-from ooc_ray.config import ExperimentConfig, GeneratorConfig
+from ooc_ray.classic import augmented_identity, augmented_path
+from ooc_ray.config import ClassifyConfig, ExperimentConfig, GeneratorConfig, Variant, variants
 from ooc_ray.data import class_names
 from ooc_ray.errors import ConfigError, DataError, MissingInputError, TrainsetError
 from ooc_ray.folds import ALL_FOLDS, fold_ids, held_out_rows, train_rows
@@ -111,25 +115,44 @@ def plan_loras(cfg: ExperimentConfig, manifest: pd.DataFrame, base_id: str,
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One point of the classifier grid. weight is None for real only (it does not depend on the LoRA)."""
+    """One point of the classifier grid. weight is None for real only (it does not depend on the LoRA) and for
+    the matched controls (classify.controls), which add no synthetic image."""
 
     fold: int
     ratio: float
     weight: float | None
     synthetic_only: bool
+    control: str = ""  # "" or a classify.controls name: real_steps, real_augmented
 
     @property
     def arm(self) -> str:
+        if self.control:
+            return f"{self.control}+{self.ratio * 100:g}%"
         if self.synthetic_only:
             return "synthetic_only"
         return "real" if self.ratio == 0 else f"real+{self.ratio * 100:g}%"
 
     @property
     def needs_synthetic(self) -> bool:
-        return self.synthetic_only or self.ratio > 0
+        return not self.control and (self.synthetic_only or self.ratio > 0)
+
+    @property
+    def mixes(self) -> bool:
+        """Real and synthetic images in one training set: the only trials classify.mixing acts on."""
+        return not self.control and not self.synthetic_only and self.ratio > 0
 
     def point(self) -> dict:
-        return {"fold": self.fold, "ratio": self.ratio, "weight": self.weight, "synthetic_only": self.synthetic_only}
+        point = {"fold": self.fold, "ratio": self.ratio, "weight": self.weight, "synthetic_only": self.synthetic_only}
+        return {**point, "control": self.control} if self.control else point  # keys of earlier grids unchanged
+
+
+def trial_config(cfg: ExperimentConfig, spec: TrialSpec) -> ExperimentConfig:
+    """The config a trial computes with: classify.mixing acts only on trials that mix real and synthetic images,
+    so real-only, synthetic-only and control trials run (and are keyed) as concat, and every mixing strategy
+    shares them."""
+    if spec.mixes or cfg.classify.mixing == "concat":
+        return cfg
+    return dataclasses.replace(cfg, classify=dataclasses.replace(cfg.classify, mixing="concat"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,6 +177,7 @@ def grid_points(cfg: ExperimentConfig, folds: list[int]) -> list[TrialSpec]:
             specs += [TrialSpec(fold, float(r), float(weight), False) for r in cc.ratios if r > 0]
             if cc.synthetic_only:
                 specs.append(TrialSpec(fold, 1.0, float(weight), True))  # n_train synthetic images, no real
+        specs += [TrialSpec(fold, float(r), None, False, control) for control in cc.controls for r in cc.ratios if r > 0]
     return specs
 
 
@@ -231,6 +255,37 @@ def _draw(pool: pd.DataFrame, label_index: int, take: int, spec: TrialSpec, labe
     return candidates.iloc[order[:take]]
 
 
+CONTROL_STREAM = 7  # seeds the controls' draws apart from the synthetic draws of the same (seed, fold, class)
+
+
+def control_rows(real: pd.DataFrame, spec: TrialSpec, n_extra: int, n_classes: int, seed: int,
+                 augmented_dir: Path | None) -> pd.DataFrame:
+    """The `n_extra` rows a control adds to the real training set, split over classes as synthetic images
+    would be. Per class, real images in one seeded order, cycled: copy c of an image is its (c + 1)-th use.
+    real_steps: the real rows again (more steps on the same images); real_augmented: classic augmentations
+    (ooc_ray.classic), each with its identity as its digest, under `augmented_dir`."""
+    if spec.control == "real_augmented" and augmented_dir is None:
+        raise TrainsetError(f"fold {spec.fold}: the real_augmented control needs a folder for its images")
+    per_class = largest_remainder(n_extra, np.bincount(real["label_index"], minlength=n_classes))
+    parts = []
+    for c, take in enumerate(per_class):
+        candidates = real[real["label_index"] == c]  # sorted by id (train_rows)
+        if not take:
+            continue
+        order = np.random.default_rng([seed, spec.fold, c, CONTROL_STREAM]).permutation(len(candidates))
+        uses = np.arange(int(take))
+        rows = candidates.iloc[order[uses % len(candidates)]]
+        if spec.control == "real_steps":
+            parts.append(rows.assign(source="real")[TRAINSET_COLUMNS])
+            continue
+        copies = uses // len(candidates)
+        identity = [augmented_identity(sha, copy) for sha, copy in zip(rows["sha256"], copies)]
+        parts.append(rows.assign(id=[f"{i}~aug{copy}" for i, copy in zip(rows["id"], copies)], sha256=identity,
+                                 path=[augmented_path(augmented_dir, i) for i in identity],
+                                 source="augmented")[TRAINSET_COLUMNS])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TRAINSET_COLUMNS)
+
+
 def build_testset(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
     """The held-out fold: real images only, sorted by id (stable predictions file order)."""
     test = held_out_rows(manifest, fold)
@@ -240,11 +295,12 @@ def build_testset(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
 
 
 def build_trainset(manifest: pd.DataFrame, synthetic: pd.DataFrame | None, spec: TrialSpec, *, seed: int = 0,
-                   split: str = "fold", classes: list[str] | None = None, pools: PoolIndex | None = None
-                   ) -> pd.DataFrame:
-    """Training rows (TRAINSET_COLUMNS, source "real" or "synthetic") of one trial. Deterministic for equal
-    inputs; the row order of the inputs does not matter (pools are sorted by id). `pools`: a PoolIndex of
-    `synthetic`, for a loop over trials (as plan_trials): without it each call indexes the whole table."""
+                   split: str = "fold", classes: list[str] | None = None, pools: PoolIndex | None = None,
+                   augmented_dir: Path | None = None) -> pd.DataFrame:
+    """Training rows (TRAINSET_COLUMNS, source "real", "synthetic" or "augmented") of one trial. Deterministic for
+    equal inputs; the row order of the inputs does not matter (pools are sorted by id). `pools`: a PoolIndex of
+    `synthetic`, for a loop over trials (as plan_trials): without it each call indexes the whole table.
+    `augmented_dir`: where the real_augmented control's images live."""
     classes = classes if classes is not None else class_names(manifest)
     real = train_rows(manifest, spec.fold)
     if real.empty:
@@ -253,7 +309,9 @@ def build_trainset(manifest: pd.DataFrame, synthetic: pd.DataFrame | None, spec:
         raise TrainsetError(f"fold {spec.fold}: ratio {spec.ratio} < 0")
     n_synth = synthetic_count(spec, len(real))
     parts = [] if spec.synthetic_only else [real.assign(source="real")[TRAINSET_COLUMNS]]
-    if n_synth > 0:
+    if spec.control:
+        parts.append(control_rows(real, spec, n_synth, len(classes), seed, augmented_dir))
+    elif n_synth > 0:
         if spec.weight is None or math.isnan(spec.weight):
             raise TrainsetError(f"fold {spec.fold}, ratio {spec.ratio:g}: synthetic images need a LoRA weight")
         if synthetic is None or synthetic.empty:
@@ -271,19 +329,23 @@ def build_trainset(manifest: pd.DataFrame, synthetic: pd.DataFrame | None, spec:
 
 
 def plan_trials(cfg: ExperimentConfig, manifest: pd.DataFrame, synthetic: pd.DataFrame | None,
-                weights_id: str) -> list[PlannedTrial]:
+                weights_id: str, augmented_dir: Path | None = None) -> list[PlannedTrial]:
     """Every trial of the grid with its sets and key. Building every training set here (pandas only) also
-    makes a pool that is too small fail before any trial starts, naming the fold, class and weight."""
+    makes a pool that is too small fail before any trial starts, naming the fold, class and weight.
+    `augmented_dir`: where the real_augmented control's images are (ExperimentPaths.augmented)."""
     classes = class_names(manifest)
     pools = PoolIndex(synthetic) if synthetic is not None else None  # indexes on first use only
     planned = []
     for spec in grid_points(cfg, fold_ids(manifest)):
         train = build_trainset(manifest, synthetic if spec.needs_synthetic else None, spec,
-                               seed=cfg.classify.seed, split=cfg.generator.split, classes=classes, pools=pools)
+                               seed=cfg.classify.seed, split=cfg.generator.split, classes=classes, pools=pools,
+                               augmented_dir=augmented_dir)
         test = build_testset(manifest, spec.fold)
-        arm = "synthetic" if spec.synthetic_only else f"r{spec.ratio:g}"
+        arm = spec.control or ("synthetic" if spec.synthetic_only else "r")
+        arm += "" if spec.synthetic_only else f"{spec.ratio:g}"
         wtag = "w-" if spec.weight is None else f"w{spec.weight:g}"
-        key = f"fold{spec.fold}-{arm}-{wtag}-{keys.trial_key(cfg, spec.point(), classes, train, test, weights_id)}"
+        tcfg = trial_config(cfg, spec)
+        key = f"fold{spec.fold}-{arm}-{wtag}-{keys.trial_key(tcfg, spec.point(), classes, train, test, weights_id)}"
         planned.append(PlannedTrial(spec, key, train, test))
     return planned
 
@@ -353,3 +415,16 @@ def draw_table(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame | 
         raise MissingInputError(f"quality.filter_min_confidence is set but {paths.synthetic_scores} is missing: "
                                 "run the quality stage first")
     return usable_synthetic(synthetic, pd.read_parquet(paths.synthetic_scores), cfg.quality.filter_min_confidence)
+
+
+def plan_grid(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame,
+              weights_id: Callable[[ClassifyConfig], str]) -> list[tuple[Variant, list[PlannedTrial]]]:
+    """Every variant of the config's axes (config.variants) with its planned trials, each drawing from that
+    variant's synthetic table. A trial two variants share (real only across sampling settings) has one key and
+    appears in both lists. `weights_id`: the identity of the classifier weights a classify section uses."""
+    out = []
+    for variant in variants(cfg):
+        table = draw_table(variant.cfg, paths.for_variant(variant.tag))
+        out.append((variant, plan_trials(variant.cfg, manifest, table, weights_id(variant.cfg.classify),
+                                         paths.augmented)))
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -41,7 +42,7 @@ POOL_FILE = "pool.parquet"
 TABLE_COLUMNS = [
     "id", "path", "sha256", "label", "group", "fold", "lora_key", "lora_sha256", "weight", "index", "prompt",
     "negative_prompt", "seed", "sampler", "clip_sample", "steps", "cfg", "strength", "mode", "init_image_id",
-    "base_model", "width", "height", "sample_key",
+    "base_model", "width", "height", "sample_key", "render_s",
 ]
 # Columns the workers need but analysts do not.
 _WORK_COLUMNS = ["lora_dir", "lora_file", "init_path"]
@@ -75,7 +76,8 @@ def _pool_rows(cfg: ExperimentConfig, base: BaseModel, lora, n: int, init: pd.Da
                 "clip_sample": s.clip_sample, "steps": s.steps, "cfg": s.cfg,
                 "strength": s.strength if img2img else 1.0,  # txt2img starts from pure noise
                 "mode": s.mode, "init_image_id": start["id"] if img2img else "", "base_model": base.identity,
-                "width": out_size, "height": out_size, "sample_key": pkey, "lora_dir": lora.dir,
+                "width": out_size, "height": out_size, "sample_key": pkey, "render_s": float("nan"),
+                "lora_dir": lora.dir,
                 "lora_file": lora.file, "init_path": start["path"] if img2img else "",
             })
     return rows
@@ -161,10 +163,15 @@ class SampleWorker:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         # Render exactly the planned batches (one LoRA and weight each), however Ray groups blocks.
+        seconds = pd.Series(float("nan"), index=batch["id"].to_numpy())
         for _, rows in batch.groupby("batch", sort=False):
-            for row, image in zip(rows.itertuples(index=False), self.render(rows)):
+            start = time.perf_counter()
+            images = self.render(rows)
+            each = (time.perf_counter() - start) / len(rows)  # the report's cost per arm (sampling seconds)
+            for row, image in zip(rows.itertuples(index=False), images):
                 if os.path.exists(row.path):  # rendered only to keep its batch whole: never rewritten
                     continue
+                seconds[row.id] = each
                 if image.size != (row.width, row.height):
                     image = image.resize((row.width, row.height), resample=3)  # 3 = bicubic
                 with atomic_path(row.path) as tmp:
@@ -172,24 +179,26 @@ class SampleWorker:
                 self.written += 1
                 if self.fail_after and self.written >= self.fail_after:
                     raise RuntimeError(f"{FAIL_AFTER_ENV}: simulated crash after {self.written} images")
-        return pd.DataFrame({"id": batch["id"].to_numpy()})
+        return pd.DataFrame({"id": seconds.index, "render_s": seconds.to_numpy()})
 
 
-def _recorded_digests(plan: pd.DataFrame) -> dict[str, str]:
-    """path -> sha256 from the pool.parquet files of the plan's folders (images finished in earlier runs)."""
-    out: dict[str, str] = {}
+def _recorded(plan: pd.DataFrame, column: str = "sha256") -> dict:
+    """path -> `column` from the pool.parquet files of the plan's folders (images finished in earlier runs); pools
+    written before a column existed give none."""
+    out: dict = {}
     for folder in {Path(p).parent for p in plan["path"]}:
         pool = folder / POOL_FILE
         if not parquet_problem(pool):
-            done = pd.read_parquet(pool, columns=["path", "sha256"])
-            out.update(zip(done["path"], done["sha256"]))
+            done = pd.read_parquet(pool)
+            if column in done.columns:
+                out.update(zip(done["path"], done[column]))
     return out
 
 
 def _drop_damaged(plan: pd.DataFrame) -> None:
     """Remove (naming it) every planned PNG that is not whole: bytes other than recorded, or undecodable.
     A SIGKILL inside atomic_path leaves a hidden .<name>.*.tmp beside the PNG: remove those too."""
-    recorded = _recorded_digests(plan)
+    recorded = _recorded(plan)
     for path in plan["path"]:
         if not os.path.exists(path):
             continue
@@ -264,18 +273,18 @@ def _render_with_ray(cfg: ExperimentConfig, batches: list[pd.DataFrame], worker_
         SampleWorker, fn_constructor_kwargs=worker_kwargs, batch_size=None, batch_format="pandas",
         compute=ray_data.ActorPoolStrategy(min_size=min_size, max_size=max_size), **resources,
     )
-    ds.materialize()
+    return ds.to_pandas()
 
 
-def render(plan: pd.DataFrame, cfg: ExperimentConfig, base: BaseModel, use_ray: bool = True) -> int:
-    """Render the plan's missing (or damaged) images; returns how many there were.
+def render(plan: pd.DataFrame, cfg: ExperimentConfig, base: BaseModel, use_ray: bool = True) -> dict[str, float]:
+    """Render the plan's missing (or damaged) images; returns {id: seconds} of each image rendered.
 
     use_ray=False runs the same worker in this process (the search, the benchmark's baseline, quick tests)."""
     s = cfg.sample
     _drop_damaged(plan)
     batches = pending_batches(plan, s.batch_size)
     if not batches:
-        return 0
+        return {}
     missing = plan.loc[~plan["path"].map(os.path.exists), "path"]
     kwargs = {"base_path": base.path, "mode": s.mode, "sampler": s.sampler, "clip_sample": s.clip_sample,
               "resolution": s.resolution,
@@ -284,26 +293,31 @@ def render(plan: pd.DataFrame, cfg: ExperimentConfig, base: BaseModel, use_ray: 
         if use_ray:
             if s.gpus_per_actor > 0:
                 kwargs["gpu_request"] = f"sample: sample.gpus_per_actor={s.gpus_per_actor:g}"
-            _render_with_ray(cfg, batches, kwargs)
+            done = _render_with_ray(cfg, batches, kwargs)
         else:
             worker = SampleWorker(**kwargs)
-            for batch in batches:
-                worker(batch)
-    return len(missing)
+            done = pd.concat([worker(batch) for batch in batches], ignore_index=True)
+    done = done.dropna(subset=["render_s"])
+    return dict(zip(done["id"], done["render_s"].astype(float)))
 
 
-def consolidate(plan: pd.DataFrame) -> pd.DataFrame:
-    """The plan's table with every image's sha256; appends new rows to each pool's pool.parquet (rows already
-    recorded are kept as they are, so an older pool's provenance is never overwritten)."""
+def consolidate(plan: pd.DataFrame, seconds: dict[str, float] | None = None) -> pd.DataFrame:
+    """The plan's table with every image's sha256 and render seconds (as recorded, else `seconds` of those
+    rendered now); appends new rows to each pool's pool.parquet (rows already recorded are kept
+    as they are, so an older pool's provenance is never overwritten)."""
     have = plan["path"].map(os.path.exists)
     if not have.all():
         missing = plan.loc[~have, "path"]
         raise StageError(f"{len(missing)} synthetic images missing after sampling, e.g. {missing.iloc[0]}")
     if plan.duplicated(["lora_key", "sample_key", "weight", "index"]).any():  # the invariant resume relies on
         raise StageError("duplicate (lora_key, sample_key, weight, index) rows in the sampling plan")
-    recorded = _recorded_digests(plan)
+    recorded, recorded_s, seconds = _recorded(plan), _recorded(plan, "render_s"), seconds or {}
     table = plan[TABLE_COLUMNS].reset_index(drop=True)
     table["sha256"] = [recorded.get(p) or sha256_file(p) for p in table["path"]]
+    # What the pool's record says first: a lost image rendered again keeps the cost of its first rendering, so
+    # the table agrees with pool.parquet.
+    table["render_s"] = [recorded_s[p] if p in recorded_s else seconds.get(i, float("nan"))
+                         for i, p in zip(table["id"], table["path"])]
     for folder, rows in table.groupby(table["path"].map(lambda p: str(Path(p).parent)), sort=False):
         pool = Path(folder) / POOL_FILE
         old = pd.DataFrame(columns=TABLE_COLUMNS) if parquet_problem(pool) else pd.read_parquet(pool)
@@ -335,9 +349,9 @@ def sample_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.Dat
                  ) -> pd.DataFrame:
     """Plan, render and record every pool the grid draws from; writes synthetic.parquet and returns it."""
     base, plan = plan_pools(cfg, paths, manifest)
-    pending = render(plan, cfg, base, use_ray=use_ray)
-    note(f"sample: {len(plan)} images planned, {len(plan) - pending} re-used, {pending} rendered")
-    table = consolidate(plan)
+    seconds = render(plan, cfg, base, use_ray=use_ray)
+    note(f"sample: {len(plan)} images planned, {len(plan) - len(seconds)} re-used, {len(seconds)} rendered")
+    table = consolidate(plan, seconds)
     write_parquet(table, paths.synthetic_table)
     return table
 

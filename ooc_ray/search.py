@@ -104,8 +104,8 @@ def _make_images(tcfg: ExperimentConfig, paths: ExperimentPaths, jobs, sub_manif
     loras = trained_table(jobs, lora_root)
     sizes = {j.key: tcfg.search.images_per_class for j in jobs}
     plan = plan_images(tcfg, base, loras, sizes, start_images(jobs, sub_manifest), paths.search / "synthetic")
-    render(plan, tcfg, base, use_ray=False)  # inside a Tune trial: its CPUs/GPUs are already this process's
-    return consolidate(plan), loras["final_loss"].tolist()
+    seconds = render(plan, tcfg, base, use_ray=False)  # inside a Tune trial: its CPUs/GPUs are this process's
+    return consolidate(plan, seconds), loras["final_loss"].tolist()
 
 
 def run_search_trial(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel,

@@ -133,3 +133,13 @@ def demo_experiment(cfg: ExperimentConfig) -> tuple[ExperimentPaths, pd.DataFram
                                size=cfg.data.demo.size)
     write_parquet(synthetic, paths.synthetic_table)
     return paths, manifest, synthetic
+
+
+def calibrated_experiment(root: Path, cfg: ExperimentConfig) -> tuple:
+    """demo_experiment and an EfficientNetB0 with calibrated BatchNorms at 32 px (its weights file): the tiny
+    classifier tests' fixture. Returns (root, paths, manifest, synthetic, weights path)."""
+    from ooc_ray.backbones import write_calibrated_weights
+
+    paths, manifest, synthetic = demo_experiment(cfg)
+    path = write_calibrated_weights(paths.models / "b0.weights.h5", "EfficientNetB0", 32, manifest["path"].tolist())
+    return root, paths, manifest, synthetic, str(path)

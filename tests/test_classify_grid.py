@@ -136,11 +136,11 @@ def test_grid_killed_and_resumed(tmp_path, monkeypatch):
     # opened for it has them all), then its result marked skipped.
     from ray import tune
 
-    from ooc_ray.classify.grid import _tune_trial
+    from ooc_ray.classify.grid import GridTrial, _tune_trial
 
     reported = []
     monkeypatch.setattr(tune, "report", reported.append)
-    _tune_trial({"trial_key": keys[0]}, cfg, paths, {t.key: t for t in specs}, ctx=None)
+    _tune_trial({"trial_key": keys[0]}, paths, {t.key: GridTrial(cfg, t, None) for t in specs})
     own = history[history["trial_key"] == keys[0]].sort_values("epoch")
     assert [r["loss"] for r in reported[:-1]] == own["loss"].tolist() and reported[-1]["skipped"]
 

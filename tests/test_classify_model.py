@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import classify_cfg, demo_experiment
+from helpers import calibrated_experiment, classify_cfg, demo_experiment
 from PIL import Image
 
 from ooc_ray import keys
@@ -27,10 +27,7 @@ def tiny_cfg(root, **classify):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("classify_model")
-    cfg = tiny_cfg(root)
-    paths, manifest, synthetic = demo_experiment(cfg)
-    path = write_calibrated_weights(paths.models / "b0.weights.h5", "EfficientNetB0", 32, manifest["path"].tolist())
-    return root, paths, manifest, synthetic, str(path)
+    return calibrated_experiment(root, tiny_cfg(root))
 
 
 def test_backbone_weights_resolve(tmp_path, tiny):

@@ -91,3 +91,33 @@ def test_repeats_needed_and_the_floor_no_repeat_count_passes():
     needed = repeats_to_detect(0.06, sd=0.03, k=5)
     assert needed is not None and needed > 1
     assert minimum_detectable_effect(0.03, 5 * needed, 0.25) <= 0.06 < minimum_detectable_effect(0.03, 5 * (needed - 1), 0.25)
+
+
+def test_tost_is_two_one_sided_t_tests_and_holds_its_size():
+    """Without the overlap term (ratio 0) the TOST p is the larger of scipy's one-sided one-sample t-tests of the
+    differences shifted by the margin; at a true difference on the margin it rejects at most alpha of the time."""
+    from ooc_ray.comparisons import equivalence
+
+    st = stats
+
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.004, 0.01, size=10)
+    lower = st.ttest_1samp(d + 0.02, 0.0, alternative="greater").pvalue  # H0: mean <= -margin
+    upper = st.ttest_1samp(d - 0.02, 0.0, alternative="less").pvalue  # H0: mean >= +margin
+    out = equivalence(d, 0.0, 0.02)
+    assert out["p"] == pytest.approx(max(lower, upper), rel=1e-9)
+    assert (out["p"] < 0.05) == (-0.02 < out["ci_low"] and out["ci_high"] < 0.02)  # the 90 % CI inside the margin
+    # The corrected variance widens it: the same differences are further from equivalence with n_test/n_train 1/4.
+    assert equivalence(d, 0.25, 0.02)["p"] > out["p"]
+    on_margin = [equivalence(rng.normal(0.02, 0.01, size=10), 0.0, 0.02)["p"] < 0.05 for _ in range(2000)]
+    assert np.mean(on_margin) <= 0.05 + 0.015  # its size: 2,000 simulations, sd of the rate ~0.005
+    inside = [equivalence(rng.normal(0.0, 0.01, size=10), 0.0, 0.02)["p"] < 0.05 for _ in range(200)]
+    assert np.mean(inside) > 0.9  # and power where the truth is well inside
+
+
+def test_verdicts():
+    from ooc_ray.report import verdict
+
+    assert verdict(0.03, 0.01, 0.9, 0.02) == "better" and verdict(-0.03, 0.01, 0.9, 0.02) == "worse"
+    assert verdict(0.001, 0.8, 0.01, 0.02) == "equivalent (±0.02)"
+    assert verdict(0.01, 0.3, 0.3, 0.02) == "inconclusive" and verdict(float("nan"), 1, 1, 0.02) == ""

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from ooc_ray.config import ARTIFACTS, ExperimentConfig, field_roles, from_dict, load_config
 from ooc_ray.errors import ConfigError, OocRayError
@@ -115,7 +116,7 @@ def test_every_field_declares_a_role():
     roles = field_roles()
     assert len(roles) > 60
     for name, meta in roles.items():
-        assert meta.get("role") in {"result", "input", "grid", "resource"}, name
+        assert meta.get("role") in {"result", "input", "grid", "resource", "presentation"}, name
         if meta["role"] == "result":
             assert meta["feeds"] and set(meta["feeds"]) <= set(ARTIFACTS), name
     # the roles the issue names, as declared on the fields
@@ -140,3 +141,58 @@ def test_config_slices_follow_roles():
     # A field added later enters keys only when set, so the trials that ran before it existed stay valid.
     assert "classify.train_backbone" not in config_slice(base, "trial")
     assert config_slice(from_dict({"classify": {"train_backbone": 2}}), "trial")["classify.train_backbone"] == 2
+
+
+def test_axes_expand_to_validated_variants(tmp_path):
+    from ooc_ray.config import REPLICATE_SEED_STEP, to_dict, variants
+
+    cfg = from_dict({"axes": {"sample.cfg": [2, 7.5], "classify.mixing": ["concat", "replace"]},
+                     "sample": {"replicates": 2, "seed": 5}})
+    every = variants(cfg)
+    assert [v.tag for v in every][:3] == ["sample.cfg=2__classify.mixing=concat__replicate=0",
+                                          "sample.cfg=2__classify.mixing=concat__replicate=1",
+                                          "sample.cfg=2__classify.mixing=replace__replicate=0"]
+    assert len(every) == 8 and all(v.cfg.axes == () for v in every)
+    last = every[-1]
+    assert (last.cfg.sample.cfg, last.cfg.classify.mixing, last.cfg.sample.seed) == (7.5, "replace", 5 + REPLICATE_SEED_STEP)
+    assert cfg.sample.cfg == 7.0  # the file's own value stays the config's
+    # The saved config (config.yaml) loads back to the same axes.
+    path = tmp_path / "again.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # as the CLI writes it
+    assert load_config(path).axes == cfg.axes
+    # Without axes or replicates: the config itself, under its own folders (tag "").
+    assert [(v.tag, v.cfg) for v in variants(ExperimentConfig())] == [("", ExperimentConfig())]
+
+
+@pytest.mark.parametrize("axes, message", [
+    ({"sample.batch_size": [1, 2]}, "axes.sample.batch_size: changes no result"),
+    ({"data.source": ["a", "b"]}, "axes.data.source: an axis varies generator, sample or classify fields"),
+    ({"folds.k": [3, 5]}, "axes.folds.k: an axis varies"),
+    ({"classify.ratios": [[0.5]]}, "axes.classify.ratios: is already a dimension of the grid"),
+    ({"sample.cfgg": [1]}, "axes.sample.cfgg: no such config field"),
+    ({"sampel.cfg": [1]}, "axes.sampel.cfg: no such config section 'sampel'"),
+    ({"sample.cfg": []}, "axes.sample.cfg: expected a non-empty list"),
+    ({"sample.cfg": [2, 2.0]}, "axes.sample.cfg: values repeat"),
+    ({"sample.cfg": ["high"]}, r"axes.sample.cfg\[0\]: expected a number"),
+    ({"sample.strength": [0.5, 1.5]}, r"axes \(sample.strength = 1.5\): sample.strength: must be in \(0, 1\]"),
+    ({"classify.mixing": ["split_bn"]}, "split_bn separates the head's BatchNorm"),
+    ({"classify.mixing": ["blend"]}, r"axes.classify.mixing\[0\]: 'blend' is not one of"),
+])
+def test_axes_that_cannot_mean_anything_are_refused_naming_the_axis(axes, message):
+    extra = {"classify": {"backbone": "SmallCNN", "weights": "none"}} if "split_bn" in str(axes) else {}
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"axes": axes, **extra})
+
+
+def test_mixing_and_control_settings_are_checked():
+    for raw, message in [({"classify": {"synthetic_loss_weight": 1.5}}, "synthetic_loss_weight: must be in"),
+                         ({"classify": {"replace_probability": -0.1}}, "replace_probability: must be in"),
+                         ({"classify": {"controls": ["real_steps", "real_steps"]}}, "a control is listed twice"),
+                         ({"classify": {"controls": ["more_data"]}}, "is not one of"),
+                         ({"sample": {"replicates": 0}}, "sample.replicates: need at least 1")]:
+        with pytest.raises(ConfigError, match=message):
+            from_dict(raw)
+    # mixing enters a trial's key only when set, its weight and probability only under their own strategy
+    assert "classify.mixing" not in config_slice(ExperimentConfig(), "trial")
+    weighted = config_slice(from_dict({"classify": {"mixing": "loss_weighted"}}), "trial")
+    assert weighted["classify.synthetic_loss_weight"] == 0.2 and "classify.replace_probability" not in weighted

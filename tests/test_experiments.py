@@ -81,7 +81,103 @@ def check_pbc(out: Path) -> None:
     check_pipeline(out)
 
 
-CHECKS = {"paper": check_paper, "demo": check_demo, "lora_search": check_lora_search, "pbc_blood_cells": check_pbc}
+def variant_tables(out: Path, name: str) -> dict[str, pd.DataFrame]:
+    """variants/<tag>/<name> of every variant, by tag."""
+    return {d.name: pd.read_parquet(d / name) for d in sorted((out / "variants").iterdir())}
+
+
+def check_axes_report(out: Path, tags: list[str], axis: str | None) -> pd.DataFrame:
+    """One section and one table per variant, the axis plot, summary.csv with a row set per variant."""
+    report = (out / "report" / "report.md").read_text()
+    summary = pd.read_csv(out / "report" / "summary.csv", keep_default_na=False)
+    assert sorted(summary["variant"].unique()) == sorted(tags)
+    for tag in tags:
+        assert (out / "report" / f"table_{tag}__w1.md").exists() and (out / "report" / f"{tag}__accuracy_vs_ratio.png").exists()
+    if axis:
+        assert f"![accuracy against {axis}]" in report and len(list((out / "report").glob("axis_*.png"))) == 1
+    assert "| verdict |" in report and "cost s (LoRA + sampling + trials)" in report
+    return summary
+
+
+def check_axis_guidance(out: Path) -> None:
+    synthetic = variant_tables(out, "synthetic.parquet")
+    assert list(synthetic) == ["sample.cfg=1", "sample.cfg=2", "sample.cfg=7"]
+    assert [float(t["cfg"].unique()[0]) for t in synthetic.values()] == [1.0, 2.0, 7.0]
+    # Guidance is a sampling setting: the same LoRAs, three pools of them.
+    assert len({frozenset(t["lora_key"]) for t in synthetic.values()}) == 1
+    assert len({frozenset(t["sample_key"]) for t in synthetic.values()}) == 3
+    assert len({frozenset(t["sha256"]) for t in synthetic.values()}) == 3
+    trials = pd.read_parquet(out / "trials")
+    # tiny: 2 folds x (real only, shared by the three values, + real + 100 % per value)
+    assert len(trials) == 8 and (trials["ratio"] == 0).sum() == 2
+    check_axes_report(out, list(synthetic), "sample.cfg")
+
+
+def check_axis_img2img(out: Path) -> None:
+    synthetic = variant_tables(out, "synthetic.parquet")
+    assert [t["strength"].unique().tolist() for t in synthetic.values()] == [[0.5], [1.0]]
+    manifest, folds = pd.read_parquet(out / "manifest.parquet"), pd.read_parquet(out / "folds.parquet")
+    held = dict(zip(folds["id"], folds["fold"]))
+    for table in synthetic.values():  # img2img starts from the LoRA's own training images, never held-out ones
+        assert (table["mode"] == "img2img").all() and table["init_image_id"].isin(manifest["id"]).all()
+        assert all(held[i] != f for i, f in zip(table["init_image_id"], table["fold"]))
+    check_axes_report(out, list(synthetic), "sample.strength")
+
+
+def check_axis_lora(out: Path) -> None:
+    loras = variant_tables(out, "loras.parquet")
+    assert list(loras) == ["generator.rank=2", "generator.rank=8"] and not set(loras["generator.rank=2"]["lora_key"]) & set(
+        loras["generator.rank=8"]["lora_key"])
+    for tag, rank in (("generator.rank=2", 2), ("generator.rank=8", 8)):
+        for key in loras[tag]["lora_key"]:
+            meta = json.loads((out / "lora" / key / "metadata.json").read_text())
+            assert meta["config"]["rank"] == rank
+    check_axes_report(out, list(loras), "generator.rank")
+
+
+def check_axis_base(out: Path) -> None:
+    synthetic = variant_tables(out, "synthetic.parquet")
+    bases = [t["base_model"].unique().tolist() for t in synthetic.values()]
+    assert len(bases) == 2 and all(len(b) == 1 and b[0].startswith("pretrained-") for b in bases) and bases[0] != bases[1]
+    check_axes_report(out, list(synthetic), "generator.pretrain.unet_steps")
+
+
+def check_mixing(out: Path) -> None:
+    trials = pd.read_parquet(out / "trials")
+    mixed = trials[(trials["ratio"] == 1.0) & (trials["control"] == "")]
+    assert sorted(mixed["mixing"].unique()) == ["concat", "loss_weighted", "replace", "split_bn"]
+    assert (trials["ratio"] == 0).sum() == 2  # real only: once per fold, shared by the four strategies
+    steps = trials[trials["control"] == "real_steps"].set_index("fold")
+    augmented = trials[trials["control"] == "real_augmented"].set_index("fold")
+    concat = mixed[mixed["mixing"] == "concat"].set_index("fold")
+    # The controls see as many training images as the arm they control, none of them synthetic.
+    assert (steps["n_train_real"] == concat["n_train_real"] + concat["n_train_synthetic"]).all()
+    assert (augmented["n_train_augmented"] == concat["n_train_synthetic"]).all()
+    assert (steps["n_train_synthetic"] == 0).all() and (augmented["n_train_synthetic"] == 0).all()
+    assert len(list((out / "augmented").glob("*.png"))) > 0
+    summary = check_axes_report(out, [f"classify.mixing={m}" for m in ("concat", "loss_weighted", "replace", "split_bn")],
+                                "classify.mixing")
+    assert {"real only, steps of + 100%", "real + 100% classic augmentation"} <= set(summary["arm"])
+
+
+def check_replicates(out: Path) -> None:
+    synthetic = variant_tables(out, "synthetic.parquet")
+    assert list(synthetic) == ["replicate=0", "replicate=1"]
+    # Independent pools: other seeds, other images, the same LoRAs.
+    assert not set(synthetic["replicate=0"]["seed"]) & set(synthetic["replicate=1"]["seed"])
+    assert not set(synthetic["replicate=0"]["sha256"]) & set(synthetic["replicate=1"]["sha256"])
+    assert set(synthetic["replicate=0"]["lora_key"]) == set(synthetic["replicate=1"]["lora_key"])
+    trials = pd.read_parquet(out / "trials")
+    arm = trials[trials["ratio"] == 2.0]  # beyond 100 %: twice the real training set, in synthetic images
+    assert len(arm) == 4 and (arm["n_train_synthetic"] == 2 * arm["n_train_real"]).all()
+    check_axes_report(out, list(synthetic), None)
+    replicates = (out / "report" / "replicates.md").read_text()
+    assert "| real + 200% synthetic | 1 | 2 |" in replicates and "Generator randomness" in (out / "report" / "report.md").read_text()
+
+
+CHECKS = {"paper": check_paper, "demo": check_demo, "lora_search": check_lora_search, "pbc_blood_cells": check_pbc,
+          "axis_guidance": check_axis_guidance, "axis_img2img": check_axis_img2img, "axis_lora": check_axis_lora,
+          "axis_base": check_axis_base, "mixing": check_mixing, "replicates": check_replicates}
 COMMANDS = {"lora_search": "search"}  # what each file is for; `run` unless named here
 
 
@@ -96,7 +192,7 @@ def test_experiment_runs_tiny(name, tmp_path, capsys):
                  *extra])
     assert code == 0
     CHECKS.get(name, check_pipeline)(tmp_path / name)
-    if command == "run":
+    if command == "run" and not (tmp_path / name / "variants").exists():  # one bar per stage without variants
         check_progress(tmp_path / name, capsys.readouterr().err)
 
 

@@ -1,6 +1,7 @@
 """The protocol's arithmetic (DESIGN.md "Exact semantics"): training sets, pool sizes, grid shape, metrics.
 Pandas only, no TF or Ray."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -263,3 +264,62 @@ def test_metrics_macro_and_confusion():
     assert out["precision_macro"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)  # class 2 never predicted: 0
     assert out["confusion"] == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
     assert not math.isnan(out["f1_macro"])
+
+
+def test_matched_controls_train_on_as_many_real_images_as_their_arm(tmp_path):
+    """real_steps: the real set plus round(r x n) more real rows, per class as synthetic ones would be (so as many
+    steps as the real + r arm); real_augmented: as many classic augmentations, each named by its identity."""
+    from ooc_ray.classic import augmented_identity
+
+    m = make_manifest(per_class=(9, 5, 3), k=3)
+    s = fake_synthetic(m, weights=(1.0, 0.8), extra=20)
+    cfg = cfg_of(ratios=[0.0, 0.5, 2.0], controls=["real_steps", "real_augmented"])
+    planned = {(t.spec.fold, t.spec.ratio, t.spec.control, t.spec.weight): t
+               for t in plan_trials(cfg, m, s, "none", augmented_dir=tmp_path / "aug")}
+    # per fold: real, 2 weights x (2 ratios + synthetic only), 2 controls x 2 ratios (once, not per weight)
+    assert len(planned) == 3 * (1 + 2 * 3 + 2 * 2)
+    for fold in range(3):
+        real = planned[(fold, 0.0, "", None)].train
+        for ratio in (0.5, 2.0):
+            arm = planned[(fold, ratio, "", 1.0)].train
+            steps = planned[(fold, ratio, "real_steps", None)].train
+            augmented = planned[(fold, ratio, "real_augmented", None)].train
+            for control in (steps, augmented):
+                assert len(control) == len(arm)
+                assert (control["label"].value_counts() == arm["label"].value_counts()).all()
+            assert set(steps["source"]) == {"real"} and set(steps["id"]) <= set(real["id"])
+            extra = augmented[augmented["source"] == "augmented"]
+            assert len(extra) == (arm["source"] == "synthetic").sum() and not set(extra["id"]) & set(real["id"])
+            source = m.set_index("id")
+            for row in extra.itertuples():
+                image_id, copy = row.id.rsplit("~aug", 1)
+                assert source.loc[image_id, "label"] == row.label  # a copy keeps its image's class
+                assert row.sha256 == augmented_identity(source.loc[image_id, "sha256"], int(copy))
+                assert row.path.startswith(str(tmp_path / "aug"))
+            assert extra["id"].is_unique
+    # Controls do not depend on the LoRA weight, and their keys are their own.
+    keys = [t.key for t in planned.values()]
+    assert len(set(keys)) == len(keys)
+    with pytest.raises(TrainsetError, match="real_augmented control needs a folder"):
+        plan_trials(cfg, m, s, "none")
+
+
+def test_classic_augmentation_is_a_pure_function_of_image_and_copy(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ooc_ray.classic import augment, augmented_identity, augmented_path, write_missing
+
+    m = make_manifest(per_class=(2,), k=2, root=tmp_path, size=32)
+    src = m.iloc[0]
+    first, second = augmented_identity(src["sha256"], 0), augmented_identity(src["sha256"], 1)
+    image = Image.open(src["path"]).convert("RGB")
+    a, b = np.asarray(augment(image, first)), np.asarray(augment(image, first))
+    assert a.shape == (32, 32, 3) and np.array_equal(a, b)  # the same copy, the same pixels
+    assert not np.array_equal(a, np.asarray(augment(image, second)))  # another copy, other pixels
+    assert not np.array_equal(a, np.asarray(image))
+    rows = pd.DataFrame({"path": [augmented_path(tmp_path / "aug", i) for i in (first, second)], "sha256": [first, second]})
+    assert write_missing(rows, {first: src["path"], second: src["path"]}) == 2
+    assert np.array_equal(np.asarray(Image.open(rows["path"][0])), a)
+    Path(rows["path"][1]).write_bytes(b"half a png")  # damaged: written again, the rest kept
+    assert write_missing(rows, {first: src["path"], second: src["path"]}) == 1

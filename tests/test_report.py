@@ -176,6 +176,7 @@ def test_run_report_writes_everything(tmp_path, trials):
         assert (paths.report / name).stat().st_size > 0, name
     assert "\\begin{tabular}" in (paths.report / "table_w1.tex").read_text()
     assert "Nadeau-Bengio corrected resampled t-test" in text and "Design sensitivity" in text
+    assert "| TOST p | verdict |" in text and "**TOST p**: two one-sided" in text
     # The bootstrap CI over the images, checked against the difference counted straight from the files.
     table = pd.read_csv(paths.report / "table_w1.csv")
     syn = table[table["synthetic_only"]].iloc[0]
@@ -279,3 +280,41 @@ def test_real_only_grid_has_one_table(trials):
     assert len(tables) == 1
     (table,) = tables.values()
     assert table["arm"].tolist() == ["real only"] and table["accuracy_mean"].iloc[0] == pytest.approx(0.72)
+
+
+def test_cost_per_arm_sums_its_loras_images_and_trials(tmp_path):
+    """An arm's cost: every LoRA its trials drew from (once), the render seconds of the images they drew (once),
+    its trials' seconds; real only costs its trials alone. Counted here by hand from the made-up numbers."""
+    import json
+
+    from ooc_ray.protocol import PlannedTrial, TrialSpec
+    from ooc_ray.report import add_costs, summary_tables
+
+    for key, seconds in (("loraA", 10.0), ("loraB", 20.0), ("loraC", 40.0)):
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "metadata.json").write_text(json.dumps({"seconds": seconds}))
+    synthetic = pd.DataFrame({"id": [f"s{i}" for i in range(6)], "lora_key": ["loraA", "loraA", "loraB", "loraB",
+                                                                              "loraC", "loraC"],
+                              "render_s": [0.5, 0.5, 0.25, 0.25, 9.0, 9.0]})
+
+    def trainset(*ids):
+        return pd.DataFrame({"id": ["r0", "r1", *ids], "source": ["real", "real"] + ["synthetic"] * len(ids)})
+
+    planned, rows = [], []
+    for fold, drawn in ((0, ("s0", "s1", "s2")), (1, ("s1", "s3"))):  # s1 drawn in both folds: counted once
+        for spec, train, seconds in ((TrialSpec(fold, 0.0, None, False), trainset(), 3.0),
+                                     (TrialSpec(fold, 1.0, 1.0, False), trainset(*drawn), 5.0 + fold)):
+            key = f"t{fold}{spec.arm}"
+            planned.append(PlannedTrial(spec, key, train, pd.DataFrame()))
+            rows.append({"trial_key": key, "fold": fold, "weight": spec.weight if spec.weight else np.nan,
+                         "ratio": spec.ratio, "synthetic_only": False, "accuracy": 0.5 + 0.1 * fold,
+                         "precision_macro": 0.5, "recall_macro": 0.5, "f1_macro": 0.5, "n_test": 4,
+                         "n_train_real": 2, "duration_s": seconds})
+    trials = pd.DataFrame(rows)
+    tables = summary_tables(trials)
+    add_costs(tables, trials, planned, synthetic, tmp_path)
+    table = tables[1.0].set_index("arm")
+    assert table.loc["real only", ["cost_lora_s", "cost_sampling_s", "cost_trials_s"]].tolist() == [0.0, 0.0, 6.0]
+    # LoRAs A and B (not C, whose images no trial drew), images s0-s3 once each, trials 5 + 6
+    assert table.loc["real + 100% synthetic", ["cost_lora_s", "cost_sampling_s", "cost_trials_s",
+                                               "cost_total_s"]].tolist() == [30.0, 1.5, 11.0, 42.5]

@@ -12,30 +12,39 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
 from ooc_ray import keys
 from ooc_ray.backbones import backbone_weights
 from ooc_ray.classify.train import TrialContext, run_trial, trial_outputs, trial_problem
-from ooc_ray.config import ExperimentConfig, to_dict
+from ooc_ray.config import ClassifyConfig, ExperimentConfig, Variant, to_dict
 from ooc_ray.data import class_names, load_manifest
 from ooc_ray.errors import StageError
-from ooc_ray.features import ensure_features
+from ooc_ray.features import cache_dir, ensure_features
 from ooc_ray.io import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
-from ooc_ray.protocol import PlannedTrial, draw_table, plan_trials
+from ooc_ray.classic import write_missing
+from ooc_ray.protocol import PlannedTrial, plan_grid, trial_config
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
 from ooc_ray.tracking import tracker, with_callbacks
 
 
-def _tune_trial(config: dict, cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, PlannedTrial],
-                ctx: TrialContext) -> None:
+class GridTrial(NamedTuple):
+    """A planned trial with the config of its variant and what its variant's trials share."""
+
+    cfg: ExperimentConfig
+    trial: PlannedTrial
+    ctx: TrialContext | None
+
+
+def _tune_trial(config: dict, paths: ExperimentPaths, trials: dict[str, GridTrial]) -> None:
     """Tune function trainable: one planned trial; per-epoch metrics go to ray.tune.report."""
     from ray import tune
 
-    trial = trials[config["trial_key"]]
+    cfg, trial, ctx = trials[config["trial_key"]]
     if not trial_problem(paths, trial.key):  # finished by an earlier run: report its result, compute nothing
         # Its recorded epochs first, as the run that computed it reported them (a resumed Tune experiment re-runs
         # a trial whose files were written just before a kill; its MLflow run then still has every epoch).
@@ -64,27 +73,28 @@ def trial_params(cfg: ExperimentConfig, trial: PlannedTrial, ctx: TrialContext) 
     """What MLflow records of a trial: its grid point, the classifier settings, and what it was computed from."""
     return {"trial_key": trial.key, **dataclasses.asdict(trial.spec), "arm": trial.spec.arm,
             "n_train": len(trial.train), "n_test": len(trial.test), "classify": to_dict(cfg)["classify"],
+            "sample": to_dict(cfg)["sample"], "generator": to_dict(cfg)["generator"],
             "generator_split": cfg.generator.split, "weights": ctx.weights.identity, "data": ctx.data_digest}
 
 
-def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, planned: list[PlannedTrial], pending: list[str],
-              ctx: TrialContext) -> None:
+def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, GridTrial], pending: list[str]
+              ) -> None:
     from ray import tune
 
-    cc = cfg.classify
+    cc = cfg.classify  # resources: an axis cannot vary them (config._parse_axes)
     # Cached-mode trials train only the head (~0.1 ms per image-epoch on one CPU core, measured at 1280
     # features): GPUs are for the feature extraction, and the trials run on CPUs, many at a time.
     resources = {"CPU": cc.cpus_per_trial, "GPU": 0 if cc.mode == "cached" else cc.gpus_per_trial}
     require_resources(cfg, resources, f"classify: classify.cpus_per_trial={cc.cpus_per_trial:g}, "
                                       f"classify.gpus_per_trial={resources['GPU']:g}")
     trainable = tune.with_resources(
-        tune.with_parameters(_tune_trial, cfg=cfg, paths=paths, trials={t.key: t for t in planned}, ctx=ctx),
+        tune.with_parameters(_tune_trial, paths=paths, trials=trials),
         {k.lower(): v for k, v in resources.items()})
     storage = tune_storage(cfg, paths)
-    name = f"classify-{keys.digest([t.key for t in planned])}"
+    name = f"classify-{keys.digest(list(trials))}"
     exp_path = f"{storage.rstrip('/')}/{name}"
     # Every planned trial's: a restored experiment can re-run one that finished just before a kill.
-    params = {t.key: trial_params(cfg, t, ctx) for t in planned}
+    params = {key: trial_params(t.cfg, t.trial, t.ctx) for key, t in trials.items()}
     callbacks = tracker(cfg, paths, "classify", _trial_key, functools.partial(_tracked_params, params),
                         functools.partial(_tracked_files, paths))
     if tune.Tuner.can_restore(exp_path):
@@ -168,20 +178,77 @@ def _feature_images(pending: list[PlannedTrial]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).drop_duplicates("sha256")
 
 
+def _write_augmented(manifest: pd.DataFrame, pending: list[PlannedTrial]) -> None:
+    """The classic augmentations the pending real_augmented controls train on (ooc_ray.classic)."""
+    rows = [t.train[t.train["source"] == "augmented"] for t in pending]
+    rows = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    if rows.empty:
+        return
+    source_path = manifest.set_index("id")["path"]
+    sources = {identity: source_path[image_id.rsplit("~aug", 1)[0]]
+               for identity, image_id in zip(rows["sha256"], rows["id"])}
+    note(f"classify: {write_missing(rows, sources)} classic augmentations written for the real_augmented control")
+
+
+class _Weights:
+    """The classifier weights of each classify section the variants use, resolved (and built) once each."""
+
+    def __init__(self, paths: ExperimentPaths, manifest: pd.DataFrame, build: bool = True):
+        self.paths, self.manifest, self.build, self.known = paths, manifest, build, {}
+
+    def __call__(self, cc: ClassifyConfig):
+        key = (cc.backbone, cc.weights, cc.input_size)
+        if key not in self.known:
+            self.known[key] = backbone_weights(cc, self.paths.models, self.manifest, build=self.build)
+        return self.known[key]
+
+
+def _cache_group(t: GridTrial, weights: _Weights) -> str:
+    cc = trial_config(t.cfg, t.trial.spec).classify
+    return keys.features_key(cc, weights(cc).identity, 0) if cc.mode == "cached" else weights(cc).identity
+
+
+def grid_trials(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame, build: bool = True
+                ) -> tuple[list[tuple[Variant, list[PlannedTrial]]], dict[str, GridTrial], _Weights]:
+    """The variants with their planned trials, and every distinct trial (by key) once with its variant's config."""
+    weights = _Weights(paths, manifest, build)
+    grid = plan_grid(cfg, paths, manifest, lambda cc: weights(cc).identity)
+    trials: dict[str, GridTrial] = {}
+    for variant, planned in grid:
+        for trial in planned:
+            trials.setdefault(trial.key, GridTrial(variant.cfg, trial, None))
+    return grid, trials, weights
+
+
 def run_classify(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
-    """Run (or finish) the classifier grid; returns all its trial rows, one per trial."""
+    """Run (or finish) the classifier grid of every variant; returns all its trial rows, one per trial."""
     manifest = load_manifest(paths)
-    weights = backbone_weights(cfg.classify, paths.models, manifest)
-    planned = plan_trials(cfg, manifest, draw_table(cfg, paths), weights.identity)
+    grid, trials, weights = grid_trials(cfg, paths, manifest)
+    planned = [t.trial for t in trials.values()]
     _keep_trials_current(paths, planned)
     pending = _pending(paths, planned)
-    note(f"classify: {len(planned)} trials planned, {len(planned) - len(pending)} re-used, {len(pending)} to run")
+    note(f"classify: {len(planned)} trials planned" + (f" over {len(grid)} variants" if len(grid) > 1 else "")
+         + f", {len(planned) - len(pending)} re-used, {len(pending)} to run")
     if pending:
         init_ray(cfg)
-        features_dir = None
-        if cfg.classify.mode == "cached":
-            features_dir = str(ensure_features(cfg, cfg.classify, weights, _feature_images(pending), paths.features))
-        ctx = TrialContext(tuple(class_names(manifest)), weights, keys.data_digest(manifest), features_dir)
+        _write_augmented(manifest, pending)
+        waiting = {t.key for t in pending}
+        contexts: dict[str, TrialContext] = {}
+        for key, (vcfg, trial, _) in list(trials.items()):
+            cc = trial_config(vcfg, trial.spec).classify
+            backbone = weights(cc)
+            # Trials that read one feature cache share a context; the cache is filled for the pending ones.
+            group = _cache_group(GridTrial(vcfg, trial, None), weights)
+            if group not in contexts:
+                features_dir = None
+                if cc.mode == "cached":
+                    mine = [t.trial for t in trials.values() if t.trial.key in waiting
+                            and _cache_group(t, weights) == group]
+                    features_dir = str(ensure_features(vcfg, cc, backbone, _feature_images(mine), paths.features)
+                                       if mine else cache_dir(cc, backbone, paths.features))
+                contexts[group] = TrialContext(tuple(class_names(manifest)), backbone, keys.data_digest(manifest),
+                                               features_dir)
+            trials[key] = GridTrial(vcfg, trial, contexts[group])
         with FileProgress([paths.trial(t.key) for t in pending], "classify", "trial"):
-            _run_tune(cfg, paths, planned, [t.key for t in pending], ctx)
+            _run_tune(cfg, paths, trials, [t.key for t in pending])
     return collect(paths, planned)

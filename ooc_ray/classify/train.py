@@ -6,6 +6,7 @@ the same numbers in both modes, up to float error from batching the backbone dif
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +17,14 @@ import pandas as pd
 
 from ooc_ray.backbones import BackboneWeights, setup_tf
 from ooc_ray.classify.metrics import compute_metrics
-from ooc_ray.classify.model import build_exact_model, build_head, compile_model
+from ooc_ray.classify.model import build_exact_model, build_head, build_split_head, compile_model
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.errors import StageError
 from ooc_ray.features import FeatureCache, image_batches, image_map, train_views
 from ooc_ray.gpu import require_tf_gpu
 from ooc_ray.io import parquet_problem, write_parquet
 from ooc_ray.paths import ExperimentPaths
-from ooc_ray.protocol import PlannedTrial
+from ooc_ray.protocol import PlannedTrial, trial_config
 
 
 @dataclass(frozen=True)
@@ -63,19 +64,124 @@ def _shuffled_indices(n: int, seed: int):
     return tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
 
 
+# Seed offsets of the mixing strategies' own random streams, apart from the trial's shuffle (seed) and view draws.
+REPLACE_STREAM, SYNTHETIC_STREAM = 1, 2
+_RANDOM_BITS = 20  # a replace draw: the low 20 bits decide whether to swap, the rest which synthetic image
+
+
+def trial_mixing(cc: ClassifyConfig, trial: PlannedTrial) -> str:
+    """The strategy a trial trains with: its config's (protocol.trial_config already made non-mixing trials
+    concat), or concat where rounding left a mixing arm without synthetic images (nothing to weight or swap)."""
+    if cc.mixing in ("loss_weighted", "replace") and not (trial.train["source"] == "synthetic").any():
+        return "concat"
+    return cc.mixing
+
+
+class _Streams:
+    """Which training rows a trial's batches hold, epoch by epoch, as tf.data streams of row indices.
+
+    concat and split_bn: every row once per epoch, shuffled with the trial seed. loss_weighted: the real rows
+    exactly as the real-only trial shuffles them (they come first in a training set), and a synthetic stream
+    of its own, cycled. replace: the real-only stream with each index swapped, with probability p, for a seeded
+    draw among the synthetic rows of its class (DA-Fusion, Trabucco et al., ICLR 2024); p = 0 swaps nothing."""
+
+    def __init__(self, cc: ClassifyConfig, trial: PlannedTrial, seed: int):
+        import tensorflow as tf
+
+        self.mixing, self.seed = trial_mixing(cc, trial), seed
+        source = trial.train["source"].to_numpy()
+        self.synthetic_flag = tf.constant((source == "synthetic").astype(np.float32)[:, None])
+        self.real_rows = np.flatnonzero(source != "synthetic")
+        self.synthetic_rows = np.flatnonzero(source == "synthetic")
+        self.labels = trial.train["label_index"].to_numpy().astype(np.int64)
+        self.p = cc.replace_probability
+
+    def _of(self, rows: np.ndarray, seed: int):
+        import tensorflow as tf
+
+        table = tf.constant(rows, dtype=tf.int64)
+        return _shuffled_indices(len(rows), seed).map(lambda i: tf.gather(table, i))
+
+    def primary(self):
+        import tensorflow as tf
+
+        if self.mixing in ("concat", "split_bn"):
+            return _shuffled_indices(len(self.labels), self.seed)
+        real = self._of(self.real_rows, self.seed)
+        if self.mixing == "loss_weighted":
+            return real
+        order = np.argsort(self.labels[self.synthetic_rows], kind="stable")
+        by_class = tf.constant(self.synthetic_rows[order], dtype=tf.int64)
+        counts = np.bincount(self.labels[self.synthetic_rows], minlength=int(self.labels.max()) + 1)
+        starts = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]), dtype=tf.int64)
+        counts, labels = tf.constant(counts, dtype=tf.int64), tf.constant(self.labels)
+        scale = 2 ** _RANDOM_BITS
+
+        def swap(i, r):
+            c = tf.gather(labels, i)
+            n = tf.gather(counts, c)
+            u = tf.cast(tf.math.floormod(r, scale), tf.float64) / scale
+            pick = tf.gather(starts, c) + tf.math.floormod(tf.math.floordiv(r, scale), tf.maximum(n, 1))
+            return tf.where((u < self.p) & (n > 0), tf.gather(by_class, tf.minimum(pick, len(self.synthetic_rows) - 1)), i)
+
+        draws = tf.data.Dataset.random(seed=self.seed + REPLACE_STREAM, rerandomize_each_iteration=True)
+        return tf.data.Dataset.zip(real, draws).map(swap)
+
+    def synthetic(self):
+        """loss_weighted: the synthetic rows, shuffled and cycled without end (the real stream ends an epoch)."""
+        return self._of(self.synthetic_rows, self.seed + SYNTHETIC_STREAM).repeat()
+
+    def synthetic_batch_size(self, batch_size: int) -> int:
+        """Synthetic images per step: as many as spread the trial's synthetic set over one epoch's real steps."""
+        steps = math.ceil(len(self.real_rows) / batch_size)
+        return max(1, math.ceil(len(self.synthetic_rows) / steps))
+
+
+def _inputs(x, flag, split: bool):
+    return (x, flag) if split else x
+
+
+def _fit(model, cc: ClassifyConfig, streams: _Streams, batches, callbacks):
+    """Fit `model` on the trial's batches (`batches(index stream, batch size, stream seed)` -> (x, y) batches);
+    loss_weighted pairs a real and a synthetic batch per step. Returns (the model that trained, History)."""
+    import tensorflow as tf
+
+    from ooc_ray.classify.model import loss_weighted
+
+    if streams.mixing == "loss_weighted":
+        model = compile_model(loss_weighted(model, cc.synthetic_loss_weight), cc.lr,
+                              steps_per_execution=model.steps_per_execution)
+        real = batches(streams.primary(), cc.batch_size, streams.seed)
+        synthetic = batches(streams.synthetic(), streams.synthetic_batch_size(cc.batch_size),
+                            streams.seed + SYNTHETIC_STREAM)
+        ds = tf.data.Dataset.zip(real, synthetic)
+    else:
+        ds = batches(streams.primary(), cc.batch_size, streams.seed)
+    history = model.fit(ds.prefetch(tf.data.AUTOTUNE), epochs=cc.epochs, verbose=0, shuffle=False,
+                        callbacks=list(callbacks))
+    return history
+
+
 def fit_exact(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed: int, callbacks=()):
     """Train the whole model on streamed images; returns (test probabilities, keras History)."""
     import tensorflow as tf
 
     n_classes = len(ctx.classes)
     model = compile_model(build_exact_model(cc, ctx.weights, n_classes, seed), cc.lr)
+    streams = _Streams(cc, trial, seed)
+    split = streams.mixing == "split_bn"
     y = tf.constant(_one_hot(trial.train["label_index"], n_classes))
     load = image_map(trial.train["path"].tolist(), cc.input_size)
-    ds = (_shuffled_indices(len(trial.train), seed)
-          .map(lambda i: (load(i), tf.gather(y, i)), num_parallel_calls=tf.data.AUTOTUNE)
-          .batch(cc.batch_size).prefetch(tf.data.AUTOTUNE))
-    history = model.fit(ds, epochs=cc.epochs, verbose=0, shuffle=False, callbacks=list(callbacks))
-    probs = model.predict(image_batches(trial.test["path"].tolist(), cc.input_size, cc.batch_size), verbose=0)
+
+    def batches(indices, batch_size, _stream_seed):
+        return indices.map(lambda i: (_inputs(load(i), tf.gather(streams.synthetic_flag, i), split),
+                                      tf.gather(y, i)), num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+
+    history = _fit(model, cc, streams, batches, callbacks)
+    test = image_batches(trial.test["path"].tolist(), cc.input_size, cc.batch_size)
+    if split:  # held-out images are real: the real statistics
+        test = test.map(lambda x: (x, tf.zeros((tf.shape(x)[0], 1))))
+    probs = model.predict(test, verbose=0)
     return probs, history
 
 
@@ -95,7 +201,11 @@ HEAD_STEPS_PER_EXECUTION = 64
 
 def fresh_head(n_features: int, n_classes: int, cc: ClassifyConfig, seed: int):
     """A compiled head in the state `compile_model(build_head(..., seed))` has: every variable (weights, BatchNorm
-    statistics, the dropout's seed state) copied from a fresh build, the optimizer's back to its first values."""
+    statistics, the dropout's seed state) copied from a fresh build, the optimizer's back to its first values.
+    split_bn's head (two inputs) is built and compiled afresh each time."""
+    if cc.mixing == "split_bn":
+        return compile_model(build_split_head(n_features, n_classes, cc.dropout, seed), cc.lr,
+                             steps_per_execution=HEAD_STEPS_PER_EXECUTION)
     fresh = build_head(n_features, n_classes, cc.dropout, seed)
     shape = (n_features, n_classes, cc.dropout, cc.lr)
     if shape not in _HEADS:
@@ -123,29 +233,37 @@ def fit_cached(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed:
     views = train_views(cc)
     feats = cache.load(trial.train["sha256"])[:, views]  # (n, len(views), dim)
     test_feats = cache.load(trial.test["sha256"])[:, 0]  # view 0: un-augmented, as exact mode evaluates
+    streams = _Streams(cc, trial, seed)
+    split = streams.mixing == "split_bn"
     head = fresh_head(feats.shape[-1], len(ctx.classes), cc, seed)
     x = tf.constant(feats)
     y = tf.constant(_one_hot(trial.train["label_index"], len(ctx.classes)))
     n_v = len(views)
-    # One view per image per epoch: a seeded stream of integers, re-drawn each epoch.
-    draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    # Gathered a batch at a time (one map call per batch, not per image): the same elements in the same order.
-    ds = (tf.data.Dataset.zip(_shuffled_indices(len(trial.train), seed), draws).batch(cc.batch_size)
-          .map(lambda i, r: (tf.gather_nd(x, tf.stack([i, r % n_v], axis=1)), tf.gather(y, i)))
-          .prefetch(tf.data.AUTOTUNE))
-    history = head.fit(ds, epochs=cc.epochs, verbose=0, shuffle=False, callbacks=list(callbacks))
-    probs = head.predict(test_feats, batch_size=cc.batch_size, verbose=0)
+
+    def batches(indices, batch_size, stream_seed):
+        # One view per image per epoch: a seeded stream of integers, re-drawn each epoch. Gathered a batch at a
+        # time (one map call per batch, not per image): the same elements in the same order.
+        draws = tf.data.Dataset.random(seed=stream_seed, rerandomize_each_iteration=True)
+        return (tf.data.Dataset.zip(indices, draws).batch(batch_size)
+                .map(lambda i, r: (_inputs(tf.gather_nd(x, tf.stack([i, r % n_v], axis=1)),
+                                           tf.gather(streams.synthetic_flag, i), split), tf.gather(y, i))))
+
+    history = _fit(head, cc, streams, batches, callbacks)
+    test = [test_feats, np.zeros((len(test_feats), 1), np.float32)] if split else test_feats
+    probs = head.predict(test, batch_size=cc.batch_size, verbose=0)
     return probs, history
 
 
 def _summary(cfg: ExperimentConfig, trial: PlannedTrial, ctx: TrialContext, metrics: dict, seconds: float) -> dict:
     cc, spec = cfg.classify, trial.spec
-    n_real = int((trial.train["source"] == "real").sum())
+    counts = trial.train["source"].value_counts()
     return {
         "experiment": cfg.name, "trial_key": trial.key, "fold": spec.fold,
         "weight": float("nan") if spec.weight is None else float(spec.weight), "ratio": float(spec.ratio),
-        "arm": spec.arm, "synthetic_only": bool(spec.synthetic_only),
-        "n_train_real": n_real, "n_train_synthetic": int(len(trial.train) - n_real), "n_test": int(len(trial.test)),
+        "arm": spec.arm, "synthetic_only": bool(spec.synthetic_only), "control": spec.control,
+        "mixing": trial_mixing(cc, trial),
+        "n_train_real": int(counts.get("real", 0)), "n_train_synthetic": int(counts.get("synthetic", 0)),
+        "n_train_augmented": int(counts.get("augmented", 0)), "n_test": int(len(trial.test)),
         **{k: metrics[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")},
         "classes": list(ctx.classes), "per_class_recall": metrics["per_class_recall"],
         "confusion": metrics["confusion"], "mode": cc.mode, "backbone": cc.backbone,
@@ -177,6 +295,7 @@ def run_trial(cfg: ExperimentConfig, paths: ExperimentPaths, trial: PlannedTrial
               report: Callable[[dict], None] | None = None) -> dict:
     """Run one trial of the grid and write its three Parquet files; returns the summary row."""
     start = time.perf_counter()
+    cfg = trial_config(cfg, trial.spec)  # mixing acts only on trials that mix (real-only ones are shared)
     cc = cfg.classify
     setup_tf(cc.cpus_per_trial)  # before any TF op
     if cc.mode == "exact" and cc.gpus_per_trial > 0:  # cached-mode trials get no GPU (features.py has it)
