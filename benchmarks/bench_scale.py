@@ -254,7 +254,7 @@ def _sample_plan(cfg, manifest):
                            "sha256": "0" * 64, "weights_sha256": f"{i:064x}"} for i, j in enumerate(jobs)],
                          columns=TABLE_COLUMNS)
     n_pool = pool_sizes(manifest, cfg).set_index(["fold", "label"])["n_pool"]
-    sizes = {j.key: int(n_pool.loc[(j.fold, j.label)]) for j in jobs}
+    sizes = {(j.key, j.label): int(n_pool.loc[(j.fold, j.label)]) for j in jobs}
     return plan_images(cfg, base, loras, sizes, start_images(jobs, manifest), Path("/nonexistent/synthetic"))
 
 

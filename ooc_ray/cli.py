@@ -53,7 +53,7 @@ HELP = {
 # Stages that make a variant's own tables (config.variants: the axes and generation replicates): run once per
 # variant. What variants share (a base, a LoRA, a pool) is keyed by content and made once; classify plans every
 # variant's trials into one Tune run, and report writes one table per variant.
-PER_VARIANT = {"pretrain", "finetune", "sample", "quality"}
+PER_VARIANT = {"pretrain", "finetune", "sample", "quality", "fetch"}  # fetch: every base and backbone an axis names
 
 
 def run_stage(name: str, cfg: ExperimentConfig, paths: ExperimentPaths):

@@ -150,6 +150,10 @@ class GeneratorConfig:
     base: str = input_("stable-diffusion-v1-5/stable-diffusion-v1-5")  # hub id, local path, or "tiny"
     split: Literal["fold", "all"] = grid("fold")  # "fold": one LoRA per fold's training images; "all": the paper's
     per_group: bool = grid(False)  # one LoRA per (class, group), e.g. per cell line
+    # "class": one LoRA per class (the paper's, DataDream's per-class variant); "dataset": one LoRA per fold on
+    # every class's images, each captioned with its class's prompt, sampled with each class's prompt (DataDream's
+    # per-dataset variant). Which LoRAs exist, so a grid field; it can be an axis.
+    scope: Literal["class", "dataset"] = grid("class")
     resolution: int = result(512, _LORA)
     repeats: int = result(2, _LORA)
     epochs: int = result(10, _LORA)
@@ -513,6 +517,8 @@ def _validate(cfg: ExperimentConfig) -> None:
         (0.0 <= cfg.classify.synthetic_loss_weight <= 1.0, "classify.synthetic_loss_weight: must be in [0, 1]"),
         (0.0 <= cfg.classify.replace_probability <= 1.0, "classify.replace_probability: must be in [0, 1]"),
         (len(set(cfg.classify.controls)) == len(cfg.classify.controls), "classify.controls: a control is listed twice"),
+        (cfg.generator.scope == "class" or not cfg.generator.per_group,
+         "generator.scope: one LoRA per dataset has no group to train per; use per_group: false or scope: class"),
         (cfg.classify.mixing != "split_bn" or cfg.classify.backbone != "SmallCNN",
          "classify.mixing: split_bn separates the head's BatchNorm statistics, but SmallCNN's own BatchNorm layers "
          "train on both kinds of image; use a frozen keras.applications backbone (e.g. EfficientNetB0)"),
@@ -537,7 +543,7 @@ def _validate(cfg: ExperimentConfig) -> None:
 # Where an axis may vary a field: what makes or uses synthetic images. Data and folds stay fixed, so every
 # variant is tested on the same held-out images and the variants' tables can be compared row by row.
 AXIS_SECTIONS = ("generator.", "sample.", "classify.")
-AXIS_GRID_FIELDS = ("generator.split", "generator.per_group")
+AXIS_GRID_FIELDS = ("generator.split", "generator.per_group", "generator.scope")
 REPLICATE_SEED_STEP = 1000  # replicate r samples with sample.seed + 1000 r (image seeds are hashed from it)
 
 

@@ -102,10 +102,11 @@ def _frozen_text(te, ids, gcfg: GeneratorConfig):
     return lambda: cached
 
 
-def _train_loop(pipe, latents_of, n: int, ids, gcfg: GeneratorConfig, optimizer, gen):
+def _train_loop(pipe, latents_of, n: int, ids, gcfg: GeneratorConfig, optimizer, gen, caption_of=None):
     """kohya-style epochs: each of the n images `repeats` times, shuffled, batches of batch_size (last may be
     short); MSE on the scheduler's prediction target (training_target) at uniform random timesteps, in
-    generator.mixed_precision (gpu.py: autocast, with a GradScaler for fp16). Returns (loss per step, mean loss
+    generator.mixed_precision (gpu.py: autocast, with a GradScaler for fp16). `ids`: one tokenised prompt, or one
+    per distinct caption with `caption_of` (a tensor: image -> its row of ids). Returns (loss per step, mean loss
     per epoch, the GradScaler's final scale or None)."""
     import torch
     import torch.nn.functional as F
@@ -132,7 +133,8 @@ def _train_loop(pipe, latents_of, n: int, ids, gcfg: GeneratorConfig, optimizer,
             text = frozen_text() if frozen_text else None
             with autocast:
                 text = te(ids)[0] if text is None else text
-                pred = unet(noisy.to(weights_dtype), t, text.expand(len(idx), -1, -1).to(weights_dtype)).sample
+                text = text.expand(len(idx), -1, -1) if caption_of is None else text[caption_of[idx]]
+                pred = unet(noisy.to(weights_dtype), t, text.to(weights_dtype)).sample
             loss = F.mse_loss(pred.float(), target.float())
             losses.append(optimizer_step(optimizer, loss, "generator.unet_lr", scaler))
         step_losses += losses
@@ -177,13 +179,17 @@ def train_lora(pipe, job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, out_d
     try:
         gen = torch.Generator().manual_seed(gcfg.seed)
         latents_of = _latent_source(pipe.vae, job.image_paths, gcfg, gen)
-        ids = tok(job.prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+        captions = job.captions()
+        distinct = sorted(set(captions))  # one prompt for a class LoRA: its ids exactly as before
+        ids = tok(distinct, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(unet.device)
+        caption_of = (torch.tensor([distinct.index(c) for c in captions])
+                      if len(distinct) > 1 else None)
         unet.train()
         te.train(use_te)
         with torch.enable_grad():  # whatever the caller's grad mode
             step_losses, epoch_losses, grad_scale = _train_loop(pipe, latents_of, len(job.image_paths), ids, gcfg,
-                                                                      optimizer, gen)
+                                                                      optimizer, gen, caption_of)
         save_lora(unet, te if use_te else None, name, gcfg, base.identity, out_dir)
     except FloatingPointError as exc:
         raise ModelError(f"LoRA {name}: {exc}") from None
@@ -196,6 +202,7 @@ def train_lora(pipe, job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, out_d
             te.delete_adapter(name)
     meta = {
         "lora_key": job.key, "fold": job.fold, "label": job.label, "group": job.group, "prompt": job.prompt,
+        "labels": job.labels(),
         "base": base.identity, "config": config_slice(gcfg, "lora"), "image_ids": list(job.image_ids),
         "image_sha256": list(job.image_sha256), "n_images": len(job.image_ids),
         "steps_per_epoch": math.ceil(len(job.image_ids) * gcfg.repeats / gcfg.batch_size),

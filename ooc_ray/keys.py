@@ -109,9 +109,11 @@ def data_digest(manifest: pd.DataFrame) -> str:
     return table_digest(manifest, LABELLED_COLUMNS)
 
 
-def lora_key(cfg: Any, base_id: str, prompt: str, images: pd.DataFrame) -> str:
-    """One LoRA: the generator's result fields, the base model's identity, its prompt and training images."""
-    return digest("lora", config_slice(cfg, "lora"), base_id, prompt, table_digest(images, IMAGE_COLUMNS))
+def lora_key(cfg: Any, base_id: str, prompt: str, images: pd.DataFrame, labelled: bool = False) -> str:
+    """One LoRA: the generator's result fields, the base model's identity, its prompt and training images (with
+    their labels when each image's caption is its class's prompt: generator.scope dataset)."""
+    return digest("lora", config_slice(cfg, "lora"), base_id, prompt,
+                  table_digest(images, LABELLED_COLUMNS if labelled else IMAGE_COLUMNS))
 
 
 def pool_key(cfg: Any, base_id: str, lora_weights_sha256: str, init_images: pd.DataFrame | None) -> str:

@@ -59,7 +59,9 @@ def largest_remainder(total: int, counts) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LoraJob:
-    """One LoRA to train: its fold (ALL_FOLDS for split "all"), class, group, prompt and images."""
+    """One LoRA to train: its fold (ALL_FOLDS for split "all"), class, group, prompt and images. A LoRA of the whole
+    data set (generator.scope: dataset) has no class (label ""), its prompt is the template, and each image is
+    captioned with its own class's prompt (image_labels)."""
 
     key: str
     fold: int
@@ -69,6 +71,17 @@ class LoraJob:
     image_ids: tuple[str, ...]
     image_paths: tuple[str, ...]
     image_sha256: tuple[str, ...]
+    image_labels: tuple[str, ...] = ()  # generator.scope dataset only
+
+    def labels(self) -> list[str]:
+        """The classes this LoRA draws: its own, or every class it was trained on."""
+        return sorted(set(self.image_labels)) if self.image_labels else [self.label]
+
+    def captions(self) -> list[str]:
+        """Each training image's caption."""
+        if not self.image_labels:
+            return [self.prompt] * len(self.image_ids)
+        return [self.prompt.format(label=label, group="") for label in self.image_labels]
 
 
 def safe_name(text: str) -> str:
@@ -94,15 +107,22 @@ def plan_loras(cfg: ExperimentConfig, manifest: pd.DataFrame, base_id: str,
     jobs = []
     for fold in generator_folds(manifest, gcfg) if folds is None else folds:
         train = train_rows(manifest, fold)
+        tag = "all" if fold == ALL_FOLDS else f"fold{fold}"
         for label in class_names(manifest):
             rows = train[train["label"] == label]
             if rows.empty:
                 where = "the data set" if fold == ALL_FOLDS else f"fold {fold}'s training images"
                 raise DataError(f"class {label!r} has no images in {where}: cannot train its LoRA")
+        if gcfg.scope == "dataset":
+            key = f"{tag}_dataset_{keys.lora_key(cfg, base_id, gcfg.prompt, train, labelled=True)}"
+            jobs.append(LoraJob(key, fold, "", "", gcfg.prompt, tuple(train["id"]), tuple(train["path"]),
+                                tuple(train["sha256"]), tuple(train["label"])))
+            continue
+        for label in class_names(manifest):
+            rows = train[train["label"] == label]
             for group in sorted(rows["group"].unique()) if gcfg.per_group else [""]:
                 sub = rows[rows["group"] == group] if gcfg.per_group else rows
                 prompt = lora_prompt(gcfg, label, group)
-                tag = "all" if fold == ALL_FOLDS else f"fold{fold}"
                 name = "_".join([tag, safe_name(label)] + ([safe_name(group)] if gcfg.per_group else []))
                 key = f"{name}_{keys.lora_key(cfg, base_id, prompt, sub)}"
                 jobs.append(LoraJob(key, fold, label, group, prompt, tuple(sub["id"]), tuple(sub["path"]),

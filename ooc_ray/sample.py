@@ -32,7 +32,7 @@ from ooc_ray.gpu import require_torch_cuda
 from ooc_ray.io import atomic_path, image_problem, note, parquet_problem, sha256_file, write_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
-from ooc_ray.protocol import LoraJob, plan_loras, pool_sizes
+from ooc_ray.protocol import LoraJob, plan_loras, pool_sizes, safe_name
 from ooc_ray.raycluster import init_ray, require_resources
 
 SAMPLERS = {"euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler"}
@@ -56,23 +56,30 @@ def image_seed(base_seed: int, lora_key: str, weight: float, index: int) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def _pool_rows(cfg: ExperimentConfig, base: BaseModel, lora, n: int, init: pd.DataFrame, root: Path) -> list[dict]:
-    """Plan rows of one LoRA's pools (every weight), images 0..n-1."""
+def _pool_rows(cfg: ExperimentConfig, base: BaseModel, lora, label: str, n: int, init: pd.DataFrame, root: Path
+               ) -> list[dict]:
+    """Plan rows of one LoRA's pools of class `label` (every weight), images 0..n-1. A class LoRA draws its own
+    class with its own prompt; a data-set LoRA (label "") draws each class with that class's prompt, into a
+    folder, ids and seeds of the class's own."""
     s = cfg.sample
     img2img = s.mode == "img2img"
     pkey = keys.pool_key(cfg, base.identity, lora.weights_sha256, init if img2img else None)
     out_size = s.output_size or s.resolution
+    whole = lora.label == ""
+    prompt = lora.prompt.format(label=label, group="") if whole else lora.prompt
+    stem = f"{lora.lora_key}-{safe_name(label)}" if whole else lora.lora_key  # ids, folders and seeds per class
     rows = []
     for weight in s.weights:
         folder = root / lora.lora_key / f"s{pkey}" / f"w{weight:g}"
+        folder = folder / safe_name(label) if whole else folder
         for i in range(n):
             start = init.iloc[i % len(init)] if img2img else None  # this LoRA's own training images, in id order
             rows.append({
-                "id": f"{lora.lora_key}-s{pkey}-w{weight:g}-{i:05d}", "path": str(folder / f"{i:05d}.png"),
-                "sha256": "", "label": lora.label, "group": lora.group, "fold": int(lora.fold),
+                "id": f"{stem}-s{pkey}-w{weight:g}-{i:05d}", "path": str(folder / f"{i:05d}.png"),
+                "sha256": "", "label": label, "group": lora.group, "fold": int(lora.fold),
                 "lora_key": lora.lora_key, "lora_sha256": lora.sha256, "weight": float(weight), "index": i,
-                "prompt": lora.prompt, "negative_prompt": s.negative_prompt,
-                "seed": image_seed(s.seed, lora.lora_key, weight, i), "sampler": s.sampler,
+                "prompt": prompt, "negative_prompt": s.negative_prompt,
+                "seed": image_seed(s.seed, stem, weight, i), "sampler": s.sampler,
                 "clip_sample": s.clip_sample, "steps": s.steps, "cfg": s.cfg,
                 "strength": s.strength if img2img else 1.0,  # txt2img starts from pure noise
                 "mode": s.mode, "init_image_id": start["id"] if img2img else "", "base_model": base.identity,
@@ -83,15 +90,20 @@ def _pool_rows(cfg: ExperimentConfig, base: BaseModel, lora, n: int, init: pd.Da
     return rows
 
 
-def plan_images(cfg: ExperimentConfig, base: BaseModel, loras: pd.DataFrame, sizes: dict[str, int],
-                starts: dict[str, pd.DataFrame], root: Path) -> pd.DataFrame:
-    """Every image to have on disk: one row per (LoRA, weight, index) with all its provenance.
+def plan_images(cfg: ExperimentConfig, base: BaseModel, loras: pd.DataFrame, sizes: dict[tuple[str, str], int],
+                starts: dict[tuple[str, str], pd.DataFrame], root: Path) -> pd.DataFrame:
+    """Every image to have on disk: one row per (LoRA, class, weight, index) with all its provenance.
 
-    loras: diffusion.lora.trained_table rows; sizes: images per LoRA key; starts: per LoRA key, the real images
-    (id, path, sha256) img2img starts from."""
+    loras: diffusion.lora.trained_table rows; sizes: images per (LoRA key, class); starts: per (LoRA key,
+    class), the real images (id, path, sha256) img2img starts from."""
+    labels: dict[str, list[str]] = {}
+    for key, label in sizes:
+        labels.setdefault(key, []).append(label)
     rows = []
     for lora in loras.itertuples(index=False):
-        rows += _pool_rows(cfg, base, lora, sizes[lora.lora_key], starts[lora.lora_key], root)
+        for label in labels.get(lora.lora_key, []):
+            key = (lora.lora_key, label)
+            rows += _pool_rows(cfg, base, lora, label, sizes[key], starts[key], root)
     return pd.DataFrame(rows, columns=TABLE_COLUMNS + _WORK_COLUMNS)
 
 
@@ -218,11 +230,13 @@ def pending_batches(plan: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
     A batch's composition changes its floating-point results in the last bits (batched matmuls), so batches
     are cut from the plan, not from what is left: a resumed run re-renders a partly finished batch whole
     (writing only its missing files) and every image comes out bit-identical to an uninterrupted run."""
-    plan = plan.sort_values(["lora_key", "weight", "index"], ignore_index=True)
+    # One class per class LoRA, so adding the label changes no batch of theirs; a data-set LoRA's classes are
+    # batched apart (their indices restart at 0 per class).
+    plan = plan.sort_values(["lora_key", "label", "weight", "index"], ignore_index=True)
     batch_no = plan["index"] // batch_size
     missing = ~plan["path"].map(os.path.exists)
-    return [rows.assign(batch=f"{key}|{weight}|{no}").reset_index(drop=True)
-            for (key, weight, no), rows in plan.groupby(["lora_key", "weight", batch_no], sort=True)
+    return [rows.assign(batch=f"{key}|{label}|{weight}|{no}").reset_index(drop=True)
+            for (key, label, weight, no), rows in plan.groupby(["lora_key", "label", "weight", batch_no], sort=True)
             if missing[rows.index].any()]
 
 
@@ -309,8 +323,8 @@ def consolidate(plan: pd.DataFrame, seconds: dict[str, float] | None = None) -> 
     if not have.all():
         missing = plan.loc[~have, "path"]
         raise StageError(f"{len(missing)} synthetic images missing after sampling, e.g. {missing.iloc[0]}")
-    if plan.duplicated(["lora_key", "sample_key", "weight", "index"]).any():  # the invariant resume relies on
-        raise StageError("duplicate (lora_key, sample_key, weight, index) rows in the sampling plan")
+    if plan.duplicated(["lora_key", "label", "sample_key", "weight", "index"]).any():  # what resume relies on
+        raise StageError("duplicate (lora_key, label, sample_key, weight, index) rows in the sampling plan")
     recorded, recorded_s, seconds = _recorded(plan), _recorded(plan, "render_s"), seconds or {}
     table = plan[TABLE_COLUMNS].reset_index(drop=True)
     table["sha256"] = [recorded.get(p) or sha256_file(p) for p in table["path"]]
@@ -327,10 +341,16 @@ def consolidate(plan: pd.DataFrame, seconds: dict[str, float] | None = None) -> 
     return table
 
 
-def start_images(jobs: list[LoraJob], manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per LoRA key, its own training images (id, path, sha256): where img2img starts from."""
+def start_images(jobs: list[LoraJob], manifest: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
+    """Per (LoRA key, class it draws), its own training images of that class (id, path, sha256): where img2img
+    starts from."""
     by_id = manifest.set_index("id")
-    return {j.key: by_id.loc[list(j.image_ids), ["path", "sha256"]].reset_index() for j in jobs}
+    out = {}
+    for job in jobs:
+        own = by_id.loc[list(job.image_ids), ["path", "sha256", "label"]]
+        for label in job.labels():
+            out[(job.key, label)] = own[own["label"] == label][["path", "sha256"]].reset_index()
+    return out
 
 
 def plan_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame
@@ -341,7 +361,7 @@ def plan_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataF
     loras = trained_table(jobs, paths.lora)
     by = ["fold", "label", "group"] if cfg.generator.per_group else ["fold", "label"]
     n_pool = pool_sizes(manifest, cfg).set_index(by)["n_pool"]
-    sizes = {j.key: int(n_pool.loc[tuple(getattr(j, k) for k in by)]) for j in jobs}
+    sizes = {(j.key, label): int(n_pool.loc[(j.fold, label, j.group)[:len(by)]]) for j in jobs for label in j.labels()}
     return base, plan_images(cfg, base, loras, sizes, start_images(jobs, manifest), paths.synthetic)
 
 

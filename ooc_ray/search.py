@@ -102,8 +102,9 @@ def _make_images(tcfg: ExperimentConfig, paths: ExperimentPaths, jobs, sub_manif
     for job in pending_jobs(jobs, lora_root):
         train_job(job, tcfg.generator, base, lora_root)
     loras = trained_table(jobs, lora_root)
-    sizes = {j.key: tcfg.search.images_per_class for j in jobs}
-    plan = plan_images(tcfg, base, loras, sizes, start_images(jobs, sub_manifest), paths.search / "synthetic")
+    starts = start_images(jobs, sub_manifest)
+    sizes = {target: tcfg.search.images_per_class for target in starts}  # per (LoRA, class it draws)
+    plan = plan_images(tcfg, base, loras, sizes, starts, paths.search / "synthetic")
     seconds = render(plan, tcfg, base, use_ray=False)  # inside a Tune trial: its CPUs/GPUs are this process's
     return consolidate(plan, seconds), loras["final_loss"].tolist()
 
@@ -223,6 +224,9 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     """Run (or resume) the Optuna search; writes search/results.parquet sorted best first and best.json."""
     from ray import tune
 
+    if cfg.axes or cfg.sample.replicates > 1:
+        raise ConfigError("axes / sample.replicates: the LoRA search explores its own space (search.*) on one "
+                          "config; run the axes with `ooc-ray run`, or remove them for `ooc-ray search`")
     manifest = run_data(cfg, paths)  # skips an unchanged source
     if cfg.generator.pretrain.source:
         run_pretrain(cfg, paths)  # the base every trial's LoRAs train on; re-used while its inputs are unchanged

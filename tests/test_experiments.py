@@ -142,6 +142,21 @@ def check_axis_base(out: Path) -> None:
     check_axes_report(out, list(synthetic), "generator.pretrain.unet_steps")
 
 
+def check_axis_lora_scope(out: Path) -> None:
+    loras = variant_tables(out, "loras.parquet")
+    assert list(loras) == ["generator.scope=class", "generator.scope=dataset"]
+    assert len(loras["generator.scope=class"]) == 2 * 3 and len(loras["generator.scope=dataset"]) == 2  # tiny: k = 2
+    assert (loras["generator.scope=dataset"]["label"] == "").all()
+    synthetic = variant_tables(out, "synthetic.parquet")
+    whole, per_class = synthetic["generator.scope=dataset"], synthetic["generator.scope=class"]
+    # The data-set LoRA draws every class, each with its own prompt, as many images as the class LoRAs do.
+    assert set(whole["lora_key"]) == set(loras["generator.scope=dataset"]["lora_key"])
+    assert whole.groupby(["fold", "label"]).size().equals(per_class.groupby(["fold", "label"]).size())
+    assert (whole["prompt"] == whole["label"].map("a microscopy image of {} organ on chip cells".format)).all()
+    assert whole["id"].is_unique and whole["seed"].is_unique
+    check_axes_report(out, list(synthetic), "generator.scope")
+
+
 def check_mixing(out: Path) -> None:
     trials = pd.read_parquet(out / "trials")
     mixed = trials[(trials["ratio"] == 1.0) & (trials["control"] == "")]
@@ -177,7 +192,8 @@ def check_replicates(out: Path) -> None:
 
 CHECKS = {"paper": check_paper, "demo": check_demo, "lora_search": check_lora_search, "pbc_blood_cells": check_pbc,
           "axis_guidance": check_axis_guidance, "axis_img2img": check_axis_img2img, "axis_lora": check_axis_lora,
-          "axis_base": check_axis_base, "mixing": check_mixing, "replicates": check_replicates}
+          "axis_base": check_axis_base, "axis_lora_scope": check_axis_lora_scope, "mixing": check_mixing,
+          "replicates": check_replicates}
 COMMANDS = {"lora_search": "search"}  # what each file is for; `run` unless named here
 
 

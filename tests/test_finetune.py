@@ -384,3 +384,36 @@ def test_an_unknown_prediction_type_is_refused():
 
     with pytest.raises(ModelError, match="generator.base.*'flow'"):
         training_target(SimpleNamespace(config=SimpleNamespace(prediction_type="flow")), None, None, None)
+
+
+def test_a_data_set_lora_conditions_each_image_on_its_own_class_prompt(tmp_path, tiny_base, monkeypatch):
+    """generator.scope: dataset trains one LoRA per fold on both classes; the UNet sees, per image in a batch, the
+    embedding of that image's class prompt (two distinct ones here), not one prompt for all."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from ooc_ray.finetune import run_finetune
+
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def recording(self, sample, timestep, encoder_hidden_states, *a, **k):
+        if self.training:
+            seen.append(encoder_hidden_states.detach().flatten(1).clone())
+        return forward(self, sample, timestep, encoder_hidden_states, *a, **k)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    cfg = tiny_cfg(tmp_path, generator={"epochs": 2, "repeats": 1, "batch_size": 4, "text_encoder_lr": 0.0,
+                                        "scope": "dataset"})
+    paths = ExperimentPaths.of(cfg)
+    seed_models(paths, tiny_base)
+    m = make_dataset(tmp_path, per_class=(4, 4), k=2)
+    write_manifest(m, paths)
+    table = run_finetune(cfg, paths)
+    assert len(table) == 2 and (table["label"] == "").all()  # one LoRA per fold, no class of its own
+    meta = json.loads((Path(table["dir"].iloc[0]) / "metadata.json").read_text())
+    assert meta["labels"] == ["bad", "good"] and meta["n_images"] == 4 and np.isfinite(meta["final_loss"])
+    rows = torch.cat(seen)
+    distinct = torch.unique(rows, dim=0)
+    assert len(distinct) == 2 and len(rows) == 2 * 2 * 4  # 2 LoRAs x 2 epochs x 4 images, two captions
+    assert any(len(torch.unique(batch, dim=0)) == 2 for batch in seen)  # classes mixed within a batch

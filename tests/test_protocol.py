@@ -13,6 +13,7 @@ from ooc_ray.config import from_dict
 from ooc_ray.errors import TrainsetError
 from ooc_ray.folds import ALL_FOLDS
 from ooc_ray.protocol import (PoolIndex, TrialSpec, build_testset, build_trainset, grid_points, largest_remainder,
+                              plan_loras,
                               plan_trials, pool_sizes, round_half_up)
 
 CLASSES = ("good", "acceptable", "bad")
@@ -323,3 +324,26 @@ def test_classic_augmentation_is_a_pure_function_of_image_and_copy(tmp_path):
     assert np.array_equal(np.asarray(Image.open(rows["path"][0])), a)
     Path(rows["path"][1]).write_bytes(b"half a png")  # damaged: written again, the rest kept
     assert write_missing(rows, {first: src["path"], second: src["path"]}) == 1
+
+
+def test_one_lora_per_data_set_trains_on_every_class_with_its_captions():
+    m = make_manifest(per_class=(6, 4, 3), k=3)
+    per_class = plan_loras(from_dict({"folds": {"k": 3}}), m, "base")
+    whole = plan_loras(from_dict({"folds": {"k": 3}, "generator": {"scope": "dataset"}}), m, "base")
+    assert len(per_class) == 9 and len(whole) == 3  # 3 folds x 3 classes vs one per fold
+    for job in whole:
+        train = m[m["fold"] != job.fold].sort_values("id")
+        assert list(job.image_ids) == train["id"].tolist() and list(job.image_labels) == train["label"].tolist()
+        assert job.label == "" and job.labels() == sorted(CLASSES)
+        captions = dict(zip(job.image_ids, job.captions()))
+        assert all(captions[i] == f"a microscopy image of {label} organ on chip cells"
+                   for i, label in zip(train["id"], train["label"]))
+    assert not {j.key for j in whole} & {j.key for j in per_class}
+    # A relabelled image changes the data-set LoRA (its caption changed), not only its class LoRAs.
+    relabelled = m.copy()
+    relabelled.loc[relabelled["id"] == "good-000", "label"] = "bad"
+    again = plan_loras(from_dict({"folds": {"k": 3}, "generator": {"scope": "dataset"}}), relabelled, "base")
+    changed = {j.fold for j, k in zip(whole, again) if j.key != k.key}
+    assert changed == {f for f in range(3) if f != int(m.loc[m["id"] == "good-000", "fold"].iloc[0])}
+    with pytest.raises(Exception, match="one LoRA per dataset has no group"):
+        from_dict({"generator": {"scope": "dataset", "per_group": True}})
