@@ -210,6 +210,11 @@ def test_experiment_runs_tiny(name, tmp_path, capsys):
     CHECKS.get(name, check_pipeline)(tmp_path / name)
     if command == "run" and not (tmp_path / name / "variants").exists():  # one bar per stage without variants
         check_progress(tmp_path / name, capsys.readouterr().err)
+    if name == "axis_guidance":  # a second run of a grid with axes re-uses every variant's LoRAs, pools and trials
+        capsys.readouterr()
+        assert main([command, str(REPO / "experiments" / f"{name}.yaml"), "--tiny", "-o", f"results_dir={tmp_path}"]) == 0
+        out = capsys.readouterr().out
+        assert out.count("0 trained") == 3 and out.count("0 rendered") == 3 and "8 re-used, 0 to run" in out
 
 
 def final_bar(err: str, what: str) -> tuple[int, int, str]:
