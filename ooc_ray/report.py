@@ -362,16 +362,6 @@ def planned_grid(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.Dat
                      lambda cc: backbone_weights(cc, paths.models, manifest, build=False).identity)
 
 
-def current_trials(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame
-                   ) -> tuple[pd.DataFrame, int]:
-    """The finished trials of this config's grid (every variant) on this data, and how many the grid plans."""
-    planned = {t.key: t for _, trials in planned_grid(cfg, paths, manifest) for t in trials}
-    trials = finished_trials(paths, list(planned.values()), manifest)
-    if trials.empty:
-        raise MissingInputError(f"{paths.trials}: no trials of this config on this data; run `ooc-ray classify` first")
-    return trials, len(planned)
-
-
 def trial_predictions(paths: ExperimentPaths, trials: pd.DataFrame) -> pd.DataFrame | None:
     """The per-image predictions of `trials` (for the bootstrap), or None where any trial's file is missing
     (trials from before predictions were stored): then the report says so rather than resample a subset."""

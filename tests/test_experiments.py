@@ -94,7 +94,7 @@ def check_axes_report(out: Path, tags: list[str], axis: str | None) -> pd.DataFr
     for tag in tags:
         assert (out / "report" / f"table_{tag}__w1.md").exists() and (out / "report" / f"{tag}__accuracy_vs_ratio.png").exists()
     if axis:
-        assert f"![accuracy against {axis}]" in report and len(list((out / "report").glob("axis_*.png"))) == 1
+        assert f"![accuracy against {axis}](axis_{axis.replace('.', '-')}.png)" in report
     assert "| verdict |" in report and "cost s (LoRA + sampling + trials)" in report
     return summary
 
@@ -122,6 +122,20 @@ def check_axis_img2img(out: Path) -> None:
         assert (table["mode"] == "img2img").all() and table["init_image_id"].isin(manifest["id"]).all()
         assert all(held[i] != f for i, f in zip(table["init_image_id"], table["fold"]))
     check_axes_report(out, list(synthetic), "sample.strength")
+
+
+def check_axis_sampling(out: Path) -> None:
+    synthetic = variant_tables(out, "synthetic.parquet")
+    assert sorted(synthetic) == ["sample.steps=2__sample.mode=img2img", "sample.steps=2__sample.mode=txt2img",
+                                 "sample.steps=4__sample.mode=img2img", "sample.steps=4__sample.mode=txt2img"]
+    for tag, table in synthetic.items():
+        steps, mode = (part.split("=")[1] for part in tag.split("__"))
+        assert (table["steps"] == int(steps)).all() and (table["mode"] == mode).all()
+        assert (table["init_image_id"] != "").all() == (mode == "img2img")
+    assert len({frozenset(t["sha256"]) for t in synthetic.values()}) == 4  # four pools, the same LoRAs
+    assert len({frozenset(t["lora_key"]) for t in synthetic.values()}) == 1
+    check_axes_report(out, list(synthetic), "sample.steps")
+    assert sorted(p.name for p in (out / "report").glob("axis_*.png")) == ["axis_sample-mode.png", "axis_sample-steps.png"]
 
 
 def check_axis_lora(out: Path) -> None:
@@ -192,7 +206,8 @@ def check_replicates(out: Path) -> None:
 
 CHECKS = {"paper": check_paper, "demo": check_demo, "lora_search": check_lora_search, "pbc_blood_cells": check_pbc,
           "axis_guidance": check_axis_guidance, "axis_img2img": check_axis_img2img, "axis_lora": check_axis_lora,
-          "axis_base": check_axis_base, "axis_lora_scope": check_axis_lora_scope, "mixing": check_mixing,
+          "axis_base": check_axis_base, "axis_lora_scope": check_axis_lora_scope, "axis_sampling": check_axis_sampling,
+          "mixing": check_mixing,
           "replicates": check_replicates}
 COMMANDS = {"lora_search": "search"}  # what each file is for; `run` unless named here
 

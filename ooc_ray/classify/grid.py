@@ -18,6 +18,7 @@ import pandas as pd
 
 from ooc_ray import keys
 from ooc_ray.backbones import backbone_weights
+from ooc_ray.classic import write_missing
 from ooc_ray.classify.train import TrialContext, run_trial, trial_outputs, trial_problem
 from ooc_ray.config import ClassifyConfig, ExperimentConfig, Variant, to_dict
 from ooc_ray.data import class_names, load_manifest
@@ -26,7 +27,6 @@ from ooc_ray.features import cache_dir, ensure_features
 from ooc_ray.io import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
-from ooc_ray.classic import write_missing
 from ooc_ray.protocol import PlannedTrial, plan_grid, trial_config
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
 from ooc_ray.tracking import tracker, with_callbacks
@@ -193,25 +193,28 @@ def _write_augmented(manifest: pd.DataFrame, pending: list[PlannedTrial]) -> Non
 class _Weights:
     """The classifier weights of each classify section the variants use, resolved (and built) once each."""
 
-    def __init__(self, paths: ExperimentPaths, manifest: pd.DataFrame, build: bool = True):
-        self.paths, self.manifest, self.build, self.known = paths, manifest, build, {}
+    def __init__(self, paths: ExperimentPaths, manifest: pd.DataFrame):
+        self.paths, self.manifest, self.known = paths, manifest, {}
 
     def __call__(self, cc: ClassifyConfig):
         key = (cc.backbone, cc.weights, cc.input_size)
         if key not in self.known:
-            self.known[key] = backbone_weights(cc, self.paths.models, self.manifest, build=self.build)
+            self.known[key] = backbone_weights(cc, self.paths.models, self.manifest)
         return self.known[key]
 
 
 def _cache_group(t: GridTrial, weights: _Weights) -> str:
+    """Trials that read one feature cache folder (cached mode; its key holds the views) or one set of weights."""
     cc = trial_config(t.cfg, t.trial.spec).classify
-    return keys.features_key(cc, weights(cc).identity, 0) if cc.mode == "cached" else weights(cc).identity
+    if cc.mode == "cached":
+        return str(cache_dir(cc, weights(cc), weights.paths.features))
+    return weights(cc).identity
 
 
-def grid_trials(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame, build: bool = True
+def grid_trials(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame
                 ) -> tuple[list[tuple[Variant, list[PlannedTrial]]], dict[str, GridTrial], _Weights]:
     """The variants with their planned trials, and every distinct trial (by key) once with its variant's config."""
-    weights = _Weights(paths, manifest, build)
+    weights = _Weights(paths, manifest)
     grid = plan_grid(cfg, paths, manifest, lambda cc: weights(cc).identity)
     trials: dict[str, GridTrial] = {}
     for variant, planned in grid:
@@ -245,7 +248,7 @@ def run_classify(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
                     mine = [t.trial for t in trials.values() if t.trial.key in waiting
                             and _cache_group(t, weights) == group]
                     features_dir = str(ensure_features(vcfg, cc, backbone, _feature_images(mine), paths.features)
-                                       if mine else cache_dir(cc, backbone, paths.features))
+                                       if mine else group)
                 contexts[group] = TrialContext(tuple(class_names(manifest)), backbone, keys.data_digest(manifest),
                                                features_dir)
             trials[key] = GridTrial(vcfg, trial, contexts[group])
