@@ -77,24 +77,100 @@ SMALL_CNN_WIDTHS = (16, 32, 64, 128)
 SMALL_CNN_BN_MOMENTUM = 0.9
 
 
-def build_small_cnn(input_size: int, weights: str | None = None):
-    """The SmallCNN backbone (images 0..255 in, pooled features out), random init or a weights file."""
+def build_small_cnn(input_size: int, weights: str | None = None, split: bool = False):
+    """The SmallCNN backbone (images 0..255 in, pooled features out), random init or a weights file. split: its
+    BatchNorms keep synthetic statistics apart (classify.mixing split_bn): inputs (images, synthetic flag)."""
     import keras
     from keras import layers
 
-    stack = [keras.Input((input_size, input_size, 3)), layers.Rescaling(1 / 127.5, offset=-1.0)]
-    for stage, width in enumerate(SMALL_CNN_WIDTHS):
-        stack += [layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"s{stage}_conv"),
-                  layers.BatchNormalization(momentum=SMALL_CNN_BN_MOMENTUM, name=f"s{stage}_bn"),
-                  layers.ReLU(), layers.MaxPooling2D(2)]
-    stack.append(layers.GlobalAveragePooling2D())
-    model = keras.Sequential(stack, name="small_cnn")
+    def stage_layers(stage: int, width: int) -> tuple:
+        norm = split_batch_norm_class() if split else layers.BatchNormalization
+        return (layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"s{stage}_conv"),
+                norm(momentum=SMALL_CNN_BN_MOMENTUM, name=f"s{stage}_bn"), layers.ReLU(), layers.MaxPooling2D(2))
+
+    stages = [stage_layers(stage, width) for stage, width in enumerate(SMALL_CNN_WIDTHS)]
+    image = keras.Input((input_size, input_size, 3))
+    if not split:  # a Sequential, as SmallCNN has always been built: the same initial weights for a seed
+        model = keras.Sequential([image, layers.Rescaling(1 / 127.5, offset=-1.0),
+                                  *(layer for stage in stages for layer in stage), layers.GlobalAveragePooling2D()],
+                                 name="small_cnn")
+    else:
+        flag = keras.Input((1,), name="synthetic")
+        x = layers.Rescaling(1 / 127.5, offset=-1.0)(image)
+        for conv, norm, relu, pool in stages:
+            x = pool(relu(norm([conv(x), flag])))
+        model = keras.Model([image, flag], layers.GlobalAveragePooling2D()(x), name="small_cnn")
     if weights is not None:
         try:
             model.load_weights(weights)
         except (OSError, ValueError) as exc:
             raise ModelError(f"classify.weights {weights}: not SmallCNN weights at {input_size} px ({exc})") from None
     return model
+
+
+def split_batch_norm_class():
+    """SplitBatchNormalization (built on first use: keras is imported lazily).
+
+    classify.mixing: split_bn. BatchNormalization whose batch and moving statistics are kept apart for real
+    (flag 0) and synthetic (flag 1) samples, with one shared scale and shift: each sample is normalised with the
+    statistics of its own kind in training, and every sample with the real moving statistics at inference (the
+    held-out images are real). The auxiliary-BatchNorm idea of AdvProp (Xie et al., CVPR 2020) and of
+    domain-specific BatchNorm (Chang et al., CVPR 2019), here for synthetic images. On pooled features or on
+    convolution maps (statistics per channel over samples and positions, as BatchNormalization). Moving statistics follow
+    Keras's update, m <- momentum m + (1 - momentum) batch moment, with the biased batch variance; a kind absent
+    from a batch leaves its statistics unchanged."""
+    global _SPLIT_BN
+    if _SPLIT_BN is not None:
+        return _SPLIT_BN
+    import keras
+    from keras import ops
+
+    class SplitBatchNormalization(keras.layers.Layer):
+        def __init__(self, momentum: float = 0.99, epsilon: float = 1e-3, **kwargs):
+            super().__init__(**kwargs)
+            self.momentum, self.epsilon = momentum, epsilon
+
+        def build(self, input_shape):
+            dim = (input_shape[0][-1],)
+            self.gamma = self.add_weight(shape=dim, initializer="ones", name="gamma")
+            self.beta = self.add_weight(shape=dim, initializer="zeros", name="beta")
+            stat = {"shape": dim, "trainable": False}
+            self.real_mean = self.add_weight(initializer="zeros", name="real_mean", **stat)
+            self.real_var = self.add_weight(initializer="ones", name="real_variance", **stat)
+            self.synthetic_mean = self.add_weight(initializer="zeros", name="synthetic_mean", **stat)
+            self.synthetic_var = self.add_weight(initializer="ones", name="synthetic_variance", **stat)
+
+        def _normalise(self, x, mean, var):
+            return (x - mean) * ops.rsqrt(var + self.epsilon) * self.gamma + self.beta
+
+        def _moments(self, x, weight, moving_mean, moving_var):
+            axes = tuple(range(len(x.shape) - 1))  # every axis but the channels, as BatchNormalization
+            count = ops.sum(weight * ops.ones_like(x[..., :1]))  # samples x positions of this kind
+            safe = ops.maximum(count, 1.0)
+            mean = ops.sum(x * weight, axis=axes) / safe
+            var = ops.sum(ops.square(x - mean) * weight, axis=axes) / safe
+            present = count > 0
+            m = self.momentum
+            moving_mean.assign(ops.where(present, moving_mean * m + mean * (1 - m), moving_mean))
+            moving_var.assign(ops.where(present, moving_var * m + var * (1 - m), moving_var))
+            return mean, var
+
+        def call(self, inputs, training=False):
+            x, flag = inputs
+            if not training:
+                return self._normalise(x, self.real_mean, self.real_var)
+            synthetic = ops.reshape(ops.cast(flag, x.dtype), (-1,) + (1,) * (len(x.shape) - 1))
+            real = 1.0 - synthetic
+            real_mean, real_var = self._moments(x, real, self.real_mean, self.real_var)
+            syn_mean, syn_var = self._moments(x, synthetic, self.synthetic_mean, self.synthetic_var)
+            return (real * self._normalise(x, real_mean, real_var)
+                    + synthetic * self._normalise(x, syn_mean, syn_var))
+
+    _SPLIT_BN = SplitBatchNormalization
+    return _SPLIT_BN
+
+
+_SPLIT_BN = None
 
 
 # How each keras.applications backbone's ImageNet weights expect their pixels (its preprocess_input), as a

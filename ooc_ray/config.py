@@ -250,9 +250,9 @@ class ClassifyConfig:
     # How synthetic images enter a real + synthetic arm: "concat" (one shuffled set, the paper's), "loss_weighted"
     # (a real and a synthetic batch per step, loss (1 - w) real + w synthetic, w = synthetic_loss_weight;
     # DataDream: 0.2), "replace" (real-only epochs, each sample swapped for a synthetic image of its class with
-    # probability replace_probability; DA-Fusion: 0.5), "split_bn" (the head's BatchNorm keeps separate
-    # statistics for synthetic images; evaluated with the real ones). Real-only and synthetic-only trials do not
-    # mix, so they are shared by every strategy.
+    # probability replace_probability; DA-Fusion: 0.5), "split_bn" (the head's BatchNorm, and a SmallCNN's own,
+    # keep separate statistics for synthetic images; evaluated with the real ones). Real-only and synthetic-only
+    # trials do not mix, so they are shared by every strategy.
     mixing: Mixing = result("concat", _TRIAL, keyed_when_set=True)
     synthetic_loss_weight: float = result(0.2, _TRIAL, only_if=("mixing", "loss_weighted"))
     replace_probability: float = result(0.5, _TRIAL, only_if=("mixing", "replace"))
@@ -519,9 +519,9 @@ def _validate(cfg: ExperimentConfig) -> None:
         (len(set(cfg.classify.controls)) == len(cfg.classify.controls), "classify.controls: a control is listed twice"),
         (cfg.generator.scope == "class" or not cfg.generator.per_group,
          "generator.scope: one LoRA per dataset has no group to train per; use per_group: false or scope: class"),
-        (cfg.classify.mixing != "split_bn" or cfg.classify.backbone != "SmallCNN",
-         "classify.mixing: split_bn separates the head's BatchNorm statistics, but SmallCNN's own BatchNorm layers "
-         "train on both kinds of image; use a frozen keras.applications backbone (e.g. EfficientNetB0)"),
+        (cfg.classify.mixing != "split_bn" or cfg.classify.backbone != "SmallCNN" or cfg.classify.weights == "none",
+         "classify.mixing: split_bn builds SmallCNN with split BatchNorm layers, which a plain SmallCNN weights file "
+         "cannot fill; use classify.weights: none (trained from scratch)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -175,11 +175,13 @@ def test_axes_expand_to_validated_variants(tmp_path):
     ({"sample.cfg": [2, 2.0]}, "axes.sample.cfg: values repeat"),
     ({"sample.cfg": ["high"]}, r"axes.sample.cfg\[0\]: expected a number"),
     ({"sample.strength": [0.5, 1.5]}, r"axes \(sample.strength = 1.5\): sample.strength: must be in \(0, 1\]"),
-    ({"classify.mixing": ["split_bn"]}, "split_bn separates the head's BatchNorm"),
+    ({"classify.mixing": ["split_bn"]}, "split_bn builds SmallCNN with split BatchNorm layers"),
     ({"classify.mixing": ["blend"]}, r"axes.classify.mixing\[0\]: 'blend' is not one of"),
 ])
-def test_axes_that_cannot_mean_anything_are_refused_naming_the_axis(axes, message):
-    extra = {"classify": {"backbone": "SmallCNN", "weights": "none"}} if "split_bn" in str(axes) else {}
+def test_axes_that_cannot_mean_anything_are_refused_naming_the_axis(axes, message, tmp_path):
+    weights = tmp_path / "small.weights.h5"
+    weights.write_bytes(b"")
+    extra = {"classify": {"backbone": "SmallCNN", "weights": str(weights)}} if "split_bn" in str(axes) else {}
     with pytest.raises(ConfigError, match=message):
         from_dict({"axes": axes, **extra})
 

@@ -32,8 +32,9 @@ def tiny(tmp_path_factory):
 def run(tiny, fold: int = 1, ratio: float = 1.0, **classify):
     """(summary row, losses per epoch, test probabilities) of one trial of `fold` at `ratio`."""
     root, paths, manifest, synthetic, path = tiny
-    cfg = mixing_cfg(root, weights=path, **classify)
-    weights = BackboneWeights(path, "file-b0")
+    settings = {"weights": path, **classify}
+    cfg = mixing_cfg(root, **settings)
+    weights = BackboneWeights(None, "none") if settings["weights"] == "none" else BackboneWeights(path, "file-b0")
     trial = next(t for t in plan_trials(cfg, manifest, synthetic, weights.identity)
                  if t.spec.ratio == ratio and t.spec.fold == fold)
     features_dir = None
@@ -111,7 +112,7 @@ def test_loss_weighted_trains_on_the_weighted_loss():
 def test_split_batch_norm_keeps_synthetic_statistics_apart():
     import keras
 
-    from ooc_ray.classify.model import split_batch_norm_class
+    from ooc_ray.backbones import split_batch_norm_class
 
     rng = np.random.default_rng(1)
     x = rng.normal(2.0, 3.0, size=(10, 4)).astype(np.float32)
@@ -136,6 +137,16 @@ def test_split_batch_norm_keeps_synthetic_statistics_apart():
     inferred = np.asarray(split([x, np.ones_like(flag)], training=False))
     expected = (x - split.real_mean.numpy()) / np.sqrt(split.real_var.numpy() + 1e-3)
     np.testing.assert_allclose(inferred, expected, atol=1e-5)
+    # Convolution maps (SmallCNN's): statistics per channel over samples and positions, as BatchNormalization.
+    maps = rng.normal(1.0, 2.0, size=(6, 5, 5, 3)).astype(np.float32)
+    flags = np.array([0, 1, 0, 0, 1, 0], np.float32)[:, None]
+    conv_split, conv_plain = split_batch_norm_class()(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    np.testing.assert_allclose(conv_split([maps, np.zeros_like(flags)], training=True), conv_plain(maps, training=True),
+                               atol=1e-5)
+    out = np.asarray(conv_split([maps, flags], training=True))
+    syn = flags[:, 0] == 1
+    part = maps[syn]
+    np.testing.assert_allclose(out[syn], (part - part.mean((0, 1, 2))) / np.sqrt(part.var((0, 1, 2)) + 1e-3), atol=1e-5)
 
 
 def test_split_bn_trial_trains_and_shares_real_only(tiny):
@@ -150,3 +161,21 @@ def test_split_bn_trial_trains_and_shares_real_only(tiny):
     mixed = {m: {t.key for t in plan_trials(mixing_cfg(root, weights=path, mixing=m), manifest, synthetic, "w")
                  if t.spec.ratio == 1.0} for m in ("concat", "split_bn", "replace", "loss_weighted")}
     assert len({frozenset(k) for k in mixed.values()}) == 4  # the mixing arms are four different results
+
+
+def test_split_bn_splits_every_batch_norm_of_a_small_cnn_trained_from_scratch(tiny):
+    """SmallCNN under split_bn: each of its BatchNorms (and the head's) split; trains, and differs from concat."""
+    import keras
+
+    from ooc_ray.backbones import BackboneWeights
+    from ooc_ray.classify.model import build_exact_model
+
+    cfg = mixing_cfg("/unused", backbone="SmallCNN", weights="none", mode="exact", input_size=32, mixing="split_bn")
+    model = build_exact_model(cfg.classify, BackboneWeights(None, "none"), 3, seed=0)
+    kinds = [type(layer).__name__ for layer in model.get_layer("small_cnn").layers]
+    assert kinds.count("SplitBatchNormalization") == 4 and "BatchNormalization" not in kinds
+    assert type(model.get_layer("head").get_layer("head_bn")).__name__ == "SplitBatchNormalization"
+    keras.backend.clear_session()
+    split = run(tiny, mode="exact", backbone="SmallCNN", weights="none", mixing="split_bn")
+    concat = run(tiny, mode="exact", backbone="SmallCNN", weights="none")
+    assert split[0]["mixing"] == "split_bn" and split[1] != concat[1] and split[1][-1] < split[1][0]

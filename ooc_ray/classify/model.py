@@ -10,8 +10,8 @@ modes train, and the whole model that exact mode trains.
 """
 from __future__ import annotations
 
-from ooc_ray.backbones import (SMALL_CNN, SMALL_CNN_BN_MOMENTUM, BackboneWeights, build_augmentation, build_backbone, build_small_cnn,
-                                fine_tuned, frozen)
+from ooc_ray.backbones import (SMALL_CNN, SMALL_CNN_BN_MOMENTUM, BackboneWeights, build_augmentation, build_backbone,
+                                build_small_cnn, fine_tuned, frozen, split_batch_norm_class)
 from ooc_ray.config import ClassifyConfig
 
 
@@ -34,76 +34,13 @@ def build_head(n_features: int, n_classes: int, dropout: float, seed: int, bn_mo
     )
 
 
-def split_batch_norm_class():
-    """SplitBatchNormalization (built on first use: keras is imported lazily).
-
-    classify.mixing: split_bn. BatchNormalization whose batch and moving statistics are kept apart for real
-    (flag 0) and synthetic (flag 1) samples, with one shared scale and shift: each sample is normalised with the
-    statistics of its own kind in training, and every sample with the real moving statistics at inference (the
-    held-out images are real). The auxiliary-BatchNorm idea of AdvProp (Xie et al., CVPR 2020) and of
-    domain-specific BatchNorm (Chang et al., CVPR 2019), here for synthetic images. Moving statistics follow
-    Keras's update, m <- momentum m + (1 - momentum) batch moment, with the biased batch variance; a kind absent
-    from a batch leaves its statistics unchanged."""
-    global _SPLIT_BN
-    if _SPLIT_BN is not None:
-        return _SPLIT_BN
-    import keras
-    from keras import ops
-
-    class SplitBatchNormalization(keras.layers.Layer):
-        def __init__(self, momentum: float = 0.99, epsilon: float = 1e-3, **kwargs):
-            super().__init__(**kwargs)
-            self.momentum, self.epsilon = momentum, epsilon
-
-        def build(self, input_shape):
-            dim = (input_shape[0][-1],)
-            self.gamma = self.add_weight(shape=dim, initializer="ones", name="gamma")
-            self.beta = self.add_weight(shape=dim, initializer="zeros", name="beta")
-            stat = {"shape": dim, "trainable": False}
-            self.real_mean = self.add_weight(initializer="zeros", name="real_mean", **stat)
-            self.real_var = self.add_weight(initializer="ones", name="real_variance", **stat)
-            self.synthetic_mean = self.add_weight(initializer="zeros", name="synthetic_mean", **stat)
-            self.synthetic_var = self.add_weight(initializer="ones", name="synthetic_variance", **stat)
-
-        def _normalise(self, x, mean, var):
-            return (x - mean) * ops.rsqrt(var + self.epsilon) * self.gamma + self.beta
-
-        def _moments(self, x, weight, moving_mean, moving_var):
-            count = ops.sum(weight)
-            safe = ops.maximum(count, 1.0)
-            mean = ops.sum(x * weight, axis=0) / safe
-            var = ops.sum(ops.square(x - mean) * weight, axis=0) / safe
-            present = count > 0
-            m = self.momentum
-            moving_mean.assign(ops.where(present, moving_mean * m + mean * (1 - m), moving_mean))
-            moving_var.assign(ops.where(present, moving_var * m + var * (1 - m), moving_var))
-            return mean, var
-
-        def call(self, inputs, training=False):
-            x, flag = inputs
-            if not training:
-                return self._normalise(x, self.real_mean, self.real_var)
-            synthetic = ops.reshape(ops.cast(flag, x.dtype), (-1, 1))
-            real = 1.0 - synthetic
-            real_mean, real_var = self._moments(x, real, self.real_mean, self.real_var)
-            syn_mean, syn_var = self._moments(x, synthetic, self.synthetic_mean, self.synthetic_var)
-            return (real * self._normalise(x, real_mean, real_var)
-                    + synthetic * self._normalise(x, syn_mean, syn_var))
-
-    _SPLIT_BN = SplitBatchNormalization
-    return _SPLIT_BN
-
-
-_SPLIT_BN = None
-
-
-def build_split_head(n_features: int, n_classes: int, dropout: float, seed: int):
+def build_split_head(n_features: int, n_classes: int, dropout: float, seed: int, bn_momentum: float = 0.99):
     """build_head with SplitBatchNormalization: inputs (features, synthetic flag)."""
     import keras
 
     features = keras.Input((n_features,), name="features")
     flag = keras.Input((1,), name="synthetic")
-    x = split_batch_norm_class()(name="head_bn")([features, flag])
+    x = split_batch_norm_class()(momentum=bn_momentum, name="head_bn")([features, flag])
     x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(x)
     out = keras.layers.Dense(n_classes, activation="softmax", name="head_dense",
                              kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
@@ -150,15 +87,15 @@ def build_exact_model(cc: ClassifyConfig, weights: BackboneWeights, n_classes: i
     import keras
 
     momentum = 0.99
-    if cc.backbone == SMALL_CNN:
-        backbone = build_small_cnn(cc.input_size, weights.value)  # seeded by the caller's set_random_seed
+    split = cc.mixing == "split_bn"
+    if cc.backbone == SMALL_CNN:  # trained from scratch: under split_bn every BatchNorm of it is split
+        backbone = build_small_cnn(cc.input_size, weights.value, split=split)  # seeded by set_random_seed
         features, momentum = backbone, SMALL_CNN_BN_MOMENTUM
-    else:
+    else:  # frozen (or top blocks with frozen BatchNorms): the head's BatchNorm is the one that learns statistics
         backbone = build_backbone(cc.backbone, weights.value, cc.input_size)
         features = fine_tuned(backbone, cc.train_backbone) if cc.train_backbone else frozen(backbone)
-    split = cc.mixing == "split_bn"
     head = (build_split_head if split else build_head)(backbone.output_shape[-1], n_classes, cc.dropout, seed,
-                                                        *(() if split else (momentum,)))
+                                                        momentum)
     inputs = keras.Input((cc.input_size, cc.input_size, 3), name="image")
     x = inputs
     augmentation = build_augmentation(cc.augment, seed)
@@ -166,7 +103,8 @@ def build_exact_model(cc: ClassifyConfig, weights: BackboneWeights, n_classes: i
         x = augmentation(x)  # active only in training (Keras random layers are no-ops at inference)
     if split:
         flag = keras.Input((1,), name="synthetic")
-        return keras.Model([inputs, flag], head([features(x), flag]), name="classifier")
+        pooled = features([x, flag]) if cc.backbone == SMALL_CNN else features(x)
+        return keras.Model([inputs, flag], head([pooled, flag]), name="classifier")
     return keras.Model(inputs, head(features(x)), name="classifier")
 
 

@@ -180,7 +180,7 @@ def fit_exact(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed: 
     history = _fit(model, cc, streams, batches, callbacks)
     test = image_batches(trial.test["path"].tolist(), cc.input_size, cc.batch_size)
     if split:  # held-out images are real: the real statistics
-        test = test.map(lambda x: (x, tf.zeros((tf.shape(x)[0], 1))))
+        test = test.map(lambda x: ((x, tf.zeros((tf.shape(x)[0], 1))),))  # a 1-tuple: inputs, no labels
     probs = model.predict(test, verbose=0)
     return probs, history
 
