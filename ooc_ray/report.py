@@ -418,10 +418,14 @@ TESTS_NOTE = (
     "real + r% arm; **real + r% classic augmentation** adds as many classic augmentations of real images.")
 
 
+def table_name(prefix: str, weight: float) -> str:
+    return prefix + ("no_weight" if pd.isna(weight) else f"w{weight:g}")
+
+
 def _write_tables(tables: dict[float, pd.DataFrame], out: Path, k: int, prefix: str = "") -> list[str]:
     lines = []
     for weight, table in tables.items():
-        name = prefix + ("no_weight" if pd.isna(weight) else f"w{weight:g}")
+        name = table_name(prefix, weight)
         shown = display_table(table)
         with atomic_path(out / f"table_{name}.csv") as tmp:
             table.to_csv(tmp, index=False)
@@ -555,11 +559,16 @@ def _plot_axis(trials: pd.DataFrame, axis: str, values: tuple, path: Path) -> No
     _save(fig, path, dpi=120)
 
 
+REPLICATES_NOTE = (
+    "Generator randomness against the classifier's, per arm (and other axes' values): the accuracy averaged over "
+    "folds in each generation replicate; the sd of those replicate means (generator sd); the mean over replicates "
+    "of the fold-to-fold sd (fold sd: data split and classifier training); and the generator's share of the "
+    "variance of one trial, from one-way random effects: var(replicate means) - var(fold) / folds, floored at 0. "
+    "Real only draws no synthetic image, so its generator sd is 0 by construction.")
+
+
 def replicate_table(trials: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
-    """Generator randomness against the classifier's, per arm (and other axes' values): the accuracy averaged over
-    folds in each generation replicate; the sd of those replicate means (generator sd); the mean over replicates
-    of the fold-to-fold sd (fold sd: data split and classifier training); and the generator's share of the
-    variance of one trial, from one-way random effects: var(replicate means) - var(fold) / folds, floored at 0."""
+    """REPLICATES_NOTE's table, one row per arm (and other axes' values)."""
     rows = []
     by = [*axes, "weight", "ratio", "synthetic_only", "control"]
     for point, group in with_arm_columns(trials).groupby(by, dropna=False, sort=False):
@@ -587,6 +596,24 @@ def _axes_lines(cfg: ExperimentConfig) -> list[str]:
     return lines
 
 
+# What run_report writes into report/ besides report.md/html (which it always rewrites): a file of these
+# patterns that a run did not write again is another config's (a LoRA weight or axis value since removed).
+REPORT_OUTPUTS = ("table_*.csv", "table_*.md", "table_*.tex", "*accuracy_vs_ratio.png", "*confusion_matrices.png",
+                  "*real_vs_synthetic.png", "axis_*.png", "replicates.md")
+
+
+def remove_stale(out: Path, written: set[str]) -> list[Path]:
+    """Delete the REPORT_OUTPUTS files in `out` that this run did not write (`written`: file names), so that a
+    glob of report/ never mixes this config's tables with an earlier config's; returns them. By name, not by
+    time: on shared storage the file server's clock is not this node's."""
+    stale = sorted({f for pattern in REPORT_OUTPUTS for f in out.glob(pattern) if f.name not in written})
+    for f in stale:
+        f.unlink()
+    if stale:
+        note(f"report: removed {len(stale)} file(s) of an earlier config from {out}, e.g. {stale[0].name}")
+    return stale
+
+
 def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
     """report/: tables, plots and image grids of this config's finished trials, one set per variant of its axes,
     a plot per axis and, with generation replicates, what the generator's randomness contributes."""
@@ -596,7 +623,7 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     naive = naive_baseline(manifest)["overall"]
     margin = cfg.report.equivalence_margin
-    body, combined, tagged = [], [], []
+    body, combined, tagged, written = [], [], [], {"replicates.md"} if cfg.sample.replicates > 1 else set()
     n_planned = len({t.key for _, planned in grid for t in planned})
     for variant, planned in grid:
         vpaths = paths.for_variant(variant.tag)
@@ -612,6 +639,8 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
         add_costs(tables, trials, planned, synthetic, paths.lora)
         prefix = f"{variant.tag}__" if variant.tag else ""
         body += _write_tables(tables, out, cfg.folds.k, prefix)
+        written |= {f"table_{table_name(prefix, weight)}.{ext}" for weight in tables for ext in ("csv", "md", "tex")}
+        written |= {f"{prefix}{name}.png" for name in ("accuracy_vs_ratio", "confusion_matrices", "real_vs_synthetic")}
         _plot_accuracy_vs_ratio(tables, naive, out / f"{prefix}accuracy_vs_ratio.png")
         _plot_confusions(trials, out / f"{prefix}confusion_matrices.png")
         body += [f"![accuracy vs ratio]({prefix}accuracy_vs_ratio.png)", "",
@@ -631,18 +660,19 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
     extra = []
     for name, values in cfg.axes:
         file = f"axis_{safe_name(name)}.png"
+        written.add(file)
         _plot_axis(everything, name, values, out / file)
         extra += [f"![accuracy against {name}]({file})", ""]
     if cfg.sample.replicates > 1:
         table = replicate_table(everything, [name for name, _ in cfg.axes])
         atomic_write_text(out / "replicates.md", to_markdown(table) + "\n")
-        extra += ["## Generator randomness (generation replicates)", "", replicate_table.__doc__.split("\n\n")[0]
-                  .replace("\n    ", " "), "", to_markdown(table), ""]
+        extra += ["## Generator randomness (generation replicates)", "", REPLICATES_NOTE, "", to_markdown(table), ""]
     n_trials = everything["trial_key"].nunique()
     lines = (_header(cfg, manifest, n_trials, n_planned) + _axes_lines(cfg) + ["", TESTS_NOTE, ""]
              + (extra if cfg.axes else []) + body + ([] if cfg.axes else extra))
     text = "\n".join(lines)
     atomic_write_text(out / "report.html", html_report(text, out, f"ooc-ray report: {cfg.name}"))
     report = atomic_write_text(out / "report.md", text)
+    remove_stale(out, written)
     note(f"report: {report} (and report.html beside it: one file, images embedded)")
     return report

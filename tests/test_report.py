@@ -318,3 +318,18 @@ def test_cost_per_arm_sums_its_loras_images_and_trials(tmp_path):
     # LoRAs A and B (not C, whose images no trial drew), images s0-s3 once each, trials 5 + 6
     assert table.loc["real + 100% synthetic", ["cost_lora_s", "cost_sampling_s", "cost_trials_s",
                                                "cost_total_s"]].tolist() == [30.0, 1.5, 11.0, 42.5]
+
+
+def test_a_re_run_report_removes_the_tables_of_an_earlier_config(tmp_path, trials):
+    """Table files of an earlier config (a LoRA weight or axis value since dropped) leave report/ when the report
+    is written again (a glob of report/table_*.csv is never stale); files the report does not make stay."""
+    from ooc_ray.report import run_report
+
+    cfg, paths, planned, digest = write_report(tmp_path, trials)
+    run_report(cfg, paths)
+    assert (paths.report / "table_w0.8.csv").exists()
+    (paths.report / "my_notes.md").write_text("mine")
+    (paths.report / "table_w0.5.md").write_text("left by an older config")
+    run_report(cfg, paths)
+    assert not (paths.report / "table_w0.5.md").exists() and (paths.report / "my_notes.md").exists()
+    assert (paths.report / "table_w0.8.csv").exists() and (paths.report / "table_w1.md").exists()
