@@ -276,6 +276,13 @@ def _draw(pool: pd.DataFrame, label_index: int, take: int, spec: TrialSpec, labe
 
 
 CONTROL_STREAM = 7  # seeds the controls' draws apart from the synthetic draws of the same (seed, fold, class)
+AUGMENTED_MARK = "~aug"  # id of copy c of real image i: f"{i}~aug{c}"
+
+
+def augmented_source(image_id: str) -> tuple[str, int]:
+    """(the real image's id, the copy number) of a real_augmented row's id."""
+    source, copy = image_id.rsplit(AUGMENTED_MARK, 1)
+    return source, int(copy)
 
 
 def control_rows(real: pd.DataFrame, spec: TrialSpec, n_extra: int, n_classes: int, seed: int,
@@ -300,7 +307,7 @@ def control_rows(real: pd.DataFrame, spec: TrialSpec, n_extra: int, n_classes: i
             continue
         copies = uses // len(candidates)
         identity = [augmented_identity(sha, copy) for sha, copy in zip(rows["sha256"], copies)]
-        parts.append(rows.assign(id=[f"{i}~aug{copy}" for i, copy in zip(rows["id"], copies)], sha256=identity,
+        parts.append(rows.assign(id=[f"{i}{AUGMENTED_MARK}{c}" for i, c in zip(rows["id"], copies)], sha256=identity,
                                  path=[augmented_path(augmented_dir, i) for i in identity],
                                  source="augmented")[TRAINSET_COLUMNS])
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TRAINSET_COLUMNS)

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from ooc_ray import keys
 from ooc_ray.config import ExperimentConfig
@@ -200,10 +201,9 @@ def _recorded(plan: pd.DataFrame, column: str = "sha256") -> dict:
     out: dict = {}
     for folder in {Path(p).parent for p in plan["path"]}:
         pool = folder / POOL_FILE
-        if not parquet_problem(pool):
-            done = pd.read_parquet(pool)
-            if column in done.columns:
-                out.update(zip(done["path"], done[column]))
+        if not parquet_problem(pool) and column in pq.read_schema(pool).names:
+            done = pd.read_parquet(pool, columns=["path", column])
+            out.update(zip(done["path"], done[column]))
     return out
 
 

@@ -271,6 +271,7 @@ def test_matched_controls_train_on_as_many_real_images_as_their_arm(tmp_path):
     """real_steps: the real set plus round(r x n) more real rows, per class as synthetic ones would be (so as many
     steps as the real + r arm); real_augmented: as many classic augmentations, each named by its identity."""
     from ooc_ray.classic import augmented_identity
+    from ooc_ray.protocol import augmented_source
 
     m = make_manifest(per_class=(9, 5, 3), k=3)
     s = fake_synthetic(m, weights=(1.0, 0.8), extra=20)
@@ -293,7 +294,7 @@ def test_matched_controls_train_on_as_many_real_images_as_their_arm(tmp_path):
             assert len(extra) == (arm["source"] == "synthetic").sum() and not set(extra["id"]) & set(real["id"])
             source = m.set_index("id")
             for row in extra.itertuples():
-                image_id, copy = row.id.rsplit("~aug", 1)
+                image_id, copy = augmented_source(row.id)
                 assert source.loc[image_id, "label"] == row.label  # a copy keeps its image's class
                 assert row.sha256 == augmented_identity(source.loc[image_id, "sha256"], int(copy))
                 assert row.path.startswith(str(tmp_path / "aug"))

@@ -27,7 +27,7 @@ from ooc_ray.features import cache_dir, ensure_features
 from ooc_ray.io import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
-from ooc_ray.protocol import PlannedTrial, plan_grid, trial_config
+from ooc_ray.protocol import PlannedTrial, augmented_source, plan_grid, trial_config
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
 from ooc_ray.tracking import tracker, with_callbacks
 
@@ -185,7 +185,7 @@ def _write_augmented(manifest: pd.DataFrame, pending: list[PlannedTrial]) -> Non
     if rows.empty:
         return
     source_path = manifest.set_index("id")["path"]
-    sources = {identity: source_path[image_id.rsplit("~aug", 1)[0]]
+    sources = {identity: source_path[augmented_source(image_id)[0]]
                for identity, image_id in zip(rows["sha256"], rows["id"])}
     note(f"classify: {write_missing(rows, sources)} classic augmentations written for the real_augmented control")
 
@@ -232,24 +232,29 @@ def run_classify(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     pending = _pending(paths, planned)
     note(f"classify: {len(planned)} trials planned" + (f" over {len(grid)} variants" if len(grid) > 1 else "")
          + f", {len(planned) - len(pending)} re-used, {len(pending)} to run")
+    empty = [t.trial.key for t in trials.values() if t.cfg.classify.mixing in ("loss_weighted", "replace")
+             and t.trial.spec.mixes and not (t.trial.train["source"] == "synthetic").any()]
+    if empty:  # train.trial_mixing: nothing to weight or swap
+        note(f"classify: {len(empty)} trial(s) of a mixing arm draw no synthetic image (round(r x n_train) = 0), "
+             f"e.g. {empty[0]}: they train as concat, and their rows' `mixing` says so")
     if pending:
         init_ray(cfg)
         _write_augmented(manifest, pending)
         waiting = {t.key for t in pending}
+        # Trials that read one feature cache (or one set of weights) share a context; a cache is filled for the
+        # pending trials that read it.
+        groups = {key: _cache_group(t, weights) for key, t in trials.items()}
         contexts: dict[str, TrialContext] = {}
         for key, (vcfg, trial, _) in list(trials.items()):
-            cc = trial_config(vcfg, trial.spec).classify
-            backbone = weights(cc)
-            # Trials that read one feature cache share a context; the cache is filled for the pending ones.
-            group = _cache_group(GridTrial(vcfg, trial, None), weights)
+            group = groups[key]
             if group not in contexts:
+                cc = trial_config(vcfg, trial.spec).classify
                 features_dir = None
                 if cc.mode == "cached":
-                    mine = [t.trial for t in trials.values() if t.trial.key in waiting
-                            and _cache_group(t, weights) == group]
-                    features_dir = str(ensure_features(vcfg, cc, backbone, _feature_images(mine), paths.features)
+                    mine = [trials[k].trial for k in waiting if groups[k] == group]
+                    features_dir = str(ensure_features(vcfg, cc, weights(cc), _feature_images(mine), paths.features)
                                        if mine else group)
-                contexts[group] = TrialContext(tuple(class_names(manifest)), backbone, keys.data_digest(manifest),
+                contexts[group] = TrialContext(tuple(class_names(manifest)), weights(cc), keys.data_digest(manifest),
                                                features_dir)
             trials[key] = GridTrial(vcfg, trial, contexts[group])
         with FileProgress([paths.trial(t.key) for t in pending], "classify", "trial"):

@@ -17,7 +17,7 @@ import pandas as pd
 
 from ooc_ray.backbones import BackboneWeights, setup_tf
 from ooc_ray.classify.metrics import compute_metrics
-from ooc_ray.classify.model import build_exact_model, build_head, build_split_head, compile_model
+from ooc_ray.classify.model import build_exact_model, build_head, build_split_head, compile_model, loss_weighted
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.errors import StageError
 from ooc_ray.features import FeatureCache, image_batches, image_map, train_views
@@ -122,7 +122,9 @@ class _Streams:
             n = tf.gather(counts, c)
             u = tf.cast(tf.math.floormod(r, scale), tf.float64) / scale
             pick = tf.gather(starts, c) + tf.math.floormod(tf.math.floordiv(r, scale), tf.maximum(n, 1))
-            return tf.where((u < self.p) & (n > 0), tf.gather(by_class, tf.minimum(pick, len(self.synthetic_rows) - 1)), i)
+            # tf.where evaluates both sides: a class without synthetic rows may point past the table, so clamp.
+            inside = tf.minimum(pick, len(self.synthetic_rows) - 1)
+            return tf.where((u < self.p) & (n > 0), tf.gather(by_class, inside), i)
 
         draws = tf.data.Dataset.random(seed=self.seed + REPLACE_STREAM, rerandomize_each_iteration=True)
         return tf.data.Dataset.zip(real, draws).map(swap)
@@ -143,10 +145,9 @@ def _inputs(x, flag, split: bool):
 
 def _fit(model, cc: ClassifyConfig, streams: _Streams, batches, callbacks):
     """Fit `model` on the trial's batches (`batches(index stream, batch size, stream seed)` -> (x, y) batches);
-    loss_weighted pairs a real and a synthetic batch per step. Returns (the model that trained, History)."""
+    loss_weighted pairs a real and a synthetic batch per step (a model wrapping `model`, whose weights it
+    trains). Returns the keras History."""
     import tensorflow as tf
-
-    from ooc_ray.classify.model import loss_weighted
 
     if streams.mixing == "loss_weighted":
         model = compile_model(loss_weighted(model, cc.synthetic_loss_weight), cc.lr,
