@@ -21,7 +21,7 @@ schema. Each part runs in a fresh subprocess per scale; each step's peak RSS is 
   plan-grid  the same at the paper's 822 images with s x the LoRA weights (2, 20, 200: 65, 605, 6,005 trials;
              pools s x 6,580 rows): a wider grid, not more data.
   report     the report's tables from 65 x s trial files (5 x s folds of 164 held-out images, 820 x s images):
-             report.read_trials, summary_tables (with the paired tests), the table files (CSV/Markdown/LaTeX),
+             the trial files, summary_tables (with the paired tests), the table files (CSV/Markdown/LaTeX),
              naive_baseline, and the two plots. run_report itself is not run: it first re-plans every trial
              (plan_trials, measured above) to find the current ones, and with 500 folds of 82,000 images that
              is 6,500 training sets of ~82,000 rows each.
@@ -302,22 +302,28 @@ def part_plan_grid(work: Path, scale: int) -> tuple[str, list[dict]]:
 
 
 def part_report(work: Path, scale: int) -> tuple[str, list[dict]]:
-    from ooc_ray.report import (_plot_accuracy_vs_ratio, _plot_confusions, _write_tables, naive_baseline,
-                                read_trials, summary_tables)
+    from ooc_ray.comparisons import naive_baseline
+    from ooc_ray.report import render
+    from ooc_ray.report.tables import summary_tables
 
     root = work / f"trials_x{scale}"
     world = pd.read_parquet(root / "world.parquet")
     out = work / f"report_x{scale}"
     out.mkdir(exist_ok=True)
-    trials = read_trials(root / "trials")
+
+    def read_trials():  # one pandas read per trial file, as run_report reads the planned ones
+        return pd.concat([pd.read_parquet(f) for f in sorted((root / "trials").glob("*.parquet"))],
+                         ignore_index=True)
+
+    trials = read_trials()
     tables = summary_tables(trials)
-    steps = [measure("c1 report.read_trials", lambda: read_trials(root / "trials")),
-             measure("c2 report.summary_tables (+ corrected t, Holm)", lambda: summary_tables(trials)),
-             measure("c3 table files (CSV, Markdown, LaTeX)", lambda: _write_tables(tables, out, K)),
-             measure("c4 report.naive_baseline", lambda: naive_baseline(world)),
+    steps = [measure("c1 read the trial files", read_trials),
+             measure("c2 report.tables.summary_tables (+ corrected t, Bayesian, Holm)", lambda: summary_tables(trials)),
+             measure("c3 table files (CSV, Markdown, LaTeX)", lambda: render.write_tables(tables, out, {}, {})),
+             measure("c4 comparisons.naive_baseline", lambda: naive_baseline(world)),
              measure("c5 plots (accuracy vs ratio, confusions)",
-                     lambda: (_plot_accuracy_vs_ratio(tables, 0.608, out / "acc.png"),
-                              _plot_confusions(trials, out / "confusion.png")))]
+                     lambda: (render.plot_metric_vs_ratio(tables, 0.608, out / "acc.png"),
+                              render.plot_confusions(trials, out / "confusion.png")))]
     return f"{len(trials):,} trial files, {K * scale} folds, {len(world):,} images", steps
 
 

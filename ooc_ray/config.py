@@ -235,7 +235,9 @@ class ClassifyConfig:
     batch_size: int = result(16, _TRIAL)  # the training batch; feature extraction batches are not results
     lr: float = result(1e-3, _TRIAL)
     dropout: float = result(0.2, _TRIAL)
-    augment: tuple[Augmentation, ...] = result(("flip", "rotation", "zoom", "contrast"), _FEATURES_TRIAL)
+    # The Keras "fine-tuning EfficientNet" example's layers, which the paper's head follows, in its order:
+    # RandomRotation 0.15, RandomTranslation 0.1, RandomFlip, RandomContrast 0.1 (ooc_ray.backbones.AUGMENT_ARGS).
+    augment: tuple[Augmentation, ...] = result(("rotation", "translation", "flip", "contrast"), _FEATURES_TRIAL)
     ratios: tuple[float, ...] = grid((0.0, 0.1, 0.25, 0.5, 0.75, 1.0))
     synthetic_only: bool = grid(True)
     # "exact" trains end to end per trial; "cached" trains the head on cached backbone features
@@ -332,9 +334,17 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    # TOST equivalence margin on accuracy: an arm is "equivalent" to real only when the corrected t's 90 % CI of
-    # the difference lies inside +-margin (two one-sided tests at 5 %), so "no benefit" can be a result.
+    # Equivalence margin on the tested metric: an arm is "equivalent" to real only when the corrected t's 90 % CI
+    # of the difference lies inside +-margin (two one-sided tests at 5 %), so "no benefit" can be a result; also
+    # the Bayesian correlated t-test's region of practical equivalence.
     equivalence_margin: float = presentation(0.02)
+    # The metric every arm is tested on: accuracy (the paper's headline), balanced_accuracy (macro recall) or
+    # f1_macro; with imbalanced classes (the paper's 500/212/110) accuracy rewards the majority class.
+    metric: Literal["accuracy", "balanced_accuracy", "f1_macro"] = presentation("accuracy")
+    # A CSV of published values shown beside each table (columns weight, ratio, synthetic_only and any of
+    # accuracy, precision, recall, f1; weight empty for real only): experiments/paper_reference.csv holds the
+    # paper's. "" = none.
+    reference: str = presentation("")
 
 
 @dataclass(frozen=True)
@@ -534,6 +544,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     if (cfg.tracking.uri or cfg.tracking.experiment) and not cfg.tracking.mlflow:
         raise ConfigError("tracking.uri / tracking.experiment: set, but tracking.mlflow is false, so nothing "
                           "would be tracked; set tracking.mlflow: true or remove them")
+    if cfg.report.reference and not Path(cfg.report.reference).expanduser().is_file():
+        raise ConfigError(f"report.reference: {cfg.report.reference!r} is not a file")
     weights = cfg.classify.weights
     if weights not in SPECIAL_WEIGHTS and not Path(weights).expanduser().is_file():
         raise ConfigError(f"classify.weights: {weights!r} is neither one of {list(SPECIAL_WEIGHTS)} "

@@ -98,6 +98,12 @@ class ExperimentPaths:
     def predictions(self) -> Path:
         return self.root / "predictions"
 
+    def trial_history(self, key: str) -> Path:
+        return self.history / f"{key}.parquet"
+
+    def trial_predictions(self, key: str) -> Path:
+        return self.predictions / f"{key}.parquet"
+
     @property
     def superseded(self) -> Path:
         # Trials of an earlier config or data, moved out of trials/ so a glob of trials/ is never stale; kept

@@ -133,10 +133,96 @@ def plan_loras(cfg: ExperimentConfig, manifest: pd.DataFrame, base_id: str,
 # ---------------------------------------------------------------------------------------------- grid
 
 
+CONTROL_LABELS = {"real_steps": "real only, steps of + {}%", "real_augmented": "real + {}% classic augmentation"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of a report table: what a training set holds beside the real images of its fold. Real only and
+    the matched controls (classify.controls) have no LoRA weight (None): they run once per fold and appear in
+    every weight's table. The one owner of an arm's names: its label (tables), its name (trial rows' `arm`),
+    its id (name and weight), its key fragment (trial keys) and its order in a table."""
+
+    ratio: float
+    synthetic_only: bool = False
+    control: str = ""  # "" or a classify.controls name: real_steps, real_augmented
+    weight: float | None = None
+
+    @classmethod
+    def of(cls, ratio, synthetic_only, control, weight) -> "Arm":
+        """An arm from trial-row values (a missing weight is NaN there; trials from before controls: None)."""
+        missing = weight is None or (isinstance(weight, float) and math.isnan(weight)) or pd.isna(weight)
+        return cls(float(ratio), bool(synthetic_only), control if isinstance(control, str) else "",
+                   None if missing else float(weight))
+
+    @classmethod
+    def of_rows(cls, trials: pd.DataFrame) -> list["Arm"]:
+        """The arm of every row of a trial table."""
+        control = trials["control"] if "control" in trials.columns else [""] * len(trials)
+        return [cls.of(*row) for row in zip(trials["ratio"], trials["synthetic_only"], control, trials["weight"])]
+
+    @property
+    def is_real(self) -> bool:
+        return self.ratio == 0 and not self.synthetic_only and not self.control
+
+    @property
+    def has_weight(self) -> bool:
+        return self.weight is not None
+
+    @property
+    def needs_synthetic(self) -> bool:
+        return not self.control and (self.synthetic_only or self.ratio > 0)
+
+    @property
+    def mixes(self) -> bool:
+        """Real and synthetic images in one training set: the only arms classify.mixing acts on."""
+        return not self.control and not self.synthetic_only and self.ratio > 0
+
+    @property
+    def name(self) -> str:
+        """Without the weight: "real", "real+50%", "synthetic_only", "real_steps+100%"."""
+        if self.control:
+            return f"{self.control}+{self.ratio * 100:g}%"
+        if self.synthetic_only:
+            return "synthetic_only"
+        return "real" if self.ratio == 0 else f"real+{self.ratio * 100:g}%"
+
+    @property
+    def id(self) -> str:
+        """The name and, for arms with synthetic images, the LoRA weight: "real+50%@w0.8"."""
+        return self.name + (f"@w{self.weight:g}" if self.has_weight else "")
+
+    @property
+    def label(self) -> str:
+        """As a table shows it: "real only", "real + 50% synthetic", "synthetic only", a control's label."""
+        if self.control:
+            return CONTROL_LABELS[self.control].format(f"{self.ratio * 100:g}")
+        if self.synthetic_only:
+            return "synthetic only"
+        return "real only" if self.ratio == 0 else f"real + {self.ratio * 100:g}% synthetic"
+
+    @property
+    def label_with_weight(self) -> str:
+        return self.label + (f", w={self.weight:g}" if self.has_weight else "")
+
+    @property
+    def order(self) -> tuple:
+        """Real only, then by ratio each synthetic arm followed by its matched controls, synthetic only last."""
+        control = sorted(CONTROL_LABELS).index(self.control) + 1 if self.control else 0
+        return (math.inf if self.synthetic_only else self.ratio, control)
+
+    @property
+    def key_fragment(self) -> str:
+        """What a trial key's readable prefix says of its arm (r0.5, synthetic, real_steps1): keys of every
+        earlier run depend on it, so it never changes."""
+        fragment = self.control or ("synthetic" if self.synthetic_only else "r")
+        return fragment + ("" if self.synthetic_only else f"{self.ratio:g}")
+
+
 @dataclass(frozen=True)
 class TrialSpec:
-    """One point of the classifier grid. weight is None for real only (it does not depend on the LoRA) and for
-    the matched controls (classify.controls), which add no synthetic image."""
+    """One point of the classifier grid: a fold and an arm. weight is None for real only (it does not depend on
+    the LoRA) and for the matched controls (classify.controls), which add no synthetic image."""
 
     fold: int
     ratio: float
@@ -145,21 +231,20 @@ class TrialSpec:
     control: str = ""  # "" or a classify.controls name: real_steps, real_augmented
 
     @property
+    def as_arm(self) -> Arm:
+        return Arm(self.ratio, self.synthetic_only, self.control, self.weight)
+
+    @property
     def arm(self) -> str:
-        if self.control:
-            return f"{self.control}+{self.ratio * 100:g}%"
-        if self.synthetic_only:
-            return "synthetic_only"
-        return "real" if self.ratio == 0 else f"real+{self.ratio * 100:g}%"
+        return self.as_arm.name
 
     @property
     def needs_synthetic(self) -> bool:
-        return not self.control and (self.synthetic_only or self.ratio > 0)
+        return self.as_arm.needs_synthetic
 
     @property
     def mixes(self) -> bool:
-        """Real and synthetic images in one training set: the only trials classify.mixing acts on."""
-        return not self.control and not self.synthetic_only and self.ratio > 0
+        return self.as_arm.mixes
 
     def point(self) -> dict:
         point = {"fold": self.fold, "ratio": self.ratio, "weight": self.weight, "synthetic_only": self.synthetic_only}
@@ -368,11 +453,10 @@ def plan_trials(cfg: ExperimentConfig, manifest: pd.DataFrame, synthetic: pd.Dat
                                seed=cfg.classify.seed, split=cfg.generator.split, classes=classes, pools=pools,
                                augmented_dir=augmented_dir)
         test = build_testset(manifest, spec.fold)
-        arm = spec.control or ("synthetic" if spec.synthetic_only else "r")
-        arm += "" if spec.synthetic_only else f"{spec.ratio:g}"
         wtag = "w-" if spec.weight is None else f"w{spec.weight:g}"
         tcfg = trial_config(cfg, spec)
-        key = f"fold{spec.fold}-{arm}-{wtag}-{keys.trial_key(tcfg, spec.point(), classes, train, test, weights_id)}"
+        digest = keys.trial_key(tcfg, spec.point(), classes, train, test, weights_id)
+        key = f"fold{spec.fold}-{spec.as_arm.key_fragment}-{wtag}-{digest}"
         planned.append(PlannedTrial(spec, key, train, test))
     return planned
 

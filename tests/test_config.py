@@ -43,6 +43,35 @@ def test_paper_yaml_is_the_papers_protocol(repo):
     assert cfg.classify.ratios == (0.0, 0.1, 0.25, 0.5, 0.75, 1.0) and cfg.classify.synthetic_only
     assert (cfg.classify.backbone, cfg.classify.input_size, cfg.classify.epochs) == ("EfficientNetB7", 600, 30)
     assert cfg.classify.mode == "exact"
+    # The Keras EfficientNet fine-tuning example's augmentation, in its order, with its strengths.
+    from ooc_ray.backbones import AUGMENT_ARGS
+
+    assert [AUGMENT_ARGS[name] for name in cfg.classify.augment] == [
+        ("RandomRotation", {"factor": 0.15}), ("RandomTranslation", {"height_factor": 0.1, "width_factor": 0.1}),
+        ("RandomFlip", {"mode": "horizontal_and_vertical"}), ("RandomContrast", {"factor": 0.1})]
+
+
+def test_paper_yaml_header_states_what_its_plan_makes(repo):
+    """The file's header counts (LoRAs, images per weight, trials) are those of its own plan on the paper's
+    500/212/110 images, so the header cannot drift from the config."""
+    import re
+    import sys
+
+    sys.path.insert(0, str(repo / "tests"))
+    from helpers import make_manifest
+
+    from ooc_ray.folds import assign_folds
+    from ooc_ray.protocol import grid_points, plan_loras, pool_sizes
+
+    cfg = load_config(repo / "experiments" / "paper.yaml")
+    manifest = make_manifest((500, 212, 110), k=5, labels=("good", "acceptable", "bad")).drop(columns="fold")
+    manifest["fold"] = assign_folds(manifest, cfg.folds)["fold"].to_numpy()
+    header = (repo / "experiments" / "paper.yaml").read_text().split("\ndata:")[0]
+    loras, images, trials = (int(x.replace(",", "")) for x in re.search(
+        r"(\d+) LoRAs.*?([\d,]+) images sampled per LoRA weight.*?(\d+) EfficientNetB7 trials", header, re.S).groups())
+    assert loras == len(plan_loras(cfg, manifest, "base"))
+    assert images == pool_sizes(manifest, cfg)["n_pool"].sum()
+    assert trials == len(grid_points(cfg, list(range(cfg.folds.k))))
 
 
 def test_unknown_key_is_named(tmp_path):

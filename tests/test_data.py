@@ -282,3 +282,32 @@ def test_repeated_group_folds_keep_groups_together_in_every_repeat():
     for column in ("fold", "fold_r1"):
         assert (merged.groupby("group")[column].nunique() == 1).all()
     assert not merged["fold"].equals(merged["fold_r1"])
+
+
+def test_repeats_that_cannot_differ_are_refused_and_duplicates_drawn_again():
+    """5 groups in 5 folds: one partition exists, so repeats are refused, naming the groups and k. 6 groups in 5
+    folds: scikit-learn's shuffles with seed 5 give 3 distinct partitions of 4 repeats; each repeat is now one no earlier
+    repeat has."""
+    from ooc_ray.folds import _assign_once, held_out_signatures
+
+    five = scan_demo_manifest(groups=5)
+    with pytest.raises(DataError, match=r"folds.repeats=4: 5 groups \(line0, line1, line2, line3, line4\) in "
+                                         r"folds.k=5 folds can be split only one way"):
+        assign_folds(five, FoldsConfig(k=5, seed=0, strategy="group", repeats=4))
+    assert list(assign_folds(five, FoldsConfig(k=5, seed=0, strategy="group", repeats=1)).columns) == ["id", "fold"]
+    six = scan_demo_manifest(groups=6)
+    columns = ["fold", "fold_r1", "fold_r2", "fold_r3"]
+    plain = pd.DataFrame({"id": six["id"]})
+    for r, column in enumerate(columns):  # what each repeat's own seed alone gives: repeats that coincide
+        plain[column] = _assign_once(six, FoldsConfig(k=5, strategy="group"), 5 + 1000 * r)
+
+    def partitions(table):
+        return {frozenset(frozenset(table.loc[table[c] == f, "id"]) for f in range(5)) for c in columns}
+    assert len(partitions(plain)) < 4
+    drawn = assign_folds(six, FoldsConfig(k=5, seed=5, strategy="group", repeats=4))
+    assert len(partitions(drawn)) == 4 and drawn["fold"].equals(plain["fold"])  # repeat 0 as before
+    # Distinct partitions can still share a fold (4 of 5 folds hold one group each): the report counts a held-out
+    # set once, whichever repeats hold it out, as the signatures say.
+    for table in (drawn, plain):
+        held = {frozenset(table.loc[table[c] == f, "id"]) for c in columns for f in range(5)}
+        assert len(set(held_out_signatures(six.merge(table, on="id")).values())) == len(held)

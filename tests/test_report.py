@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ooc_ray.report import display_table, naive_baseline, paired_tests, read_trials, summary_tables, to_markdown
+from ooc_ray.comparisons import naive_baseline, paired_differences
+from ooc_ray.report.render import display_table, to_markdown
+from ooc_ray.report.tables import summary_tables
 
 CLASSES = ["good", "acceptable", "bad"]
 
@@ -95,7 +97,7 @@ def test_display_and_markdown(trials):
 def test_paired_tests_pairs_by_fold():
     real = pd.Series([0.5, 0.6, 0.7], index=[0, 1, 2])
     other = pd.Series([0.8, 0.6], index=[2, 1])  # fold 0 missing, order shuffled
-    out = paired_tests(real, other)
+    out = paired_differences(real, other)
     assert out["n_pairs"] == 2 and out["mean_diff"] == pytest.approx(0.05)
 
 
@@ -107,18 +109,6 @@ def test_naive_baseline():
     assert out["overall"] == pytest.approx(0.6)
     # fold 0 test = 3 a + 2 b: train majority a -> 3/5; fold 1 the same
     assert out["per_fold_mean"] == pytest.approx(0.6)
-
-
-def test_read_trials_one_glob(tmp_path, trials):
-    (tmp_path / "history").mkdir()
-    for i, row in trials.iterrows():
-        pd.DataFrame([row]).to_parquet(tmp_path / f"t{i}.parquet")
-    pd.DataFrame({"epoch": [0]}).to_parquet(tmp_path / "history" / "t0.parquet")
-    back = read_trials(tmp_path)
-    assert len(back) == len(trials)
-    assert np.allclose(sorted(back["accuracy"]), sorted(trials["accuracy"]))
-    with pytest.raises(FileNotFoundError, match="classify"):
-        read_trials(tmp_path / "none")
 
 
 def write_report(tmp_path, trials):
@@ -288,7 +278,8 @@ def test_cost_per_arm_sums_its_loras_images_and_trials(tmp_path):
     import json
 
     from ooc_ray.protocol import PlannedTrial, TrialSpec
-    from ooc_ray.report import add_costs, summary_tables
+    from ooc_ray.report import lora_seconds
+    from ooc_ray.report.tables import add_costs, summary_tables
 
     for key, seconds in (("loraA", 10.0), ("loraB", 20.0), ("loraC", 40.0)):
         (tmp_path / key).mkdir()
@@ -312,7 +303,7 @@ def test_cost_per_arm_sums_its_loras_images_and_trials(tmp_path):
                          "n_train_real": 2, "duration_s": seconds})
     trials = pd.DataFrame(rows)
     tables = summary_tables(trials)
-    add_costs(tables, trials, planned, synthetic, tmp_path)
+    add_costs(tables, trials, planned, synthetic, lora_seconds(tmp_path, synthetic["lora_key"].unique()))
     table = tables[1.0].set_index("arm")
     assert table.loc["real only", ["cost_lora_s", "cost_sampling_s", "cost_trials_s"]].tolist() == [0.0, 0.0, 6.0]
     # LoRAs A and B (not C, whose images no trial drew), images s0-s3 once each, trials 5 + 6
@@ -333,3 +324,93 @@ def test_a_re_run_report_removes_the_tables_of_an_earlier_config(tmp_path, trial
     run_report(cfg, paths)
     assert not (paths.report / "table_w0.5.md").exists() and (paths.report / "my_notes.md").exists()
     assert (paths.report / "table_w0.8.csv").exists() and (paths.report / "table_w1.md").exists()
+
+
+def test_no_spread_gives_no_verdict_and_says_so():
+    """5 folds of 18 held-out images, the arm one image better in every fold: identical differences. The old
+    table read p = 0, a zero-width CI and "better"; now the row has its Δ and no test."""
+    rows = []
+    for f in range(5):
+        real = (10 + f) / 18
+        rows += [{**_trial(f, float("nan"), 0.0, real), "n_test": 18, "n_train_real": 72},
+                 {**_trial(f, 1.0, 0.5, real + 1 / 18), "n_test": 18, "n_train_real": 72}]
+    table = summary_tables(pd.DataFrame(rows))[1.0]
+    arm = table.iloc[1]
+    assert arm["accuracy_diff_vs_real"] == pytest.approx(1 / 18)
+    assert math.isnan(arm["corrected_p"]) and math.isnan(arm["holm_p"]) and math.isnan(arm["tost_p"])
+    assert arm["verdict"] == "undefined (no spread)" and arm["undefined"] == "no spread: test undefined"
+    shown = display_table(table).iloc[1]
+    assert shown["verdict"] == "undefined (no spread)" and shown["p (corrected t)"] == "" and shown[
+        "95% CI (corrected t)"] == "" and shown["P(better / equiv. / worse)"] == ""
+
+
+def test_one_holm_family_for_the_report_each_comparison_once():
+    """A control appears in both weights' tables: one comparison, tested once, with one adjusted p and one
+    verdict in both (each table its own family gave it "better" in one and "inconclusive" in the other). The
+    family: every distinct comparison, adjusted by statsmodels' Holm as an independent check."""
+    from statsmodels.stats.multitest import multipletests
+
+    from ooc_ray.report.tables import apply_family
+
+    rows = []
+    real = [0.70, 0.72, 0.74, 0.71, 0.73]
+    for f in range(5):
+        rows.append(_trial(f, float("nan"), 0.0, real[f]))
+        rows.append({**_trial(f, float("nan"), 1.0, real[f] + 0.05 + 0.002 * f), "control": "real_steps"})
+        rows.append(_trial(f, 1.0, 1.0, real[f] + [0.01, -0.02, 0.03, 0.0, 0.02][f]))
+        rows.append(_trial(f, 0.8, 1.0, real[f] + [0.04, 0.03, 0.06, 0.02, 0.05][f]))
+    tables = summary_tables(pd.DataFrame(rows).assign(control=lambda t: t["control"].fillna("")))
+    control = [t[t["control"] == "real_steps"].iloc[0] for t in tables.values()]
+    assert control[0]["holm_p"] == control[1]["holm_p"] and control[0]["verdict"] == control[1]["verdict"]
+    raw = [control[0]["corrected_p"], tables[1.0].iloc[2]["corrected_p"], tables[0.8].iloc[2]["corrected_p"]]
+    expected = multipletests(raw, method="holm")[1]
+    assert [control[0]["holm_p"], tables[1.0].iloc[2]["holm_p"], tables[0.8].iloc[2]["holm_p"]] == pytest.approx(
+        list(expected))
+    assert apply_family(list(tables.values()), 0.02) == 3
+
+
+def test_verdict_follows_the_holm_adjusted_p_not_the_raw_one():
+    """Two arms with raw corrected p 0.03 and 0.04: Holm makes them 0.06 and 0.06, so neither is "better"."""
+    from ooc_ray.report.tables import apply_family
+
+    table = pd.DataFrame({"comparison": ["a", "b"], "corrected_p": [0.03, 0.04], "tost_p": [0.5, 0.5],
+                          "accuracy_diff_vs_real": [0.05, 0.04], "undefined": ["", ""]})
+    apply_family([table], 0.02)
+    assert table["holm_p"].tolist() == pytest.approx([0.06, 0.06])
+    assert table["verdict"].tolist() == ["inconclusive", "inconclusive"]
+
+
+def test_tested_metric_can_be_balanced_accuracy(trials):
+    """report.metric balanced_accuracy: the differences, tests and column are the macro recall's (the fixture's
+    recall is accuracy - 0.2, so Δ is the same and the p-values too, on other column names)."""
+    by_accuracy = summary_tables(trials)[1.0]
+    table = summary_tables(trials, metric="balanced_accuracy")[1.0]
+    assert table["metric"].iloc[0] == "balanced_accuracy" and "accuracy_diff_vs_real" not in table.columns
+    assert table["balanced_accuracy_diff_vs_real"].tolist()[1:] == pytest.approx(
+        by_accuracy["accuracy_diff_vs_real"].tolist()[1:])
+    assert display_table(table).columns.str.startswith("Δbal. acc vs real").any()
+
+
+def test_reference_values_sit_beside_their_arms(trials, repo):
+    from ooc_ray.report import read_reference
+    from ooc_ray.report.tables import reference_values
+
+    reference = read_reference(str(repo / "experiments" / "paper_reference.csv"))
+    table = summary_tables(trials)[1.0]
+    values = reference_values(table, reference)
+    assert values["accuracy"].tolist() == [0.729, 0.710, 0.614]  # real only, +50 %, synthetic only (Table I)
+    assert values.loc[0, "recall"] == 0.715 and math.isnan(values.loc[1, "recall"])
+    shown = display_table(table, values)
+    assert shown.loc[0, "paper (acc / prec / rec)"] == "0.729 / 0.731 / 0.715"
+    assert shown.loc[1, "Δacc to paper"] == f"{0.73 - 0.71:+.3f}"
+
+
+def test_report_header_states_resolution_metric_and_family(tmp_path, trials):
+    from ooc_ray.report import run_report
+
+    cfg, paths, _, _ = write_report(tmp_path, trials)
+    text = run_report(cfg, paths).read_text()
+    assert "held-out folds of 6 images: one image moves a fold's accuracy by 0.167" in text
+    assert "tested metric: **accuracy**" in text and "one Holm family of 2 comparisons" in text
+    assert "| P(better / equiv. / worse) |" in text and "Bayesian correlated t-test" in text
+    assert "Warning: this design is too small to say anything** (2 degrees of freedom)" in text

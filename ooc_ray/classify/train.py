@@ -39,7 +39,7 @@ class TrialContext:
 
 def trial_outputs(paths: ExperimentPaths, key: str) -> list[Path]:
     """The files of one trial; the summary (trials/<key>.parquet) is written last and marks it done."""
-    return [paths.history / f"{key}.parquet", paths.predictions / f"{key}.parquet", paths.trial(key)]
+    return [paths.trial_history(key), paths.trial_predictions(key), paths.trial(key)]
 
 
 def trial_problem(paths: ExperimentPaths, key: str) -> str:
@@ -261,7 +261,7 @@ def _summary(cfg: ExperimentConfig, trial: PlannedTrial, ctx: TrialContext, metr
     return {
         "experiment": cfg.name, "trial_key": trial.key, "fold": spec.fold,
         "weight": float("nan") if spec.weight is None else float(spec.weight), "ratio": float(spec.ratio),
-        "arm": spec.arm, "synthetic_only": bool(spec.synthetic_only), "control": spec.control,
+        "arm": spec.arm, "arm_id": spec.as_arm.id, "synthetic_only": bool(spec.synthetic_only), "control": spec.control,
         "mixing": trial_mixing(cc, trial),
         "n_train_real": int(counts.get("real", 0)), "n_train_synthetic": int(counts.get("synthetic", 0)),
         "n_train_augmented": int(counts.get("augmented", 0)), "n_test": int(len(trial.test)),

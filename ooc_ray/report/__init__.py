@@ -1,0 +1,189 @@
+"""Report stage: Table I/II-style tables, plots and real-vs-synthetic grids from the trial Parquet files.
+
+Orchestration only: which trials this config planned and which have finished (read-only: builds nothing), one
+table set per variant of the axes, one multiplicity family for the whole report, then the files. The numbers are
+ooc_ray.report.tables, their rendering ooc_ray.report.render, the statistics ooc_ray.comparisons.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from ooc_ray import keys
+from ooc_ray.backbones import backbone_weights
+from ooc_ray.comparisons import naive_baseline
+from ooc_ray.config import ExperimentConfig, Variant, format_value
+from ooc_ray.data import load_manifest
+from ooc_ray.diffusion.lora import read_metadata
+from ooc_ray.errors import DataError, MissingInputError
+from ooc_ray.folds import held_out_signatures, uses_groups
+from ooc_ray.io import atomic_path, atomic_write_text, note, parquet_problem
+from ooc_ray.paths import ExperimentPaths
+from ooc_ray.protocol import PlannedTrial, plan_grid, safe_name
+from ooc_ray.report import render
+from ooc_ray.report.tables import (add_costs, apply_family, design_sensitivity, overlap_ratio, reference_values,
+                                   replicate_table, resolution, summarise_quality, summary_tables, with_arms)
+
+# What run_report writes into report/ besides report.md/html (which it always rewrites): a file of these
+# patterns that a run did not write again is another config's (a LoRA weight or axis value since removed).
+REPORT_OUTPUTS = ("table_*.csv", "table_*.md", "table_*.tex", "*accuracy_vs_ratio.png", "*confusion_matrices.png",
+                  "*real_vs_synthetic.png", "axis_*.png", "replicates.md")
+
+
+def remove_stale(out: Path, written: set[str]) -> list[Path]:
+    """Delete the REPORT_OUTPUTS files in `out` that this run did not write (`written`: file names), so that a
+    glob of report/ never mixes this config's tables with an earlier config's; returns them. By name, not by
+    time: on shared storage the file server's clock is not this node's."""
+    stale = sorted({f for pattern in REPORT_OUTPUTS for f in out.glob(pattern) if f.name not in written})
+    for f in stale:
+        f.unlink()
+    if stale:
+        note(f"report: removed {len(stale)} file(s) of an earlier config from {out}, e.g. {stale[0].name}")
+    return stale
+
+
+def finished_trials(paths: ExperimentPaths, planned: list[PlannedTrial], manifest: pd.DataFrame) -> pd.DataFrame:
+    """The summary rows of the `planned` trials that have finished (trials/ keeps every config's trials: a changed
+    setting or changed data adds files, never overwrites); empty when none has. Read-only: builds nothing."""
+    files = [paths.trial(t.key) for t in planned if not parquet_problem(paths.trial(t.key))]
+    if not files:
+        return pd.DataFrame()
+    trials = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    digests = sorted(set(trials["data_digest"]))
+    if digests != [keys.data_digest(manifest)]:  # cannot happen through the keys; refuse rather than mix
+        raise DataError(f"{paths.trials}: trials of different data ({', '.join(d[:12] for d in digests)}) "
+                        "would share one table; re-run `ooc-ray classify`")
+    return trials
+
+
+def planned_grid(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame
+                 ) -> list[tuple[Variant, list[PlannedTrial]]]:
+    """Every variant with its planned trials, as the classify stage plans them (weights resolved, not built)."""
+    return plan_grid(cfg, paths, manifest,
+                     lambda cc: backbone_weights(cc, paths.models, manifest, build=False).identity)
+
+
+def trial_predictions(paths: ExperimentPaths, trials: pd.DataFrame) -> pd.DataFrame | None:
+    """The per-image predictions of `trials` (for the bootstrap), or None where any trial's file is missing
+    (trials from before predictions were stored): then the report says so rather than resample a subset."""
+    files = [paths.trial_predictions(key) for key in trials["trial_key"]]
+    if any(parquet_problem(f) for f in files):
+        note("report: some trials have no predictions file: no bootstrap intervals")
+        return None
+    columns = ["trial_key", "id", "pred_index", "label_index"]
+    return pd.concat([pd.read_parquet(f, columns=columns) for f in files], ignore_index=True)
+
+
+def lora_seconds(lora_root: Path, lora_keys) -> dict[str, float]:
+    """Training seconds of each LoRA, from its metadata (NaN where it has none)."""
+    out = {}
+    for key in lora_keys:
+        meta = read_metadata(Path(lora_root) / key)
+        out[key] = float(meta.get("seconds", math.nan)) if meta else math.nan
+    return out
+
+
+REFERENCE_COLUMNS = ("weight", "ratio", "synthetic_only")
+
+
+def read_reference(path: str) -> pd.DataFrame | None:
+    """report.reference: published values per arm, a CSV with columns weight (empty for real only), ratio,
+    synthetic_only and any of accuracy, precision, recall, f1; lines starting with # are comments."""
+    if not path:
+        return None
+    try:
+        table = pd.read_csv(path, comment="#")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"report.reference {path}: cannot read it ({exc})") from None
+    missing = [c for c in REFERENCE_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"report.reference {path}: missing column(s) {missing}; found {list(table.columns)}")
+    return table.assign(synthetic_only=table["synthetic_only"].astype(str).str.lower().isin(["true", "1", "yes"]))
+
+
+def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
+    """report/: tables, plots and image grids of this config's finished trials, one set per variant of its axes,
+    a plot per axis and, with generation replicates, what the generator's randomness contributes."""
+    manifest = load_manifest(paths)
+    grid = planned_grid(cfg, paths, manifest)
+    rc = cfg.report
+    signatures = held_out_signatures(manifest)
+    grouped = uses_groups(manifest, cfg.folds)
+    clusters = manifest.set_index("id")["group"] if grouped else None
+    reference = read_reference(rc.reference)
+    n_planned = len({t.key for _, planned in grid for t in planned})
+    done = []  # (variant, its paths, trials, tables)
+    for variant, planned in grid:
+        vpaths = paths.for_variant(variant.tag)
+        trials = finished_trials(paths, planned, manifest)
+        if trials.empty:
+            done.append((variant, vpaths, trials, {}, None))
+            continue
+        tables = summary_tables(trials, trial_predictions(paths, trials), rc.equivalence_margin, rc.metric,
+                                clusters, signatures, family=False)
+        synthetic = None if parquet_problem(vpaths.synthetic_table) else pd.read_parquet(vpaths.synthetic_table)
+        loras = synthetic["lora_key"].unique() if synthetic is not None and len(synthetic) else []
+        add_costs(tables, trials, planned, synthetic, lora_seconds(paths.lora, loras))
+        done.append((variant, vpaths, trials, tables, synthetic))
+    if not any(tables for _, _, _, tables, _ in done):
+        raise MissingInputError(f"{paths.trials}: no trials of this config on this data; run `ooc-ray classify` first")
+    family = apply_family([t for _, _, _, tables, _ in done for t in tables.values()], rc.equivalence_margin)
+    everything = pd.concat([trials.assign(**dict(variant.point)) for variant, _, trials, _, _ in done
+                            if not trials.empty], ignore_index=True)
+    real = everything[[arm.is_real for arm in with_arms(everything)["arm_"]]].drop_duplicates("trial_key")
+    ratio = overlap_ratio(real) if len(real) else math.nan
+    out = paths.report
+    out.mkdir(parents=True, exist_ok=True)
+    naive = naive_baseline(manifest)
+    body, combined, written = [], [], {"replicates.md"} if cfg.sample.replicates > 1 else set()
+    for variant, vpaths, trials, tables, synthetic in done:
+        heading = "##" if not variant.point else "###"
+        if variant.point:
+            body += [f"## {variant.label}", ""]
+        if not tables:
+            body += ["No trial of this variant has finished yet.", ""]
+            continue
+        prefix = f"{variant.tag}__" if variant.tag else ""
+        sensitivity = {w: design_sensitivity(t, cfg.folds.k, cfg.folds.repeats, ratio) for w, t in tables.items()}
+        references = {w: reference_values(t, reference) for w, t in tables.items()}
+        body += render.write_tables(tables, out, sensitivity, references, prefix)
+        written |= {f"table_{render.table_name(prefix, w)}.{ext}" for w in tables for ext in ("csv", "md", "tex")}
+        written |= {f"{prefix}{name}.png" for name in ("accuracy_vs_ratio", "confusion_matrices", "real_vs_synthetic")}
+        render.plot_metric_vs_ratio(tables, naive["overall"], out / f"{prefix}accuracy_vs_ratio.png")
+        render.plot_confusions(trials, out / f"{prefix}confusion_matrices.png")
+        body += [f"![accuracy vs ratio]({prefix}accuracy_vs_ratio.png)", "",
+                 f"![confusion]({prefix}confusion_matrices.png)", ""]
+        if synthetic is not None and len(synthetic):
+            render.image_grid(manifest, synthetic, out / f"{prefix}real_vs_synthetic.png")
+            body += [f"![real vs synthetic]({prefix}real_vs_synthetic.png)", ""]
+        if not parquet_problem(vpaths.quality):
+            body += render.quality_section(summarise_quality(pd.read_parquet(vpaths.quality)), variant.cfg, heading)
+        point = {name: format_value(value) for name, value in variant.point}
+        combined += [table.assign(variant=variant.tag, **point) for table in tables.values()]
+    with atomic_path(out / "summary.csv") as tmp:
+        pd.concat(combined, ignore_index=True).to_csv(tmp, index=False)
+    extra = []
+    for name, values in cfg.axes:
+        file = f"axis_{safe_name(name)}.png"
+        written.add(file)
+        render.plot_axis(everything, name, values, out / file)
+        extra += [f"![accuracy against {name}]({file})", ""]
+    if cfg.sample.replicates > 1:
+        axes = [name for name, _ in cfg.axes]
+        table = render.replicate_display(replicate_table(everything, axes, real, rc.metric, signatures), axes,
+                                         rc.metric)
+        atomic_write_text(out / "replicates.md", render.to_markdown(table) + "\n")
+        extra += ["## Generator randomness (generation replicates)", "", render.REPLICATES_NOTE, "",
+                  render.to_markdown(table), ""]
+    facts = {"naive": naive, "n_trials": everything["trial_key"].nunique(), "n_planned": n_planned,
+             "n_test": resolution(everything), "family": family, "grouped": grouped}
+    lines = (render.header(cfg, manifest, facts) + render.axes_lines(cfg) + ["", render.TESTS_NOTE, ""]
+             + (extra if cfg.axes else []) + body + ([] if cfg.axes else extra))
+    text = "\n".join(lines)
+    atomic_write_text(out / "report.html", render.html_report(text, out, f"ooc-ray report: {cfg.name}"))
+    report = atomic_write_text(out / "report.md", text)
+    remove_stale(out, written)
+    note(f"report: {report} (and report.html beside it: one file, images embedded)")
+    return report
