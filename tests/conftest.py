@@ -9,6 +9,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Ray installs its log handler when first imported, bound to the sys.stderr of that moment (ray/_private/log.py:
+# PlainRayHandler is a StreamHandler). Imported inside a test that captures stderr (capsys), the handler keeps that
+# test's capture stream, closed when the test ends, and Ray's next log line (ray.init's "Started a local Ray
+# instance") printed a logging traceback into a later test's stderr: test_cli.py's GPU test failed after the rest
+# of test_cli.py in one process. Imported here, before any test, the handler holds the session's stream.
+import ray  # noqa: E402,F401
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "pbc_blood_cells"
 

@@ -300,3 +300,34 @@ def test_a_feature_task_given_a_gpu_tf_cannot_see_fails_naming_node_and_request(
                                             "TensorFlow .* sees none"):
         _extract_task(cc, weights, manifest[["path", "sha256"]].iloc[:2], str(directory))
     assert not list(directory.glob("part-*"))
+
+
+def test_cached_training_reads_the_augmented_views_not_the_clean_one(tiny, tmp_path):
+    """A cache whose view 0 of every training image is poisoned (NaN) and whose augmented views 1-3 carry the
+    classes: a cached trial trains on one augmented view per image per epoch (train_views), so its losses stay
+    finite and fall; held-out images are read at view 0, clean. Training on view 0 would turn every loss NaN."""
+    from ooc_ray.paths import ExperimentPaths
+
+    root, _, manifest, synthetic, _ = tiny
+    cfg = tiny_cfg(root, mode="cached", augment=["flip"], feature_views=4, weights="none", epochs=8, lr=0.05)
+    weights = BackboneWeights(None, "none")
+    trial = next(t for t in plan_trials(cfg, manifest, synthetic, weights.identity)
+                 if t.spec.ratio == 0 and t.spec.fold == 1)
+    assert train_views(cfg.classify) == [1, 2, 3]
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (3, 8))
+
+    def features(labels, views):
+        return (centres[np.asarray(labels)][:, None, :] + rng.normal(0, 0.3, (len(labels), views, 8))).astype(np.float32)
+
+    cache = FeatureCache(tmp_path / "cache")
+    train = features(trial.train["label_index"], 4)
+    train[:, 0] = np.nan
+    cache.write_part(trial.train["sha256"].tolist(), train)
+    cache.write_part(trial.test["sha256"].tolist(), features(trial.test["label_index"], 4))
+    paths = ExperimentPaths(tmp_path / "results")
+    ctx = TrialContext(("good", "acceptable", "bad"), weights, keys.data_digest(manifest), str(tmp_path / "cache"))
+    row = run_trial(cfg, paths, trial, ctx)
+    losses = pd.read_parquet(paths.trial_history(trial.key))["loss"]
+    assert np.isfinite(losses).all() and losses.iloc[-1] < losses.iloc[0]
+    assert row["accuracy"] > 0.5  # three well-separated classes, read at their clean held-out view

@@ -139,6 +139,18 @@ def test_sensitivity_counts_the_repeats_the_design_has():
     assert few["too_small"] and "(2 degrees of freedom)" in sensitivity_text(few)
 
 
+def test_tost_worked_by_hand():
+    """The differences of test_corrected_t_worked_by_hand, margin 0.05: se 0.0154434 (with the overlap term
+    n_test/n_train = 1/4); the upper test t = (0.016 - 0.05) / se = -2.2016 on 4 df, one-sided p 0.04624 (tables:
+    between 0.025 and 0.05); the lower t = 4.2737, p 0.0065; TOST p = the larger. 90 % CI 0.016 -/+ 2.131847 se.
+    Without the overlap term the same numbers would give p 0.0149: the correction matters here."""
+    from ooc_ray.comparisons import equivalence
+
+    out = equivalence([0.01, 0.03, -0.02, 0.04, 0.02], 1 / 4, 0.05)
+    assert out["p"] == pytest.approx(0.046244, abs=2e-6)
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx((0.016 - 0.032923, 0.016 + 0.032923), abs=2e-6)
+
+
 def test_tost_is_two_one_sided_t_tests_and_holds_its_size():
     """Without the overlap term (ratio 0) the TOST p is the larger of scipy's one-sided one-sample t-tests of the
     differences shifted by the margin; at a true difference on the margin it rejects at most alpha of the time."""

@@ -348,3 +348,103 @@ def test_one_lora_per_data_set_trains_on_every_class_with_its_captions():
     assert changed == {f for f in range(3) if f != int(m.loc[m["id"] == "good-000", "fold"].iloc[0])}
     with pytest.raises(Exception, match="one LoRA per dataset has no group"):
         from_dict({"generator": {"scope": "dataset", "per_group": True}})
+
+
+def _another(value, hint):
+    """A different valid value of a config field (another Literal choice, the opposite bool, one more, half)."""
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return next(c for c in typing.get_args(hint) if c != value and c != "SmallCNN")
+    if origin is tuple:
+        return value[:-1] if value else typing.get_args(typing.get_args(hint)[0])[:1]
+    if hint is bool:
+        return not value
+    if hint is int:
+        return value + 1
+    if hint is float:
+        return value / 2 if value else 0.5
+    raise AssertionError(f"no other value for {hint}")
+
+
+def _trial_fields() -> list[str]:
+    from ooc_ray.config import RESULT, field_roles
+
+    return sorted(name for name, meta in field_roles().items()
+                  if meta.get("role") == RESULT and "trial" in meta.get("feeds", ()))
+
+
+@pytest.mark.parametrize("field", _trial_fields())
+def test_every_result_field_of_a_trial_changes_its_planned_keys(tables, field):
+    """For every config field whose role says it feeds the trial key: with its condition met (only_if), another
+    value plans other keys for the trials it acts on. A field that acts but plans the same keys would let two
+    settings share, and overwrite, one trial's files."""
+    import typing
+
+    from ooc_ray.config import ExperimentConfig, _with_value, field_roles
+
+    manifest, synthetic = tables
+    base = from_dict({"sample": {"weights": [1.0]}, "classify": {
+        "backbone": "EfficientNetB0", "weights": "none", "mode": "exact", "ratios": [0.0, 0.5]}})
+    meta = field_roles()[field]
+    section, name = field.rsplit(".", 1)
+    if meta.get("only_if"):
+        sibling, wanted = meta["only_if"]
+        base = _with_value(base, f"{section}.{sibling}", wanted)
+    hint = typing.get_type_hints(type(getattr(base, section)))[name]
+    value = getattr(getattr(base, section), name)
+    other = from_dict(_as_raw(_with_value(base, field, _another(value, hint))))  # validated like a file
+    base = from_dict(_as_raw(base))
+
+    def planned(cfg: ExperimentConfig) -> set[str]:
+        return {t.key for t in plan_trials(cfg, manifest, synthetic, "none")}
+
+    assert planned(base) != planned(other), f"{field}: {value!r} and another value plan the same trial keys"
+
+
+def _as_raw(cfg) -> dict:
+    from ooc_ray.config import to_dict
+
+    raw = to_dict(cfg)
+    raw.pop("axes")
+    return raw
+
+
+# Config fields the trial code reads that are not results feeding its key, each with why its value cannot change a
+# trial's numbers (or how its content enters the key instead).
+READ_BUT_NOT_KEYED = {
+    "weights": "input: the weights' identity (file digest, calibration recipe) enters the key, not the name",
+    "cpus_per_trial": "threads per trial: Keras's results do not depend on it (resource)",
+    "gpus_per_trial": "where the trial runs (resource); a GPU asked for and missing fails loud",
+    "max_failures": "Tune's retries (resource)",
+    "max_concurrent": "how many trials at a time (resource)",
+    "ratios": "grid: each trial's ratio is in its point", "synthetic_only": "grid: in each trial's point",
+    "controls": "grid: each control's name is in its point",
+}
+
+
+def test_every_classify_field_the_trial_code_reads_is_keyed_or_said_why_not(repo):
+    """Read the classifier's code (ooc_ray/classify, features.py, backbones.py): every ClassifyConfig field it
+    uses (`cc.x`, `classify.x`) must be a result feeding the trial key, or be listed above with the reason it is
+    not. A field demoted to a resource (classify.replace_probability once: out of the key, so p = 0 and p = 0.5
+    wrote one trial's files) fails here by name."""
+    import ast
+    import dataclasses
+
+    from ooc_ray.config import RESULT, ClassifyConfig
+
+    fields = {f.name: f.metadata for f in dataclasses.fields(ClassifyConfig)}
+    files = [*sorted((repo / "ooc_ray" / "classify").glob("*.py")), repo / "ooc_ray" / "features.py",
+             repo / "ooc_ray" / "backbones.py"]
+    read = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in fields:
+                owner = node.value
+                if (isinstance(owner, ast.Name) and owner.id == "cc") or (
+                        isinstance(owner, ast.Attribute) and owner.attr == "classify"):
+                    read.add(node.attr)
+    assert {"replace_probability", "synthetic_loss_weight", "epochs", "mixing"} <= read  # the scan sees them
+    unkeyed = {name for name in read if not (fields[name].get("role") == RESULT and "trial" in fields[name]["feeds"])}
+    assert unkeyed <= set(READ_BUT_NOT_KEYED), f"read by the trials but out of their keys: {unkeyed - set(READ_BUT_NOT_KEYED)}"

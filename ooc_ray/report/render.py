@@ -69,8 +69,11 @@ def display_table(table: pd.DataFrame, reference: pd.DataFrame | None = None) ->
     shown["95% CI (corrected t)"] = [_interval(lo, hi) for lo, hi in zip(table["diff_ci_low"], table["diff_ci_high"])]
     shown["p (corrected t)"] = table["corrected_p"].map(_p)
     shown["p (Holm)"] = table["holm_p"].map(_p)
-    shown["95% CI (bootstrap)"] = [_interval(lo, hi) for lo, hi in zip(table["bootstrap_ci_low"],
-                                                                        table["bootstrap_ci_high"])]
+    # Over groups, few clusters make the percentile interval coarse (3 groups: 10 distinct resamples): say how many.
+    shown["95% CI (bootstrap)"] = [
+        _interval(lo, hi) + (f" ({n:.0f} groups)" if unit == "groups" and not math.isnan(lo) else "")
+        for lo, hi, n, unit in zip(table["bootstrap_ci_low"], table["bootstrap_ci_high"],
+                                   table["bootstrap_clusters"], table["bootstrap_unit"])]
     shown["TOST p"] = table["tost_p"].map(_p)
     shown["verdict"] = table["verdict"].fillna("")
     shown["P(better / equiv. / worse)"] = [

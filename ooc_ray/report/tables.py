@@ -100,6 +100,8 @@ def summary_tables(trials: pd.DataFrame, predictions: pd.DataFrame | None = None
                 if predictions is not None and n_classes:
                     boot = bootstrap_vs_real(predictions, group, real, n_classes, metric, clusters, signatures)
                     rec["bootstrap_ci_low"], rec["bootstrap_ci_high"] = boot["ci_low"], boot["ci_high"]
+                    rec["bootstrap_clusters"] = boot["n_clusters"]
+                    rec["bootstrap_unit"] = "images" if clusters is None else "groups"
             out.append(rec)
         table = pd.DataFrame(out).reindex(columns=table_columns(metric))
         table["weight"] = table["weight"].astype(float)
@@ -115,7 +117,8 @@ def table_columns(metric: str) -> list[str]:
             + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
             + [f"{metric}_diff_vs_real", "diff_ci_low", "diff_ci_high", "df", "corrected_p", "holm_p", "undefined",
                "tost_p", "p_better", "p_equivalent", "p_worse", "diff_sd", "max_abs_diff", "paired_t_p",
-               "wilcoxon_p", "bootstrap_ci_low", "bootstrap_ci_high", "verdict", "comparison"])
+               "wilcoxon_p", "bootstrap_ci_low", "bootstrap_ci_high", "bootstrap_clusters", "bootstrap_unit",
+               "verdict", "comparison"])
 
 
 def apply_family(tables: list[pd.DataFrame], margin: float) -> int:

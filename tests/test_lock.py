@@ -1,0 +1,99 @@
+"""The run lock and atomic writes, each behaviour a results folder relies on, checked on its own: the holder's
+heartbeat moves the file's mtime, a live pid that is another program is no holder, release() never deletes a lock
+another process holds, and a write interrupted inside atomic_path leaves the old bytes and no temp file."""
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from ooc_ray import lock as lock_module
+from ooc_ray.errors import LockError
+from ooc_ray.io import atomic_dir, atomic_path, atomic_write_text, write_parquet
+from ooc_ray.lock import RunLock
+
+
+def test_the_heartbeat_moves_the_lock_files_mtime(tmp_path, monkeypatch):
+    """A holder on another node is judged alive by its heartbeat alone: without it every long run's lock would
+    look stale after STALE_S and be taken over while it writes."""
+    monkeypatch.setattr(lock_module, "HEARTBEAT_S", 0.05)
+    path = tmp_path / ".ooc-ray.lock"
+    held = RunLock(path, "ooc-ray run x").acquire()
+    try:
+        old = time.time() - 1000
+        os.utime(path, (old, old))
+        deadline = time.time() + 5
+        while path.stat().st_mtime < old + 500 and time.time() < deadline:
+            time.sleep(0.02)
+        assert path.stat().st_mtime > time.time() - 60
+    finally:
+        held.release()
+
+
+def test_a_live_pid_with_another_start_time_is_not_the_holder(tmp_path):
+    """The pid in the lock runs (here: this very process), but it started at another time than the holder did:
+    the pid was reused by another program after the holder died, so the lock is taken over."""
+    path = tmp_path / ".ooc-ray.lock"
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "1",
+                                "command": "ooc-ray run old", "since": "then"}))
+    held = RunLock(path, "me").acquire()
+    try:
+        assert json.loads(path.read_text())["command"] == "me"
+    finally:
+        held.release()
+    # The same pid with its true start time is alive: refused, naming it.
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                "started": lock_module._start_time(os.getpid()), "command": "ooc-ray run live",
+                                "since": "now"}))
+    with pytest.raises(LockError, match="ooc-ray run live"):
+        RunLock(path, "me").acquire()
+
+
+def test_release_leaves_a_lock_another_process_now_holds(tmp_path):
+    """Ours was taken over while we still ran (our heartbeat stalled on a slow file system): release() must not
+    delete the new holder's lock, or a third run would write beside it."""
+    path = tmp_path / ".ooc-ray.lock"
+    held = RunLock(path, "me").acquire()
+    foreign = {"host": "gpu-node-7", "pid": 4242, "started": "9", "command": "ooc-ray run other", "since": "now"}
+    path.write_text(json.dumps(foreign))
+    held.release()
+    assert json.loads(path.read_text()) == foreign
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("write", ["text", "parquet"])
+def test_a_write_interrupted_inside_atomic_path_leaves_the_old_bytes(tmp_path, write):
+    """A crash half-way through a write (here: an exception after some bytes reached the file) leaves the target
+    as it was and no temp file beside it."""
+    target = tmp_path / ("out.txt" if write == "text" else "out.parquet")
+    if write == "text":
+        atomic_write_text(target, "old")
+    else:
+        import pandas as pd
+
+        write_parquet(pd.DataFrame({"a": [1]}), target)
+    before = target.read_bytes()
+    with pytest.raises(Interrupted):
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(b"half of the new")
+                fh.flush()
+            raise Interrupted
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_a_folder_interrupted_inside_atomic_dir_leaves_the_old_folder(tmp_path):
+    target = tmp_path / "lora"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights.safetensors").write_bytes(b"old")
+    with pytest.raises(Interrupted):
+        with atomic_dir(target) as tmp:
+            (tmp / "weights.safetensors").write_bytes(b"new, but never finished")
+            raise Interrupted
+    assert (target / "weights.safetensors").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
