@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT)]
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ooc_ray.config import from_dict  # noqa: E402
+from ooc_ray.load import from_dict  # noqa: E402
 from ooc_ray.diffusion.base import BaseModel, ensure_tiny_sd, load_pipeline, sd15_architecture  # noqa: E402
 from ooc_ray.finetune import train_lora  # noqa: E402
 from ooc_ray.protocol import LoraJob  # noqa: E402

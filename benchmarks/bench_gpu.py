@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from ooc_ray.config import from_dict  # noqa: E402
+from ooc_ray.load import from_dict  # noqa: E402
 
 DEVICE = "cuda"  # --device cpu runs every torch section on the CPU: a check of this script, not a figure
 

@@ -32,7 +32,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from helpers import make_manifest, write_manifest  # noqa: E402
 
-from ooc_ray.config import from_dict  # noqa: E402
+from ooc_ray.load import from_dict  # noqa: E402
 from ooc_ray.finetune import run_finetune  # noqa: E402
 from ooc_ray.paths import ExperimentPaths  # noqa: E402
 from ooc_ray.raycluster import init_ray  # noqa: E402

@@ -206,7 +206,7 @@ def fake_tables(n_images_scale: int, weights: tuple[float, ...]):
     schemas (tests/helpers.py), and the config that plans over them."""
     from helpers import fake_synthetic, make_manifest
 
-    from ooc_ray.config import from_dict
+    from ooc_ray.load import from_dict
 
     manifest = make_manifest(tuple(_counts(n_images_scale)), k=K, labels=CLASSES, groups=CELL_LINES, fold_seed=0)
     manifest = manifest.sample(frac=1.0, random_state=0).reset_index(drop=True)  # scan order is not id order
@@ -223,7 +223,7 @@ def fake_tables(n_images_scale: int, weights: tuple[float, ...]):
 
 
 def part_data(work: Path, scale: int) -> tuple[str, list[dict]]:
-    from ooc_ray.config import from_dict
+    from ooc_ray.load import from_dict
     from ooc_ray.data import load_manifest, run_data
     from ooc_ray.paths import ExperimentPaths
 
@@ -263,7 +263,8 @@ def _planning(tag: str, cfg, manifest, synthetic) -> list[dict]:
     from ooc_ray import keys
     from ooc_ray.data import class_names
     from ooc_ray.folds import fold_ids
-    from ooc_ray.protocol import PoolIndex, build_testset, build_trainset, grid_points, plan_loras, pool_sizes
+    from ooc_ray.protocol import grid_points, plan_loras, pool_sizes
+    from ooc_ray.trainsets import PoolIndex, build_testset, build_trainset
 
     classes = class_names(manifest)
     sets = []

@@ -14,7 +14,9 @@ import time
 import yaml
 from tqdm import tqdm
 
-from ooc_ray.config import ExperimentConfig, load_config, to_dict, variants
+from ooc_ray.config import ExperimentConfig, to_dict
+from ooc_ray.load import load_config
+from ooc_ray.variants import variants
 from ooc_ray.errors import ConfigError, OocRayError
 from ooc_ray.io import atomic_write_text, note
 from ooc_ray.lock import RunLock, command_line

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import warnings
 
-import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ooc_ray.config import ExperimentConfig, from_dict
+from ooc_ray.config import ExperimentConfig
+from ooc_ray.load import from_dict
 from ooc_ray.data import MANIFEST_COLUMNS
 from ooc_ray.demo_data import make_image
 from ooc_ray.folds import ALL_FOLDS, fold_ids, train_rows

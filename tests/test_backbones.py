@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ooc_ray.backbones import PREPROCESSING, build_backbone, write_calibrated_weights
-from ooc_ray.config import Backbone, from_dict
+from ooc_ray.config import Backbone
+from ooc_ray.load import from_dict
 from ooc_ray.errors import ConfigError
 
 # Pooled feature widths as the Keras and paper documentation give them (last conv's channels).

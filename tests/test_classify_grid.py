@@ -17,12 +17,12 @@ from helpers import classify_cfg, demo_experiment
 
 from ooc_ray.classify import run_classify
 from ooc_ray.config import TrackingConfig, to_dict
-from ooc_ray.protocol import plan_trials
+from ooc_ray.trainsets import plan_trials
 
 
 DRIVER = textwrap.dedent("""
     import json, sys
-    from ooc_ray.config import from_dict
+    from ooc_ray.load import from_dict
     from ooc_ray.paths import ExperimentPaths
     from ooc_ray.classify import run_classify
     cfg = from_dict(json.loads(sys.argv[1]))

@@ -14,7 +14,7 @@ from ooc_ray.backbones import (BackboneWeights, backbone_weights, build_backbone
 from ooc_ray.classify import TrialContext, run_trial
 from ooc_ray.data import load_image
 from ooc_ray.features import FeatureCache, cache_dir, extract_features, image_batches, n_views, train_views
-from ooc_ray.protocol import plan_trials
+from ooc_ray.trainsets import plan_trials
 
 pytestmark = pytest.mark.xdist_group("classify_model")  # one xdist worker builds the module's `tiny` fixture
 

@@ -76,7 +76,7 @@ def test_the_readme_job_submit_runs_the_synced_checkout_with_absolute_paths(clus
     paths; its config and overrides load."""
     import shlex
 
-    from ooc_ray.config import load_config
+    from ooc_ray.load import load_config
 
     readme = (repo / "README.md").read_text()
     lines = readme.splitlines()

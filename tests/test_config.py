@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from ooc_ray.config import ARTIFACTS, ExperimentConfig, field_roles, from_dict, load_config
+from ooc_ray.config import ARTIFACTS, ExperimentConfig, field_roles
+from ooc_ray.load import from_dict, load_config
 from ooc_ray.errors import ConfigError, OocRayError
 from ooc_ray.keys import config_slice
 
@@ -173,7 +174,8 @@ def test_config_slices_follow_roles():
 
 
 def test_axes_expand_to_validated_variants(tmp_path):
-    from ooc_ray.config import REPLICATE_SEED_STEP, to_dict, variants
+    from ooc_ray.config import REPLICATE_SEED_STEP, to_dict
+    from ooc_ray.variants import variants
 
     cfg = from_dict({"axes": {"sample.cfg": [2, 7.5], "classify.mixing": ["concat", "replace"]},
                      "sample": {"replicates": 2, "seed": 5}})
@@ -227,3 +229,87 @@ def test_mixing_and_control_settings_are_checked():
     assert "classify.mixing" not in config_slice(ExperimentConfig(), "trial")
     weighted = config_slice(from_dict({"classify": {"mixing": "loss_weighted"}}), "trial")
     assert weighted["classify.synthetic_loss_weight"] == 0.2 and "classify.replace_probability" not in weighted
+
+
+def test_extends_merges_the_base_first_one_level_only(tmp_path):
+    """`extends:` loads the named file (beside this one) first, then this file's own keys over it, section by
+    section; the base's name does not carry over; a base that extends another is refused."""
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases" / "common.yaml").write_text(
+        "name: common\nclassify: {epochs: 7, lr: 0.01}\nsample: {weights: [1.0, 0.5]}\ntiny: {classify.epochs: 2}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: bases/common.yaml\nclassify: {epochs: 9}\ntiny: {sample.steps: 3}\n")
+    cfg = load_config(child)
+    assert cfg.name == "child" and cfg.classify.epochs == 9 and cfg.classify.lr == 0.01
+    assert cfg.sample.weights == (1.0, 0.5)
+    tiny = load_config(child, tiny=True)  # both files' tiny: mappings
+    assert tiny.classify.epochs == 2 and tiny.sample.steps == 3
+    (tmp_path / "bases" / "deeper.yaml").write_text("extends: common.yaml\n")
+    child.write_text("extends: bases/deeper.yaml\n")
+    with pytest.raises(ConfigError, match="one level only"):
+        load_config(child)
+    child.write_text("extends: child.yaml\n")
+    with pytest.raises(ConfigError, match="cannot extend itself"):
+        load_config(child)
+    child.write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(child)
+
+
+def test_the_cpu_examples_hold_only_their_differences(repo):
+    """The axis examples, mixing and replicates extend one base and hold a few lines each."""
+    for name in ("axis_guidance", "axis_img2img", "axis_lora", "axis_lora_scope", "axis_sampling", "axis_base",
+                 "mixing", "replicates"):
+        text = (repo / "experiments" / f"{name}.yaml").read_text()
+        assert "extends: base/small_cpu.yaml" in text
+        assert len([line for line in text.splitlines() if line and not line.startswith("#")]) <= 8, name
+
+
+@pytest.mark.parametrize("override, message", [
+    ("classify.epochs=-3", "classify.epochs: need at least 1, got -3"),
+    ("classify.lr=-1", r"classify.lr: must be > 0, got -1.0"),
+    ("generator.rank=0", "generator.rank: need at least 1, got 0"),
+    ("classify.batch_size=0", "classify.batch_size: need at least 1, got 0"),
+    ("sample.steps=0", "sample.steps: need at least 1, got 0"),
+    ("sample.weights=[1.0, 1.0]", r"sample.weights: a LoRA weight is listed twice \(1.0 in \[1.0, 1.0\]\)"),
+    ("classify.ratios=[0.0, -0.5]", r"classify.ratios: need at least 0, got \[0.0, -0.5\]"),
+    ("classify.dropout=1.0", r"classify.dropout: must be in \[0, 1\), got 1.0"),
+    ("generator.unet_lr=.inf", "generator.unet_lr: expected a finite number"),
+])
+def test_every_numeric_field_is_range_checked_naming_its_bound(tmp_path, override, message):
+    path = tmp_path / "x.yaml"
+    path.write_text("name: x\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [override])
+
+
+def test_every_bad_value_is_named_at_once(tmp_path):
+    """Three bad values in one file: one error naming all three, not the first of them."""
+    path = tmp_path / "x.yaml"
+    path.write_text("classify: {epochs: -3, lr: -1}\ngenerator: {rank: 0}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    text = str(caught.value)
+    assert "classify.epochs" in text and "classify.lr" in text and "generator.rank" in text and "(3 problems)" in text
+
+
+def test_every_numeric_field_declares_its_bounds():
+    """A number without a declared range is a number nobody checked: every int and float field says where it
+    may lie, except seeds and the ones listed here with the reason."""
+    import dataclasses
+    import typing
+
+    unbounded_on_purpose = {"seed", "demo_seed", "fold", "weight"}  # any integer seed; search fold checked on data
+    missing = []
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("role") == "section":
+                walk(f.default_factory, f"{prefix}{f.name}.")
+            elif hints[f.name] in (int, float) and f.name not in unbounded_on_purpose \
+                    and not f.metadata.get("bounds"):
+                missing.append(prefix + f.name)
+
+    walk(ExperimentConfig)
+    assert missing == []

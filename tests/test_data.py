@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ooc_ray.config import DemoDataConfig, FoldsConfig, from_dict
+from ooc_ray.config import DemoDataConfig, FoldsConfig
+from ooc_ray.load import from_dict
 from ooc_ray.data import class_names, load_image, load_manifest, run_data, scan
 from ooc_ray.errors import DataError
 from ooc_ray.demo_data import CLASSES, write_demo_dataset

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ooc_ray.config import from_dict
+from ooc_ray.load import from_dict
 from ooc_ray.protocol import LoraJob
 
 PRESETS = {

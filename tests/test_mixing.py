@@ -11,7 +11,7 @@ from ooc_ray.backbones import BackboneWeights
 from ooc_ray.classify import TrialContext, run_trial
 from ooc_ray.classify.train import _Streams
 from ooc_ray.features import cache_dir, extract_features
-from ooc_ray.protocol import plan_trials
+from ooc_ray.trainsets import plan_trials
 
 pytestmark = pytest.mark.xdist_group("mixing")
 CLASSES = ("good", "acceptable", "bad")

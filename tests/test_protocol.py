@@ -9,12 +9,11 @@ import pytest
 from helpers import fake_synthetic, make_manifest
 
 from ooc_ray.classify.metrics import compute_metrics
-from ooc_ray.config import from_dict
+from ooc_ray.load import from_dict
 from ooc_ray.errors import TrainsetError
 from ooc_ray.folds import ALL_FOLDS
-from ooc_ray.protocol import (PoolIndex, TrialSpec, build_testset, build_trainset, grid_points, largest_remainder,
-                              plan_loras,
-                              plan_trials, pool_sizes, round_half_up)
+from ooc_ray.protocol import TrialSpec, grid_points, largest_remainder, plan_loras, pool_sizes, round_half_up
+from ooc_ray.trainsets import PoolIndex, build_testset, build_trainset, plan_trials
 
 CLASSES = ("good", "acceptable", "bad")
 
@@ -271,7 +270,7 @@ def test_matched_controls_train_on_as_many_real_images_as_their_arm(tmp_path):
     """real_steps: the real set plus round(r x n) more real rows, per class as synthetic ones would be (so as many
     steps as the real + r arm); real_augmented: as many classic augmentations, each named by its identity."""
     from ooc_ray.classic import augmented_identity
-    from ooc_ray.protocol import augmented_source
+    from ooc_ray.trainsets import augmented_source
 
     m = make_manifest(per_class=(9, 5, 3), k=3)
     s = fake_synthetic(m, weights=(1.0, 0.8), extra=20)
@@ -382,7 +381,8 @@ def test_every_result_field_of_a_trial_changes_its_planned_keys(tables, field):
     settings share, and overwrite, one trial's files."""
     import typing
 
-    from ooc_ray.config import ExperimentConfig, _with_value, field_roles
+    from ooc_ray.config import ExperimentConfig, field_roles
+    from ooc_ray.config import with_value as _with_value
 
     manifest, synthetic = tables
     base = from_dict({"sample": {"weights": [1.0]}, "classify": {

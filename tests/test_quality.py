@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ooc_ray.config import from_dict
+from ooc_ray.load import from_dict
 from ooc_ray.quality import class_quality, kid, nearest_real
 
 
@@ -59,7 +59,7 @@ def test_class_quality_known_answers():
 def test_classify_drops_low_confidence_synthetic_images(tmp_path):
     from ooc_ray.errors import MissingInputError
     from ooc_ray.paths import ExperimentPaths
-    from ooc_ray.protocol import draw_table
+    from ooc_ray.trainsets import draw_table
 
     synthetic = pd.DataFrame({"id": ["s0", "s1", "s2"], "path": ["a", "b", "c"], "label": "good", "fold": 0,
                               "weight": 1.0})

@@ -117,11 +117,11 @@ def write_report(tmp_path, trials):
     from helpers import fake_synthetic
 
     from ooc_ray import keys
-    from ooc_ray.config import from_dict
+    from ooc_ray.load import from_dict
     from ooc_ray.data import run_data
     from ooc_ray.io import write_parquet
     from ooc_ray.paths import ExperimentPaths
-    from ooc_ray.protocol import plan_trials
+    from ooc_ray.trainsets import plan_trials
 
     cfg = from_dict({"name": "r", "results_dir": str(tmp_path), "folds": {"k": 3},
                      "data": {"classes": CLASSES, "demo": {"per_class": [6, 6, 6], "size": 32}},

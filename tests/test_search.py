@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from ooc_ray.backbones import backbone_weights
-from ooc_ray.config import load_config
+from ooc_ray.load import load_config
 from ooc_ray.data import load_manifest, run_data
 from ooc_ray.diffusion.base import resolve_base
 from ooc_ray.errors import ConfigError

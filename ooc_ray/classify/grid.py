@@ -20,14 +20,16 @@ from ooc_ray import keys
 from ooc_ray.backbones import backbone_weights
 from ooc_ray.classic import write_missing
 from ooc_ray.classify.train import TrialContext, run_trial, trial_outputs, trial_problem
-from ooc_ray.config import ClassifyConfig, ExperimentConfig, Variant, to_dict
+from ooc_ray.config import ClassifyConfig, ExperimentConfig, to_dict
 from ooc_ray.data import class_names, load_manifest
 from ooc_ray.errors import StageError
 from ooc_ray.features import cache_dir, ensure_features
 from ooc_ray.io import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
-from ooc_ray.protocol import PlannedTrial, augmented_source, plan_grid, trial_config
+from ooc_ray.protocol import PlannedTrial, trial_config
+from ooc_ray.trainsets import augmented_source, plan_grid
+from ooc_ray.variants import Variant
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
 from ooc_ray.tracking import tracker, with_callbacks
 
@@ -81,7 +83,7 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, G
               ) -> None:
     from ray import tune
 
-    cc = cfg.classify  # resources: an axis cannot vary them (config._parse_axes)
+    cc = cfg.classify  # resources: an axis cannot vary them (load.parse_axes)
     # Cached-mode trials train only the head (~0.1 ms per image-epoch on one CPU core, measured at 1280
     # features): GPUs are for the feature extraction, and the trials run on CPUs, many at a time.
     resources = {"CPU": cc.cpus_per_trial, "GPU": 0 if cc.mode == "cached" else cc.gpus_per_trial}

@@ -14,14 +14,16 @@ import pandas as pd
 from ooc_ray import keys
 from ooc_ray.backbones import backbone_weights
 from ooc_ray.comparisons import naive_baseline
-from ooc_ray.config import ExperimentConfig, Variant, format_value
+from ooc_ray.config import ExperimentConfig, format_value
 from ooc_ray.data import load_manifest
 from ooc_ray.diffusion.lora import read_metadata
 from ooc_ray.errors import DataError, MissingInputError
 from ooc_ray.folds import held_out_signatures, uses_groups
 from ooc_ray.io import atomic_path, atomic_write_text, note, parquet_problem
 from ooc_ray.paths import ExperimentPaths
-from ooc_ray.protocol import PlannedTrial, plan_grid, safe_name
+from ooc_ray.protocol import PlannedTrial, safe_name
+from ooc_ray.trainsets import plan_grid
+from ooc_ray.variants import Variant
 from ooc_ray.report import render
 from ooc_ray.report.tables import (add_costs, apply_family, design_sensitivity, overlap_ratio, reference_values,
                                    replicate_table, resolution, summarise_quality, summary_tables, with_arms)
