@@ -46,7 +46,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from helpers import demo_experiment  # noqa: E402
 
-from ooc_ray.backbones import BackboneWeights, build_backbone, frozen, setup_tf  # noqa: E402
+from ooc_ray.backbones import BackboneWeights  # noqa: E402
+from ooc_ray.networks import build_backbone, frozen, setup_tf  # noqa: E402
 from ooc_ray.classify import run_classify  # noqa: E402
 from ooc_ray.classify.model import build_exact_model, build_head, compile_model  # noqa: E402
 from ooc_ray.classify.train import HEAD_STEPS_PER_EXECUTION, _shuffled_indices  # noqa: E402

@@ -88,7 +88,7 @@ def bench_lora(work: Path, resolution: int, steps_pair: tuple[int, int], precisi
 
     from ooc_ray.diffusion.base import BaseModel, sd15_architecture
     from ooc_ray.finetune import train_lora
-    from ooc_ray.gpu import bf16_native, training_precision
+    from ooc_ray.diffusion.base import bf16_native, training_precision
     from ooc_ray.protocol import LoraJob
 
     images = write_images(work / "train", N_IMAGES, resolution)
@@ -100,7 +100,7 @@ def bench_lora(work: Path, resolution: int, steps_pair: tuple[int, int], precisi
     rows = []
     for precision in precisions:
         if DEVICE == "cpu" and precision == "fp16" or (
-                DEVICE == "cuda" and precision == "bf16" and not bf16_native(torch)):
+                DEVICE == "cuda" and precision == "bf16" and not bf16_native()):
             rows.append({"precision": precision, "skipped": f"no {precision} on this device"})
             continue
         dtype = training_precision(precision, DEVICE)[0]
@@ -159,7 +159,7 @@ def bench_sampling(work: Path, resolution: int, lora_dir: Path, batches: list[in
 def bench_features(batches=(8, 32)) -> list[dict]:
     import tensorflow as tf
 
-    from ooc_ray.backbones import build_backbone, frozen, setup_tf
+    from ooc_ray.networks import build_backbone, frozen, setup_tf
     from ooc_ray.gpu import require_tf_gpu
 
     setup_tf()

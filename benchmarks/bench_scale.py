@@ -60,7 +60,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 CLASSES = ("good", "acceptable", "bad")
-PAPER_COUNTS = (500, 212, 110)  # DESIGN.md: the paper's 822 images
+PAPER_COUNTS = (500, 212, 110)  # docs/design.md: the paper's 822 images
 CELL_LINES = ("HUVEC", "HSAEC", "A549", "CACO", "HPMEC")
 RATIOS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 WEIGHTS = (1.0, 0.8)
@@ -243,7 +243,7 @@ def part_data(work: Path, scale: int) -> tuple[str, list[dict]]:
 def _sample_plan(cfg, manifest):
     """sample.plan_pools without loading the base or reading trained LoRAs: a fake base and LoRA table."""
     from ooc_ray.diffusion.base import BaseModel
-    from ooc_ray.diffusion.lora import TABLE_COLUMNS
+    from ooc_ray.diffusion.lora_files import TABLE_COLUMNS
     from ooc_ray.protocol import plan_loras, pool_sizes
     from ooc_ray.sample import plan_images, start_images
 

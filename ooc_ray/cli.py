@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from ooc_ray.config import ExperimentConfig, to_dict
 from ooc_ray.load import load_config
-from ooc_ray.variants import variants
 from ooc_ray.errors import ConfigError, OocRayError
 from ooc_ray.io import atomic_write_text, note
 from ooc_ray.lock import RunLock, command_line
@@ -52,21 +51,10 @@ HELP = {
 }
 
 
-# Stages that make a variant's own tables (config.variants: the axes and generation replicates): run once per
-# variant. What variants share (a base, a LoRA, a pool) is keyed by content and made once; classify plans every
-# variant's trials into one Tune run, and report writes one table per variant.
-PER_VARIANT = {"pretrain", "finetune", "sample", "quality", "fetch"}  # fetch: every base and backbone an axis names
-
-
 def run_stage(name: str, cfg: ExperimentConfig, paths: ExperimentPaths):
+    """Import the stage's module and call it; each stage runs every variant of the axes itself (ooc_ray.variants)."""
     module, func = STAGES[name]
-    stage = getattr(importlib.import_module(module), func)
-    if name not in PER_VARIANT or not variants(cfg)[0].point:  # no axes, one replicate: the config itself
-        return stage(cfg, paths)
-    for variant in variants(cfg):
-        note(f"{name}: variant {variant.label}")
-        stage(variant.cfg, paths.for_variant(variant.tag))
-    return None
+    return getattr(importlib.import_module(module), func)(cfg, paths)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -327,7 +327,7 @@ class RayConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     # Optional MLflow tracking of every classifier trial and LoRA-search trial, through Ray Tune's own
-    # MLflowLoggerCallback (ooc_ray.tracking): params = the grid point and the settings, metrics per epoch, the
+    # MLflowLoggerCallback (ooc_ray.tune_tracking): params = the grid point and the settings, metrics per epoch, the
     # trial's Parquet files as artifacts. Needs mlflow (`pip install -e ".[tracking]"`). Changes no result.
     mlflow: bool = resource(False)
     # "": a SQLite store under results/<name>/mlflow/ (artifacts beside it); or any MLflow tracking URI

@@ -19,11 +19,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from ooc_ray import keys
-from ooc_ray.backbones import BackboneWeights, build_augmentation, build_backbone, frozen, setup_tf
+from ooc_ray.backbones import BackboneWeights
+from ooc_ray.networks import build_augmentation, build_backbone, frozen, setup_tf
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.data import load_image
 from ooc_ray.gpu import require_tf_gpu
@@ -35,8 +38,6 @@ CHUNK = 256  # images per part file: B7 features are 2560 float32 = 10 KB per vi
 
 def image_map(paths, size: int):
     """tf.data map fn: row index (int64 scalar) -> float32 image (size, size, 3) in 0..255."""
-    import tensorflow as tf
-
     table = [str(p) for p in paths]
 
     def _load(i):
@@ -51,8 +52,6 @@ def image_map(paths, size: int):
 
 def image_batches(paths, size: int, batch_size: int):
     """Images of `paths` in order, batched (evaluation and feature extraction)."""
-    import tensorflow as tf
-
     ds = tf.data.Dataset.range(len(paths)).map(image_map(paths, size), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
@@ -148,8 +147,6 @@ def image_seeds(digests, base_seed: int) -> list[int]:
 
 def _seed_states(model) -> list:
     # Keras 3 random layers keep [seed, counter] in a "seed_generator_state" variable; build them first.
-    import tensorflow as tf
-
     model(tf.zeros((1, 8, 8, 3)), training=True)
     return [v for v in model.variables if "seed_generator_state" in v.path]
 
@@ -158,9 +155,6 @@ class FeatureExtractor:
     """The frozen backbone (and augmentation) built once; maps a batch of images to (batch, views, dim)."""
 
     def __init__(self, cc: ClassifyConfig, weights: BackboneWeights):
-        import keras
-        import tensorflow as tf
-
         keras.utils.set_random_seed(cc.seed)  # weights "none": the same random backbone in every task
         self.views = n_views(cc)
         backbone = frozen(build_backbone(cc.backbone, weights.value, cc.input_size))
@@ -174,21 +168,15 @@ class FeatureExtractor:
     def _augment_eager(self, image, seed):
         """One image's augmented copy, its random draws fixed by `seed` alone: each layer's SeedGenerator state
         is set from (seed, layer) before the call (measured: same seed -> identical pixels)."""
-        import tensorflow as tf
-
         for j, state in enumerate(self._seed_states):
             state.assign(tf.stack([tf.cast(seed, state.dtype), tf.constant(j, state.dtype)]))
         return self._augmentation(image[None], training=True)[0]
 
     def _augment(self, image, seed: int):
-        import tensorflow as tf
-
         return self._augment_graph(image, tf.constant(seed, tf.int64))
 
     def __call__(self, images, seeds) -> np.ndarray:
         """(batch, views, dim); `seeds` (one int per image, image_seeds()) fix each augmented view."""
-        import tensorflow as tf
-
         # One decoded batch serves every view: the decode of a 2048x1536 JPG costs as much as a small backbone.
         outs = [self._backbone(images).numpy()]
         for view in range(1, self.views):

@@ -7,24 +7,29 @@ from __future__ import annotations
 
 import os
 
-from ooc_ray.backbones import build_backbone, setup_tf
+from ooc_ray.networks import build_backbone, setup_tf
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.diffusion.base import resolve_base
 from ooc_ray.io import note
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.variants import each_variant
 
 
 def run_fetch(cfg: ExperimentConfig, paths: ExperimentPaths) -> list[str]:
-    """Resolve generator.base (downloading a hub id) and build the classifier with ImageNet weights when the
-    config asks for them (Keras downloads them once); returns what is now local, one line each."""
-    base = resolve_base(cfg.generator.base, paths.models)
-    fetched = [f"generator.base {cfg.generator.base}: {base.path} ({base.identity})"]
-    cc = cfg.classify
-    if cc.weights == "imagenet":
+    """Resolve every generator.base the variants of the axes name (downloading a hub id) and build each
+    classifier backbone with ImageNet weights a variant asks for (Keras downloads them once); returns what is
+    now local, one line each."""
+    configs = [variant.cfg for variant, _ in each_variant(cfg, paths)]
+    fetched = []
+    for name in dict.fromkeys(c.generator.base for c in configs):
+        base = resolve_base(name, paths.models)
+        fetched.append(f"generator.base {name}: {base.path} ({base.identity})")
+    for backbone, size in dict.fromkeys((c.classify.backbone, c.classify.input_size) for c in configs
+                                        if c.classify.weights == "imagenet"):
         setup_tf()
-        build_backbone(cc.backbone, "imagenet", cc.input_size)
+        build_backbone(backbone, "imagenet", size)
         keras_home = os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras"))
-        fetched.append(f"classify.weights imagenet for {cc.backbone}: under {keras_home}/models")
+        fetched.append(f"classify.weights imagenet for {backbone}: under {keras_home}/models")
     for line in fetched:
         note(f"fetch: {line}")
     return fetched

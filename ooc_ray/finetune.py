@@ -13,23 +13,31 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from peft import LoraConfig
 
 from ooc_ray.config import ExperimentConfig, GeneratorConfig
 from ooc_ray.data import load_image, load_manifest
-from ooc_ray.diffusion.base import (BaseModel, device_and_dtype, load_pipeline, optimizer_step,
+from ooc_ray.diffusion.base import (BaseModel, device_and_dtype, load_pipeline, optimizer_step, training_precision,
                                    training_target)
-from ooc_ray.diffusion.lora import (DIFFUSERS_FILE, KOHYA_FILE, METADATA_FILE, lora_config, lora_problem,
-                                    read_metadata, save_lora, te_targets, trained_table, unet_targets, weights_digest)
+from ooc_ray.diffusion.lora import save_lora, weights_digest
+from ooc_ray.diffusion.lora_files import (DIFFUSERS_FILE, KOHYA_FILE, METADATA_FILE, lora_config, lora_problem,
+                                          read_metadata, te_targets, trained_table, unet_targets)
 from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import ModelError
-from ooc_ray.gpu import require_torch_cuda, training_precision
+from ooc_ray.gpu import require_torch_cuda
 from ooc_ray.io import atomic_dir, note, sha256_file, write_parquet
 from ooc_ray.keys import config_slice
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
 from ooc_ray.protocol import LoraJob, plan_loras
 from ooc_ray.raycluster import init_ray, require_resources
+from ooc_ray.variants import each_variant, per_variant
 
 
 ENCODE_CHUNK = 8  # images per VAE encode when caching: SD's VAE at 512 px needs ~1 GB each
@@ -37,9 +45,6 @@ ENCODE_CHUNK = 8  # images per VAE encode when caching: SD's VAE at 512 px needs
 
 def _training_pixels(paths: tuple[str, ...], resolution: int):
     """The training images as one (n, 3, res, res) tensor in [-1, 1], as the VAE reads them."""
-    import numpy as np
-    import torch
-
     return torch.stack([
         torch.from_numpy(np.array(load_image(p, size=resolution))).permute(2, 0, 1) for p in paths
     ]).float() / 127.5 - 1.0
@@ -49,9 +54,6 @@ def _latent_noise(vae, n: int, resolution: int, gen):
     """Each training image's latent-sampling noise, drawn once from gen in chunks of ENCODE_CHUNK, exactly as
     the VAE's latent_dist.sample(gen) draws it: an image's latent sample is then the same every step, whether
     cached or encoded again."""
-    import torch
-    from diffusers.utils.torch_utils import randn_tensor
-
     side = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     shape = (vae.config.latent_channels, side, side)
     return torch.cat([randn_tensor((min(ENCODE_CHUNK, n - i), *shape), generator=gen, device=vae.device,
@@ -60,8 +62,6 @@ def _latent_noise(vae, n: int, resolution: int, gen):
 
 def _encode(vae, pixels, noise):
     """Scaled latents of `pixels`, sampled with `noise` (mean + std * noise, as latent_dist.sample does)."""
-    import torch
-
     with torch.no_grad():
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         return (dist.mean + dist.std * noise).float() * vae.config.scaling_factor
@@ -73,8 +73,6 @@ def _latent_source(vae, paths: tuple[str, ...], gcfg: GeneratorConfig, gen):
     augmentation) and the VAE is frozen; else encoded again every step from pixels held in memory. Both
     sample an image's latent with the same noise, so they train the same LoRA up to float rounding
     (tests/test_finetune.py compares the loss curves)."""
-    import torch
-
     pixels = _training_pixels(paths, gcfg.resolution)
     noise = _latent_noise(vae, len(pixels), gcfg.resolution, gen)
     if not gcfg.cache_latents:
@@ -87,8 +85,6 @@ def _latent_source(vae, paths: tuple[str, ...], gcfg: GeneratorConfig, gen):
 def _frozen_text(te, ids, gcfg: GeneratorConfig):
     """When the text encoder carries no LoRA: a function giving the prompt's embedding, computed once under
     generator.cache_latents (one prompt per LoRA) or again at every step. None when the text encoder trains."""
-    import torch
-
     if gcfg.text_encoder_lr > 0:
         return None
 
@@ -108,10 +104,6 @@ def _train_loop(pipe, latents_of, n: int, ids, gcfg: GeneratorConfig, optimizer,
     generator.mixed_precision (gpu.py: autocast, with a GradScaler for fp16). `ids`: one tokenised prompt, or one
     per distinct caption with `caption_of` (a tensor: image -> its row of ids). Returns (loss per step, mean loss
     per epoch, the GradScaler's final scale or None)."""
-    import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
-
     unet, te = pipe.unet, pipe.text_encoder
     device = unet.device
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -144,9 +136,6 @@ def _train_loop(pipe, latents_of, n: int, ids, gcfg: GeneratorConfig, optimizer,
 
 def _add_adapters(pipe, name: str, gcfg: GeneratorConfig, use_te: bool):
     """A fresh LoRA adapter on the frozen base; returns the AdamW optimizer over its parameters."""
-    import torch
-    from peft import LoraConfig
-
     unet, te = pipe.unet, pipe.text_encoder
     for module in (unet, te, pipe.vae):
         module.requires_grad_(False)
@@ -169,8 +158,6 @@ def _add_adapters(pipe, name: str, gcfg: GeneratorConfig, use_te: bool):
 def train_lora(pipe, job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, out_dir: Path) -> dict:
     """Train one LoRA on `pipe`'s frozen base, write its files into out_dir, then remove the adapter again
     (one base per process, a fresh adapter per LoRA). Returns the metadata (also out_dir/metadata.json)."""
-    import torch
-
     start = time.perf_counter()
     unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
     use_te = gcfg.text_encoder_lr > 0
@@ -270,16 +257,36 @@ def train_all(cfg: ExperimentConfig, jobs: list[LoraJob], base: BaseModel, lora_
     ray.get([remote.remote(job, gcfg, base, lora_root, request) for job in jobs])
 
 
-def run_finetune(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
-    """Train every LoRA of the plan that is not trained yet; returns the table (also paths.lora_table)."""
+def run_finetune(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame | list[pd.DataFrame]:
+    """Train every LoRA that any variant of the axes plans and is not trained yet (a LoRA two variants share is
+    trained once), then write each variant's LoRA table; returns the table (with axes, the tables in variant
+    order)."""
     manifest = load_manifest(paths)
-    base = generator_base(cfg, paths)  # built here once, before any worker reads it
-    jobs = plan_loras(cfg, manifest, base.identity)
-    todo = pending_jobs(jobs, paths.lora)
+    planned = []  # (variant config, its paths, its base, its jobs)
+    for variant, vpaths in each_variant(cfg, paths):
+        base = generator_base(variant.cfg, vpaths)  # built here once, before any worker reads it
+        planned.append((variant.cfg, vpaths, base, plan_loras(variant.cfg, manifest, base.identity)))
+    jobs = {job.key: (vcfg, base, job) for vcfg, _, base, variant_jobs in planned for job in variant_jobs}
+    todo = {job.key for job in pending_jobs([job for _, _, job in jobs.values()], paths.lora)}
     if todo:
-        with FileProgress([paths.lora / job.key for job in todo], "finetune", "LoRA"):
-            train_all(cfg, todo, base, paths.lora)
-    note(f"finetune: {len(jobs)} LoRAs planned, {len(jobs) - len(todo)} re-used, {len(todo)} trained")
-    table = trained_table(jobs, paths.lora)
-    write_parquet(table, paths.lora_table)
-    return table
+        with FileProgress([paths.lora / key for key in todo], "finetune", "LoRA"):
+            for vcfg, base, group in _by_settings(jobs, todo):
+                train_all(vcfg, group, base, paths.lora)
+    tables = []
+    for (variant, _), (_, vpaths, _, variant_jobs) in zip(each_variant(cfg, paths), planned):
+        trained = sum(job.key in todo for job in variant_jobs)
+        where = f"{variant.label}: " if variant.point else ""
+        note(f"finetune: {where}{len(variant_jobs)} LoRAs planned, {len(variant_jobs) - trained} re-used, "
+             f"{trained} trained")
+        tables.append(trained_table(variant_jobs, paths.lora))
+        write_parquet(tables[-1], vpaths.lora_table)
+    return per_variant(cfg, tables)
+
+
+def _by_settings(jobs: dict, todo: set) -> list[tuple]:
+    """The pending jobs as (a variant config, its base, the jobs) per distinct generator settings and base."""
+    groups: dict = {}
+    for key in sorted(todo):
+        vcfg, base, job = jobs[key]
+        groups.setdefault((vcfg.generator, base), (vcfg, base, []))[2].append(job)
+    return list(groups.values())

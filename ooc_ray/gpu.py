@@ -1,15 +1,17 @@
-"""What a GPU request must find on the node that runs it, and the precision LoRA training runs in.
+"""What a GPU request must find on the node that runs it.
 
 A task, actor or trial that was given GPUs calls require_torch_cuda / require_tf_gpu first: torch and TensorFlow
 both fall back to the CPU without a word when they see no usable device (a CPU-only wheel, a driver too old,
 CUDA_VISIBLE_DEVICES empty), and SD LoRA training or B7 at 600 px on a CPU runs for days instead of minutes.
+Each check imports the framework it checks inside it, on purpose: a node without one of them (a GPU node
+without TensorFlow) runs the other check, and the CLI imports this module without paying for either.
 """
 from __future__ import annotations
 
 import os
 import socket
 
-from ooc_ray.errors import ModelError, ResourceError
+from ooc_ray.errors import ResourceError
 
 
 def node_name() -> str:
@@ -46,38 +48,6 @@ def require_tf_gpu(what: str) -> None:
             f"{what}: node {node_name()} was given a GPU but TensorFlow {tf.__version__} sees none "
             f"(built with CUDA: {tf.test.is_built_with_cuda()}, CUDA_VISIBLE_DEVICES={_visible()}); "
             "install tensorflow[and-cuda] on that node or set the request to 0")
-
-
-def bf16_native(torch) -> bool:
-    """Whether the CUDA card computes bf16 natively (compute capability 8.0+)."""
-    try:  # torch >= 2.3 counts emulated bf16 (pre-Ampere cards, slow) as supported unless told not to
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:
-        return torch.cuda.is_bf16_supported()
-
-
-def training_precision(precision: str, device: str):
-    """(weights dtype, autocast dtype or None, GradScaler on?) for generator.mixed_precision on `device`.
-
-    The frozen base is stored in the low precision on a GPU (half the memory); the LoRA parameters the optimizer
-    updates stay fp32 whatever is asked. fp16 gradients underflow (their smallest normal is 6e-5) without a
-    GradScaler; bf16 has fp32's range and needs none. bf16 runs on CPUs as well (autocast; weights stay fp32),
-    fp16 does not: asked for where it cannot run as asked, both fail rather than train something else."""
-    import torch
-
-    if precision == "fp32":
-        return torch.float32, None, False
-    if precision == "fp16":
-        if device != "cuda":
-            raise ModelError("generator.mixed_precision=fp16 needs a CUDA GPU (this process has none); "
-                             "use bf16 or fp32 on CPUs")
-        return torch.float16, torch.float16, True
-    if precision == "bf16":
-        if device == "cuda" and not bf16_native(torch):
-            raise ModelError(f"generator.mixed_precision=bf16: {torch.cuda.get_device_name(0)} on node "
-                             f"{node_name()} has no bf16 (it needs compute capability 8.0+); use fp16")
-        return (torch.bfloat16 if device == "cuda" else torch.float32), torch.bfloat16, False
-    raise ModelError(f"generator.mixed_precision={precision!r}: not one of fp32, fp16, bf16")
 
 
 def check_node(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Iterator
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
 
 from ooc_ray.errors import MissingInputError
 
@@ -112,8 +113,6 @@ def parquet_problem(path: str | Path) -> str:
 
 def image_problem(path: str | Path) -> str:
     """'' when `path` decodes as an image to its last pixel, else what is wrong with it."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as img:
             img.load()

@@ -1,4 +1,4 @@
-"""Every artifact key, derived in this one module (DESIGN.md: Provenance).
+"""Every artifact key, derived in this one module (docs/design.md: Provenance).
 
 A key = sha256(the config fields that can change the artifact's numbers, the content digests of every input it
 reads). Which config fields count is read from the fields' own roles (ooc_ray.config: result/input/grid/

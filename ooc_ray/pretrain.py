@@ -23,6 +23,7 @@ from ooc_ray.errors import DataError, MissingInputError, ModelError
 from ooc_ray.io import atomic_dir, note, sha256_file, write_parquet
 from ooc_ray.keys import config_slice
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.variants import each_variant
 
 IMAGE_COLUMNS = ["id", "path", "sha256"]
 
@@ -82,7 +83,21 @@ def refuse_labelled(images: pd.DataFrame, manifest: pd.DataFrame) -> None:
                         "fold's synthetic images")
 
 
-def run_pretrain(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None:
+def run_pretrain(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None | list[Path | None]:
+    """Every distinct pretraining the variants of the axes ask for (a generator.pretrain axis: one base per
+    value), each once. Returns the pretrained folder (None without pretraining), or with several distinct
+    pretrainings the list of them in variant order."""
+    done: dict = {}
+    for variant, _ in each_variant(cfg, paths):
+        gc = variant.cfg.generator
+        settings = (gc.base, gc.resolution, gc.pretrain)
+        if settings not in done:
+            done[settings] = pretrain_base(variant.cfg, paths)
+    folders = list(done.values())
+    return folders[0] if len(folders) == 1 else folders
+
+
+def pretrain_base(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None:
     """Pretrain the base on the unlabeled images unless that exact pretraining exists; returns its folder."""
     pcfg = cfg.generator.pretrain
     if not pcfg.source:

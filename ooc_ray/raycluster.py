@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import ray
+
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.errors import ResourceError
 from ooc_ray.io import note
@@ -12,8 +14,6 @@ from ooc_ray.paths import ExperimentPaths
 
 def init_ray(cfg: ExperimentConfig):
     """Idempotent ray.init: local by default, a cluster when cfg.ray.address is set ("auto" or ray://...)."""
-    import ray  # heavy (~1 s): only stages that use Ray pay for it
-
     if ray.is_initialized():
         return ray
     # Trials chdir into their own folders by default; every path here is absolute, and keeping the

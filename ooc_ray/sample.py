@@ -19,14 +19,18 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 
+import diffusers
 import pandas as pd
 import pyarrow.parquet as pq
+import ray.data as ray_data
+import torch
+from transformers.utils import logging as hf_logging
 
 from ooc_ray import keys
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.data import load_image, load_manifest
 from ooc_ray.diffusion.base import BaseModel, device_and_dtype, load_pipeline
-from ooc_ray.diffusion.lora import trained_table
+from ooc_ray.diffusion.lora_files import trained_table
 from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import StageError
 from ooc_ray.gpu import require_torch_cuda
@@ -35,6 +39,7 @@ from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
 from ooc_ray.protocol import LoraJob, plan_loras, pool_sizes, safe_name
 from ooc_ray.raycluster import init_ray, require_resources
+from ooc_ray.variants import each_variant, per_variant
 
 SAMPLERS = {"euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler"}
 FAIL_AFTER_ENV = "OOC_RAY_SAMPLE_FAIL_AFTER"  # test hook: a worker raises after writing this many images
@@ -116,10 +121,6 @@ class SampleWorker:
 
     def __init__(self, base_path: str, mode: str, sampler: str, resolution: int, fail_after: int = 0,
                  gpu_request: str = "", clip_sample: float = 0.0, cpu_threads: int = 0):
-        import diffusers
-        import torch
-        from transformers.utils import logging as hf_logging
-
         if cpu_threads:  # a CPU-only Ray actor: Ray left it one thread (cpus_per_cpu_actor)
             torch.set_num_threads(cpu_threads)
 
@@ -156,8 +157,6 @@ class SampleWorker:
 
     def render(self, rows: pd.DataFrame) -> list:
         """PIL images for one planned batch (rows sharing one lora_key and weight)."""
-        import torch
-
         first = rows.iloc[0]
         self._activate(first.lora_key, first.lora_dir, first.lora_file, float(first.weight))
         kwargs = {
@@ -225,18 +224,21 @@ def _drop_damaged(plan: pd.DataFrame) -> None:
 
 
 def pending_batches(plan: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
-    """Fixed batches (index // batch_size within one LoRA and weight) that still miss a PNG.
+    """Fixed batches (index // batch_size within one pool: LoRA, sampling settings, class and weight) that still
+    miss a PNG.
 
     A batch's composition changes its floating-point results in the last bits (batched matmuls), so batches
     are cut from the plan, not from what is left: a resumed run re-renders a partly finished batch whole
     (writing only its missing files) and every image comes out bit-identical to an uninterrupted run."""
     # One class per class LoRA, so adding the label changes no batch of theirs; a data-set LoRA's classes are
-    # batched apart (their indices restart at 0 per class).
-    plan = plan.sort_values(["lora_key", "label", "weight", "index"], ignore_index=True)
+    # batched apart (their indices restart at 0 per class); pools of other sampling settings (sample_key: another
+    # variant of the axes) are batched apart too.
+    by = ["lora_key", "sample_key", "label", "weight"]
+    plan = plan.sort_values([*by, "index"], ignore_index=True)
     batch_no = plan["index"] // batch_size
     missing = ~plan["path"].map(os.path.exists)
-    return [rows.assign(batch=f"{key}|{label}|{weight}|{no}").reset_index(drop=True)
-            for (key, label, weight, no), rows in plan.groupby(["lora_key", "label", "weight", batch_no], sort=True)
+    return [rows.assign(batch="|".join(map(str, point))).reset_index(drop=True)
+            for point, rows in plan.groupby([*(plan[c] for c in by), batch_no], sort=True)
             if missing[rows.index].any()]
 
 
@@ -268,9 +270,7 @@ def cpus_per_cpu_actor(ray, n_actors: int) -> int:
     return max(1, int(node_cpus) // max(1, n_actors))
 
 
-def _render_with_ray(cfg: ExperimentConfig, batches: list[pd.DataFrame], worker_kwargs: dict) -> None:
-    import ray.data as ray_data  # heavy: only a Ray run of the sampler pays for it
-
+def _render_with_ray(cfg: ExperimentConfig, batches: list[pd.DataFrame], worker_kwargs: dict) -> pd.DataFrame:
     s = cfg.sample
     ray = init_ray(cfg)
     require_resources(cfg, {"CPU": 1, "GPU": s.gpus_per_actor}, f"sample: sample.gpus_per_actor={s.gpus_per_actor:g}")
@@ -365,17 +365,37 @@ def plan_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataF
     return base, plan_images(cfg, base, loras, sizes, start_images(jobs, manifest), paths.synthetic)
 
 
+def worker_settings(cfg: ExperimentConfig, base: BaseModel) -> tuple:
+    """What a sampling actor is built with: pools that agree on it render in one actor pool."""
+    s = cfg.sample
+    return base.path, s.mode, s.sampler, s.clip_sample, s.resolution
+
+
 def sample_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame, use_ray: bool = True
-                 ) -> pd.DataFrame:
-    """Plan, render and record every pool the grid draws from; writes synthetic.parquet and returns it."""
-    base, plan = plan_pools(cfg, paths, manifest)
-    seconds = render(plan, cfg, base, use_ray=use_ray)
-    note(f"sample: {len(plan)} images planned, {len(plan) - len(seconds)} re-used, {len(seconds)} rendered")
-    table = consolidate(plan, seconds)
-    write_parquet(table, paths.synthetic_table)
-    return table
+                 ) -> pd.DataFrame | list[pd.DataFrame]:
+    """Plan, render and record every pool that any variant of the axes draws from, one Ray Data job per kind of
+    actor rather than one per variant (an actor pool's start-up is most of a small stage's time); writes each
+    variant's synthetic.parquet. Returns the table (with axes, the tables in variant order)."""
+    planned = []  # (variant paths, its plan)
+    jobs: dict = {}  # worker settings -> (a variant config, its base, [plans])
+    for variant, vpaths in each_variant(cfg, paths):
+        base, plan = plan_pools(variant.cfg, vpaths, manifest)
+        planned.append((vpaths, plan))
+        jobs.setdefault(worker_settings(variant.cfg, base), (variant.cfg, base, []))[2].append(plan)
+    seconds: dict[str, float] = {}
+    for vcfg, base, plans in jobs.values():
+        plan = pd.concat(plans, ignore_index=True).drop_duplicates("path", ignore_index=True)
+        seconds.update(render(plan, vcfg, base, use_ray=use_ray))
+    tables = []
+    for (variant, _), (vpaths, plan) in zip(each_variant(cfg, paths), planned):
+        rendered = int(plan["id"].isin(seconds.keys()).sum())
+        where = f"{variant.label}: " if variant.point else ""
+        note(f"sample: {where}{len(plan)} images planned, {len(plan) - rendered} re-used, {rendered} rendered")
+        tables.append(consolidate(plan, seconds))
+        write_parquet(tables[-1], vpaths.synthetic_table)
+    return per_variant(cfg, tables)
 
 
-def run_sample(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
-    """Sample every pool through Ray Data; returns the synthetic table (also at paths.synthetic_table)."""
+def run_sample(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame | list[pd.DataFrame]:
+    """Sample every pool of every variant through Ray Data (sample_pools)."""
     return sample_pools(cfg, paths, load_manifest(paths))

@@ -22,13 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from ooc_ray import keys
-from ooc_ray.backbones import BackboneWeights, backbone_weights
+from ooc_ray.backbones import BackboneWeights
+from ooc_ray.networks import built_weights
 from ooc_ray.config import ExperimentConfig, SearchConfig
 from ooc_ray.data import class_names, load_manifest, run_data
 from ooc_ray.diffusion.base import BaseModel
-from ooc_ray.diffusion.lora import trained_table
+from ooc_ray.diffusion.lora_files import trained_table
 from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import ConfigError, StageError
 from ooc_ray.finetune import pending_jobs, train_job
@@ -38,18 +41,18 @@ from ooc_ray.io import atomic_write_text, note, parquet_problem, write_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.pretrain import run_pretrain
 from ooc_ray.protocol import plan_loras
-from ooc_ray.quality import class_quality, features_identity, linear_probe, quality_features
+from ooc_ray.measures import class_quality, linear_probe
+from ooc_ray.quality import features_identity, quality_features
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
 from ooc_ray.sample import consolidate, plan_images, render, start_images
-from ooc_ray.tracking import tracker, with_callbacks
+from ooc_ray.tune_tracking import tracker, with_callbacks
+from ooc_ray.variants import refuse_axes
 
 OBJECTIVE_MODE = {"cas": "max", "kid": "min", "accuracy": "max"}
 POINT = ("rank", "alpha", "unet_lr", "text_encoder_lr", "epochs", "repeats", "weight")
 
 
 def search_space(s: SearchConfig) -> dict:
-    from ray import tune
-
     return {
         "rank": tune.choice(list(s.rank)),
         "alpha": tune.choice(list(s.alpha)),
@@ -61,7 +64,7 @@ def search_space(s: SearchConfig) -> dict:
     }
 
 
-def trial_config(cfg: ExperimentConfig, params: dict) -> ExperimentConfig:
+def point_config(cfg: ExperimentConfig, params: dict) -> ExperimentConfig:
     """The experiment config of one search point: its LoRA settings, and its weight as the only LoRA weight."""
     generator = dataclasses.replace(
         cfg.generator, rank=int(params["rank"]), alpha=float(params["alpha"]), unet_lr=float(params["unet_lr"]),
@@ -113,7 +116,7 @@ def run_search_trial(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths
                      weights: BackboneWeights) -> dict:
     """One search trial (also callable without Ray); writes search/trials/<key>.parquet and returns its row."""
     start = time.perf_counter()
-    tcfg = trial_config(cfg, params)
+    tcfg = point_config(cfg, params)
     manifest = load_manifest(paths)
     subset, test = search_subset(manifest, cfg.search)
     sub_manifest = pd.concat([subset, test], ignore_index=True)
@@ -147,8 +150,6 @@ def _checked_trial(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths, 
 
 def _tune_trainable(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel,
                     weights: BackboneWeights) -> None:
-    from ray import tune
-
     row = _checked_trial(params, cfg, paths, base, weights)
     tune.report({k: row[k] for k in ("search_key", "score", "cas", "kid", "accuracy")})
 
@@ -199,8 +200,6 @@ def _search_files(paths: ExperimentPaths, trial, last_result: dict) -> list[Path
 
 
 def _tuner(cfg: ExperimentConfig, paths: ExperimentPaths, trainable, run_key: str):
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     s = cfg.search
     storage = tune_storage(cfg, paths)  # s3://... stays a URI; local paths become absolute
@@ -222,15 +221,12 @@ def _tuner(cfg: ExperimentConfig, paths: ExperimentPaths, trainable, run_key: st
 
 def run_search(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     """Run (or resume) the Optuna search; writes search/results.parquet sorted best first and best.json."""
-    from ray import tune
-
-    if cfg.axes or cfg.sample.replicates > 1:
-        raise ConfigError("axes / sample.replicates: the LoRA search explores its own space (search.*) on one "
-                          "config; run the axes with `ooc-ray run`, or remove them for `ooc-ray search`")
+    refuse_axes(cfg, "the LoRA search (it explores its own space, search.*, on one config; run the axes with "
+                     "`ooc-ray run`)")
     manifest = run_data(cfg, paths)  # skips an unchanged source
     if cfg.generator.pretrain.source:
         run_pretrain(cfg, paths)  # the base every trial's LoRAs train on; re-used while its inputs are unchanged
-    weights = backbone_weights(cfg.classify, paths.models, manifest)
+    weights = built_weights(cfg.classify, paths.models, manifest)
     base = generator_base(cfg, paths)  # built once, before any trial reads it
     s = cfg.search
     init_ray(cfg)

@@ -60,6 +60,12 @@ def each_variant(cfg: ExperimentConfig, paths: ExperimentPaths) -> Iterator[tupl
         yield variant, paths.for_variant(variant.tag)
 
 
+def per_variant(cfg: ExperimentConfig, results: list) -> Any:
+    """A stage's return value: the one result of a config without axes (its files are the experiment's own), the
+    list of every variant's results (in variant order) with them."""
+    return results if cfg.axes or cfg.sample.replicates > 1 else results[0]
+
+
 def refuse_axes(cfg: ExperimentConfig, what: str) -> None:
     """A stage that runs one config refuses a config with axes or replicates, naming them: given the base
     config alone it would silently make the base config's artifacts only."""

@@ -139,7 +139,7 @@ def demo_experiment(cfg: ExperimentConfig) -> tuple[ExperimentPaths, pd.DataFram
 def calibrated_experiment(root: Path, cfg: ExperimentConfig) -> tuple:
     """demo_experiment and an EfficientNetB0 with calibrated BatchNorms at 32 px (its weights file): the tiny
     classifier tests' fixture. Returns (root, paths, manifest, synthetic, weights path)."""
-    from ooc_ray.backbones import write_calibrated_weights
+    from ooc_ray.networks import write_calibrated_weights
 
     paths, manifest, synthetic = demo_experiment(cfg)
     path = write_calibrated_weights(paths.models / "b0.weights.h5", "EfficientNetB0", 32, manifest["path"].tolist())

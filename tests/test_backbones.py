@@ -5,7 +5,8 @@ import typing
 import numpy as np
 import pytest
 
-from ooc_ray.backbones import PREPROCESSING, build_backbone, write_calibrated_weights
+from ooc_ray.backbones import PREPROCESSING
+from ooc_ray.networks import build_backbone, write_calibrated_weights
 from ooc_ray.config import Backbone
 from ooc_ray.load import from_dict
 from ooc_ray.errors import ConfigError

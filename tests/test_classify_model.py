@@ -9,8 +9,8 @@ from helpers import calibrated_experiment, classify_cfg, demo_experiment
 from PIL import Image
 
 from ooc_ray import keys
-from ooc_ray.backbones import (BackboneWeights, backbone_weights, build_backbone, fine_tuned, frozen,
-                                top_block_prefixes, write_calibrated_weights)
+from ooc_ray.backbones import BackboneWeights, backbone_weights, top_block_prefixes
+from ooc_ray.networks import build_backbone, built_weights, fine_tuned, frozen, write_calibrated_weights
 from ooc_ray.classify import TrialContext, run_trial
 from ooc_ray.data import load_image
 from ooc_ray.features import FeatureCache, cache_dir, extract_features, image_batches, n_views, train_views
@@ -37,12 +37,12 @@ def test_backbone_weights_resolve(tmp_path, tiny):
     file = backbone_weights(tiny_cfg(tmp_path, weights=path).classify, paths.models, manifest)
     assert file.value == path and file.identity.startswith("file-")
     calibrated = tiny_cfg(tmp_path, weights="calibrated").classify
-    planned = backbone_weights(calibrated, tmp_path / "models", manifest, build=False)  # the report's way
+    planned = backbone_weights(calibrated, tmp_path / "models", manifest)  # the report's way: nothing built
     assert not (tmp_path / "models").exists()
-    built = backbone_weights(calibrated, tmp_path / "models", manifest)
+    built = built_weights(calibrated, tmp_path / "models", manifest)
     assert built == planned and built.value.endswith(f"{built.identity}.weights.h5")
     changed = manifest.assign(sha256=manifest["sha256"].where(manifest.index != 0, "0" * 64))
-    assert backbone_weights(calibrated, tmp_path / "models", changed, build=False).identity != built.identity
+    assert backbone_weights(calibrated, tmp_path / "models", changed).identity != built.identity
 
 
 def test_calibrated_weights_set_every_batchnorm_from_its_inputs(tiny):
@@ -264,7 +264,7 @@ def test_traced_augmentation_gives_the_eager_pixels(tiny, tmp_path):
     feature cache's key (which names no code path) would hide a change of numbers."""
     import tensorflow as tf
 
-    from ooc_ray.backbones import build_augmentation
+    from ooc_ray.networks import build_augmentation
     from ooc_ray.features import FeatureExtractor, image_seeds
 
     _, _, manifest, _, path = tiny

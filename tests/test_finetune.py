@@ -313,7 +313,7 @@ def test_missing_or_changed_lora_is_named_then_retrained(tmp_path, tiny_base, ca
     the finetune stage names it and trains it again (and only it)."""
     import ooc_ray.finetune as ft
     from ooc_ray.diffusion.base import resolve_base
-    from ooc_ray.diffusion.lora import DIFFUSERS_FILE, KOHYA_FILE, trained_table
+    from ooc_ray.diffusion.lora_files import DIFFUSERS_FILE, KOHYA_FILE, trained_table
     from ooc_ray.protocol import plan_loras
 
     cfg = tiny_cfg(tmp_path, generator={"epochs": 1})

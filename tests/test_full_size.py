@@ -34,7 +34,7 @@ def test_sd15_architecture_trains_both_presets_round_trips_kohya_and_weight_zero
     import torch
 
     from ooc_ray.diffusion.base import BaseModel, sd15_architecture
-    from ooc_ray.diffusion.lora import DIFFUSERS_FILE, KOHYA_FILE
+    from ooc_ray.diffusion.lora_files import DIFFUSERS_FILE, KOHYA_FILE
     from ooc_ray.finetune import train_lora
 
     torch.set_num_threads(2)

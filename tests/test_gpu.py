@@ -62,9 +62,9 @@ def test_lora_training_in_mixed_precision_on_the_gpu(gpu_experiment, precision):
     from safetensors.torch import load_file
 
     root, manifest, models = gpu_experiment
-    from ooc_ray.gpu import bf16_native
+    from ooc_ray.diffusion.base import bf16_native
 
-    if precision == "bf16" and not bf16_native(torch):
+    if precision == "bf16" and not bf16_native():
         pytest.skip(f"{torch.cuda.get_device_name(0)} has no bf16")
     for row in finetuned(root, manifest, models, precision)[2].itertuples():
         meta = json.loads((Path(row.dir) / "metadata.json").read_text())
@@ -133,7 +133,7 @@ def test_tensorflow_and_torch_share_one_gpu_in_one_process():
     """A search trial trains a LoRA (torch) and then a classifier (TF) in one process on one GPU: TF must see
     the GPU and grow its memory instead of taking all of it from torch."""
     tf = pytest.importorskip("tensorflow")
-    from ooc_ray.backbones import setup_tf
+    from ooc_ray.networks import setup_tf
     from ooc_ray.gpu import require_tf_gpu
 
     held = torch.ones(256, 1024, 1024, device="cuda")  # 1 GiB held by torch first

@@ -88,14 +88,14 @@ def test_loss_weighted_trains_on_the_weighted_loss():
     import keras
     import tensorflow as tf
 
-    from ooc_ray.classify.model import compile_model, loss_weighted
+    from ooc_ray.classify.model import LossWeighted, compile_model
 
     rng = np.random.default_rng(0)
     xr, xs = rng.normal(size=(12, 5)).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32)
     yr, ys = (np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)] for n in (12, 6))
     net = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="softmax")])
     w = 0.3
-    model = compile_model(loss_weighted(net, w), 0.0)
+    model = compile_model(LossWeighted(net, w), 0.0)
     ds = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices((xr, yr)).batch(4),
                              tf.data.Dataset.from_tensor_slices((xs, ys)).batch(2))
     loss = model.fit(ds, epochs=1, verbose=0).history["loss"][0]
@@ -112,12 +112,12 @@ def test_loss_weighted_trains_on_the_weighted_loss():
 def test_split_batch_norm_keeps_synthetic_statistics_apart():
     import keras
 
-    from ooc_ray.backbones import split_batch_norm_class
+    from ooc_ray.networks import SplitBatchNormalization
 
     rng = np.random.default_rng(1)
     x = rng.normal(2.0, 3.0, size=(10, 4)).astype(np.float32)
     flag = np.array([0, 0, 1, 0, 1, 1, 0, 0, 1, 0], np.float32)[:, None]
-    split, plain = split_batch_norm_class()(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    split, plain = SplitBatchNormalization(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
     # A batch of real images only: Keras's BatchNormalization, output and moving statistics.
     real_only = np.zeros_like(flag)
     np.testing.assert_allclose(split([x, real_only], training=True), plain(x, training=True), atol=1e-5)
@@ -140,7 +140,7 @@ def test_split_batch_norm_keeps_synthetic_statistics_apart():
     # Convolution maps (SmallCNN's): statistics per channel over samples and positions, as BatchNormalization.
     maps = rng.normal(1.0, 2.0, size=(6, 5, 5, 3)).astype(np.float32)
     flags = np.array([0, 1, 0, 0, 1, 0], np.float32)[:, None]
-    conv_split, conv_plain = split_batch_norm_class()(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    conv_split, conv_plain = SplitBatchNormalization(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
     np.testing.assert_allclose(conv_split([maps, np.zeros_like(flags)], training=True), conv_plain(maps, training=True),
                                atol=1e-5)
     out = np.asarray(conv_split([maps, flags], training=True))

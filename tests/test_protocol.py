@@ -1,4 +1,4 @@
-"""The protocol's arithmetic (DESIGN.md "Exact semantics"): training sets, pool sizes, grid shape, metrics.
+"""The protocol's arithmetic (docs/design.md "Exact semantics"): training sets, pool sizes, grid shape, metrics.
 Pandas only, no TF or Ray."""
 import math
 from pathlib import Path
@@ -425,7 +425,7 @@ READ_BUT_NOT_KEYED = {
 
 
 def test_every_classify_field_the_trial_code_reads_is_keyed_or_said_why_not(repo):
-    """Read the classifier's code (ooc_ray/classify, features.py, backbones.py): every ClassifyConfig field it
+    """Read the classifier's code (ooc_ray/classify, features.py, backbones.py, networks.py): every ClassifyConfig field it
     uses (`cc.x`, `classify.x`) must be a result feeding the trial key, or be listed above with the reason it is
     not. A field demoted to a resource (classify.replace_probability once: out of the key, so p = 0 and p = 0.5
     wrote one trial's files) fails here by name."""
@@ -436,7 +436,7 @@ def test_every_classify_field_the_trial_code_reads_is_keyed_or_said_why_not(repo
 
     fields = {f.name: f.metadata for f in dataclasses.fields(ClassifyConfig)}
     files = [*sorted((repo / "ooc_ray" / "classify").glob("*.py")), repo / "ooc_ray" / "features.py",
-             repo / "ooc_ray" / "backbones.py"]
+             repo / "ooc_ray" / "backbones.py", repo / "ooc_ray" / "networks.py"]
     read = set()
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):

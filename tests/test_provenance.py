@@ -1,4 +1,4 @@
-"""A result is re-used only when everything it was computed from is byte-identical (DESIGN.md: Provenance).
+"""A result is re-used only when everything it was computed from is byte-identical (docs/design.md: Provenance).
 
 Real files through the real CLI: a folder-per-class image set, `ooc-ray run`, then one change at a time, and
 what re-ran is compared with what an independent reading of the manifests says changed: which LoRA training

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from ooc_ray.load import from_dict
-from ooc_ray.quality import class_quality, kid, nearest_real
+from ooc_ray.measures import class_quality, kid, nearest_real
 
 
 def test_kid_near_zero_for_same_distribution_and_grows_with_shift():
@@ -106,7 +106,7 @@ def test_image_statistics_tell_demo_cells_from_noise_and_classes_apart(tmp_path)
     from ooc_ray.demo_data import write_demo_dataset
     from ooc_ray.image_statistics import image_statistics
     from ooc_ray.io import sha256_file
-    from ooc_ray.quality import linear_probe
+    from ooc_ray.measures import linear_probe
 
     csv = write_demo_dataset(tmp_path / "demo", DemoDataConfig(per_class=(24, 24, 24), size=64))
     real = pd.read_csv(csv)
@@ -150,7 +150,7 @@ def test_group_scale_keeps_a_never_reached_bin_finite():
 
 def test_kid_to_control_is_small_for_the_same_pool_and_large_for_a_moved_class():
     """kid_to_weight0: per class, KID between a pool and the weight-0.0 pool; a class the LoRA moved stands out."""
-    from ooc_ray.quality import kid_to_control
+    from ooc_ray.measures import kid_to_control
 
     rng = np.random.default_rng(4)
     classes = ["good", "bad"]
@@ -204,7 +204,7 @@ def test_mmd_permutation_test_against_exact_enumeration():
     p-value against all 20 ways to split the 6 points (random permutations estimate that fraction)."""
     from itertools import combinations
 
-    from ooc_ray.quality import mmd_permutation_test
+    from ooc_ray.measures import mmd_permutation_test
 
     x, y = np.array([[0.1], [0.3], [-0.2]]), np.array([[1.5], [1.1], [1.9]])
 

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
+from ray import tune
 
 from ooc_ray import keys
-from ooc_ray.backbones import backbone_weights
+from ooc_ray.networks import built_weights
 from ooc_ray.classic import write_missing
 from ooc_ray.classify.train import TrialContext, run_trial, trial_outputs, trial_problem
 from ooc_ray.config import ClassifyConfig, ExperimentConfig, to_dict
@@ -31,12 +32,11 @@ from ooc_ray.protocol import PlannedTrial, trial_config
 from ooc_ray.trainsets import augmented_source, plan_grid
 from ooc_ray.variants import Variant
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
-from ooc_ray.tracking import tracker, with_callbacks
+from ooc_ray.tune_tracking import tracker, with_callbacks
 
 
 class GridTrial(NamedTuple):
     """A planned trial with the config of its variant and what its variant's trials share."""
-
     cfg: ExperimentConfig
     trial: PlannedTrial
     ctx: TrialContext | None
@@ -44,8 +44,6 @@ class GridTrial(NamedTuple):
 
 def _tune_trial(config: dict, paths: ExperimentPaths, trials: dict[str, GridTrial]) -> None:
     """Tune function trainable: one planned trial; per-epoch metrics go to ray.tune.report."""
-    from ray import tune
-
     cfg, trial, ctx = trials[config["trial_key"]]
     if not trial_problem(paths, trial.key):  # finished by an earlier run: report its result, compute nothing
         # Its recorded epochs first, as the run that computed it reported them (a resumed Tune experiment re-runs
@@ -60,6 +58,7 @@ def _tune_trial(config: dict, paths: ExperimentPaths, trials: dict[str, GridTria
 
 
 def _trial_key(trial) -> str:
+    """A Tune trial's result key: its MLflow identity, and its name and folder in Tune's storage."""
     return trial.config["trial_key"]
 
 
@@ -81,8 +80,6 @@ def trial_params(cfg: ExperimentConfig, trial: PlannedTrial, ctx: TrialContext) 
 
 def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, GridTrial], pending: list[str]
               ) -> None:
-    from ray import tune
-
     cc = cfg.classify  # resources: an axis cannot vary them (load.parse_axes)
     # Cached-mode trials train only the head (~0.1 ms per image-epoch on one CPU core, measured at 1280
     # features): GPUs are for the feature extraction, and the trials run on CPUs, many at a time.
@@ -112,16 +109,12 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, G
                 # A worker keeps TensorFlow imported (and CUDA initialised) across trials: saves 3-5 s a trial
                 # on CPU. run_trial re-seeds and clears the Keras session, so results do not depend on it.
                 reuse_actors=True,
-                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                trial_name_creator=_trial_key, trial_dirname_creator=_trial_key,
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=cc.max_failures)),
         )
     tuner.fit()
-
-
-def _trial_name(trial) -> str:
-    return trial.config["trial_key"]
 
 
 def collect(paths: ExperimentPaths, planned: list[PlannedTrial]) -> pd.DataFrame:
@@ -194,14 +187,13 @@ def _write_augmented(manifest: pd.DataFrame, pending: list[PlannedTrial]) -> Non
 
 class _Weights:
     """The classifier weights of each classify section the variants use, resolved (and built) once each."""
-
     def __init__(self, paths: ExperimentPaths, manifest: pd.DataFrame):
         self.paths, self.manifest, self.known = paths, manifest, {}
 
     def __call__(self, cc: ClassifyConfig):
         key = (cc.backbone, cc.weights, cc.input_size)
         if key not in self.known:
-            self.known[key] = backbone_weights(cc, self.paths.models, self.manifest)
+            self.known[key] = built_weights(cc, self.paths.models, self.manifest)
         return self.known[key]
 
 

@@ -5,14 +5,18 @@
 
 Beyond the paper, exact mode can also train the backbone: EfficientNet's top blocks (classify.train_backbone,
 BatchNorm kept in inference mode) or the SmallCNN from scratch (all layers, BatchNorm in training mode as for
-any network trained from scratch). The backbone pieces are in ooc_ray.backbones; here is the head that both
+any network trained from scratch). The backbone pieces are in ooc_ray.networks; here is the head that both
 modes train, and the whole model that exact mode trains.
 """
 from __future__ import annotations
 
-from ooc_ray.backbones import (SMALL_CNN, SMALL_CNN_BN_MOMENTUM, BackboneWeights, build_augmentation, build_backbone,
-                                build_small_cnn, fine_tuned, frozen, split_batch_norm_class)
+import keras
+import tensorflow as tf
+
+from ooc_ray.backbones import SMALL_CNN, SMALL_CNN_BN_MOMENTUM, BackboneWeights
 from ooc_ray.config import ClassifyConfig
+from ooc_ray.networks import (SplitBatchNormalization, build_augmentation, build_backbone, build_small_cnn, fine_tuned,
+                              frozen)
 
 
 def build_head(n_features: int, n_classes: int, dropout: float, seed: int, bn_momentum: float = 0.99):
@@ -20,8 +24,6 @@ def build_head(n_features: int, n_classes: int, dropout: float, seed: int, bn_mo
     so the exact and cached models start from, and drop, the same numbers. bn_momentum: Keras's 0.99 for the
     paper's model; a backbone trained from scratch moves its features every step, so its head's statistics
     must follow faster (SMALL_CNN_BN_MOMENTUM)."""
-    import keras
-
     return keras.Sequential(
         [
             keras.Input((n_features,)),
@@ -36,56 +38,47 @@ def build_head(n_features: int, n_classes: int, dropout: float, seed: int, bn_mo
 
 def build_split_head(n_features: int, n_classes: int, dropout: float, seed: int, bn_momentum: float = 0.99):
     """build_head with SplitBatchNormalization: inputs (features, synthetic flag)."""
-    import keras
-
     features = keras.Input((n_features,), name="features")
     flag = keras.Input((1,), name="synthetic")
-    x = split_batch_norm_class()(momentum=bn_momentum, name="head_bn")([features, flag])
+    x = SplitBatchNormalization(momentum=bn_momentum, name="head_bn")([features, flag])
     x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(x)
     out = keras.layers.Dense(n_classes, activation="softmax", name="head_dense",
                              kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model([features, flag], out, name="head")
 
 
-def loss_weighted(net, synthetic_weight: float):
-    """classify.mixing: loss_weighted. A model training `net` on pairs of batches ((real x, y), (synthetic x, y))
-    with loss (1 - w) CE(real) + w CE(synthetic), w = classify.synthetic_loss_weight (DataDream, Kim et al.,
-    ECCV 2024: 0.8 real / 0.2 synthetic); the reported loss is that sum, accuracy is on the real batch. At w = 0
-    the synthetic batch is never passed through the network (BatchNorm statistics and dropout draws included),
-    so training is step for step Keras's own on the real batches: the real-only trial, exactly."""
-    import keras
-    import tensorflow as tf
+class LossWeighted(keras.Model):
+    """classify.mixing: loss_weighted. Trains `net` on pairs of batches ((real x, y), (synthetic x, y)) with loss
+    (1 - w) CE(real) + w CE(synthetic), w = classify.synthetic_loss_weight (DataDream, Kim et al., ECCV 2024: 0.8
+    real / 0.2 synthetic); the reported loss is that sum, accuracy is on the real batch. At w = 0 the synthetic
+    batch is never passed through the network (BatchNorm statistics and dropout draws included), so training is
+    step for step Keras's own on the real batches: the real-only trial, exactly."""
 
-    class LossWeighted(keras.Model):
-        def __init__(self):
-            super().__init__(name="loss_weighted")
-            self.net = net
+    def __init__(self, net, synthetic_weight: float):
+        super().__init__(name="loss_weighted")
+        self.net, self.synthetic_weight = net, synthetic_weight
 
-        def call(self, x, training=False):
-            return self.net(x, training=training)
+    def call(self, x, training=False):
+        return self.net(x, training=training)
 
-        def train_step(self, data):
-            (x_real, y_real), (x_syn, y_syn) = data
-            w = synthetic_weight
-            with tf.GradientTape() as tape:
-                y_pred = self(x_real, training=True)
-                loss = self.compute_loss(x=x_real, y=y_real, y_pred=y_pred, training=True)
-                if w > 0:
-                    syn_loss = self.compute_loss(x=x_syn, y=y_syn, y_pred=self(x_syn, training=True), training=True)
-                    loss = (1 - w) * loss + w * syn_loss
-                # Keras's own train_step feeds its loss tracker the same way (no public hook for it).
-                self._loss_tracker.update_state(loss, sample_weight=tf.shape(x_real)[0])
-            gradients = tape.gradient(loss, self.trainable_weights)
-            self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
-            return self.compute_metrics(x_real, y_real, y_pred)
-
-    return LossWeighted()
+    def train_step(self, data):
+        (x_real, y_real), (x_syn, y_syn) = data
+        w = self.synthetic_weight
+        with tf.GradientTape() as tape:
+            y_pred = self(x_real, training=True)
+            loss = self.compute_loss(x=x_real, y=y_real, y_pred=y_pred, training=True)
+            if w > 0:
+                syn_loss = self.compute_loss(x=x_syn, y=y_syn, y_pred=self(x_syn, training=True), training=True)
+                loss = (1 - w) * loss + w * syn_loss
+            # Keras's own train_step feeds its loss tracker the same way (no public hook for it).
+            self._loss_tracker.update_state(loss, sample_weight=tf.shape(x_real)[0])
+        gradients = tape.gradient(loss, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+        return self.compute_metrics(x_real, y_real, y_pred)
 
 
 def build_exact_model(cc: ClassifyConfig, weights: BackboneWeights, n_classes: int, seed: int):
     """The whole paper model on images; with classify.mixing: split_bn its inputs are (image, synthetic flag)."""
-    import keras
-
     momentum = 0.99
     split = cc.mixing == "split_bn"
     if cc.backbone == SMALL_CNN:  # trained from scratch: under split_bn every BatchNorm of it is split
@@ -109,8 +102,6 @@ def build_exact_model(cc: ClassifyConfig, weights: BackboneWeights, n_classes: i
 
 
 def compile_model(model, lr: float, steps_per_execution: int = 1):
-    import keras
-
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss="categorical_crossentropy",
                   metrics=["accuracy"], steps_per_execution=steps_per_execution)
     return model

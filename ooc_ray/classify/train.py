@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
-from ooc_ray.backbones import BackboneWeights, setup_tf
+from ooc_ray.backbones import BackboneWeights
+from ooc_ray.networks import setup_tf
 from ooc_ray.classify.metrics import compute_metrics
-from ooc_ray.classify.model import build_exact_model, build_head, build_split_head, compile_model, loss_weighted
+from ooc_ray.classify.model import LossWeighted, build_exact_model, build_head, build_split_head, compile_model
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.errors import StageError
 from ooc_ray.features import FeatureCache, image_batches, image_map, train_views
@@ -58,8 +61,6 @@ def _one_hot(labels, n_classes: int) -> np.ndarray:
 
 
 def _shuffled_indices(n: int, seed: int):
-    import tensorflow as tf
-
     # Re-shuffled every epoch, deterministically from the seed; identical in both modes.
     return tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
 
@@ -86,8 +87,6 @@ class _Streams:
     draw among the synthetic rows of its class (DA-Fusion, Trabucco et al., ICLR 2024); p = 0 swaps nothing."""
 
     def __init__(self, cc: ClassifyConfig, trial: PlannedTrial, seed: int):
-        import tensorflow as tf
-
         self.mixing, self.seed = trial_mixing(cc, trial), seed
         source = trial.train["source"].to_numpy()
         self.synthetic_flag = tf.constant((source == "synthetic").astype(np.float32)[:, None])
@@ -97,14 +96,10 @@ class _Streams:
         self.p = cc.replace_probability
 
     def _of(self, rows: np.ndarray, seed: int):
-        import tensorflow as tf
-
         table = tf.constant(rows, dtype=tf.int64)
         return _shuffled_indices(len(rows), seed).map(lambda i: tf.gather(table, i))
 
     def primary(self):
-        import tensorflow as tf
-
         if self.mixing in ("concat", "split_bn"):
             return _shuffled_indices(len(self.labels), self.seed)
         real = self._of(self.real_rows, self.seed)
@@ -147,10 +142,8 @@ def _fit(model, cc: ClassifyConfig, streams: _Streams, batches, callbacks):
     """Fit `model` on the trial's batches (`batches(index stream, batch size, stream seed)` -> (x, y) batches);
     loss_weighted pairs a real and a synthetic batch per step (a model wrapping `model`, whose weights it
     trains). Returns the keras History."""
-    import tensorflow as tf
-
     if streams.mixing == "loss_weighted":
-        model = compile_model(loss_weighted(model, cc.synthetic_loss_weight), cc.lr,
+        model = compile_model(LossWeighted(model, cc.synthetic_loss_weight), cc.lr,
                               steps_per_execution=model.steps_per_execution)
         real = batches(streams.primary(), cc.batch_size, streams.seed)
         synthetic = batches(streams.synthetic(), streams.synthetic_batch_size(cc.batch_size),
@@ -165,8 +158,6 @@ def _fit(model, cc: ClassifyConfig, streams: _Streams, batches, callbacks):
 
 def fit_exact(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed: int, callbacks=()):
     """Train the whole model on streamed images; returns (test probabilities, keras History)."""
-    import tensorflow as tf
-
     n_classes = len(ctx.classes)
     model = compile_model(build_exact_model(cc, ctx.weights, n_classes, seed), cc.lr)
     streams = _Streams(cc, trial, seed)
@@ -226,8 +217,6 @@ def fresh_head(n_features: int, n_classes: int, cc: ClassifyConfig, seed: int):
 
 def fit_cached(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed: int, callbacks=()):
     """Train only the head on cached pooled features; returns (test probabilities, keras History)."""
-    import tensorflow as tf
-
     if ctx.features_dir is None:
         raise StageError("cached mode needs the feature cache (ooc_ray.features.ensure_features)")
     cache = FeatureCache(ctx.features_dir)
@@ -301,8 +290,6 @@ def run_trial(cfg: ExperimentConfig, paths: ExperimentPaths, trial: PlannedTrial
     setup_tf(cc.cpus_per_trial)  # before any TF op
     if cc.mode == "exact" and cc.gpus_per_trial > 0:  # cached-mode trials get no GPU (features.py has it)
         require_tf_gpu(f"classify trial fold {trial.spec.fold} {trial.spec.arm}: classify.gpus_per_trial={cc.gpus_per_trial:g}")
-    import keras
-
     seed = cc.seed + trial.spec.fold
     keras.utils.set_random_seed(seed)
     callbacks = []

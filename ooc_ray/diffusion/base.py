@@ -19,8 +19,16 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
+import torch
+from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from packaging.version import Version
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
 from ooc_ray import keys
 from ooc_ray.errors import ModelError
+from ooc_ray.gpu import node_name
 from ooc_ray.io import atomic_dir, atomic_path, sha256_file
 
 TINY = "tiny"
@@ -101,7 +109,6 @@ def write_clip_tokenizer_files(bpe_gz: Path, out_dir: Path) -> Path:
 
 
 def clip_tokenizer(out_dir: Path):
-    from transformers import CLIPTokenizer
 
     if not (out_dir / "vocab.json").is_file():
         write_clip_tokenizer_files(clip_bpe_path(), out_dir)
@@ -118,10 +125,6 @@ def _tiny_spec(seed: int) -> dict:
 
 def build_tiny_sd(out_dir: Path, seed: int = TINY_SEED) -> Path:
     """Build the tiny pipeline from configs and save it (atomically) to `out_dir`. Deterministic in `seed`."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp, torch.random.fork_rng():
         tokenizer = clip_tokenizer(tmp / "_tok")
@@ -193,10 +196,6 @@ def sd15_architecture(tokenizer_dir: Path, seed: int = 0, dtype=None):
     """A StableDiffusionPipeline with SD v1.5's exact architecture (UNet 860M, VAE 84M, text encoder 123M
     parameters) and random weights, built in memory from the configs above: the real sizes for tests and
     benchmarks, nothing downloaded but the tokenizer vocabulary (clip_bpe_path)."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipe = StableDiffusionPipeline(
@@ -221,7 +220,6 @@ def ensure_tiny_sd(models_dir: Path, seed: int = TINY_SEED) -> Path:
 @dataclass(frozen=True)
 class BaseModel:
     """generator.base resolved: what from_pretrained loads, and the identity that enters keys."""
-
     path: str  # a local folder (the tiny base, a user's folder, or the hub snapshot)
     identity: str
 
@@ -253,8 +251,6 @@ def folder_digest(folder: Path, memo_dir: Path) -> str:
 
 def _hub_snapshot(repo_id: str) -> Path:
     """The local snapshot of a hub checkpoint (downloaded once into HF_HOME); its folder name is the commit."""
-    from diffusers import StableDiffusionPipeline
-
     try:
         return Path(StableDiffusionPipeline.download(repo_id))
     except Exception as exc:  # hub, network and auth errors have no common base class
@@ -280,8 +276,6 @@ def resolve_base(base: str, models_dir: Path) -> BaseModel:
 
 def device_and_dtype(half: bool = True):
     """cuda + fp16 where a GPU exists (SD v1.5 samples fine in fp16 at half the memory), else cpu + fp32."""
-    import torch
-
     if torch.cuda.is_available():
         return "cuda", (torch.float16 if half else torch.float32)
     return "cpu", torch.float32
@@ -306,8 +300,6 @@ def optimizer_step(optimizer, loss, lr_key: str, scaler=None) -> float:
     """One gradient step on `loss`; a NaN/inf loss raises FloatingPointError naming the lr to lower, before it
     reaches the weights. With a GradScaler (fp16 training) the loss is scaled before backward, and a step whose
     gradients overflowed is skipped by the scaler. Returns the loss as a float."""
-    import torch
-
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss became {loss.item()} (lower {lr_key}?)")
     if scaler is None:
@@ -325,11 +317,6 @@ def load_pipeline(base_path: str, img2img: bool = False, device: str = "cpu", dt
     """A StableDiffusion(Img2Img)Pipeline from a resolved local folder, on `device`.
 
     The safety checker is dropped: on microscopy images it flags false positives and returns black images."""
-    import diffusers
-    import torch
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-    from packaging.version import Version
-
     cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
     # diffusers 0.42 renamed torch_dtype to dtype (the old name warns); older releases only know torch_dtype.
     dtype_kw = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
@@ -341,3 +328,33 @@ def load_pipeline(base_path: str, img2img: bool = False, device: str = "cpu", dt
         raise ModelError(f"cannot load Stable Diffusion base {base_path!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def bf16_native() -> bool:
+    """Whether the CUDA card computes bf16 natively (compute capability 8.0+)."""
+    try:  # torch >= 2.3 counts emulated bf16 (pre-Ampere cards, slow) as supported unless told not to
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        return torch.cuda.is_bf16_supported()
+
+
+def training_precision(precision: str, device: str):
+    """(weights dtype, autocast dtype or None, GradScaler on?) for generator.mixed_precision on `device`.
+
+    The frozen base is stored in the low precision on a GPU (half the memory); the LoRA parameters the optimizer
+    updates stay fp32 whatever is asked. fp16 gradients underflow (their smallest normal is 6e-5) without a
+    GradScaler; bf16 has fp32's range and needs none. bf16 runs on CPUs as well (autocast; weights stay fp32),
+    fp16 does not: asked for where it cannot run as asked, both fail rather than train something else."""
+    if precision == "fp32":
+        return torch.float32, None, False
+    if precision == "fp16":
+        if device != "cuda":
+            raise ModelError("generator.mixed_precision=fp16 needs a CUDA GPU (this process has none); "
+                             "use bf16 or fp32 on CPUs")
+        return torch.float16, torch.float16, True
+    if precision == "bf16":
+        if device == "cuda" and not bf16_native():
+            raise ModelError(f"generator.mixed_precision=bf16: {torch.cuda.get_device_name(0)} on node "
+                             f"{node_name()} has no bf16 (it needs compute capability 8.0+); use fp16")
+        return (torch.bfloat16 if device == "cuda" else torch.float32), torch.bfloat16, False
+    raise ModelError(f"generator.mixed_precision={precision!r}: not one of fp32, fp16, bf16")

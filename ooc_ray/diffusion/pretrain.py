@@ -14,7 +14,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
 from ooc_ray import keys
 from ooc_ray.config import ExperimentConfig, PretrainConfig
@@ -34,9 +38,6 @@ ENCODE_BATCH = 32
 
 def pixels_of(image_paths, resolution: int):
     """Images as a float tensor in [-1, 1], N x 3 x resolution x resolution (the VAE's input range)."""
-    import numpy as np
-    import torch
-
     arrays = [np.asarray(load_image(p, size=resolution)) for p in image_paths]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -72,7 +73,6 @@ def generator_base(cfg: ExperimentConfig, paths: ExperimentPaths) -> BaseModel:
 
 
 def _batches(n: int, batch_size: int, steps: int, gen):
-    import torch
 
     for _ in range(steps):
         yield torch.randint(0, n, (batch_size,), generator=gen)
@@ -80,8 +80,6 @@ def _batches(n: int, batch_size: int, steps: int, gen):
 
 def train_vae(vae, pixels, pcfg: PretrainConfig, gen) -> list[float]:
     """Train a VAE from its random init on `pixels`; returns the loss per step."""
-    import torch
-
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.latent_channels:] = VAE_LOGVAR_INIT
     vae.requires_grad_(True).train()
@@ -104,8 +102,6 @@ def standardise_latents(vae, pixels) -> None:
     """Fold each latent channel's mean and std over `pixels` into quant_conv / post_quant_conv, so the UNet sees
     zero-mean unit-variance latents (SD does this with one scalar, scaling_factor 0.18215; per channel is exact
     in the same two 1x1 convolutions). Decoding is unchanged; scaling_factor becomes 1."""
-    import torch
-
     c = vae.config.latent_channels
     with torch.no_grad():
         latents = torch.cat([vae.encode(pixels[i:i + ENCODE_BATCH].to(vae.device)).latent_dist.mode()
@@ -122,8 +118,6 @@ def standardise_latents(vae, pixels) -> None:
 
 def encode_latents(vae, pixels):
     """Posterior means of the images and of their mirror images (microscopy has no left and right), scaled."""
-    import torch
-
     both = torch.cat([pixels, pixels.flip(3)])
     with torch.no_grad():
         latents = torch.cat([vae.encode(both[i:i + ENCODE_BATCH].to(vae.device)).latent_dist.mode()
@@ -134,10 +128,6 @@ def encode_latents(vae, pixels):
 def train_unet(pipe, latents, pcfg: PretrainConfig, gen) -> list[float]:
     """Training of pipe.unet, on its scheduler's prediction target, on `latents` with the caption (or, at
     caption_dropout, the empty caption); text encoder and VAE frozen. Returns the loss per step."""
-    import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
-
     unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     with torch.no_grad():
@@ -162,8 +152,6 @@ def train_unet(pipe, latents, pcfg: PretrainConfig, gen) -> list[float]:
 
 def pretrain(pipe, image_paths, cfg: ExperimentConfig) -> dict:
     """Train `pipe` in place on the images (VAE too when the base is the tiny one); returns its measurements."""
-    import torch
-
     pcfg = cfg.generator.pretrain
     gen = torch.Generator().manual_seed(pcfg.seed)
     start = time.perf_counter()

@@ -16,7 +16,7 @@ from ooc_ray.backbones import backbone_weights
 from ooc_ray.comparisons import naive_baseline
 from ooc_ray.config import ExperimentConfig, format_value
 from ooc_ray.data import load_manifest
-from ooc_ray.diffusion.lora import read_metadata
+from ooc_ray.diffusion.lora_files import read_metadata
 from ooc_ray.errors import DataError, MissingInputError
 from ooc_ray.folds import held_out_signatures, uses_groups
 from ooc_ray.io import atomic_path, atomic_write_text, note, parquet_problem
@@ -64,7 +64,7 @@ def planned_grid(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.Dat
                  ) -> list[tuple[Variant, list[PlannedTrial]]]:
     """Every variant with its planned trials, as the classify stage plans them (weights resolved, not built)."""
     return plan_grid(cfg, paths, manifest,
-                     lambda cc: backbone_weights(cc, paths.models, manifest, build=False).identity)
+                     lambda cc: backbone_weights(cc, paths.models, manifest).identity)
 
 
 def trial_predictions(paths: ExperimentPaths, trials: pd.DataFrame) -> pd.DataFrame | None:
