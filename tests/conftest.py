@@ -1,4 +1,5 @@
 """Fixtures shared by the test modules; builders of tiny data and configs are in helpers.py."""
+import fcntl
 import os
 from pathlib import Path
 
@@ -53,3 +54,27 @@ def shared_ray():
 
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
+
+
+# The CPU examples' shared base (experiments/base/small_cpu.yaml), trained once per session in tiny mode.
+SMALL_CPU = REPO / "experiments" / "base" / "small_cpu.yaml"
+
+
+@pytest.fixture(scope="session")
+def trained_small_cpu(tmp_path_factory) -> Path:
+    """The results folder of small_cpu.yaml run through data, pretrain, finetune and sample in tiny mode, built once
+    for the whole session: under pytest-xdist the first worker builds it while the other waits on a file lock.
+    Every key is content: a test that copies it into its own folder re-uses exactly the artifacts its own config
+    would make (the same pretrained base, LoRAs and pools) and makes the rest."""
+    from ooc_ray.cli import main
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained_small_cpu"
+    shared.mkdir(exist_ok=True)
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "built").exists():
+            for stage in ("data", "pretrain", "finetune", "sample"):
+                assert main([stage, str(SMALL_CPU), "--tiny", "-o", f"results_dir={shared}"]) == 0, stage
+            (shared / "built").touch()
+    return shared / "small_cpu"

@@ -5,6 +5,7 @@ folds, ALL_FOLDS = -1 for split "all"), so no production code needs a branch for
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,14 @@ def calibrated_experiment(root: Path, cfg: ExperimentConfig) -> tuple:
     paths, manifest, synthetic = demo_experiment(cfg)
     path = write_calibrated_weights(paths.models / "b0.weights.h5", "EfficientNetB0", 32, manifest["path"].tolist())
     return root, paths, manifest, synthetic, str(path)
+
+
+TRAINED_PARTS = ("models", "lora", "synthetic")  # what a run can re-use by content: pretrained base, LoRAs, pools
+
+
+def seed_trained_state(trained: Path, out: Path) -> None:
+    """Copy another run's trained parts (conftest's trained_small_cpu) into `out`, an experiment's results
+    folder, before it runs: it re-uses what its own keys name and makes the rest."""
+    for part in TRAINED_PARTS:
+        if (trained / part).exists():
+            shutil.copytree(trained / part, out / part, dirs_exist_ok=True)

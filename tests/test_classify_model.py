@@ -231,14 +231,14 @@ def test_a_reused_head_trains_exactly_as_a_fresh_one():
         loss = head.fit(x, y, batch_size=8, epochs=cc.epochs, verbose=0, shuffle=False).history["loss"]
         return head, loss, head.predict(x, batch_size=8, verbose=0)
 
-    train._HEADS.clear()
+    train._COMPILED.clear()
     first, loss_fresh, probs_fresh = trained(*sets[0], seed=3)
     other, loss_other, _ = trained(*sets[1], seed=7)  # moves weights, BatchNorm, Adam and the dropout's seed
     again, loss_again, probs_again = trained(*sets[0], seed=3)
     assert first is other is again  # one traced model, not three
     assert loss_again == loss_fresh and np.array_equal(probs_again, probs_fresh)
     assert loss_fresh[-1] < loss_fresh[0] and loss_other != loss_fresh  # it trained, and the sets differ
-    train._HEADS.clear()
+    train._COMPILED.clear()
     assert trained(*sets[1], seed=7)[1] == loss_other  # the second trial, as a fresh head would have run it
 
 
@@ -331,3 +331,39 @@ def test_cached_training_reads_the_augmented_views_not_the_clean_one(tiny, tmp_p
     losses = pd.read_parquet(paths.trial_history(trial.key))["loss"]
     assert np.isfinite(losses).all() and losses.iloc[-1] < losses.iloc[0]
     assert row["accuracy"] > 0.5  # three well-separated classes, read at their clean held-out view
+
+
+@pytest.mark.parametrize("settings", [
+    {"backbone": "SmallCNN", "weights": "none", "augment": ["flip", "rotation"]},  # from scratch, augmented
+    {"weights": "calibrated", "mixing": "loss_weighted"},  # frozen EfficientNetB0, the loss-weighted wrapper
+    {"backbone": "SmallCNN", "weights": "none", "mixing": "split_bn"},  # every BatchNorm split
+])
+def test_a_reused_exact_model_trains_exactly_as_a_fresh_one(tiny, tmp_path, settings):
+    """Exact mode keeps one compiled model per architecture in a worker (train.reuse_compiled): a trial run after
+    another trial (other fold, other seed, other data) gives the losses and probabilities, to the bit, that the
+    same trial gave on a freshly built model."""
+    from ooc_ray.classify import train
+    from ooc_ray.networks import built_weights
+    from ooc_ray.paths import ExperimentPaths
+
+    root, _, manifest, synthetic, _ = tiny
+    cfg = tiny_cfg(root, mode="exact", epochs=2, **settings)
+    weights = built_weights(cfg.classify, root / "models", manifest)
+    trials = {(t.spec.fold, t.spec.ratio): t for t in plan_trials(cfg, manifest, synthetic, weights.identity)}
+    ctx = TrialContext(("good", "acceptable", "bad"), weights, keys.data_digest(manifest))
+
+    def run(trial, where):
+        paths = ExperimentPaths(tmp_path / where)
+        run_trial(cfg, paths, trial, ctx)
+        return (pd.read_parquet(paths.trial_history(trial.key))["loss"].tolist(),
+                np.stack(pd.read_parquet(paths.trial_predictions(trial.key))["probs"]))
+
+    train._COMPILED.clear()
+    first = run(trials[(1, 0.5)], "first")
+    other = run(trials[(0, 0.5)], "other")
+    n_compiled = len(train._COMPILED)
+    again = run(trials[(1, 0.5)], "again")
+    assert len(train._COMPILED) == n_compiled  # no new model compiled: the first one was reused
+    assert again[0] == first[0] and np.array_equal(again[1], first[1])
+    assert first[0] != other[0]  # the two trials differ, so the reset had something to undo
+    train._COMPILED.clear()

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from helpers import seed_trained_state
+
 from ooc_ray.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,11 +214,17 @@ CHECKS = {"paper": check_paper, "demo": check_demo, "lora_search": check_lora_se
 COMMANDS = {"lora_search": "search"}  # what each file is for; `run` unless named here
 
 
+def extends_small_cpu(name: str) -> bool:
+    return "extends: base/small_cpu.yaml" in (REPO / "experiments" / f"{name}.yaml").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_runs_tiny(name, tmp_path, capsys):
+def test_experiment_runs_tiny(name, tmp_path, capsys, request):
     if name == "pbc_blood_cells" and not (REPO.parent / "shared" / "data" / "pbc_blood_cells").is_dir():
         pytest.skip("../shared/data/pbc_blood_cells is absent (it is never committed)")
+    if extends_small_cpu(name):  # the shared base's trained state, built once per session (conftest)
+        seed_trained_state(request.getfixturevalue("trained_small_cpu"), tmp_path / name)
     command = COMMANDS.get(name, "run")
     extra = ["-o", "tracking.mlflow=true"] if name == "lora_search" else []  # its trials logged to MLflow
     code = main([command, str(REPO / "experiments" / f"{name}.yaml"), "--tiny", "-o", f"results_dir={tmp_path}",

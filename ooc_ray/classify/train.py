@@ -143,8 +143,8 @@ def _fit(model, cc: ClassifyConfig, streams: _Streams, batches, callbacks):
     loss_weighted pairs a real and a synthetic batch per step (a model wrapping `model`, whose weights it
     trains). Returns the keras History."""
     if streams.mixing == "loss_weighted":
-        model = compile_model(LossWeighted(model, cc.synthetic_loss_weight), cc.lr,
-                              steps_per_execution=model.steps_per_execution)
+        model = reuse_compiled(("loss_weighted", id(model), cc.synthetic_loss_weight),
+                               LossWeighted(model, cc.synthetic_loss_weight), cc.lr, model.steps_per_execution)
         real = batches(streams.primary(), cc.batch_size, streams.seed)
         synthetic = batches(streams.synthetic(), streams.synthetic_batch_size(cc.batch_size),
                             streams.seed + SYNTHETIC_STREAM)
@@ -156,10 +156,47 @@ def _fit(model, cc: ClassifyConfig, streams: _Streams, batches, callbacks):
     return history
 
 
+# Tracing Keras's train and predict functions is most of a small trial: ~1.5 s of a ~2.3 s cached-mode trial
+# (cProfile, demo grid at 1280 features, 10 epochs, one core), and in exact mode ~11.8 s of fixed cost per trial
+# with EfficientNetB0 (benchmarks/bench_classify.py). A Tune worker runs trial after trial (reuse_actors), so it
+# keeps one compiled model per architecture and hands each trial that model reset to the exact state of a fresh
+# build for the trial's seed; tests/test_classify_model.py checks losses and probabilities are bit-identical to a
+# fresh model's, in both modes.
+_COMPILED: dict[tuple, tuple] = {}
+
+
+def reuse_compiled(key: tuple, fresh, lr: float, steps_per_execution: int = 1):
+    """`fresh` (a model just built for this trial, seeded) compiled; or, when this process compiled a model of
+    the same architecture before (`key`), that model with every variable (weights, BatchNorm statistics, the
+    random layers' seed states) copied from `fresh` and its optimizer back to its first values, so Keras's traced
+    functions are kept and nothing else of the earlier trial is."""
+    if key not in _COMPILED:
+        model = compile_model(fresh, lr, steps_per_execution=steps_per_execution)
+        model.optimizer.build(model.trainable_variables)
+        _COMPILED[key] = (model, [v.numpy() for v in model.optimizer.variables])
+        return model
+    model, optimizer_start = _COMPILED[key]
+    for mine, new in zip(model.variables, fresh.variables, strict=True):
+        mine.assign(new)
+    for variable, start in zip(model.optimizer.variables, optimizer_start, strict=True):
+        variable.assign(start)
+    for metric in model.metrics:
+        metric.reset_state()
+    return model
+
+
+def exact_model(cc: ClassifyConfig, weights: BackboneWeights, n_classes: int, seed: int):
+    """The paper's whole model for this trial, compiled (reuse_compiled: built afresh, its numbers copied into the
+    worker's compiled model of that architecture)."""
+    key = ("exact", cc.backbone, weights.identity, cc.input_size, cc.train_backbone, cc.dropout, cc.augment,
+           cc.mixing == "split_bn", cc.lr, n_classes)
+    return reuse_compiled(key, build_exact_model(cc, weights, n_classes, seed), cc.lr)
+
+
 def fit_exact(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed: int, callbacks=()):
     """Train the whole model on streamed images; returns (test probabilities, keras History)."""
     n_classes = len(ctx.classes)
-    model = compile_model(build_exact_model(cc, ctx.weights, n_classes, seed), cc.lr)
+    model = exact_model(cc, ctx.weights, n_classes, seed)
     streams = _Streams(cc, trial, seed)
     split = streams.mixing == "split_bn"
     y = tf.constant(_one_hot(trial.train["label_index"], n_classes))
@@ -177,14 +214,6 @@ def fit_exact(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed: 
     return probs, history
 
 
-# Tracing Keras's train and predict functions took ~1.5 s of a ~2.3 s cached-mode trial (cProfile, demo grid at
-# 1280 features, 10 epochs, one core), against ~0.3 s of training. A Tune worker runs trial after trial
-# (reuse_actors), so it keeps one compiled head per shape and hands each trial that head reset to the exact
-# state of a fresh build for the trial's seed; tests/test_classify_model.py checks history and probabilities are
-# bit-identical to a fresh head's.
-_HEADS: dict[tuple, tuple] = {}
-
-
 # A head step on 16 cached feature vectors is ~0.1 ms of arithmetic and ~1 ms of Python and graph-call
 # overhead: 64 steps per graph call and the batch-wise gather above train a 300-image, 30-epoch head in 0.47 s
 # instead of 1.10 s (2 cores), with bit-identical losses, weights and predictions (measured).
@@ -192,27 +221,12 @@ HEAD_STEPS_PER_EXECUTION = 64
 
 
 def fresh_head(n_features: int, n_classes: int, cc: ClassifyConfig, seed: int):
-    """A compiled head in the state `compile_model(build_head(..., seed))` has: every variable (weights, BatchNorm
-    statistics, the dropout's seed state) copied from a fresh build, the optimizer's back to its first values.
-    split_bn's head (two inputs) is built and compiled afresh each time."""
-    if cc.mixing == "split_bn":
-        return compile_model(build_split_head(n_features, n_classes, cc.dropout, seed), cc.lr,
-                             steps_per_execution=HEAD_STEPS_PER_EXECUTION)
-    fresh = build_head(n_features, n_classes, cc.dropout, seed)
-    shape = (n_features, n_classes, cc.dropout, cc.lr)
-    if shape not in _HEADS:
-        head = compile_model(fresh, cc.lr, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
-        head.optimizer.build(head.trainable_variables)
-        _HEADS[shape] = (head, [v.numpy() for v in head.optimizer.variables])
-        return head
-    head, optimizer_start = _HEADS[shape]
-    for mine, new in zip(head.variables, fresh.variables, strict=True):
-        mine.assign(new)
-    for variable, start in zip(head.optimizer.variables, optimizer_start, strict=True):
-        variable.assign(start)
-    for metric in head.metrics:
-        metric.reset_state()
-    return head
+    """A compiled head in the state `compile_model(build_head(..., seed))` has (reuse_compiled); with split_bn
+    the head takes (features, synthetic flag)."""
+    split = cc.mixing == "split_bn"
+    fresh = (build_split_head if split else build_head)(n_features, n_classes, cc.dropout, seed)
+    return reuse_compiled(("head", n_features, n_classes, cc.dropout, cc.lr, split), fresh, cc.lr,
+                          HEAD_STEPS_PER_EXECUTION)
 
 
 def fit_cached(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed: int, callbacks=()):
@@ -298,8 +312,6 @@ def run_trial(cfg: ExperimentConfig, paths: ExperimentPaths, trial: PlannedTrial
             {"epoch": epoch + 1, "loss": float(logs["loss"]), "train_accuracy": float(logs["accuracy"])})))
     fit = fit_cached if cc.mode == "cached" else fit_exact
     probs, history = fit(cc, trial, ctx, seed, callbacks)
-    if cc.mode == "exact":  # frees the backbone; a cached-mode head is kept (fresh_head), and clear_session's
-        keras.backend.clear_session()  # gc.collect alone took 0.35 s of a 1.2 s cached trial
     metrics = compute_metrics(trial.test["label_index"], probs.argmax(axis=1), len(ctx.classes))
     row = _summary(cfg, trial, ctx, metrics, time.perf_counter() - start)
     _write(paths, trial, ctx, probs, history, row)
