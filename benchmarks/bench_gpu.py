@@ -134,7 +134,7 @@ def bench_lora(work: Path, resolution: int, steps_pair: tuple[int, int], precisi
 def bench_sampling(work: Path, resolution: int, lora_dir: Path, batches: list[int], steps: int) -> list[dict]:
     import pandas as pd
 
-    from ooc_ray.sample import SampleWorker
+    from ooc_ray.sampler import SampleWorker
 
     worker = SampleWorker(str(work / "sd15"), "txt2img", "euler_a", resolution,  # fp16 on a GPU
                           gpu_request="bench_gpu" if DEVICE == "cuda" else "")

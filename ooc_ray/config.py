@@ -144,6 +144,9 @@ class PretrainConfig:
     # classifier-free guidance (sample.cfg) subtracts; SD v1 trained with 10 %.
     caption_dropout: float = result(0.1, _BASE, ge=0, lt=1)
     seed: int = result(0, _BASE)
+    # The pretraining runs as one Ray task with these (never on a head node that offers no CPU for work).
+    cpus: float = resource(1.0, gt=0)  # its torch threads too
+    gpus: float = resource(0.0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,8 @@ class GeneratorConfig:
     group_prompt: str = grid("a microscopy image of {label} {group} cells")
     # "fp16"/"bf16" on GPU (not "no": YAML reads a bare no as false); numbers differ, so a result.
     mixed_precision: Literal["fp32", "fp16", "bf16"] = result("fp32", _LORA)
-    gpus: float = resource(0.0, ge=0)  # GPUs per fine-tuning task (Ray remote); 0 on CPU
+    gpus: float = resource(0.0, ge=0)  # GPUs per fine-tuning task (a Ray task); 0 on CPU
+    cpus: float = resource(1.0, gt=0)  # CPUs per fine-tuning task: its torch threads, and where it may run
     # Encode each training image's VAE latent (and the prompt's embedding, when the text encoder is frozen)
     # once, not at every step (kohya's cache_latents): the same LoRA up to float rounding, so a resource.
     cache_latents: bool = resource(True)
@@ -322,6 +326,17 @@ class RayConfig:
     # True where the Ray autoscaler adds nodes on demand: a request no node can meet then waits for one,
     # instead of failing at once.
     autoscaling: bool = resource(False)
+    # A node lost mid-run (a spot instance reclaimed, an OOM-killed raylet) costs only the work in flight on it:
+    # its tasks run again elsewhere (pretraining, LoRAs, features: Ray's max_retries), its sampling batches go to
+    # another actor, each at most this many times (classifier trials: classify.max_failures).
+    max_retries: int = resource(3, ge=0)
+    # How long a stage waits, without progress, while no alive node can serve its request (every node that could
+    # is gone) before it fails naming the request; a re-run after a node returns resumes.
+    node_wait_s: float = resource(300.0, gt=0)
+    # Idle worker processes a local Ray keeps (Ray's num_workers_soft_limit; its own default is the CPU count): a
+    # kept worker has torch (or TensorFlow) imported and the base loaded, so the next stage's tasks start at once
+    # (the tiny demo's finetune stage: 6.7 s cold, 1.6 s with warm workers). Each holds ~1 GB.
+    keep_workers: int = resource(6, ge=0)
 
 
 @dataclass(frozen=True)

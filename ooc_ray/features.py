@@ -25,13 +25,13 @@ import pandas as pd
 import tensorflow as tf
 
 from ooc_ray import keys
-from ooc_ray.backbones import BackboneWeights
-from ooc_ray.networks import build_augmentation, build_backbone, frozen, setup_tf
+from ooc_ray.backbones import CALIBRATED, BackboneWeights, backbone_weights
+from ooc_ray.networks import build_augmentation, build_backbone, built_weights, frozen, setup_tf
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.data import load_image
 from ooc_ray.gpu import require_tf_gpu
 from ooc_ray.io import atomic_path, atomic_write_text, note
-from ooc_ray.raycluster import init_ray, require_resources
+from ooc_ray.raycluster import init_ray, require_resources, wait_all
 
 CHUNK = 256  # images per part file: B7 features are 2560 float32 = 10 KB per view, ~10 MB per part at 4 views
 
@@ -264,3 +264,20 @@ def embed(cfg: ExperimentConfig, weights: BackboneWeights, images: pd.DataFrame,
     digests = list(dict.fromkeys(images["sha256"]))
     feats = FeatureCache(directory).load(digests)[:, 0].astype(np.float64)
     return dict(zip(digests, feats))
+
+
+def weights_on_cluster(cfg: ExperimentConfig, cc: ClassifyConfig, models_dir: Path, manifest: pd.DataFrame
+                       ) -> BackboneWeights:
+    """classify.weights resolved, and "calibrated" weights written where missing by a Ray task with the
+    classifier's resources (the calibration runs the backbone: never in the driver, which may be a CPU head)."""
+    weights = backbone_weights(cc, models_dir, manifest)
+    if cc.weights != CALIBRATED or Path(weights.value).exists():
+        return weights
+    request = {"CPU": cc.cpus_per_trial, "GPU": cc.gpus_per_trial}
+    what = (f"calibrated weights: classify.cpus_per_trial={cc.cpus_per_trial:g}, "
+            f"classify.gpus_per_trial={cc.gpus_per_trial:g}")
+    ray = init_ray(cfg)
+    require_resources(cfg, request, what)
+    task = ray.remote(built_weights).options(num_cpus=cc.cpus_per_trial, num_gpus=cc.gpus_per_trial,
+                                             max_retries=cfg.ray.max_retries)
+    return wait_all(cfg, [task.remote(cc, models_dir, manifest)], request, what)[0]

@@ -36,7 +36,7 @@ from ooc_ray.keys import config_slice
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
 from ooc_ray.protocol import LoraJob, plan_loras
-from ooc_ray.raycluster import init_ray, require_resources
+from ooc_ray.raycluster import init_ray, require_resources, wait_all, where
 from ooc_ray.variants import each_variant, per_variant
 
 
@@ -200,7 +200,7 @@ def train_lora(pipe, job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, out_d
         "device": str(unet.device), "base_dtype": str(unet.dtype).removeprefix("torch."),
         "mixed_precision": gcfg.mixed_precision, "grad_scale_final": grad_scale,
         "cache_latents": gcfg.cache_latents,
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(time.perf_counter() - start, 2), **where(),
     }
     (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=1))
     return meta
@@ -220,12 +220,17 @@ def base_pipeline(base_path: str, gcfg: GeneratorConfig):
 
 
 def train_job(job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, lora_root: Path, gpu_request: str = "") -> dict:
-    """Train `job` into lora_root/<key>/ atomically (a kill leaves no half-written LoRA). `gpu_request` names
-    the GPUs this process was given (e.g. "finetune: generator.gpus=1"): then no usable CUDA device is an error."""
+    """Train `job` into lora_root/<key>/ atomically (a kill leaves no half-written LoRA) unless it is already there
+    whole (a task run again after its node died returns the LoRA an earlier attempt finished); returns its
+    metadata. `gpu_request` names the GPUs this process was given (e.g. "finetune: generator.gpus=1"): then no
+    usable CUDA device is an error."""
+    folder = Path(lora_root) / job.key
+    if not lora_problem(folder):
+        return read_metadata(folder)
     if gpu_request:
         require_torch_cuda(gpu_request)
     pipe = base_pipeline(base.path, gcfg)
-    with atomic_dir(Path(lora_root) / job.key) as tmp:
+    with atomic_dir(folder) as tmp:
         return train_lora(pipe, job, gcfg, base, tmp)
 
 
@@ -241,20 +246,21 @@ def pending_jobs(jobs: list[LoraJob], lora_root: Path) -> list[LoraJob]:
     return todo
 
 
-def train_all(cfg: ExperimentConfig, jobs: list[LoraJob], base: BaseModel, lora_root: Path) -> None:
-    """Train `jobs` in-process on CPU, or as Ray tasks of generator.gpus each when it is > 0."""
+def train_all(cfg: ExperimentConfig, jobs: list[LoraJob], base: BaseModel, lora_root: Path) -> list[dict]:
+    """Train `jobs` as Ray tasks of generator.cpus and generator.gpus each (so never on a head node that offers no
+    CPU for work), retried elsewhere when their node dies (ray.max_retries); returns their metadata."""
     gcfg = cfg.generator
-    if gcfg.gpus <= 0:
-        for job in jobs:
-            train_job(job, gcfg, base, lora_root)
-        return
+    request = {"CPU": gcfg.cpus, "GPU": gcfg.gpus}
+    what = f"finetune: generator.cpus={gcfg.cpus:g}, generator.gpus={gcfg.gpus:g}"
     ray = init_ray(cfg)
-    require_resources(cfg, {"CPU": 1, "GPU": gcfg.gpus}, f"finetune: generator.gpus={gcfg.gpus:g}")
-    # max_calls=1: the worker exits after its LoRA, so no idle process keeps a base model in GPU
-    # memory while the sampling actors start; reloading SD v1.5 (~5 s) is small beside its training.
-    remote = ray.remote(num_gpus=gcfg.gpus, max_retries=1, max_calls=1)(train_job)
-    request = f"finetune: generator.gpus={gcfg.gpus:g}"
-    ray.get([remote.remote(job, gcfg, base, lora_root, request) for job in jobs])
+    require_resources(cfg, request, what)
+    # With GPUs, max_calls=1: the worker exits after its LoRA, so no idle process keeps a base model in GPU memory
+    # while the sampling actors start (reloading SD v1.5, ~5 s, is small beside its training). On CPUs a worker
+    # keeps torch imported and the base loaded for its next LoRA.
+    remote = ray.remote(num_cpus=gcfg.cpus, num_gpus=gcfg.gpus, max_retries=cfg.ray.max_retries,
+                        max_calls=1 if gcfg.gpus > 0 else 0)(train_job)
+    gpu_request = f"finetune: generator.gpus={gcfg.gpus:g}" if gcfg.gpus > 0 else ""
+    return wait_all(cfg, [remote.remote(job, gcfg, base, lora_root, gpu_request) for job in jobs], request, what)
 
 
 def run_finetune(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame | list[pd.DataFrame]:

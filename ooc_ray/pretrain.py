@@ -10,6 +10,7 @@ keep the unlabeled images from other wells, chips or days than the labelled ones
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +23,9 @@ from ooc_ray.diffusion.pretrain import METADATA_FILE, pretrain, pretrain_key, pr
 from ooc_ray.errors import DataError, MissingInputError, ModelError
 from ooc_ray.io import atomic_dir, note, sha256_file, write_parquet
 from ooc_ray.keys import config_slice
+from ooc_ray.gpu import require_torch_cuda
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.raycluster import init_ray, require_resources, wait_all, where
 from ooc_ray.variants import each_variant
 
 IMAGE_COLUMNS = ["id", "path", "sha256"]
@@ -113,19 +116,41 @@ def pretrain_base(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None:
     if (folder / METADATA_FILE).is_file():
         note(f"pretrain: base {key} re-used ({len(images)} images)")
         return folder
-    device, _ = device_and_dtype()
-    pipe = load_pipeline(base.path, device=device)  # fp32 weights: they are trained, not only run
-    try:
-        measured = pretrain(pipe, images["path"].tolist(), cfg)
-    except FloatingPointError as exc:
-        raise ModelError(f"generator.pretrain: {exc}") from None
     meta = {"key": key, "base": base.identity, "config": config_slice(pcfg, "base"),
             "resolution": cfg.generator.resolution, "image_ids": images["id"].tolist(),
-            "image_sha256": images["sha256"].tolist(), **measured}
-    with atomic_dir(folder) as tmp:
-        save_pretrained(pipe, meta, tmp)
+            "image_sha256": images["sha256"].tolist()}
+    request = {"CPU": pcfg.cpus, "GPU": pcfg.gpus}
+    what = f"pretrain: generator.pretrain.cpus={pcfg.cpus:g}, generator.pretrain.gpus={pcfg.gpus:g}"
+    ray = init_ray(cfg)
+    require_resources(cfg, request, what)
+    task = ray.remote(pretrain_task).options(num_cpus=pcfg.cpus, num_gpus=pcfg.gpus, max_retries=cfg.ray.max_retries)
+    (measured,) = wait_all(cfg, [task.remote(cfg, base.path, images["path"].tolist(), str(folder), meta,
+                                             what if pcfg.gpus > 0 else "")], request, what)
     unet_loss = measured["unet_loss_steps"]
     tail = sum(unet_loss[-50:]) / len(unet_loss[-50:])
-    note(f"pretrain: base {key} trained on {len(images)} images in {measured['seconds']:.0f} s "
-         f"(VAE reconstruction MSE {measured['vae_recon_mse']}, UNet loss {tail:.4f} over its last 50 steps)")
+    note(f"pretrain: base {key} trained on {len(images)} images in {measured['seconds']:.0f} s on node "
+         f"{measured['node_host']} (VAE reconstruction MSE {measured['vae_recon_mse']}, UNet loss {tail:.4f} over "
+         "its last 50 steps)")
     return folder
+
+
+def pretrain_task(cfg: ExperimentConfig, base_path: str, image_paths: list[str], folder: str, meta: dict,
+                  gpu_request: str = "") -> dict:
+    """The Ray task that pretrains: load the base, train it on the images, save it into `folder` atomically;
+    returns the measurements and the node. Run again after its node died, it finds the folder of an attempt that
+    finished and returns that one's measurements (the node is not written into the folder: its files are the
+    base's identity)."""
+    folder = Path(folder)
+    if (folder / METADATA_FILE).is_file():
+        return {**json.loads((folder / METADATA_FILE).read_text()), "seconds": 0.0, **where()}
+    if gpu_request:
+        require_torch_cuda(gpu_request)
+    device, _ = device_and_dtype()
+    pipe = load_pipeline(base_path, device=device)  # fp32 weights: they are trained, not only run
+    try:
+        measured = pretrain(pipe, image_paths, cfg)
+    except FloatingPointError as exc:
+        raise ModelError(f"generator.pretrain: {exc}") from None
+    with atomic_dir(folder) as tmp:
+        save_pretrained(pipe, {**meta, **measured}, tmp)
+    return {**measured, **where()}

@@ -15,10 +15,9 @@ import pandas as pd
 
 from ooc_ray import image_statistics, keys
 from ooc_ray.backbones import BackboneWeights
-from ooc_ray.networks import built_weights
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.data import class_names, load_manifest
-from ooc_ray.features import cache_dir, clean_view, embed
+from ooc_ray.features import cache_dir, clean_view, embed, weights_on_cluster
 from ooc_ray.folds import ALL_FOLDS, fold_ids, held_out_rows, train_rows
 from ooc_ray.io import note, parquet_problem, read_parquet, write_parquet
 from ooc_ray.measures import class_quality, kid_to_control, lora_effect
@@ -83,7 +82,7 @@ def _score_pools(cfg: ExperimentConfig, manifest, synthetic, features) -> tuple[
 def quality_tables(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame) -> pd.DataFrame:
     """One variant's quality.parquet (fold, weight, label, KID, CAS, memorisation) and synthetic_scores.parquet
     (per image), re-used while their key (settings, features, images, pools) is unchanged."""
-    weights = built_weights(cfg.classify, paths.models, manifest)
+    weights = weights_on_cluster(cfg, cfg.classify, paths.models, manifest)
     synthetic = read_parquet(paths.synthetic_table)
     key = keys.quality_key(cfg, features_identity(cfg, weights, paths, manifest), manifest, synthetic,
                            TABLE_VERSION)

@@ -1,4 +1,5 @@
-"""Sample stage: synthetic image pools from the LoRAs, with Ray Data actors that each hold one loaded pipeline.
+"""Sample stage: synthetic image pools from the LoRAs, rendered by Ray actors that each hold one loaded pipeline
+(ooc_ray.sampler).
 
 Plan (deterministic, pure): for every LoRA x weight, images 0..n_pool-1 (protocol.pool_sizes), each with its own
 seed derived from (sample.seed, LoRA key, weight, index). Outputs:
@@ -14,42 +15,32 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
-import warnings
-from collections import OrderedDict
 from pathlib import Path
 
-import diffusers
 import pandas as pd
 import pyarrow.parquet as pq
-import ray.data as ray_data
-import torch
-from transformers.utils import logging as hf_logging
 
 from ooc_ray import keys
 from ooc_ray.config import ExperimentConfig
-from ooc_ray.data import load_image, load_manifest
-from ooc_ray.diffusion.base import BaseModel, device_and_dtype, load_pipeline
+from ooc_ray.data import load_manifest
+from ooc_ray.diffusion.base import BaseModel
 from ooc_ray.diffusion.lora_files import trained_table
 from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import StageError
-from ooc_ray.gpu import require_torch_cuda
-from ooc_ray.io import atomic_path, image_problem, note, parquet_problem, sha256_file, write_parquet
+from ooc_ray.io import image_problem, note, parquet_problem, sha256_file, write_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
 from ooc_ray.protocol import LoraJob, plan_loras, pool_sizes, safe_name
-from ooc_ray.raycluster import init_ray, require_resources
+from ooc_ray.sampler import FAIL_AFTER_ENV, SampleWorker, release_actors, render_with_ray
 from ooc_ray.variants import each_variant, per_variant
 
-SAMPLERS = {"euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler"}
-FAIL_AFTER_ENV = "OOC_RAY_SAMPLE_FAIL_AFTER"  # test hook: a worker raises after writing this many images
-MAX_ADAPTERS = 16  # LoRAs kept loaded per actor (~3 MB each at rank 8 on SD v1.5); least recently used go
 POOL_FILE = "pool.parquet"
 TABLE_COLUMNS = [
     "id", "path", "sha256", "label", "group", "fold", "lora_key", "lora_sha256", "weight", "index", "prompt",
     "negative_prompt", "seed", "sampler", "clip_sample", "steps", "cfg", "strength", "mode", "init_image_id",
-    "base_model", "width", "height", "sample_key", "render_s",
+    "base_model", "width", "height", "sample_key", "render_s", "node_id", "node_host",
 ]
+RENDERED_COLUMNS = ["id", "render_s", "node_id", "node_host"]  # what the workers report of each image written
 # Columns the workers need but analysts do not.
 _WORK_COLUMNS = ["lora_dir", "lora_file", "init_path"]
 
@@ -113,87 +104,6 @@ def plan_images(cfg: ExperimentConfig, base: BaseModel, loras: pd.DataFrame, siz
     return pd.DataFrame(rows, columns=TABLE_COLUMNS + _WORK_COLUMNS)
 
 
-class SampleWorker:
-    """Ray Data callable class: loads the pipeline once (in __init__), then renders batches of plan rows.
-
-    Adapters are loaded once per actor and switched with set_adapters (never fused: fuse/unfuse does not
-    restore the base exactly, and weight 0.0 must reproduce the base image bit for bit)."""
-
-    def __init__(self, base_path: str, mode: str, sampler: str, resolution: int, fail_after: int = 0,
-                 gpu_request: str = "", clip_sample: float = 0.0, cpu_threads: int = 0):
-        if cpu_threads:  # a CPU-only Ray actor: Ray left it one thread (cpus_per_cpu_actor)
-            torch.set_num_threads(cpu_threads)
-
-        hf_logging.set_verbosity_error()  # a second adapter in the text encoder prints a MISSING-keys report
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # many adapters are intended
-        if gpu_request:  # this actor was given GPUs: sampling SD on its CPU instead would take days
-            require_torch_cuda(gpu_request)
-        device, dtype = device_and_dtype()
-        self.pipe = load_pipeline(base_path, img2img=mode == "img2img", device=device, dtype=dtype)
-        clip = {"clip_sample": True, "clip_sample_range": clip_sample} if clip_sample else {}
-        self.pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(self.pipe.scheduler.config, **clip)
-        self.mode, self.resolution = mode, resolution
-        self.adapters: OrderedDict[str, None] = OrderedDict()
-        self.fail_after, self.written = fail_after, 0
-
-    def _activate(self, key: str, lora_dir: str, lora_file: str, weight: float) -> None:
-        if key in self.adapters:
-            self.adapters.move_to_end(key)
-        else:
-            if len(self.adapters) >= MAX_ADAPTERS:
-                old, _ = self.adapters.popitem(last=False)
-                self.pipe.delete_adapters(old)
-            with warnings.catch_warnings():
-                # peft warns, and loads the rest, when the file lacks modules its own config names: a LoRA
-                # partly applied would sample plausible images from the wrong model.
-                warnings.filterwarnings("error", message=".*inconsistency was discovered between the PEFT config")
-                try:
-                    self.pipe.load_lora_weights(lora_dir, weight_name=lora_file, adapter_name=key)
-                except RuntimeWarning as exc:
-                    raise StageError(f"LoRA {Path(lora_dir) / lora_file} does not load whole: "
-                                     f"{str(exc)[:300]}") from None
-            self.adapters[key] = None
-        self.pipe.set_adapters([key], adapter_weights=[weight])
-
-    def render(self, rows: pd.DataFrame) -> list:
-        """PIL images for one planned batch (rows sharing one lora_key and weight)."""
-        first = rows.iloc[0]
-        self._activate(first.lora_key, first.lora_dir, first.lora_file, float(first.weight))
-        kwargs = {
-            "prompt": list(rows.prompt), "num_inference_steps": int(first.steps), "guidance_scale": float(first.cfg),
-            # CPU generators: the same seed gives the same image on any device.
-            "generator": [torch.Generator().manual_seed(int(s)) for s in rows.seed],
-        }
-        if first.negative_prompt:
-            kwargs["negative_prompt"] = list(rows.negative_prompt)
-        if self.mode == "img2img":
-            kwargs["image"] = [load_image(p, size=self.resolution) for p in rows.init_path]
-            kwargs["strength"] = float(first.strength)
-        else:
-            kwargs["height"] = kwargs["width"] = self.resolution
-        return self.pipe(**kwargs).images
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        # Render exactly the planned batches (one LoRA and weight each), however Ray groups blocks.
-        seconds = pd.Series(float("nan"), index=batch["id"].to_numpy())
-        for _, rows in batch.groupby("batch", sort=False):
-            start = time.perf_counter()
-            images = self.render(rows)
-            each = (time.perf_counter() - start) / len(rows)  # the report's cost per arm (sampling seconds)
-            for row, image in zip(rows.itertuples(index=False), images):
-                if os.path.exists(row.path):  # rendered only to keep its batch whole: never rewritten
-                    continue
-                seconds[row.id] = each
-                if image.size != (row.width, row.height):
-                    image = image.resize((row.width, row.height), resample=3)  # 3 = bicubic
-                with atomic_path(row.path) as tmp:
-                    image.save(tmp, format="PNG")
-                self.written += 1
-                if self.fail_after and self.written >= self.fail_after:
-                    raise RuntimeError(f"{FAIL_AFTER_ENV}: simulated crash after {self.written} images")
-        return pd.DataFrame({"id": seconds.index, "render_s": seconds.to_numpy()})
-
-
 def _recorded(plan: pd.DataFrame, column: str = "sha256") -> dict:
     """path -> `column` from the pool.parquet files of the plan's folders (images finished in earlier runs); pools
     written before a column existed give none."""
@@ -242,95 +152,46 @@ def pending_batches(plan: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
             if missing[rows.index].any()]
 
 
-def actor_pool_size(cfg: ExperimentConfig, n_batches: int, ray=None) -> tuple[int, int]:
-    """(min, max) sampling actors. sample.actors fixes both. With GPUs the pool may grow to one actor per batch:
-    Ray Data adds actors as GPUs free up or join (an autoscaling cluster may start with none), instead of
-    keeping the count the cluster had at start. On CPUs one actor by default: each actor holds its own copy of
-    the pipeline (SD v1.5 in fp32: ~4 GB). For a small base, set sample.actors to the cores: the demo's 208
-    images took 53 s with 2 one-thread actors vs 85 s with 1 two-thread actor (the tiny UNet gains little from a
-    second thread: 38 s vs 44 s in-process)."""
-    s = cfg.sample
-    if s.actors:
-        return min(s.actors, n_batches), min(s.actors, n_batches)
-    if s.gpus_per_actor > 0:
-        now = int(ray.cluster_resources().get("GPU", 0) // s.gpus_per_actor) if ray is not None else 1
-        return max(1, min(now, n_batches)), n_batches
-    return 1, 1
-
-
-def cpus_per_cpu_actor(ray, n_actors: int) -> int:
-    """Torch threads for each CPU-only sampling actor: the largest node's CPUs shared by the actors. Ray sets an
-    actor's OMP_NUM_THREADS (hence torch's threads) to the CPUs it reserves, 1 by default; the demo's one actor
-    then sampled on one of two cores (208 images: 74 s on 1 thread, 63 s on 2, 41 s in-process on 2). The
-    threads are set in the actor, not reserved: an actor reserving every core can block a resumed run while a
-    crashed run's actor still holds them (CI hung there once, while the disk was also full). The thread count can
-    change an image in its last bits (1 vs 2 threads: 1 of the demo's 208 PNGs differed); every image's sha256
-    is recorded and is what later keys hold, so a pool re-sampled on other threads never passes as the old one."""
-    node_cpus = max((n.get("Resources", {}).get("CPU", 1.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
-    return max(1, int(node_cpus) // max(1, n_actors))
-
-
-def _render_with_ray(cfg: ExperimentConfig, batches: list[pd.DataFrame], worker_kwargs: dict) -> pd.DataFrame:
-    s = cfg.sample
-    ray = init_ray(cfg)
-    require_resources(cfg, {"CPU": 1, "GPU": s.gpus_per_actor}, f"sample: sample.gpus_per_actor={s.gpus_per_actor:g}")
-    min_size, max_size = actor_pool_size(cfg, len(batches), ray)
-    # One block per batch, so that the actor pool can spread blocks over its actors (one block is one task).
-    ray_data.DataContext.get_current().enable_progress_bars = False
-    ds = ray_data.from_pandas(batches)
-    if s.gpus_per_actor > 0:
-        resources = {"num_gpus": s.gpus_per_actor}
-    else:
-        resources, worker_kwargs = {}, {**worker_kwargs, "cpu_threads": cpus_per_cpu_actor(ray, max_size)}
-    ds = ds.map_batches(
-        # batch_size=None: one block = one planned batch; a row count would re-cut batches across blocks.
-        SampleWorker, fn_constructor_kwargs=worker_kwargs, batch_size=None, batch_format="pandas",
-        compute=ray_data.ActorPoolStrategy(min_size=min_size, max_size=max_size), **resources,
-    )
-    return ds.to_pandas()
-
-
-def render(plan: pd.DataFrame, cfg: ExperimentConfig, base: BaseModel, use_ray: bool = True) -> dict[str, float]:
-    """Render the plan's missing (or damaged) images; returns {id: seconds} of each image rendered.
+def render(plan: pd.DataFrame, cfg: ExperimentConfig, base: BaseModel, use_ray: bool = True) -> pd.DataFrame:
+    """Render the plan's missing (or damaged) images; returns (id, render_s, node_id, node_host) of each one
+    written now.
 
     use_ray=False runs the same worker in this process (the search, the benchmark's baseline, quick tests)."""
     s = cfg.sample
     _drop_damaged(plan)
     batches = pending_batches(plan, s.batch_size)
     if not batches:
-        return {}
+        return pd.DataFrame(columns=RENDERED_COLUMNS)
     missing = plan.loc[~plan["path"].map(os.path.exists), "path"]
-    kwargs = {"base_path": base.path, "mode": s.mode, "sampler": s.sampler, "clip_sample": s.clip_sample,
-              "resolution": s.resolution,
-              "fail_after": int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)}
+    settings = {"base_path": base.path, "mode": s.mode, "sampler": s.sampler, "clip_sample": s.clip_sample,
+                "resolution": s.resolution, "fail_after": int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)}
     with FileProgress(missing, "sample", "image"):
         if use_ray:
-            if s.gpus_per_actor > 0:
-                kwargs["gpu_request"] = f"sample: sample.gpus_per_actor={s.gpus_per_actor:g}"
-            done = _render_with_ray(cfg, batches, kwargs)
-        else:
-            worker = SampleWorker(**kwargs)
-            done = pd.concat([worker(batch) for batch in batches], ignore_index=True)
-    done = done.dropna(subset=["render_s"])
-    return dict(zip(done["id"], done["render_s"].astype(float)))
+            return render_with_ray(cfg, batches, settings)
+        worker = SampleWorker(**settings)
+        return pd.concat([worker(batch) for batch in batches], ignore_index=True)
 
 
-def consolidate(plan: pd.DataFrame, seconds: dict[str, float] | None = None) -> pd.DataFrame:
-    """The plan's table with every image's sha256 and render seconds (as recorded, else `seconds` of those
-    rendered now); appends new rows to each pool's pool.parquet (rows already recorded are kept
-    as they are, so an older pool's provenance is never overwritten)."""
+def consolidate(plan: pd.DataFrame, rendered: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The plan's table with every image's sha256, render seconds and node (as recorded in its pool.parquet, else
+    from `rendered`, the images written now); appends new rows to each pool's pool.parquet (rows already
+    recorded are kept as they are, so an older pool's provenance is never overwritten)."""
     have = plan["path"].map(os.path.exists)
     if not have.all():
         missing = plan.loc[~have, "path"]
         raise StageError(f"{len(missing)} synthetic images missing after sampling, e.g. {missing.iloc[0]}")
     if plan.duplicated(["lora_key", "label", "sample_key", "weight", "index"]).any():  # what resume relies on
         raise StageError("duplicate (lora_key, label, sample_key, weight, index) rows in the sampling plan")
-    recorded, recorded_s, seconds = _recorded(plan), _recorded(plan, "render_s"), seconds or {}
+    now = (rendered if rendered is not None else pd.DataFrame(columns=RENDERED_COLUMNS)).set_index("id")
     table = plan[TABLE_COLUMNS].reset_index(drop=True)
+    recorded = _recorded(plan)
     table["sha256"] = [recorded.get(p) or sha256_file(p) for p in table["path"]]
-    # What the pool's record says first: a lost image rendered again keeps the cost of its first rendering, so
-    # the table agrees with pool.parquet.
-    table["render_s"] = [recorded_s[p] if p in recorded_s else seconds.get(i, float("nan"))
+    # What the pool's record says first: a lost image rendered again keeps the cost (and node) of its first
+    # rendering, so the table agrees with pool.parquet. Pools from before a column existed give NaN or "".
+    for column, missing_value in (("render_s", float("nan")), ("node_id", ""), ("node_host", "")):
+        before = _recorded(plan, column)
+        fresh = now[column].to_dict() if column in now.columns else {}
+        table[column] = [before[p] if p in before else fresh.get(i, missing_value)
                          for i, p in zip(table["id"], table["path"])]
     for folder, rows in table.groupby(table["path"].map(lambda p: str(Path(p).parent)), sort=False):
         pool = Path(folder) / POOL_FILE
@@ -373,29 +234,32 @@ def worker_settings(cfg: ExperimentConfig, base: BaseModel) -> tuple:
 
 def sample_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame, use_ray: bool = True
                  ) -> pd.DataFrame | list[pd.DataFrame]:
-    """Plan, render and record every pool that any variant of the axes draws from, one Ray Data job per kind of
-    actor rather than one per variant (an actor pool's start-up is most of a small stage's time); writes each
-    variant's synthetic.parquet. Returns the table (with axes, the tables in variant order)."""
+    """Plan, render and record every pool that any variant of the axes draws from, every kind of worker once (an
+    actor's start-up is most of a small stage's time); writes each variant's synthetic.parquet. Returns the
+    table (with axes, the tables in variant order)."""
     planned = []  # (variant paths, its plan)
     jobs: dict = {}  # worker settings -> (a variant config, its base, [plans])
     for variant, vpaths in each_variant(cfg, paths):
         base, plan = plan_pools(variant.cfg, vpaths, manifest)
         planned.append((vpaths, plan))
         jobs.setdefault(worker_settings(variant.cfg, base), (variant.cfg, base, []))[2].append(plan)
-    seconds: dict[str, float] = {}
-    for vcfg, base, plans in jobs.values():
-        plan = pd.concat(plans, ignore_index=True).drop_duplicates("path", ignore_index=True)
-        seconds.update(render(plan, vcfg, base, use_ray=use_ray))
+    try:
+        rendered = pd.concat([render(pd.concat(plans, ignore_index=True).drop_duplicates("path", ignore_index=True),
+                                     vcfg, base, use_ray=use_ray) for vcfg, base, plans in jobs.values()],
+                             ignore_index=True)
+    finally:
+        if use_ray:
+            release_actors()
     tables = []
     for (variant, _), (vpaths, plan) in zip(each_variant(cfg, paths), planned):
-        rendered = int(plan["id"].isin(seconds.keys()).sum())
+        made = int(plan["id"].isin(rendered["id"]).sum())
         where = f"{variant.label}: " if variant.point else ""
-        note(f"sample: {where}{len(plan)} images planned, {len(plan) - rendered} re-used, {rendered} rendered")
-        tables.append(consolidate(plan, seconds))
+        note(f"sample: {where}{len(plan)} images planned, {len(plan) - made} re-used, {made} rendered")
+        tables.append(consolidate(plan, rendered))
         write_parquet(tables[-1], vpaths.synthetic_table)
     return per_variant(cfg, tables)
 
 
 def run_sample(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame | list[pd.DataFrame]:
-    """Sample every pool of every variant through Ray Data (sample_pools)."""
+    """Sample every pool of every variant on Ray actors (sample_pools)."""
     return sample_pools(cfg, paths, load_manifest(paths))

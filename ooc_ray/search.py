@@ -27,7 +27,6 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ooc_ray import keys
 from ooc_ray.backbones import BackboneWeights
-from ooc_ray.networks import built_weights
 from ooc_ray.config import ExperimentConfig, SearchConfig
 from ooc_ray.data import class_names, load_manifest, run_data
 from ooc_ray.diffusion.base import BaseModel
@@ -42,6 +41,7 @@ from ooc_ray.paths import ExperimentPaths
 from ooc_ray.pretrain import run_pretrain
 from ooc_ray.protocol import plan_loras
 from ooc_ray.measures import class_quality, linear_probe
+from ooc_ray.features import weights_on_cluster
 from ooc_ray.quality import features_identity, quality_features
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
 from ooc_ray.sample import consolidate, plan_images, render, start_images
@@ -226,7 +226,7 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     manifest = run_data(cfg, paths)  # skips an unchanged source
     if cfg.generator.pretrain.source:
         run_pretrain(cfg, paths)  # the base every trial's LoRAs train on; re-used while its inputs are unchanged
-    weights = built_weights(cfg.classify, paths.models, manifest)
+    weights = weights_on_cluster(cfg, cfg.classify, paths.models, manifest)
     base = generator_base(cfg, paths)  # built once, before any trial reads it
     s = cfg.search
     init_ray(cfg)

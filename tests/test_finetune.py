@@ -160,13 +160,26 @@ def test_lora_loss_falls_on_tiny_set(tmp_path, tiny_base):
         assert last < 0.97 * first, epochs  # seeded, so stable
 
 
+def train_in_this_process(cfg, paths) -> pd.DataFrame:
+    """run_finetune's LoRAs trained here, not as Ray tasks: the table it would write."""
+    from ooc_ray.data import load_manifest
+    from ooc_ray.diffusion.lora_files import trained_table
+    from ooc_ray.diffusion.pretrain import generator_base
+    from ooc_ray.finetune import train_job
+    from ooc_ray.protocol import plan_loras
+
+    base = generator_base(cfg, paths)
+    jobs = plan_loras(cfg, load_manifest(paths), base.identity)
+    for job in jobs:
+        train_job(job, cfg.generator, base, paths.lora)
+    return trained_table(jobs, paths.lora)
+
+
 def test_cached_latents_train_the_same_lora_as_encoding_every_step(tmp_path, tiny_base, monkeypatch):
     """generator.cache_latents encodes each image once (and the frozen text encoder's prompt once); off, the
     VAE and the text encoder run at every step. Same noise per image, so the same loss curve up to rounding."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
-
-    from ooc_ray.finetune import run_finetune
 
     calls = {"vae": 0, "text": 0}
     encode, text_forward = AutoencoderKL.encode, CLIPTextModel.forward
@@ -188,7 +201,7 @@ def test_cached_latents_train_the_same_lora_as_encoding_every_step(tmp_path, tin
         paths = ExperimentPaths.of(cfg)
         seed_models(paths, tiny_base)
         write_manifest(m[m.label == "good"], paths)
-        row = run_finetune(cfg, paths).iloc[0]
+        row = train_in_this_process(cfg, paths).iloc[0]  # where the calls above are counted (not a Ray task)
         runs[cache] = (row, json.loads((Path(row["dir"]) / "metadata.json").read_text()), dict(calls))
     (cached, meta_c, calls_c), (fresh, meta_f, calls_f) = runs[True], runs[False]
     steps = 3 * 5  # 10 images x 2 repeats / batch 4, 3 epochs
@@ -392,8 +405,6 @@ def test_a_data_set_lora_conditions_each_image_on_its_own_class_prompt(tmp_path,
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ooc_ray.finetune import run_finetune
-
     seen = []
     forward = UNet2DConditionModel.forward
 
@@ -409,7 +420,7 @@ def test_a_data_set_lora_conditions_each_image_on_its_own_class_prompt(tmp_path,
     seed_models(paths, tiny_base)
     m = make_dataset(tmp_path, per_class=(4, 4), k=2)
     write_manifest(m, paths)
-    table = run_finetune(cfg, paths)
+    table = train_in_this_process(cfg, paths)  # where the UNet's inputs are recorded (not a Ray task)
     assert len(table) == 2 and (table["label"] == "").all()  # one LoRA per fold, no class of its own
     meta = json.loads((Path(table["dir"].iloc[0]) / "metadata.json").read_text())
     assert meta["labels"] == ["bad", "good"] and meta["n_images"] == 4 and np.isfinite(meta["final_loss"])

@@ -84,7 +84,7 @@ def test_lora_training_in_mixed_precision_on_the_gpu(gpu_experiment, precision):
 
 
 def test_sampling_on_the_gpu_is_reproducible_and_weight_zero_is_the_base(gpu_experiment):
-    from ooc_ray.sample import SampleWorker
+    from ooc_ray.sampler import SampleWorker
 
     root, manifest, models = gpu_experiment
     cfg, paths, table = finetuned(root, manifest, models, "fp32")
@@ -112,7 +112,7 @@ def test_sampling_on_the_gpu_is_reproducible_and_weight_zero_is_the_base(gpu_exp
 def test_ddim_clip_sample_on_the_gpu_in_fp16(gpu_experiment):
     """sample.sampler ddim with sample.clip_sample on CUDA in fp16: the predicted latent stays inside the clip
     range (to fp16 rounding), and the same seeds give the same images twice."""
-    from ooc_ray.sample import SampleWorker
+    from ooc_ray.sampler import SampleWorker
 
     root, manifest, models = gpu_experiment
     _, paths, _ = finetuned(root, manifest, models, "fp32")

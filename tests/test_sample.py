@@ -162,7 +162,8 @@ def test_img2img_records_init_image_and_resizes(tmp_path, trained):
 
 def test_kill_midway_then_resume(tmp_path, trained, monkeypatch):
     """A worker crash mid-run leaves some PNGs; the re-run renders only the rest; no missing/duplicate rows."""
-    from ooc_ray.sample import FAIL_AFTER_ENV, sample_pools
+    from ooc_ray.sample import sample_pools
+    from ooc_ray.sampler import FAIL_AFTER_ENV
 
     cfg, paths, manifest = experiment(tmp_path, trained)
     monkeypatch.setenv(FAIL_AFTER_ENV, "5")
@@ -185,7 +186,8 @@ def test_ray_sampling_crash_resume_and_determinism(tmp_path, trained, monkeypatc
     """run_sample through Ray Data actors: a crash inside an actor, a resume, then lost files re-rendered
     bit-identically (seeds are per image, so the actor and batch that render an image do not matter)."""
     from ooc_ray.raycluster import init_ray
-    from ooc_ray.sample import FAIL_AFTER_ENV, run_sample
+    from ooc_ray.sample import run_sample
+    from ooc_ray.sampler import FAIL_AFTER_ENV
 
     cfg, paths, _ = experiment(tmp_path, trained)
     # Ray first: a Ray started while the hook is set passes it to every worker of the session (a later test's
@@ -251,7 +253,7 @@ def test_a_lora_file_lacking_modules_of_its_own_config_fails_loud(tmp_path, trai
     from safetensors.torch import load_file, save_file
 
     from ooc_ray.errors import StageError
-    from ooc_ray.sample import SampleWorker
+    from ooc_ray.sampler import SampleWorker
 
     _, paths, _ = experiment(tmp_path, trained)
     lora = pd.read_parquet(paths.lora / "loras.parquet").iloc[0]
@@ -277,7 +279,7 @@ def test_ddim_with_clip_sample_bounds_the_predicted_latent(tmp_path, trained):
     import torch
 
     from ooc_ray import keys
-    from ooc_ray.sample import SampleWorker
+    from ooc_ray.sampler import SampleWorker
 
     cfg, paths, _ = experiment(tmp_path, trained)
     base = str(paths.models / "tiny_sd")
@@ -309,7 +311,7 @@ def test_a_sampling_actor_given_a_gpu_torch_cannot_use_fails_before_loading(tmp_
     """What each Ray sampling actor runs first when sample.gpus_per_actor > 0: no usable CUDA device here."""
     from ooc_ray.errors import ResourceError
     from ooc_ray.gpu import node_name
-    from ooc_ray.sample import SampleWorker
+    from ooc_ray.sampler import SampleWorker
 
     _, paths, _ = experiment(tmp_path, trained)
     with pytest.raises(ResourceError, match=f"sample: sample.gpus_per_actor=1: node {node_name()} was given a GPU"):
@@ -323,7 +325,7 @@ def test_gpu_actor_pool_grows_with_the_cluster(tmp_path):
     import ray
 
     from ooc_ray.raycluster import init_ray
-    from ooc_ray.sample import actor_pool_size
+    from ooc_ray.sampler import actor_pool_size
 
     cpu = tiny_cfg(tmp_path, sample={"actors": 0})
     init_ray(cpu)
@@ -338,7 +340,7 @@ def test_gpu_actor_pool_grows_with_the_cluster(tmp_path):
 def test_cpu_sampling_actors_share_the_largest_nodes_cores():
     """Ray gives an actor as many torch threads as CPUs it reserves (1 unless asked): a CPU-only actor sets its
     threads to the largest alive node's CPUs divided among the actors, never less than one."""
-    from ooc_ray.sample import cpus_per_cpu_actor
+    from ooc_ray.sampler import cpus_per_cpu_actor
 
     class FakeRay:
         def __init__(self, *cpus, dead=()):

@@ -18,13 +18,12 @@ import pandas as pd
 from ray import tune
 
 from ooc_ray import keys
-from ooc_ray.networks import built_weights
 from ooc_ray.classic import write_missing
 from ooc_ray.classify.train import TrialContext, run_trial, trial_outputs, trial_problem
 from ooc_ray.config import ClassifyConfig, ExperimentConfig, to_dict
 from ooc_ray.data import class_names, load_manifest
 from ooc_ray.errors import StageError
-from ooc_ray.features import cache_dir, ensure_features
+from ooc_ray.features import cache_dir, ensure_features, weights_on_cluster
 from ooc_ray.io import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
@@ -187,13 +186,14 @@ def _write_augmented(manifest: pd.DataFrame, pending: list[PlannedTrial]) -> Non
 
 class _Weights:
     """The classifier weights of each classify section the variants use, resolved (and built) once each."""
-    def __init__(self, paths: ExperimentPaths, manifest: pd.DataFrame):
-        self.paths, self.manifest, self.known = paths, manifest, {}
+
+    def __init__(self, cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame):
+        self.cfg, self.paths, self.manifest, self.known = cfg, paths, manifest, {}
 
     def __call__(self, cc: ClassifyConfig):
         key = (cc.backbone, cc.weights, cc.input_size)
         if key not in self.known:
-            self.known[key] = built_weights(cc, self.paths.models, self.manifest)
+            self.known[key] = weights_on_cluster(self.cfg, cc, self.paths.models, self.manifest)
         return self.known[key]
 
 
@@ -208,7 +208,7 @@ def _cache_group(t: GridTrial, weights: _Weights) -> str:
 def grid_trials(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame
                 ) -> tuple[list[tuple[Variant, list[PlannedTrial]]], dict[str, GridTrial], _Weights]:
     """The variants with their planned trials, and every distinct trial (by key) once with its variant's config."""
-    weights = _Weights(paths, manifest)
+    weights = _Weights(cfg, paths, manifest)
     grid = plan_grid(cfg, paths, manifest, lambda cc: weights(cc).identity)
     trials: dict[str, GridTrial] = {}
     for variant, planned in grid:

@@ -28,6 +28,7 @@ from ooc_ray.gpu import require_tf_gpu
 from ooc_ray.io import parquet_problem, write_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import PlannedTrial, trial_config
+from ooc_ray.raycluster import where
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ def _summary(cfg: ExperimentConfig, trial: PlannedTrial, ctx: TrialContext, metr
         "confusion": metrics["confusion"], "mode": cc.mode, "backbone": cc.backbone,
         "weights": ctx.weights.identity, "input_size": cc.input_size, "epochs": cc.epochs,
         "generator_split": cfg.generator.split, "seed": cc.seed, "data_digest": ctx.data_digest,
-        "duration_s": round(seconds, 3),
+        "duration_s": round(seconds, 3), **where(),
     }
 
 
