@@ -225,9 +225,10 @@ def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: Backbone
         extract_features(cc, weights, todo, directory)
         return directory
     ray = init_ray(cfg)
-    require_resources(cfg, {"CPU": cc.cpus_per_trial, "GPU": cc.gpus_per_trial},
-                      f"feature extraction: classify.cpus_per_trial={cc.cpus_per_trial:g}, "
-                      f"classify.gpus_per_trial={cc.gpus_per_trial:g}")
+    request = {"CPU": cc.cpus_per_trial, "GPU": cc.gpus_per_trial}
+    what = (f"feature extraction: classify.cpus_per_trial={cc.cpus_per_trial:g}, "
+            f"classify.gpus_per_trial={cc.gpus_per_trial:g}")
+    require_resources(cfg, request, what)
     atomic_write_text(directory / "meta.json", json.dumps(
         {"key": directory.name, "backbone": cc.backbone, "input_size": cc.input_size, "weights": weights.identity,
          "augment": list(cc.augment), "views": n_views(cc), "seed": cc.seed}, indent=1))
@@ -241,9 +242,10 @@ def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: Backbone
     # an autoscaling cluster (which may start with no GPU node) one task per part: queued tasks start on the
     # nodes as they join, where a count taken now would leave the work to the few slots there are now.
     n_tasks = max(1, n_parts if cfg.ray.autoscaling else min(slots, n_parts))
-    task = ray.remote(_extract_task).options(num_cpus=cc.cpus_per_trial, num_gpus=cc.gpus_per_trial)
+    task = ray.remote(_extract_task).options(num_cpus=cc.cpus_per_trial, num_gpus=cc.gpus_per_trial,
+                                             max_retries=cfg.ray.max_retries)  # a shard lost with its node
     shards = [todo.iloc[idx] for idx in np.array_split(np.arange(len(todo)), n_tasks) if len(idx)]
-    ray.get([task.remote(cc, weights, shard, str(directory)) for shard in shards])
+    wait_all(cfg, [task.remote(cc, weights, shard, str(directory)) for shard in shards], request, what)
     note(f"features: {len(todo)} images extracted into {directory.name}")
     return directory
 
