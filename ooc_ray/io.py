@@ -37,12 +37,29 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(folder))
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, and for a moment every thread of a Ray
+    worker would create files under the temporary value)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)  # no /proc (macOS): the classic round trip
+    os.umask(old)
+    return old
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; fsync it and rename it over `path` only if the block finishes."""
+    """Yield a temp path beside `path`; fsync it and rename it over `path` only if the block finishes. The file
+    gets the mode a plain open() would (0644 under umask 0022), not mkstemp's 0600: results on shared lab
+    storage are for colleagues to read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~umask())
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -56,10 +73,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; fsync its files and move it to `path` only if the block finishes."""
+    """Yield a temp folder beside `path`; fsync its files and move it to `path` only if the block finishes. The
+    folder gets the mode a plain mkdir would (0755 under umask 0022), not mkdtemp's 0700."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~umask())
     try:
         yield tmp
         _fsync_tree(tmp)
