@@ -7,9 +7,13 @@ non-zero exit: 2 for a config error, 1 for everything else.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import importlib.metadata
 import sys
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import yaml
 from tqdm import tqdm
@@ -49,6 +53,26 @@ HELP = {
     "fetch": "download the hub base and ImageNet weights the config names, once (cluster setup)",
     "run": "data -> pretrain -> finetune -> sample -> quality -> classify -> report, skipping finished work",
 }
+# What each command reads and writes under results/<name>/ (its `--help`).
+READS_WRITES = {
+    "data": "Reads data.source (a folder per class, or a CSV file,label[,group]; `demo` draws a set). Writes "
+            "manifest.parquet (one row per image: path, label, group, sha256, size) and folds.parquet.",
+    "pretrain": "Reads the unlabeled images of generator.pretrain.source. Writes models/pretrained-<key>/ (a "
+                "diffusers folder) and pretrain_images.parquet. Nothing to do without generator.pretrain.",
+    "finetune": "Reads manifest.parquet, folds.parquet and the base. Writes lora/<fold>_<class>_<key>/ (both LoRA "
+                "formats and metadata.json) and lora/loras.parquet. Trained LoRAs with the same key are re-used.",
+    "sample": "Reads the LoRAs. Writes synthetic/<pool>/*.png and synthetic.parquet (one row per image: seed, "
+              "LoRA, weight, sha256, node). Finished images are kept.",
+    "quality": "Reads the pools and the real images. Writes quality.parquet (per-class KID, MMD, nearest-real "
+               "distances, linear-probe accuracy) and synthetic_scores.parquet.",
+    "classify": "Reads manifest, folds and pools. Writes trials/<trial>.parquet (one row per trial: arm, fold, "
+                "metrics, node), history/ and predictions/. Finished trials with the same key are re-used.",
+    "report": "Reads the trials. Writes report/ (report.md, report.html, CSV/Markdown/LaTeX tables, plots). "
+              "Read-only on everything else.",
+    "search": "Searches LoRA settings with Ray Tune + Optuna. Writes search/ (trials, best settings).",
+    "fetch": "Downloads the hub base and ImageNet weights the config names into HF_HOME and KERAS_HOME.",
+    "run": "Every stage above in order; each re-uses what it finds finished.",
+}
 
 
 def run_stage(name: str, cfg: ExperimentConfig, paths: ExperimentPaths):
@@ -59,20 +83,27 @@ def run_stage(name: str, cfg: ExperimentConfig, paths: ExperimentPaths):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ooc-ray", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('ooc-ray')}")
     sub = parser.add_subparsers(dest="stage", required=True)
     for name in [*STAGES, "run"]:
-        p = sub.add_parser(name, help=HELP[name])
+        p = sub.add_parser(name, help=HELP[name], description=f"{HELP[name]}. {READS_WRITES[name]}")
         p.add_argument("config", help="experiment YAML, e.g. experiments/demo.yaml")
         p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. -o classify.epochs=2 (repeatable)")
         p.add_argument("--tiny", action="store_true",
                        help="seconds-scale settings (config.TINY + the file's `tiny:` section), for smoke tests")
+        if name == "report":
+            p.add_argument("--out", metavar="DIR", help="write the report into DIR instead of results/<name>/report "
+                                                        "(results one cannot write to)")
     return parser
 
 
 def _message(exc: BaseException) -> str:
     # An error raised inside a Ray task arrives wrapped (RayTaskError, with the remote traceback): show the cause.
-    return str(getattr(exc, "cause", None) or exc).strip().splitlines()[0]
+    exc = getattr(exc, "cause", None) or exc
+    if isinstance(exc, OSError) and exc.filename:  # a read-only or full results folder, a path that is a file
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc).strip().splitlines()[0]
 
 
 def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths) -> int:
@@ -83,7 +114,7 @@ def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths)
         note(f"{name} ...")
         try:
             run_stage(name, cfg, paths)
-        except OocRayError as exc:
+        except (OocRayError, OSError) as exc:
             print(f"[ooc-ray] {name} failed: {_message(exc)}", file=sys.stderr)
             return 1
         note(f"{name} done in {time.perf_counter() - start:.1f} s")
@@ -99,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     paths = ExperimentPaths.of(cfg)
+    if getattr(args, "out", None):
+        paths = dataclasses.replace(paths, report_dir=Path(args.out).resolve())
     stages = PIPELINE if args.stage == "run" else (args.stage,)
     if args.stage == "run" and not cfg.quality.enabled:
         stages = tuple(s for s in stages if s != "quality")
@@ -106,12 +139,19 @@ def main(argv: list[str] | None = None) -> int:
         return _run(stages, cfg, paths)
     try:
         lock = RunLock(paths.lock, command_line()).acquire()
-    except OocRayError as exc:
+    except (OocRayError, OSError) as exc:
         print(f"[ooc-ray] {_message(exc)}", file=sys.stderr)
         return 1
     try:
-        atomic_write_text(paths.config, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        return _run(stages, cfg, paths)
+        resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        started = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        record = {"argv": list(sys.argv[1:] if argv is None else argv), "stage": args.stage, "config_file": str(args.config),
+                  "overrides": args.override, "tiny": args.tiny, "config": to_dict(cfg)}
+        atomic_write_text(paths.run_record(started, args.stage), yaml.safe_dump(record, sort_keys=False))
+        code = _run(stages, cfg, paths)
+        if code == 0:  # beside the results only when they were made from it
+            atomic_write_text(paths.config, resolved)
+        return code
     finally:
         lock.release()
 

@@ -1,7 +1,7 @@
 """Where each stage reads and writes, under results/<experiment>/. One place, so stages never guess."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ooc_ray.config import ExperimentConfig
@@ -13,13 +13,14 @@ class ExperimentPaths:
     # A variant of the grid's axes (config.Variant.tag): its own synthetic and quality tables under
     # variants/<tag>/; LoRAs, pools, features and trials stay shared, as their keys are their content.
     variant: str = ""
+    report_dir: Path | None = None  # `ooc-ray report --out DIR`: the report of results one cannot write to
 
     @classmethod
     def of(cls, cfg: ExperimentConfig) -> "ExperimentPaths":
         return cls(cfg.out_dir.resolve())  # absolute: Ray Tune trials chdir into their own folders
 
     def for_variant(self, tag: str) -> "ExperimentPaths":
-        return ExperimentPaths(self.root, tag)
+        return replace(self, variant=tag)
 
     @property
     def tables(self) -> Path:
@@ -29,6 +30,11 @@ class ExperimentPaths:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    def run_record(self, started: str, command: str) -> Path:
+        """runs/<UTC start>-<command>.yaml: what one command was asked (argv, overrides) and the config it resolved,
+        kept for every command, failed ones included; config.yaml holds only the last that succeeded."""
+        return self.root / "runs" / f"{started}-{command}.yaml"
 
     @property
     def lock(self) -> Path:
@@ -124,7 +130,7 @@ class ExperimentPaths:
 
     @property
     def report(self) -> Path:
-        return self.root / "report"
+        return self.report_dir or self.root / "report"
 
     @property
     def mlflow(self) -> Path:

@@ -8,6 +8,7 @@ import time
 
 import pandas as pd
 import pytest
+import yaml
 
 from ooc_ray.cli import main
 from ooc_ray.lock import RunLock
@@ -43,6 +44,23 @@ def test_cli_data_error_is_one_line(tmp_path, capsys):
     assert "nowhere" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_config_yaml_is_written_only_by_a_command_that_succeeds_and_every_command_is_recorded(tmp_path, capsys):
+    """config.yaml sits beside results made from it; runs/ keeps each command's argv, overrides and resolved
+    config, the failed ones too."""
+    out = tmp_path / "exp"
+    cfg = data_config(tmp_path)
+    assert main(["finetune", cfg, "-o", "generator.rank=4"]) == 1  # no manifest yet
+    assert not (out / "config.yaml").exists()
+    (failed,) = (out / "runs").glob("*-finetune.yaml")
+    record = yaml.safe_load(failed.read_text())
+    assert record["argv"] == ["finetune", cfg, "-o", "generator.rank=4"] and record["overrides"] == ["generator.rank=4"]
+    assert record["config"]["generator"]["rank"] == 4
+    time.sleep(1.1)  # records are named by the second they started
+    assert main(["data", cfg]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["generator"]["rank"] == 8  # the data run's own
+    assert sorted(p.name.split("-", 1)[1] for p in (out / "runs").iterdir()) == ["data.yaml", "finetune.yaml"]
+
+
 @pytest.mark.parametrize("stage", ["finetune", "classify", "report"])
 def test_missing_inputs_are_one_line(tmp_path, capsys, stage):
     assert main([stage, data_config(tmp_path)]) == 1
@@ -55,6 +73,22 @@ def test_console_script_help():
     assert out.returncode == 0
     for stage in ["data", "finetune", "sample", "classify", "report", "run", "search"]:
         assert stage in out.stdout
+
+
+def test_version_and_each_stage_says_what_it_reads_and_writes(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"ooc-ray {version('ooc-ray')}"
+    helps = {}
+    for stage in ["data", "finetune", "sample", "classify", "report"]:
+        with pytest.raises(SystemExit):
+            main([stage, "--help"])
+        helps[stage] = " ".join(capsys.readouterr().out.split())
+    assert "Writes manifest.parquet" in helps["data"] and "Writes lora/" in helps["finetune"]
+    assert "synthetic.parquet" in helps["sample"] and "trials/" in helps["classify"] and "report/" in helps["report"]
+    assert len(set(helps.values())) == len(helps)  # no two stages share one help text
 
 
 HOLD = """

@@ -414,3 +414,24 @@ def test_report_header_states_resolution_metric_and_family(tmp_path, trials):
     assert "tested metric: **accuracy**" in text and "one Holm family of 2 comparisons" in text
     assert "| P(better / equiv. / worse) |" in text and "Bayesian correlated t-test" in text
     assert "Warning: this design is too small to say anything** (2 degrees of freedom)" in text
+
+
+def test_report_on_results_it_cannot_write_is_one_line_and_out_writes_elsewhere(tmp_path, trials, capsys):
+    """A results folder the report cannot write into (here report/ is a file: as root, a chmod stops nothing)
+    fails in one line naming the path; `report --out DIR` writes the same report there."""
+    import yaml
+
+    from ooc_ray.cli import main
+    from ooc_ray.config import to_dict
+
+    cfg, paths, _, _ = write_report(tmp_path, trials)
+    config = tmp_path / "r.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    paths.report.write_text("not a folder")
+    assert main(["report", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"[ooc-ray] report failed: {paths.report}: File exists", err
+    assert main(["report", str(config), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert "- trials: 12" in (tmp_path / "elsewhere" / "report.md").read_text()
+    assert paths.report.read_text() == "not a folder"
