@@ -19,7 +19,8 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from ooc_ray import keys
 from ooc_ray.data import load_image
-from ooc_ray.io import atomic_path, image_problem, note
+from ooc_ray.io import atomic_path, image_problem
+from ooc_ray.logs import note
 
 AUGMENTATION_VERSION = 1
 MAX_ROTATION_DEGREES = 15.0

@@ -21,7 +21,9 @@ from tqdm import tqdm
 from ooc_ray.config import ExperimentConfig, to_dict
 from ooc_ray.load import load_config
 from ooc_ray.errors import ConfigError, OocRayError
-from ooc_ray.io import atomic_write_text, note
+from ooc_ray.io import atomic_write_text
+from ooc_ray import logs
+from ooc_ray.logs import note
 from ooc_ray.lock import RunLock, command_line
 from ooc_ray.paths import ExperimentPaths
 
@@ -78,7 +80,9 @@ READS_WRITES = {
 def run_stage(name: str, cfg: ExperimentConfig, paths: ExperimentPaths):
     """Import the stage's module and call it; each stage runs every variant of the axes itself (ooc_ray.variants)."""
     module, func = STAGES[name]
-    return getattr(importlib.import_module(module), func)(cfg, paths)
+    with logs.native_lines_hidden():  # the C++ libraries' import-time notices, below -v
+        stage = getattr(importlib.import_module(module), func)
+    return stage(cfg, paths)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. -o classify.epochs=2 (repeatable)")
         p.add_argument("--tiny", action="store_true",
                        help="seconds-scale settings (config.TINY + the file's `tiny:` section), for smoke tests")
+        loudness = p.add_mutually_exclusive_group()
+        loudness.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+        loudness.add_argument("-v", "--verbose", action="store_true",
+                              help="also the libraries' own output (transformers, diffusers, TensorFlow, Ray, Tune)")
         if name == "report":
             p.add_argument("--out", metavar="DIR", help="write the report into DIR instead of results/<name>/report "
                                                         "(results one cannot write to)")
@@ -107,7 +115,9 @@ def _message(exc: BaseException) -> str:
 
 
 def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths) -> int:
-    bar = tqdm(stages, desc="ooc-ray", unit="stage", disable=len(stages) == 1)
+    # No ETA: stages differ in length by orders of magnitude, so an average per stage predicts nothing.
+    bar = tqdm(stages, desc="ooc-ray", unit="stage", disable=len(stages) == 1 or not logs.progress_shown(),
+               bar_format="{desc}: {n_fmt}/{total_fmt} stages [{elapsed}{postfix}]")
     for name in bar:
         bar.set_postfix_str(name)
         start = time.perf_counter()
@@ -124,6 +134,7 @@ def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths)
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logs.configure(logs.QUIET if args.quiet else logs.VERBOSE if args.verbose else logs.DEFAULT)
     try:
         cfg = load_config(args.config, args.override, tiny=args.tiny)
     except ConfigError as exc:

@@ -17,7 +17,8 @@ from ooc_ray.config import DataConfig, ExperimentConfig
 from ooc_ray.demo_data import write_demo_dataset
 from ooc_ray.errors import DataError, MissingInputError
 from ooc_ray.folds import assign_folds
-from ooc_ray.io import note, parquet_problem, write_parquet
+from ooc_ray.io import parquet_problem, write_parquet
+from ooc_ray.logs import note
 from ooc_ray.keys import fold_columns
 from ooc_ray.paths import ExperimentPaths
 

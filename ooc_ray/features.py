@@ -30,7 +30,8 @@ from ooc_ray.networks import build_augmentation, build_backbone, built_weights, 
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.data import load_image
 from ooc_ray.gpu import require_tf_gpu
-from ooc_ray.io import atomic_path, atomic_write_text, note
+from ooc_ray.io import atomic_path, atomic_write_text
+from ooc_ray.logs import note
 from ooc_ray.raycluster import init_ray, require_resources, wait_all
 
 CHUNK = 256  # images per part file: B7 features are 2560 float32 = 10 KB per view, ~10 MB per part at 4 views

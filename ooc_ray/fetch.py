@@ -10,7 +10,7 @@ import os
 from ooc_ray.networks import build_backbone, setup_tf
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.diffusion.base import resolve_base
-from ooc_ray.io import note
+from ooc_ray.logs import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.variants import each_variant
 

@@ -31,7 +31,8 @@ from ooc_ray.diffusion.lora_files import (DIFFUSERS_FILE, KOHYA_FILE, METADATA_F
 from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import ModelError
 from ooc_ray.gpu import require_torch_cuda
-from ooc_ray.io import atomic_dir, note, sha256_file, write_parquet
+from ooc_ray.io import atomic_dir, sha256_file, write_parquet
+from ooc_ray.logs import note
 from ooc_ray.keys import config_slice
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress

@@ -142,6 +142,3 @@ def image_problem(path: str | Path) -> str:
     return ""
 
 
-def note(message: str) -> None:
-    """A line for the person at the terminal (what was re-used, re-made or skipped, and why)."""
-    print(f"[ooc-ray] {message}", flush=True)

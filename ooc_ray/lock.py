@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ooc_ray.errors import LockError
-from ooc_ray.io import note
+from ooc_ray.logs import note
 
 HEARTBEAT_S = 30.0
 STALE_S = 180.0  # six missed heartbeats: NFS attribute caches hold mtimes for up to 60 s

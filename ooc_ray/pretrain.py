@@ -21,7 +21,8 @@ from ooc_ray.demo_data import CLASSES, write_demo_dataset
 from ooc_ray.diffusion.base import device_and_dtype, load_pipeline, resolve_base
 from ooc_ray.diffusion.pretrain import METADATA_FILE, pretrain, pretrain_key, pretrained_dir, save_pretrained
 from ooc_ray.errors import DataError, MissingInputError, ModelError
-from ooc_ray.io import atomic_dir, note, sha256_file, write_parquet
+from ooc_ray.io import atomic_dir, sha256_file, write_parquet
+from ooc_ray.logs import note
 from ooc_ray.keys import config_slice
 from ooc_ray.gpu import require_torch_cuda
 from ooc_ray.paths import ExperimentPaths

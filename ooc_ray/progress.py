@@ -13,6 +13,8 @@ import threading
 
 from tqdm import tqdm
 
+from ooc_ray.logs import progress_shown
+
 # Polling cost: one listing per folder and a set lookup per item still to come: 6,600 missing PNGs in one
 # folder cost ~3 ms a poll (one failing stat each: 42 ms; measured), so a 2 s period costs ~0.15 % of a core.
 POLL_S = 2.0
@@ -36,7 +38,7 @@ class FileProgress:
         self._todo = {str(p): _mtime(str(p)) for p in paths}
         tty = sys.stderr.isatty()
         self.bar = tqdm(total=len(self._todo), desc=what, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                        mininterval=0.5 if tty else 30.0, disable=not self._todo)
+                        mininterval=0.5 if tty else 30.0, disable=not self._todo or not progress_shown())
         self._poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"progress-{what}", daemon=True)

@@ -19,7 +19,8 @@ from ooc_ray.config import ExperimentConfig
 from ooc_ray.data import class_names, load_manifest
 from ooc_ray.features import cache_dir, clean_view, embed, weights_on_cluster
 from ooc_ray.folds import ALL_FOLDS, fold_ids, held_out_rows, train_rows
-from ooc_ray.io import note, parquet_problem, read_parquet, write_parquet
+from ooc_ray.io import parquet_problem, read_parquet, write_parquet
+from ooc_ray.logs import note
 from ooc_ray.measures import class_quality, kid_to_control, lora_effect
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.variants import each_variant, per_variant

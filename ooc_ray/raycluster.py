@@ -14,7 +14,7 @@ from ray.exceptions import RayActorError
 
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.errors import ResourceError, StageError
-from ooc_ray.io import note
+from ooc_ray.logs import note, ray_logging_level
 from ooc_ray.paths import ExperimentPaths
 
 
@@ -25,7 +25,7 @@ def init_ray(cfg: ExperimentConfig):
     # Trials chdir into their own folders by default; every path here is absolute, and keeping the
     # working directory stable makes relative user paths in configs keep working inside trials.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    kwargs: dict = {"log_to_driver": False, "include_dashboard": False}
+    kwargs: dict = {"log_to_driver": False, "include_dashboard": False, "logging_level": ray_logging_level()}
     if cfg.ray.address:
         kwargs["address"] = cfg.ray.address
     else:

@@ -27,7 +27,8 @@ from ooc_ray.diffusion.base import BaseModel
 from ooc_ray.diffusion.lora_files import trained_table
 from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import StageError
-from ooc_ray.io import image_problem, note, parquet_problem, sha256_file, write_parquet
+from ooc_ray.io import image_problem, parquet_problem, sha256_file, write_parquet
+from ooc_ray.logs import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
 from ooc_ray.protocol import LoraJob, plan_loras, pool_sizes, safe_name

@@ -36,7 +36,8 @@ from ooc_ray.errors import ConfigError, StageError
 from ooc_ray.finetune import pending_jobs, train_job
 from ooc_ray.folds import fold_ids, held_out_rows, train_rows
 from ooc_ray.gpu import require_tf_gpu, require_torch_cuda
-from ooc_ray.io import atomic_write_text, note, parquet_problem, write_parquet
+from ooc_ray.io import atomic_write_text, parquet_problem, write_parquet
+from ooc_ray.logs import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.pretrain import run_pretrain
 from ooc_ray.protocol import plan_loras

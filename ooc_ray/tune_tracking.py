@@ -24,7 +24,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.errors import ConfigError
-from ooc_ray.io import note
+from ooc_ray.logs import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.tracking import IDENTITY_TAG, STAGE_TAG, flat, tracking_uri
 

@@ -435,3 +435,55 @@ def test_report_on_results_it_cannot_write_is_one_line_and_out_writes_elsewhere(
     assert main(["report", str(config), "--out", str(tmp_path / "elsewhere")]) == 0
     assert "- trials: 12" in (tmp_path / "elsewhere" / "report.md").read_text()
     assert paths.report.read_text() == "not a folder"
+
+
+def test_a_report_prints_only_its_own_lines_quiet_prints_nothing_and_verbose_shows_the_libraries(tmp_path, trials):
+    """The CLI in a fresh process (the libraries' notices come once per process, some from C++ at import): by
+    default every line is ooc-ray's; -q prints nothing (a report imports neither torch nor TensorFlow: -v adds
+    nothing here, see test_logs_levels)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from ooc_ray.config import to_dict
+
+    cfg, paths, _, _ = write_report(tmp_path, trials)
+    config = tmp_path / "r.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # conftest sets it for the tests
+    lines = {}
+    for flag in ("", "-q"):
+        proc = subprocess.run([sys.executable, "-m", "ooc_ray.cli", "report", str(config), *([flag] if flag else [])],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines[flag] = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert lines[""] and all(line.startswith("[ooc-ray] ") for line in lines[""]), lines[""]
+    assert lines["-q"] == []
+
+
+@pytest.mark.parametrize("verbosity", [-1, 0, 1])
+def test_logs_levels_hide_the_libraries_below_verbose(verbosity, capfd, caplog):
+    """A peft warning, a Tune INFO line, a C++ line on file descriptor 2 during a stage's import, and ooc-ray's own
+    note: which of them each level lets through (library records reach the root logger, which -v prints)."""
+    import logging
+
+    from ooc_ray import logs
+
+    caplog.set_level(logging.DEBUG, logger="")  # the root: where library records go when their level allows
+    try:
+        logs.configure(verbosity)
+        logs.note("own line")
+        logging.getLogger("peft.tuners").warning("a library warning")
+        logging.getLogger("ray.tune").info("a Tune info line")
+        with logs.native_lines_hidden():
+            os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on\n")
+        out, err = capfd.readouterr()
+        assert ("[ooc-ray] own line" in out) == (verbosity >= 0)
+        assert ("oneDNN custom operations" in err) == (verbosity == 1)
+        library = [r.getMessage() for r in caplog.records if r.name.startswith(("peft", "ray"))]
+        assert library == (["a library warning", "a Tune info line"] if verbosity == 1 else []), library
+    finally:
+        logs.configure(logs.VERBOSE)  # the test process's own default: nothing hidden
+        logging.getLogger("ooc_ray").setLevel(logging.INFO)
+        logging.captureWarnings(False)

@@ -19,7 +19,8 @@ from ooc_ray.data import load_manifest
 from ooc_ray.diffusion.lora_files import read_metadata
 from ooc_ray.errors import DataError, MissingInputError
 from ooc_ray.folds import held_out_signatures, uses_groups
-from ooc_ray.io import atomic_path, atomic_write_text, note, parquet_problem
+from ooc_ray.io import atomic_path, atomic_write_text, parquet_problem
+from ooc_ray.logs import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import PlannedTrial, safe_name
 from ooc_ray.trainsets import plan_grid
