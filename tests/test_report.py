@@ -222,6 +222,33 @@ def test_report_html_is_one_file_with_the_markdown_tables_and_every_image_embedd
         (paths.report / name).read_bytes() for name in shown]
     text = " ".join(page.text)
     assert digest[:16] in text and "generator protocol" in text and "± 0.020" in text
+    # Every table scrolls in its own box (a dozen statistics per arm are wider than the page).
+    html_text = (paths.report / "report.html").read_text()
+    assert html_text.count('<div class="table-scroll"><table>') == page.tables
+    assert html_text.count("</table></div>") == page.tables and "position: sticky" in html_text
+
+
+def test_the_image_grid_stretches_a_low_contrast_tile_for_display_only(tmp_path):
+    """A phase-contrast-like image (grey levels 120-130 of 255) fills 0-255 in the report's grid, the file on disk
+    unchanged; a flat image stays flat."""
+    from PIL import Image
+
+    from ooc_ray.report.render import image_grid, stretch_contrast
+
+    rng = np.random.default_rng(0)
+    faint = tmp_path / "faint.png"
+    Image.fromarray(rng.integers(120, 131, (32, 32, 3), dtype=np.uint8)).save(faint)
+    before = faint.read_bytes()
+    manifest = pd.DataFrame({"id": ["a"], "path": [str(faint)], "label": ["good"], "label_index": [0]})
+    synthetic = pd.DataFrame({"path": [str(faint)], "label": ["good"], "weight": [1.0]})
+    grid = np.asarray(Image.open(image_grid(manifest, synthetic, tmp_path / "grid.png", size=32)).convert("L"))
+    tile = grid[:32, 130:162]  # the real row's first tile, right of the 130 px label column
+    assert tile.min() <= 3 and tile.max() >= 252 and faint.read_bytes() == before
+    low, high = np.percentile(np.asarray(Image.open(faint)), (1, 99))
+    assert np.abs(np.asarray(stretch_contrast(Image.open(faint)), float)
+                  - np.clip((np.asarray(Image.open(faint), float) - low) * 255 / (high - low), 0, 255)).max() <= 1
+    flat = Image.new("RGB", (8, 8), (128, 128, 128))
+    assert np.array_equal(np.asarray(stretch_contrast(flat)), np.asarray(flat))
 
 
 def test_report_html_renders_in_headless_chromium(tmp_path, trials):

@@ -160,7 +160,7 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
                  f"![confusion]({prefix}confusion_matrices.png)", ""]
         if synthetic is not None and len(synthetic):
             render.image_grid(manifest, synthetic, out / f"{prefix}real_vs_synthetic.png")
-            body += [f"![real vs synthetic]({prefix}real_vs_synthetic.png)", ""]
+            body += [f"![real vs synthetic]({prefix}real_vs_synthetic.png)", "", render.GRID_CAPTION, ""]
         if not parquet_problem(vpaths.quality):
             body += render.quality_section(summarise_quality(pd.read_parquet(vpaths.quality)), variant.cfg, heading)
         point = {name: format_value(value) for name, value in variant.point}

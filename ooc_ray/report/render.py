@@ -338,8 +338,24 @@ def plot_axis(trials: pd.DataFrame, axis: str, values: tuple, path: Path) -> Non
     _save(fig, path, dpi=120)
 
 
+STRETCH_PERCENTILES = (1, 99)
+GRID_CAPTION = ("Each tile's contrast is stretched to its own 1st-99th percentile for display (phase-contrast cells "
+                "span ~10 grey levels of 255 and showed as flat grey); the images themselves are unchanged.")
+
+
+def stretch_contrast(image: Image.Image, percentiles: tuple[float, float] = STRETCH_PERCENTILES) -> Image.Image:
+    """The tile for display: its grey levels from the low to the high percentile mapped onto 0-255 (all channels
+    by one map, so colours keep their balance). A flat tile stays as it is."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    low, high = np.percentile(pixels, percentiles)
+    if high - low < 1:
+        return image.convert("RGB")
+    return Image.fromarray(np.clip((pixels - low) * 255.0 / (high - low), 0, 255).astype(np.uint8))
+
+
 def image_grid(manifest: pd.DataFrame, synthetic: pd.DataFrame, path: Path, per_row: int = 6, size: int = 96) -> Path:
-    """Per class: one row of real images, then one row of synthetic images per LoRA weight."""
+    """Per class: one row of real images, then one row of synthetic images per LoRA weight, each tile's contrast
+    stretched for display (GRID_CAPTION)."""
     rows: list[tuple[str, list[str]]] = []
     for label in manifest.sort_values("label_index")["label"].unique():
         real = manifest[manifest["label"] == label].sort_values("id")["path"].head(per_row).tolist()
@@ -353,7 +369,7 @@ def image_grid(manifest: pd.DataFrame, synthetic: pd.DataFrame, path: Path, per_
     for r, (name, files) in enumerate(rows):
         draw.text((4, r * size + size // 2 - 6), name, fill="black")
         for c, file in enumerate(files):
-            canvas.paste(load_image(file, size), (label_w + c * size, r * size))
+            canvas.paste(stretch_contrast(load_image(file, size)), (label_w + c * size, r * size))
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return path
@@ -367,6 +383,10 @@ body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto;
 table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
 th, td {{ border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: right; }}
 th {{ background: #eee; }} td:first-child, th:first-child {{ text-align: left; }}
+/* Wide tables (a dozen statistics per arm) scroll inside their own box, the arm column fixed at the left. */
+.table-scroll {{ overflow-x: auto; max-width: 100%; }}
+.table-scroll td:first-child {{ position: sticky; left: 0; background: #fff; }}
+.table-scroll th:first-child {{ position: sticky; left: 0; background: #eee; }}
 img {{ max-width: 100%; border: 1px solid #ddd; }}
 code {{ background: #f3f3f3; padding: 0 0.2em; }}
 </style></head>
@@ -389,5 +409,6 @@ def html_report(markdown_text: str, folder: Path, title: str) -> str:
         return f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"'
 
     body = re.sub(r'src="([^"/:]+\.png)"', embed, body)
+    body = body.replace("<table>", '<div class="table-scroll"><table>').replace("</table>", "</table></div>")
     return HTML_PAGE.format(title=html.escape(title), body=body)
 
