@@ -27,6 +27,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 SUPPORTED_MODES = {"L", "LA", "I;16", "I;16B", "I;16L", "I", "P", "RGB", "RGBA"}
 MANIFEST_COLUMNS = ["id", "path", "label", "label_index", "group", "sha256", "size", "width", "height", "mode"]
 _FACTS = ["size", "width", "height", "mode"]
+SHOWN_PROBLEMS = 10  # bad files named in the one error (with the count of all): a line stays readable
 
 
 def _scan_folders(root: Path) -> list[dict]:
@@ -54,9 +55,12 @@ def _scan_csv(csv_path: Path, group_column: str) -> list[dict]:
     if group_column and group_column not in table.columns:
         raise DataError(f"{csv_path}: data.group_column '{group_column}' is not a column; found {list(table.columns)}")
     rows = []
-    for line, rec in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
-        if not rec["file"] or not rec["label"]:
-            raise DataError(f"{csv_path}:{line}: empty file or label")
+    empty = [line for line, rec in enumerate(table.to_dict("records"), start=2)  # line 1 is the header
+             if not rec["file"] or not rec["label"]]
+    if empty:
+        raise DataError(f"{csv_path}: empty file or label on {len(empty)} line(s): "
+                        f"{', '.join(map(str, empty[:SHOWN_PROBLEMS]))}{' ...' if len(empty) > SHOWN_PROBLEMS else ''}")
+    for rec in table.to_dict("records"):
         path = Path(rec["file"])
         path = path if path.is_absolute() else csv_path.parent / path
         group = rec[group_column] if group_column else ""
@@ -120,19 +124,28 @@ def scan(source: str | Path, classes: tuple[str, ...] = (), group_column: str = 
     rows = _list_images(source, group_column)
     order = _class_order(source, rows, classes)
     known = known or {}
-    records = []
+    records, problems = [], []
     for row in rows:
         path = row["path"].resolve()
         if not path.is_file():
-            raise DataError(f"{path}: file not found")
+            problems.append(f"{path}: file not found")
+            continue
         data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
-        facts = known.get(sha) or inspect_image(path, data)
+        try:
+            facts = known.get(sha) or inspect_image(path, data)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
         # id = hash of the path relative to the source: stable across machines and moves of the whole set,
         # and kept when the bytes change (sha256 carries the content), so folds do not reshuffle then.
         rel_hash = hashlib.sha256(row["rel"].encode()).hexdigest()[:16]
         records.append({"id": rel_hash, "path": str(path), "label": row["label"], "group": row["group"],
                         "sha256": sha, **{k: facts[k] for k in _FACTS}})
+    if problems:  # every bad file at once (the first SHOWN_PROBLEMS named), not one per run
+        shown = "; ".join(problems[:SHOWN_PROBLEMS])
+        more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise DataError(f"{source}: {len(problems)} of {len(rows)} images cannot be used: {shown}{more}")
     df = pd.DataFrame(records)
     dup_paths = df["path"][df["path"].duplicated()]
     if len(dup_paths):

@@ -60,6 +60,35 @@ def test_corrupt_image_named(tree):
         scan(tree)
 
 
+def test_every_bad_file_is_named_in_one_error_up_to_a_cap_with_the_count(tree, tmp_path):
+    """A truncated JPEG, a text file named .png, an empty file and, through a CSV, a missing file: one error
+    names all four; with 13 bad files the first 10 are named and the rest counted."""
+    (tree / "good" / "broken.jpg").write_bytes((tree / "good" / "rgb.jpg").read_bytes()[:200])
+    (tree / "bad" / "notes.png").write_text("this is not a png")
+    (tree / "bad" / "empty.png").write_bytes(b"")
+    csv = tmp_path / "set.csv"
+    files = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.*"))
+    pd.DataFrame({"file": [f"images/{f}" for f in files] + ["images/good/gone.png"],
+                  "label": [f.split("/")[0] for f in files] + ["good"]}).to_csv(csv, index=False)
+    with pytest.raises(DataError) as caught:
+        scan(csv)
+    message = str(caught.value)
+    assert "4 of 20 images cannot be used" in message and len(message.splitlines()) == 1
+    for name in ("broken.jpg", "notes.png", "empty.png: file is empty", "gone.png: file not found"):
+        assert name in message, name
+    for i in range(10):
+        (tree / "bad" / f"junk{i}.png").write_text("x")
+    with pytest.raises(DataError, match=r"13 of 29 images cannot be used: .*; and 3 more$"):
+        scan(tree)
+
+
+def test_csv_lines_with_an_empty_file_or_label_are_named_together(tmp_path):
+    csv = tmp_path / "set.csv"
+    csv.write_text("file,label\na.png,good\n,good\nb.png,\nc.png,bad\n")
+    with pytest.raises(DataError, match=r"empty file or label on 2 line\(s\): 3, 4$"):
+        scan(csv)
+
+
 def test_not_an_image_named(tree):
     (tree / "bad" / "notes.png").write_text("this is not a png")
     with pytest.raises(DataError, match="notes.png"):
