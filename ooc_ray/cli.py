@@ -38,11 +38,13 @@ STAGES = {
     "report": ("ooc_ray.report", "run_report"),
     "search": ("ooc_ray.search", "run_search"),
     "fetch": ("ooc_ray.fetch", "run_fetch"),
+    "status": ("ooc_ray.status", "run_status"),
 }
 PIPELINE = ("data", "pretrain", "finetune", "sample", "quality", "classify", "report")
 # Take no lock: report reads finished trials and writes only report/ (it runs beside a writer); fetch writes
 # only into the model caches (HF_HOME, KERAS_HOME, models/) and runs before the jobs that read them.
-READ_ONLY = {"report", "fetch"}
+READ_ONLY = {"report", "fetch", "status"}
+QUIET_STAGES = {"status"}  # prints its own lines only
 HELP = {
     "data": "scan + validate images, write manifest.parquet and folds.parquet",
     "pretrain": "domain-pretrain the generator base on unlabeled images (generator.pretrain)",
@@ -53,6 +55,7 @@ HELP = {
     "report": "tables, plots and image grids from the trial Parquet files (read-only)",
     "search": "Ray Tune + Optuna search over LoRA hyperparameters",
     "fetch": "download the hub base and ImageNet weights the config names, once (cluster setup)",
+    "status": "what an experiment's results folder holds now: lock holder, each stage's output, the last commands",
     "run": "data -> pretrain -> finetune -> sample -> quality -> classify -> report, skipping finished work",
 }
 # What each command reads and writes under results/<name>/ (its `--help`).
@@ -73,6 +76,7 @@ READS_WRITES = {
               "Read-only on everything else.",
     "search": "Searches LoRA settings with Ray Tune + Optuna. Writes search/ (trials, best settings).",
     "fetch": "Downloads the hub base and ImageNet weights the config names into HF_HOME and KERAS_HOME.",
+    "status": "Reads results/<name>/ only (the lock, the stages' tables and files, runs/); writes nothing.",
     "run": "Every stage above in order; each re-uses what it finds finished.",
 }
 
@@ -114,22 +118,27 @@ def _message(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0]
 
 
-def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths) -> int:
+def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths) -> tuple[int, str]:
+    """Run `stages` in order; (exit code, the one-line error or "")."""
     # No ETA: stages differ in length by orders of magnitude, so an average per stage predicts nothing.
     bar = tqdm(stages, desc="ooc-ray", unit="stage", disable=len(stages) == 1 or not logs.progress_shown(),
                bar_format="{desc}: {n_fmt}/{total_fmt} stages [{elapsed}{postfix}]")
     for name in bar:
         bar.set_postfix_str(name)
         start = time.perf_counter()
-        note(f"{name} ...")
+        if name not in QUIET_STAGES:
+            note(f"{name} ...")
         try:
             run_stage(name, cfg, paths)
         except (OocRayError, OSError) as exc:
-            print(f"[ooc-ray] {name} failed: {_message(exc)}", file=sys.stderr)
-            return 1
-        note(f"{name} done in {time.perf_counter() - start:.1f} s")
-    note(f"outputs in {paths.root}")
-    return 0
+            error = f"{name} failed: {_message(exc)}"
+            print(f"[ooc-ray] {error}", file=sys.stderr)
+            return 1, error
+        if name not in QUIET_STAGES:
+            note(f"{name} done in {time.perf_counter() - start:.1f} s")
+    if not set(stages) <= QUIET_STAGES:
+        note(f"outputs in {paths.root}")
+    return 0, ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "run" and not cfg.quality.enabled:
         stages = tuple(s for s in stages if s != "quality")
     if set(stages) <= READ_ONLY:
-        return _run(stages, cfg, paths)
+        return _run(stages, cfg, paths)[0]
     try:
         lock = RunLock(paths.lock, command_line()).acquire()
     except (OocRayError, OSError) as exc:
@@ -158,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         started = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         record = {"argv": list(sys.argv[1:] if argv is None else argv), "stage": args.stage, "config_file": str(args.config),
                   "overrides": args.override, "tiny": args.tiny, "config": to_dict(cfg)}
-        atomic_write_text(paths.run_record(started, args.stage), yaml.safe_dump(record, sort_keys=False))
-        code = _run(stages, cfg, paths)
+        record_path = paths.run_record(started, args.stage)
+        atomic_write_text(record_path, yaml.safe_dump(record, sort_keys=False))
+        code, error = _run(stages, cfg, paths)
         if code == 0:  # beside the results only when they were made from it
             atomic_write_text(paths.config, resolved)
+        finished = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        atomic_write_text(record_path, yaml.safe_dump({**record, "finished": finished, "exit": code, "error": error},
+                                                      sort_keys=False))
         return code
     finally:
         lock.release()

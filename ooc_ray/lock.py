@@ -45,6 +45,16 @@ def _alive(holder: dict, mtime: float) -> bool:
     return not started or started == _start_time(pid)  # else the pid was reused by another program
 
 
+def current_holder(path: str | Path) -> tuple[dict, bool, float] | None:
+    """(holder, whether it is alive, seconds since its heartbeat) of the lock at `path`, or None when free."""
+    path = Path(path)
+    try:
+        holder, mtime = json.loads(path.read_text() or "{}"), path.stat().st_mtime
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return holder, _alive(holder, mtime), time.time() - mtime
+
+
 class RunLock:
     """Context manager holding `path` for this process; a daemon thread keeps its heartbeat."""
 

@@ -124,6 +124,41 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path, capsys):
         capsys.readouterr().out
 
 
+def test_status_reads_the_lock_each_stages_files_and_the_last_commands(tmp_path, capsys):
+    """status before anything ran, after a failed finetune and a data run, while another process holds the lock,
+    and after that process was killed; it takes no lock and writes nothing."""
+    config = data_config(tmp_path)
+    out = tmp_path / "exp"
+    assert main(["status", config]) == 0
+    assert "does not exist yet" in capsys.readouterr().out and not out.exists()
+    assert main(["finetune", config]) == 1
+    time.sleep(1.1)  # records are named by the second they started
+    assert main(["data", config]) == 0
+    capsys.readouterr()
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["status", config]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "lock: free (no run is writing)" in lines and "data: 18 images in manifest.parquet" in lines
+    assert "finetune: 0 LoRAs trained" in lines and "classify: 0 trials finished" in lines
+    assert "report: not written" in lines
+    runs = lines[lines.index("last commands:") + 1:]
+    assert f"`ooc-ray data {config}`: succeeded (20" in runs[0]
+    assert f"`ooc-ray finetune {config}`: failed: finetune failed: " in runs[1] and "manifest.parquet" in runs[1]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # status wrote nothing
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out / ".ooc-ray.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["status", config]) == 0
+        assert f"lock: held by host {socket.gethostname()}, pid {holder.pid}, `ooc-ray run experiments/demo.yaml`" \
+            in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["status", config]) == 0
+    assert f"lock: left by a run that is gone (host {socket.gethostname()}, pid {holder.pid}" in capsys.readouterr().out
+
+
 def test_lock_of_a_dead_node_is_stale_after_its_heartbeat(tmp_path, monkeypatch):
     import ooc_ray.lock as lock_module
 
