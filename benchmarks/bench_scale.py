@@ -25,9 +25,9 @@ schema. Each part runs in a fresh subprocess per scale; each step's peak RSS is 
              naive_baseline, and the two plots. run_report itself is not run: it first re-plans every trial
              (plan_trials, measured above) to find the current ones, and with 500 folds of 82,000 images that
              is 6,500 training sets of ~82,000 rows each.
-  queries    the README's DuckDB queries ("Results: one glob away") and its pandas snippet over trials/,
+  queries    docs/results.md's DuckDB queries and its pandas snippet over trials/,
              predictions/ (164 test predictions per trial: 10,660 / 106,600 / 1,066,000 rows) and a history/
-             query of this benchmark's own (30 epochs per trial; the README has none).
+             query of this benchmark's own (30 epochs per trial; docs/results.md has none).
 
 Prints one row per step: wall and CPU seconds (of the run with the least CPU time of up to 5 runs while they take
 < 1 s in all), peak RSS of the process during the step in MiB and, in brackets, its growth over the RSS before
@@ -332,9 +332,9 @@ def part_queries(work: Path, scale: int) -> tuple[str, list[dict]]:
     import duckdb
 
     root = work / f"trials_x{scale}"
-    sql = re.findall(r"```sql\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    (snippet,) = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert len(sql) == 3, "README: expected 3 SQL blocks under 'Results: one glob away'"
+    sql = re.findall(r"```sql\n(.*?)```", (ROOT / "docs" / "results.md").read_text(), re.S)
+    (snippet,) = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "results.md").read_text(), re.S)
+    assert len(sql) == 3, "docs/results.md: expected 3 SQL blocks"
     names = ["d1 SQL accuracy per grid point (trials)", "d2 SQL paired gain vs real (trials)",
              "d3 SQL always-wrong images (predictions JOIN trials)"]
     history = ("SELECT t.weight, t.ratio, t.synthetic_only, h.epoch, avg(h.loss) AS loss "
@@ -343,10 +343,10 @@ def part_queries(work: Path, scale: int) -> tuple[str, list[dict]]:
     con = duckdb.connect()
     steps = [measure(name, lambda q=q: con.execute(q.replace("results/demo/", f"{root}/")).df())
              for name, q in zip(names, sql)]
-    steps.append(measure("d4 SQL loss per epoch and arm (history; not in README)",
+    steps.append(measure("d4 SQL loss per epoch and arm (history; not in docs/results.md)",
                          lambda: con.execute(history.replace("results/demo/", f"{root}/")).df()))
     code = snippet.replace("results/demo/trials", str(root / "trials"))
-    steps.append(measure("d5 README pandas snippet (trials)", lambda: exec(code, {})))
+    steps.append(measure("d5 docs/results.md pandas snippet (trials)", lambda: exec(code, {})))
     n = 65 * scale
     return f"{n:,} trials; {n * N_TEST:,} prediction rows; {n * EPOCHS:,} history rows", steps
 

@@ -78,7 +78,7 @@ Backbone = Literal["SmallCNN", "EfficientNetB0", "EfficientNetB1", "EfficientNet
                    "EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetV2B2", "EfficientNetV2B3", "EfficientNetV2S",
                    "ResNet50V2", "DenseNet121", "ConvNeXtTiny", "ConvNeXtSmall"]
 Augmentation = Literal["flip", "rotation", "zoom", "contrast", "translation", "brightness"]
-# How a trial's synthetic images enter training (ooc_ray.classify.train; README: Mixing strategies).
+# How a trial's synthetic images enter training (ooc_ray.classify.train; docs/grid.md: mixing strategies).
 Mixing = Literal["concat", "loss_weighted", "replace", "split_bn"]
 # Matched controls (ooc_ray.protocol): real only for as many steps as each ratio's arm, and real + classic
 # augmentations of real images at each ratio's count.
@@ -90,9 +90,9 @@ class DemoDataConfig:
     """The microscopy-like image set the project generates itself (ooc_ray.demo_data)."""
 
     per_class: tuple[int, ...] = input_((30, 14, 8), ge=1)  # good/acceptable/bad, roughly the paper's 500/212/110 shape
-    size: int = input_(64, ge=16)
+    size: int = input_(64, ge=16)  # pixels per side the demo images are drawn at
     groups: int = input_(3, ge=1)  # fake "cell lines", written to the CSV's group column
-    seed: int = input_(0)
+    seed: int = input_(0)  # the demo set's random seed
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class FoldsConfig:
-    k: int = grid(5, ge=2)
-    seed: int = grid(42)
+    k: int = grid(5, ge=2)  # folds of the k-fold cross-validation (the paper: 5)
+    seed: int = grid(42)  # the shuffle seed of the fold assignment
     # Repeated k-fold CV: R independent partitions (repeat r shuffled with seed + 1000 r); every stage runs per
     # (repeat, fold), and the report's tests pair all R x k folds (ooc_ray.comparisons).
     repeats: int = grid(1, ge=1)
@@ -132,21 +132,21 @@ class PretrainConfig:
     # "" = no pretraining; "demo" = demo_images drawn like the demo set with demo_seed (never the labelled
     # images); else a folder (searched recursively) or a CSV with a `file` column of unlabeled images.
     source: str = input_("")
-    demo_images: int = input_(300, ge=1)
-    demo_seed: int = input_(1)
+    demo_images: int = input_(300, ge=1)  # how many unlabeled demo images source: demo draws
+    demo_seed: int = input_(1)  # the seed those images are drawn with (not the labelled set's)
     caption: str = result("a microscopy image of cells", _BASE)  # one class-agnostic caption for every image
     vae_steps: int = result(0, _BASE, ge=0)  # the tiny base needs > 0 (its VAE is trained first, then frozen); a real base 0
-    unet_steps: int = result(500, _BASE, ge=1)
+    unet_steps: int = result(500, _BASE, ge=1)  # UNet training steps (the base's noise prediction)
     batch_size: int = result(16, _BASE, ge=1)  # the demo: 16 (~0.14 s per UNet step on 2 CPU cores at 16x16 latents)
     vae_lr: float = result(1e-3, _BASE, gt=0)  # 2e-3 reconstructed the demo cells worse at every step count (measured)
-    unet_lr: float = result(1e-3, _BASE, gt=0)
+    unet_lr: float = result(1e-3, _BASE, gt=0)  # the UNet's learning rate (AdamW)
     # Share of steps that see the empty caption, so the base also learns the unconditional prediction that
     # classifier-free guidance (sample.cfg) subtracts; SD v1 trained with 10 %.
     caption_dropout: float = result(0.1, _BASE, ge=0, lt=1)
-    seed: int = result(0, _BASE)
+    seed: int = result(0, _BASE)  # seeds the tiny base's initial weights, the noise and the timesteps
     # The pretraining runs as one Ray task with these (never on a head node that offers no CPU for work).
     cpus: float = resource(1.0, gt=0)  # its torch threads too
-    gpus: float = resource(0.0, ge=0)
+    gpus: float = resource(0.0, ge=0)  # GPUs of the pretraining task (0 on CPU)
 
 
 @dataclass(frozen=True)
@@ -160,16 +160,17 @@ class GeneratorConfig:
     # every class's images, each captioned with its class's prompt, sampled with each class's prompt (DataDream's
     # per-dataset variant). Which LoRAs exist, so a grid field; it can be an axis.
     scope: Literal["class", "dataset"] = grid("class")
-    resolution: int = result(512, _LORA, ge=8)
-    repeats: int = result(2, _LORA, ge=1)
-    epochs: int = result(10, _LORA, ge=1)
+    resolution: int = result(512, _LORA, ge=8)  # pixels per side the LoRA trains at (SD v1.5: 512)
+    repeats: int = result(2, _LORA, ge=1)  # times each training image is seen per epoch (kohya's repeats)
+    epochs: int = result(10, _LORA, ge=1)  # passes over the repeated training images
     batch_size: int = result(2, _LORA, ge=1)  # a training batch: changes the gradient steps, so it is a result
-    unet_lr: float = result(5e-4, _LORA, gt=0)
+    unet_lr: float = result(5e-4, _LORA, gt=0)  # the UNet LoRA's learning rate (AdamW, constant)
     text_encoder_lr: float = result(1e-4, _LORA, ge=0)  # 0 disables the text-encoder LoRA
-    rank: int = result(8, _LORA, ge=1)
-    alpha: float = result(8.0, _LORA, gt=0)
-    seed: int = result(0, _LORA)
+    rank: int = result(8, _LORA, ge=1)  # the LoRA's rank (the paper: 8)
+    alpha: float = result(8.0, _LORA, gt=0)  # the LoRA's alpha: its update is scaled by alpha / rank
+    seed: int = result(0, _LORA)  # seeds the LoRA's initial weights, the noise and the timesteps of training
     prompt: str = grid("a microscopy image of {label} organ on chip cells")  # each LoRA's key holds its prompt
+    # The prompt of a per-group LoRA (generator.per_group).
     group_prompt: str = grid("a microscopy image of {label} {group} cells")
     # "fp16"/"bf16" on GPU (not "no": YAML reads a bare no as false); numbers differ, so a result.
     mixed_precision: Literal["fp32", "fp16", "bf16"] = result("fp32", _LORA)
@@ -196,6 +197,7 @@ _IMAGE = ("image",)
 @dataclass(frozen=True)
 class SampleConfig:
     weights: tuple[float, ...] = grid((1.0, 0.8), unique=True)  # LoRA weights, one synthetic pool each
+    # The diffusers scheduler: euler_a (EulerAncestral) or ddim.
     sampler: Literal["euler_a", "ddim"] = result("euler_a", _IMAGE)
     # > 0 (ddim only): clip the sampler's predicted clean latent to [-v, v] at every step (Imagen's static
     # thresholding), in the VAE's scaled latent space (unit variance for the demo's pretrained base, ~1 for SD's
@@ -204,17 +206,18 @@ class SampleConfig:
     # It pulls every image toward the average one, though (bad's KID rose 8x, the linear CAS fell from 0.62 to
     # 0.27). The tiny base now predicts v instead, which removed the drift without clipping (base.py).
     clip_sample: float = result(0.0, _IMAGE, keyed_when_set=True, ge=0)
-    steps: int = result(20, _IMAGE, ge=1)
-    cfg: float = result(7.0, _IMAGE, ge=0)
+    steps: int = result(20, _IMAGE, ge=1)  # denoising steps per image
+    cfg: float = result(7.0, _IMAGE, ge=0)  # classifier-free guidance scale (1.0: no guidance pass)
     negative_prompt: str = result("", _IMAGE)  # "" = the unconditional prompt of classifier-free guidance
     mode: Literal["txt2img", "img2img"] = result("txt2img", _IMAGE)  # img2img starts from a real training image
+    # Img2img: how far from the real start image (1.0 = all noise).
     strength: float = result(0.6, _IMAGE, only_if=("mode", "img2img"), gt=0, le=1)
-    resolution: int = result(512, _IMAGE, ge=8)
+    resolution: int = result(512, _IMAGE, ge=8)  # pixels per side the images are sampled at
     # Images per pipeline call. Batched matmuls can move the last bits of an image (as moving to a GPU does),
     # never what it depicts: a resource, so a new batch size re-uses the images already sampled.
     batch_size: int = resource(4, ge=1)
     actors: int = resource(0, ge=0)  # 0: one per GPU, or 1 on CPU
-    gpus_per_actor: float = resource(0.0, ge=0)
+    gpus_per_actor: float = resource(0.0, ge=0)  # GPUs per sampling actor (each holds one loaded pipeline)
     seed: int = result(1234, _IMAGE)  # base seed; each image's seed is derived from it and recorded
     # Independent pools for the same settings: replicate r samples with seed + REPLICATE_SEED_STEP x r (replicate
     # 0 is the pool of `seed`), and runs its own trials, so the report can tell generator randomness from the
@@ -229,34 +232,36 @@ _TRIAL = ("trial",)
 
 @dataclass(frozen=True)
 class ClassifyConfig:
+    # A keras.applications backbone (EfficientNetB0-B7, V2, ResNet50V2, DenseNet121, ConvNeXt) or SmallCNN.
     backbone: Backbone = result("EfficientNetB7", _FEATURES_TRIAL)
     # "imagenet"; "none" (random init: features ~1e-7, learns class frequencies only); "calibrated" (random init
     # with every BatchNorm set from 32 images: offline demos); or a local .weights.h5 path
     weights: str = input_("imagenet")
-    input_size: int = result(600, _FEATURES_TRIAL, ge=16)
+    input_size: int = result(600, _FEATURES_TRIAL, ge=16)  # pixels per side the classifier sees (EfficientNetB7: 600)
     # EfficientNet's top N blocks (of 7, plus its top conv) trained with the head, their BatchNorms kept in
     # inference mode (Keras's fine-tuning guide); 0 = the paper's frozen backbone. Needs mode: exact, and
     # usually a lower lr (the guide uses 1e-5) so ImageNet features are adjusted rather than overwritten.
     train_backbone: int = result(0, _TRIAL, keyed_when_set=True, ge=0, le=7)
-    epochs: int = result(30, _TRIAL, ge=1)
+    epochs: int = result(30, _TRIAL, ge=1)  # training epochs per trial
     batch_size: int = result(16, _TRIAL, ge=1)  # the training batch; feature extraction batches are not results
-    lr: float = result(1e-3, _TRIAL, gt=0)
-    dropout: float = result(0.2, _TRIAL, ge=0, lt=1)
+    lr: float = result(1e-3, _TRIAL, gt=0)  # the classifier's learning rate (Adam)
+    dropout: float = result(0.2, _TRIAL, ge=0, lt=1)  # dropout before the head's dense layer
     # The Keras "fine-tuning EfficientNet" example's layers, which the paper's head follows, in its order:
     # RandomRotation 0.15, RandomTranslation 0.1, RandomFlip, RandomContrast 0.1 (ooc_ray.backbones.AUGMENT_ARGS).
     augment: tuple[Augmentation, ...] = result(("rotation", "translation", "flip", "contrast"), _FEATURES_TRIAL,
                                                 unique=True)
+    # Synthetic images per real training image of each arm (0.0 = real only).
     ratios: tuple[float, ...] = grid((0.0, 0.1, 0.25, 0.5, 0.75, 1.0), ge=0, unique=True)
-    synthetic_only: bool = grid(True)
+    synthetic_only: bool = grid(True)  # also train on synthetic images alone (the classification accuracy score)
     # "exact" trains end to end per trial; "cached" trains the head on cached backbone features
     mode: Literal["exact", "cached"] = result("exact", _TRIAL)
     # cached mode: augmented views per training image (view 0 is un-augmented)
     feature_views: int = result(4, _FEATURES_TRIAL, only_if=("mode", "cached"), ge=1)
-    cpus_per_trial: float = resource(1.0, gt=0)
-    gpus_per_trial: float = resource(0.0, ge=0)
-    max_failures: int = resource(2, ge=0)
+    cpus_per_trial: float = resource(1.0, gt=0)  # CPUs per trial and per feature-extraction task (TensorFlow's threads)
+    gpus_per_trial: float = resource(0.0, ge=0)  # GPUs per exact-mode trial and per feature-extraction task
+    max_failures: int = resource(2, ge=0)  # times Tune restarts a trial that failed or lost its node
     max_concurrent: int = resource(0, ge=0)  # 0: as many as resources allow
-    seed: int = result(0, _FEATURES_TRIAL)
+    seed: int = result(0, _FEATURES_TRIAL)  # seeds the classifier's weights, shuffling and augmentation
     # How synthetic images enter a real + synthetic arm: "concat" (one shuffled set, the paper's), "loss_weighted"
     # (a real and a synthetic batch per step, loss (1 - w) real + w synthetic, w = synthetic_loss_weight;
     # DataDream: 0.2), "replace" (real-only epochs, each sample swapped for a synthetic image of its class with
@@ -264,7 +269,9 @@ class ClassifyConfig:
     # keep separate statistics for synthetic images; evaluated with the real ones). Real-only and synthetic-only
     # trials do not mix, so they are shared by every strategy.
     mixing: Mixing = result("concat", _TRIAL, keyed_when_set=True)
+    # Mixing: loss_weighted: the synthetic stream's share w of the loss.
     synthetic_loss_weight: float = result(0.2, _TRIAL, only_if=("mixing", "loss_weighted"), ge=0, le=1)
+    # Mixing: replace: the chance a real sample is swapped for a synthetic one.
     replace_probability: float = result(0.5, _TRIAL, only_if=("mixing", "replace"), ge=0, le=1)
     # Matched controls per ratio r > 0 (once per fold, no LoRA weight): "real_steps" trains on real images only
     # for as many steps as the real + r arm (the real set drawn round(r x n_train) times more, per class), so
@@ -276,14 +283,14 @@ class ClassifyConfig:
 
 @dataclass(frozen=True)
 class QualityConfig:
-    enabled: bool = grid(True)
+    enabled: bool = grid(True)  # whether `run` runs the quality stage (KID, MMD, nearest real, linear probe)
     # What KID, CAS, memorisation and the filter are computed on: "backbone", the classifier's frozen backbone
     # (ImageNet EfficientNet with real weights: the usual choice), or "image_statistics", weight-free grey-level,
     # edge and spectrum statistics (ooc_ray.image_statistics): offline, where a random backbone cannot tell
     # cells from noise.
     features: Literal["backbone", "image_statistics"] = result("backbone", ("quality", "search"))
-    kid_subsets: int = result(10, ("quality", "search"), ge=1)
-    kid_subset_size: int = result(50, ("quality", "search"), ge=2)
+    kid_subsets: int = result(10, ("quality", "search"), ge=1)  # KID: random subsets averaged
+    kid_subset_size: int = result(50, ("quality", "search"), ge=2)  # KID: images per subset (at most the pool's size)
     # > 0: leave synthetic images a real-trained linear classifier is less sure of out of the pools; the
     # trials' keys then hold the smaller training sets they draw.
     filter_min_confidence: float = grid(0.0, ge=0, le=1)
@@ -296,25 +303,25 @@ _SEARCH = ("search",)
 class SearchConfig:
     """Ray Tune + Optuna search over LoRA hyperparameters (experiments/lora_search.yaml)."""
 
-    num_samples: int = grid(20, ge=1)
+    num_samples: int = grid(20, ge=1)  # search trials (points Optuna proposes)
     # "cas" (synthetic-only accuracy), "kid" (lower is better) or "accuracy" (downstream); every trial
     # computes all three, the objective only picks which one Optuna follows.
     objective: Literal["cas", "kid", "accuracy"] = grid("cas")
-    fold: int = result(0, _SEARCH)
-    images_per_class: int = result(16, _SEARCH, ge=2)
-    rank: tuple[int, ...] = grid((4, 8, 16, 32))
-    alpha: tuple[float, ...] = grid((1.0, 4.0, 8.0, 16.0, 32.0))
+    fold: int = result(0, _SEARCH)  # the fold whose training images the search fine-tunes on and scores
+    images_per_class: int = result(16, _SEARCH, ge=2)  # synthetic images sampled per class in each search trial
+    rank: tuple[int, ...] = grid((4, 8, 16, 32))  # LoRA ranks to choose from
+    alpha: tuple[float, ...] = grid((1.0, 4.0, 8.0, 16.0, 32.0))  # LoRA alphas to choose from
     unet_lr: tuple[float, float] = grid((1e-5, 1e-3))  # log-uniform range
-    text_encoder_lr: tuple[float, float] = grid((1e-6, 1e-4))
-    epochs: tuple[int, int] = grid((2, 20))
-    repeats: tuple[int, int] = grid((1, 4))
-    weight: tuple[float, float] = grid((0.5, 1.0))
-    seed: int = result(0, _SEARCH)
+    text_encoder_lr: tuple[float, float] = grid((1e-6, 1e-4))  # log-uniform range of the text encoder's learning rate
+    epochs: tuple[int, int] = grid((2, 20))  # range of LoRA epochs
+    repeats: tuple[int, int] = grid((1, 4))  # range of kohya repeats
+    weight: tuple[float, float] = grid((0.5, 1.0))  # range of the sampling LoRA weight
+    seed: int = result(0, _SEARCH)  # Optuna's sampler seed
     # After the search, score the best point and the config's own settings (generator.*, the first of
     # sample.weights) on every fold the search did not choose on: 2 x (k - 1) more trials.
     confirm: bool = grid(True)
-    cpus_per_trial: float = resource(1.0, gt=0)
-    gpus_per_trial: float = resource(0.0, ge=0)
+    cpus_per_trial: float = resource(1.0, gt=0)  # CPUs per search trial
+    gpus_per_trial: float = resource(0.0, ge=0)  # GPUs per search trial (LoRA training, sampling, then the classifier)
     max_concurrent: int = resource(0, ge=0)  # 0: as many as resources allow
 
 
@@ -368,7 +375,8 @@ class ReportConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    name: str = resource("experiment")
+    name: str = resource("experiment")  # the experiment's name: its results go to results_dir/name
+    # Where every experiment's folder is made (absolute, on shared storage, for a cluster).
     results_dir: str = resource("results")
     data: DataConfig = section(DataConfig)
     folds: FoldsConfig = section(FoldsConfig)

@@ -2,7 +2,7 @@
 
 A killed run leaves either the old file or the new one, never half of one: each write goes to a temp file
 beside the target, is fsynced, renamed over the target, and the folder is fsynced (on NFS/EFS, where the
-README puts results_dir, a rename that is not followed by a folder fsync can be lost with the client).
+docs/cluster.md puts results_dir, a rename that is not followed by a folder fsync can be lost with the client).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Runs after `data` (it needs the labelled images to refuse them) and before `fine
 and does nothing when generator.pretrain.source is "". Leakage rule: an image that any fold holds out must never
 shape the generator, or every fold's synthetic images carry its test images; the stage refuses any pretraining
 image whose bytes equal a labelled image's (a renamed copy included). It cannot see a re-encoded or cropped copy:
-keep the unlabeled images from other wells, chips or days than the labelled ones (README: Pretraining).
+keep the unlabeled images from other wells, chips or days than the labelled ones (docs/pipeline.md: Pretraining).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The experiment's protocol as pure functions of the tables (README: Exact semantics): which LoRAs exist, which
+"""The experiment's protocol as pure functions of the tables (docs/configuration.md: Exact semantics): which LoRAs exist, which
 arms and trials the grid holds, and how large each synthetic pool must be. The sample and classify stages (and the
 search) share this arithmetic, so pools always hold what trials draw; ooc_ray.trainsets builds each trial's sets.
 
@@ -303,7 +303,7 @@ def pool_sizes(manifest: pd.DataFrame, cfg: ExperimentConfig) -> pd.DataFrame:
     """Images to sample per (fold, label[, group]) and LoRA weight. Columns fold, label, [group,] n_train, n_pool.
 
     Per class: the largest draw of any trial of the fold. Per group (generator.per_group): ceil(max ratio x the
-    group's training count), so the groups of a class together cover its draw up to rounding (README: limits).
+    group's training count), so the groups of a class together cover its draw up to rounding (docs/limits.md).
     For split "all" (fold ALL_FOLDS) the largest need over the folds, so the one shared pool serves every fold."""
     classes = class_names(manifest)
     by = ["label", "group"] if cfg.generator.per_group else ["label"]

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH=2.13.0
-TENSORFLOW=2.21.0  # the version measured with keras 3.15 (README "Versions")
+TENSORFLOW=2.21.0  # the version measured with keras 3.15 (docs/versions.md)
 CPU_INDEX=https://download.pytorch.org/whl/cpu
 
 device=${OOC_RAY_DEVICE:-}

@@ -1,4 +1,4 @@
-"""The README's example queries run (DuckDB and pandas) on a results folder of the documented shape."""
+"""docs/results.md's example queries run (DuckDB and pandas) on a results folder of the documented shape."""
 import re
 
 import numpy as np
@@ -30,12 +30,12 @@ def results(tmp_path):
     return root
 
 
-def readme_blocks(repo, lang):
-    return re.findall(rf"```{lang}\n(.*?)```", (repo / "README.md").read_text(), re.S)
+def doc_blocks(repo, lang):
+    return re.findall(rf"```{lang}\n(.*?)```", (repo / "docs" / "results.md").read_text(), re.S)
 
 
 def test_readme_sql_queries(repo, results):
-    queries = readme_blocks(repo, "sql")
+    queries = doc_blocks(repo, "sql")
     assert len(queries) == 3
     con = duckdb.connect()
     out = [con.execute(q.replace("results/demo/", f"{results}/")).df() for q in queries]
@@ -48,7 +48,7 @@ def test_readme_sql_queries(repo, results):
 
 
 def test_readme_pandas_snippet(repo, results, monkeypatch):
-    (snippet,) = readme_blocks(repo, "python")
+    (snippet,) = doc_blocks(repo, "python")
     monkeypatch.chdir(results.parent.parent)
     scope = {}
     exec(snippet.replace("trials.groupby", "summary = trials.groupby"), scope)
