@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from ooc_ray.config import ExperimentConfig, to_dict
+from ooc_ray.config import ExperimentConfig
+from ooc_ray.fields import to_dict
 from ooc_ray.load import load_config
 from ooc_ray.errors import ConfigError, OocRayError
 from ooc_ray.io import atomic_write_text

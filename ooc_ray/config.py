@@ -13,9 +13,6 @@ Every field declares its role once, here, and ooc_ray.keys derives every artifac
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -413,52 +410,3 @@ EFFICIENTNET_BLOCKS = 7  # Keras names them block1a .. block7x
 
 
 REPLICATE_SEED_STEP = 1000  # replicate r samples with sample.seed + 1000 r (image seeds are hashed from it)
-
-
-def with_value(cfg: Any, dotted: str, value: Any) -> Any:
-    """`cfg` (a config or section) with the field at `dotted` set to `value`."""
-    head, _, rest = dotted.partition(".")
-    if not rest:
-        return dataclasses.replace(cfg, **{head: value})
-    return dataclasses.replace(cfg, **{head: with_value(getattr(cfg, head), rest, value)})
-
-
-def format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, tuple):
-        return "+".join(map(format_value, value)) or "none"
-    return str(value)
-
-
-def to_dict(cfg: Any) -> dict:
-    """Plain dict (tuples -> lists) for YAML/JSON/Parquet; axes as the mapping an experiment file writes."""
-    out = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    if isinstance(cfg, ExperimentConfig):
-        out["axes"] = {name: values for name, values in out["axes"]}
-    return out
-
-
-def field_roles(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, dict]:
-    """dotted field name -> its metadata (role, feeds, only_if, bounds), for every leaf field."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("role") == "section":
-            out.update(field_roles(f.default_factory, f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = dict(f.metadata)
-    return out
-
-
-def field_of(dotted: str) -> tuple[dataclasses.Field, Any]:
-    """(the dataclass field, its type hint) of a leaf field by its dotted name; KeyError naming it."""
-    cls, parts = ExperimentConfig, dotted.split(".")
-    for part in parts[:-1]:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields or fields[part].metadata.get("role") != "section":
-            raise KeyError(f"no such config section '{part}'")
-        cls = fields[part].default_factory
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if parts[-1] not in fields or fields[parts[-1]].metadata.get("role") == "section":
-        raise KeyError("no such config field")
-    return fields[parts[-1]], typing.get_type_hints(cls)[parts[-1]]

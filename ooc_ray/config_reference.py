@@ -12,7 +12,8 @@ import inspect
 from pathlib import Path
 
 from ooc_ray import config
-from ooc_ray.config import ExperimentConfig, format_value
+from ooc_ray.config import ExperimentConfig
+from ooc_ray.fields import format_value
 
 ROLES = {
     "result": "result: enters the keys of {feeds}",

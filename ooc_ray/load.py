@@ -17,8 +17,9 @@ from typing import Any, Literal
 import yaml
 
 from ooc_ray.config import (EFFICIENTNET_BLOCKS, EFFICIENTNETS, INPUT, RESOURCE, RESULT, SPECIAL_WEIGHTS, TINY,
-                            ClassifyConfig, ExperimentConfig, GeneratorConfig, field_of)
+                            ClassifyConfig, ExperimentConfig, GeneratorConfig)
 from ooc_ray.errors import ConfigError
+from ooc_ray.fields import field_of
 from ooc_ray.variants import variants
 
 # Where an axis may vary a field: what makes or uses synthetic images. Data and folds stay fixed, so every

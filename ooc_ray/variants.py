@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from ooc_ray.config import REPLICATE_SEED_STEP, ExperimentConfig, format_value, with_value
+from ooc_ray.config import REPLICATE_SEED_STEP, ExperimentConfig
+from ooc_ray.fields import format_value, with_value
 from ooc_ray.errors import ConfigError
 from ooc_ray.paths import ExperimentPaths
 

@@ -16,7 +16,8 @@ import pytest
 from helpers import classify_cfg, demo_experiment
 
 from ooc_ray.classify import run_classify
-from ooc_ray.config import TrackingConfig, to_dict
+from ooc_ray.config import TrackingConfig
+from ooc_ray.fields import to_dict
 from ooc_ray.trainsets import plan_trials
 
 

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from ooc_ray.config import ARTIFACTS, ExperimentConfig, field_roles
+from ooc_ray.config import ARTIFACTS, ExperimentConfig
+from ooc_ray.fields import field_roles
 from ooc_ray.load import from_dict, load_config
 from ooc_ray.errors import ConfigError, OocRayError
 from ooc_ray.keys import config_slice
@@ -174,7 +175,8 @@ def test_config_slices_follow_roles():
 
 
 def test_axes_expand_to_validated_variants(tmp_path):
-    from ooc_ray.config import REPLICATE_SEED_STEP, to_dict
+    from ooc_ray.config import REPLICATE_SEED_STEP
+    from ooc_ray.fields import to_dict
     from ooc_ray.variants import variants
 
     cfg = from_dict({"axes": {"sample.cfg": [2, 7.5], "classify.mixing": ["concat", "replace"]},

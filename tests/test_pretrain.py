@@ -157,6 +157,6 @@ def test_a_working_generator_teaches_a_classifier_and_one_without_its_lora_does_
 
 
 def _as_dict(section) -> dict:
-    from ooc_ray.config import to_dict
+    from ooc_ray.fields import to_dict
 
     return to_dict(section)

@@ -368,7 +368,8 @@ def _another(value, hint):
 
 
 def _trial_fields() -> list[str]:
-    from ooc_ray.config import RESULT, field_roles
+    from ooc_ray.config import RESULT
+    from ooc_ray.fields import field_roles
 
     return sorted(name for name, meta in field_roles().items()
                   if meta.get("role") == RESULT and "trial" in meta.get("feeds", ()))
@@ -381,8 +382,9 @@ def test_every_result_field_of_a_trial_changes_its_planned_keys(tables, field):
     settings share, and overwrite, one trial's files."""
     import typing
 
-    from ooc_ray.config import ExperimentConfig, field_roles
-    from ooc_ray.config import with_value as _with_value
+    from ooc_ray.config import ExperimentConfig
+    from ooc_ray.fields import field_roles
+    from ooc_ray.fields import with_value as _with_value
 
     manifest, synthetic = tables
     base = from_dict({"sample": {"weights": [1.0]}, "classify": {
@@ -404,7 +406,7 @@ def test_every_result_field_of_a_trial_changes_its_planned_keys(tables, field):
 
 
 def _as_raw(cfg) -> dict:
-    from ooc_ray.config import to_dict
+    from ooc_ray.fields import to_dict
 
     raw = to_dict(cfg)
     raw.pop("axes")

@@ -449,7 +449,7 @@ def test_report_on_results_it_cannot_write_is_one_line_and_out_writes_elsewhere(
     import yaml
 
     from ooc_ray.cli import main
-    from ooc_ray.config import to_dict
+    from ooc_ray.fields import to_dict
 
     cfg, paths, _, _ = write_report(tmp_path, trials)
     config = tmp_path / "r.yaml"
@@ -473,7 +473,7 @@ def test_a_report_prints_only_its_own_lines_quiet_prints_nothing_and_verbose_sho
 
     import yaml
 
-    from ooc_ray.config import to_dict
+    from ooc_ray.fields import to_dict
 
     cfg, paths, _, _ = write_report(tmp_path, trials)
     config = tmp_path / "r.yaml"

@@ -20,7 +20,8 @@ from ray import tune
 from ooc_ray import keys
 from ooc_ray.classic import write_missing
 from ooc_ray.classify.train import TrialContext, run_trial, trial_outputs, trial_problem
-from ooc_ray.config import ClassifyConfig, ExperimentConfig, to_dict
+from ooc_ray.config import ClassifyConfig, ExperimentConfig
+from ooc_ray.fields import to_dict
 from ooc_ray.data import class_names, load_manifest
 from ooc_ray.errors import StageError
 from ooc_ray.features import cache_dir, ensure_features, weights_on_cluster

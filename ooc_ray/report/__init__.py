@@ -14,7 +14,8 @@ import pandas as pd
 from ooc_ray import keys
 from ooc_ray.backbones import backbone_weights
 from ooc_ray.comparisons import naive_baseline
-from ooc_ray.config import ExperimentConfig, format_value
+from ooc_ray.config import ExperimentConfig
+from ooc_ray.fields import format_value
 from ooc_ray.data import load_manifest
 from ooc_ray.diffusion.lora_files import read_metadata
 from ooc_ray.errors import DataError, MissingInputError
