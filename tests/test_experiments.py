@@ -41,6 +41,29 @@ def check_demo(out: Path) -> None:
     synthetic = pd.read_parquet(out / "synthetic.parquet")
     assert synthetic["base_model"].str.startswith("pretrained-").all()
     assert len(pd.read_parquet(out / "pretrain_images.parquet")) == 24  # tiny: generator.pretrain.demo_images
+    check_schema_page(out)
+
+
+def check_schema_page(out: Path) -> None:
+    """Every column of every Parquet file the run wrote is in docs/results-schema.md, under its file's heading."""
+    import pyarrow.parquet as pq
+
+    page = (REPO / "docs" / "results-schema.md").read_text()
+    documented = {}
+    for section in page.split("\n## ")[1:]:
+        name = section.split("`")[1]
+        documented[name] = set(re.findall(r"^\| ([\w&;<>, .]+?) \|", section, re.M)) - {"column"}
+    per_file = {"manifest.parquet": "manifest.parquet", "folds.parquet": "folds.parquet",
+                "pretrain_images.parquet": "pretrain_images.parquet", "lora/loras.parquet": "lora/loras.parquet",
+                "synthetic.parquet": "synthetic.parquet", "quality.parquet": "quality.parquet",
+                "synthetic_scores.parquet": "synthetic_scores.parquet", "trials/<trial_key>.parquet": "trials",
+                "history/<trial_key>.parquet": "history", "predictions/<trial_key>.parquet": "predictions"}
+    for heading, found in per_file.items():
+        files = sorted((out / found).glob("*.parquet")) if (out / found).is_dir() else [out / found]
+        assert files, found
+        columns = set(pq.read_schema(files[0]).names)
+        missing = {c for c in columns if c not in documented[heading] and not c.startswith("prob_")}
+        assert not missing, f"docs/results-schema.md, {heading}: columns not documented: {sorted(missing)}"
 
 
 def check_lora_search(out: Path) -> None:
