@@ -40,12 +40,13 @@ STAGES = {
     "search": ("ooc_ray.search", "run_search"),
     "fetch": ("ooc_ray.fetch", "run_fetch"),
     "status": ("ooc_ray.status", "run_status"),
+    "plan": ("ooc_ray.plan", "run_plan"),
 }
 PIPELINE = ("data", "pretrain", "finetune", "sample", "quality", "classify", "report")
 # Take no lock: report reads finished trials and writes only report/ (it runs beside a writer); fetch writes
 # only into the model caches (HF_HOME, KERAS_HOME, models/) and runs before the jobs that read them.
-READ_ONLY = {"report", "fetch", "status"}
-QUIET_STAGES = {"status"}  # prints its own lines only
+READ_ONLY = {"report", "fetch", "status", "plan"}
+QUIET_STAGES = {"status", "plan"}  # print their own lines only
 HELP = {
     "data": "scan + validate images, write manifest.parquet and folds.parquet",
     "pretrain": "domain-pretrain the generator base on unlabeled images (generator.pretrain)",
@@ -56,6 +57,7 @@ HELP = {
     "report": "tables, plots and image grids from the trial Parquet files (read-only)",
     "search": "Ray Tune + Optuna search over LoRA hyperparameters",
     "fetch": "download the hub base and ImageNet weights the config names, once (cluster setup)",
+    "plan": "what `run` would make and re-use, per stage, and roughly how long it takes (read-only)",
     "status": "what an experiment's results folder holds now: lock holder, each stage's output, the last commands",
     "run": "data -> pretrain -> finetune -> sample -> quality -> classify -> report, skipping finished work",
 }
@@ -77,6 +79,8 @@ READS_WRITES = {
               "Read-only on everything else.",
     "search": "Searches LoRA settings with Ray Tune + Optuna. Writes search/ (trials, best settings).",
     "fetch": "Downloads the hub base and ImageNet weights the config names into HF_HOME and KERAS_HOME.",
+    "plan": "Reads the config, manifest.parquet and what earlier runs left in results/<name>/ (bases, LoRAs, "
+            "images, trials, their recorded seconds); writes nothing, starts no Ray.",
     "status": "Reads results/<name>/ only (the lock, the stages' tables and files, runs/); writes nothing.",
     "run": "Every stage above in order; each re-uses what it finds finished.",
 }

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
+from huggingface_hub import try_to_load_from_cache
 import torch
 from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
                        UNet2DConditionModel)
@@ -256,6 +257,16 @@ def _hub_snapshot(repo_id: str) -> Path:
     except Exception as exc:  # hub, network and auth errors have no common base class
         raise ModelError(f"generator.base {repo_id!r}: not a local folder and not downloadable from the hub "
                          f"({type(exc).__name__}: {exc})") from None
+
+
+def base_ready(base: str, models_dir: Path) -> bool:
+    """Whether resolve_base(base) would find its files without building or downloading anything."""
+    if base == TINY:
+        marker = Path(models_dir) / "tiny_sd" / "ooc_ray_tiny.json"
+        return marker.is_file() and json.loads(marker.read_text()) == _tiny_spec(TINY_SEED)
+    if Path(base).expanduser().is_dir():
+        return True
+    return isinstance(try_to_load_from_cache(base, "model_index.json"), str)
 
 
 def resolve_base(base: str, models_dir: Path) -> BaseModel:
