@@ -26,9 +26,14 @@ def init_ray(cfg: ExperimentConfig):
     # working directory stable makes relative user paths in configs keep working inside trials.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     kwargs: dict = {"log_to_driver": False, "include_dashboard": False, "logging_level": ray_logging_level()}
-    if cfg.ray.address:
-        kwargs["address"] = cfg.ray.address
+    # Inside a Ray job (`ray job submit`) RAY_ADDRESS names its cluster: join it even without ray.address.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        kwargs["address"] = address
     else:
+        # "local", not ray.init()'s default: with no address, ray.init joins the last cluster started on this
+        # machine (/tmp/ray/ray_current_cluster, e.g. a `ray start` left running), which the config never named.
+        kwargs["address"] = "local"
         # Ray 2.60 turns token auth on by default; a local single-machine run has nothing to protect.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if cfg.ray.num_cpus:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from ray._common.utils import reset_ray_address
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
@@ -79,6 +80,8 @@ def nodes(tmp_path_factory, monkeypatch_module):
     nodes = Nodes(tmp_path_factory.mktemp("nodes"))
     yield nodes
     nodes.cluster.shutdown()
+    # Cluster wrote its address to /tmp/ray/ray_current_cluster (for address="auto"); leave none behind.
+    reset_ray_address()
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +136,11 @@ def done(exp: Path) -> dict[str, dict[Path, int]]:
     """The finished units of work of each stage, with their files' modification times."""
     globs = {"finetune": "lora/*/pytorch_lora_weights.safetensors", "sample": "synthetic/**/*.png",
              "classify": "trials/*.parquet"}
-    return {stage: {p: p.stat().st_mtime_ns for p in exp.glob(pattern)} for stage, pattern in globs.items()}
+    # Not what sits in a write's temporary folder (".<name>.<random>.tmp", which pathlib's glob matches too): it is
+    # not finished until it is renamed into place.
+    return {stage: {p: p.stat().st_mtime_ns for p in exp.glob(pattern)
+                    if not any(part.startswith(".") for part in p.relative_to(exp).parts)}
+            for stage, pattern in globs.items()}
 
 
 def cli(results: Path, address: str, *extra: str) -> subprocess.Popen:
