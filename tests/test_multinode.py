@@ -2,14 +2,15 @@
 that offers no CPU for work (as cluster.yaml's) and worker nodes of one CPU each, every node with its own HOME,
 TMPDIR and model caches, so that a file one node writes to its local disk and another reads fails the run.
 
-small_cpu.yaml runs in tiny mode through the CLI against it: once submitted with `ray job submit` as the README
-does, once with worker nodes killed (raylet and workers, SIGKILL) in the middle of finetune, sample and classify,
-once with every worker gone. Each finished run's tables must equal the single-node run's (conftest's trained
-state plus a local classify), key for key and metric for metric.
+small_cpu.yaml runs in tiny mode through the CLI against it, submitted with `ray job submit` as the README does:
+once with every worker gone mid-finetune, then again with one worker node killed (raylet and workers, SIGKILL) in
+the middle of finetune, sample and classify. The finished run's tables must equal the single-node run's
+(conftest's trained state plus a local classify), key for key and metric for metric.
 """
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pandas as pd
 import pytest
 from ray._common.utils import reset_ray_address
 from ray.cluster_utils import Cluster
+from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors, list_tasks
 
 from helpers import seed_trained_state
@@ -52,7 +54,7 @@ class Nodes:
     """The cluster and its worker nodes, which a test kills (SIGKILL) and replaces."""
 
     def __init__(self, root: Path):
-        self.root, self.count = root, 0
+        self.root, self.count, self.ever = root, 0, set()
         self.dashboard = f"127.0.0.1:{free_port()}"
         host, port = self.dashboard.split(":")
         self.cluster = Cluster(initialize_head=True, head_node_args={
@@ -67,6 +69,7 @@ class Nodes:
     def add(self):
         self.count += 1
         node = self.cluster.add_node(num_cpus=1, env_vars=node_env(self.root, f"worker{self.count}"))
+        self.ever.add(node.node_id)
         return node
 
     def kill(self, node) -> None:
@@ -143,94 +146,96 @@ def done(exp: Path) -> dict[str, dict[Path, int]]:
             for stage, pattern in globs.items()}
 
 
-def cli(results: Path, address: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([CLI, "run", str(CONFIG), "--tiny", "-o", f"results_dir={results}",
-                             "-o", f"ray.address={address}", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+class Job:
+    """A run of small_cpu.yaml submitted with `ray job submit --no-wait`, as the README's command (cd into the
+    checkout, ray.address=auto, an absolute results path), then followed through Ray's job API."""
+
+    def __init__(self, nodes: "Nodes", results: Path, *extra: str):
+        url = f"http://{nodes.dashboard}"
+        command = (f"cd {REPO} && {CLI} run experiments/base/small_cpu.yaml --tiny -o ray.address=auto "
+                   f"-o results_dir={results} {' '.join(extra)}")
+        proc = subprocess.run([str(Path(CLI).parent / "ray"), "job", "submit", "--no-wait", "--address", url, "--",
+                               "bash", "-c", command], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        self.id = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
+        self.client = JobSubmissionClient(url)
+
+    def poll(self) -> int | None:
+        """None while it runs; then 0 when it succeeded, 1 otherwise."""
+        status = self.client.get_job_status(self.id)
+        return None if not status.is_terminal() else int(status != JobStatus.SUCCEEDED)
+
+    def logs(self) -> str:
+        return self.client.get_job_logs(self.id)
+
+    def wait(self, timeout: float) -> int:
+        end = time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            assert time.monotonic() < end, f"job {self.id} still running after {timeout:g} s:\n{self.logs()[-3000:]}"
+            time.sleep(0.5)
+        return code
 
 
-def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300.0) -> None:
+def wait_for(condition, job: Job, what: str, timeout: float = 300.0) -> None:
     end = time.monotonic() + timeout
     while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before {what}:\n{proc.stdout.read()[-3000:]}")
+        if job.poll() is not None:
+            raise AssertionError(f"the run ended before {what}:\n{job.logs()[-3000:]}")
         if time.monotonic() > end:
             raise AssertionError(f"no {what} after {timeout:g} s")
         time.sleep(POLL_S)
 
 
-def test_a_job_submitted_to_three_nodes_makes_the_single_node_tables_on_both_workers(nodes, single_node, tmp_path):
-    """`ray job submit` to the head's job server, as the README's command (cd into the checkout, ray.address=auto,
-    an absolute results path). Pretraining, LoRAs, sampling actors and trials all run on the workers: the head
-    offers no CPU, and every Ray task and actor of the job is checked for its node."""
-    results = tmp_path / "results"
-    command = (f"cd {REPO} && {CLI} run experiments/base/small_cpu.yaml --tiny -o ray.address=auto "
-               f"-o results_dir={results}")
-    proc = subprocess.run([str(Path(CLI).parent / "ray"), "job", "submit", "--address", f"http://{nodes.dashboard}",
-                           "--", "bash", "-c", command], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """One results folder for the module: the run that loses every worker leaves finished work the next resumes."""
+    return tmp_path_factory.mktemp("cluster_results")
+
+
+def test_with_every_worker_gone_a_stage_fails_within_the_bound_naming_the_request(nodes, results):
+    """Both workers killed after the first LoRA: the job fails within ray.node_wait_s (plus Ray's detection of the
+    dead nodes), one line naming the stage and the request; what finished stays for the re-run."""
     exp = results / "small_cpu"
-    assert_same_tables(tables(exp), single_node)
-
-    workers = {node.node_id for node in nodes.workers}
-    recorded = made_on(exp)
-    assert all(ids <= workers for ids in recorded.values()), recorded
-    assert set().union(*recorded.values()) == workers  # the work was spread over both workers
-    address = f"http://{nodes.dashboard}"
-    tasks = [t for t in list_tasks(address=address, limit=10_000, raise_on_missing_output=False)
-             if t.type == "NORMAL_TASK"]
-    names = {t.name.split(".")[-1] for t in tasks}
-    assert {"pretrain_task", "train_job"} <= names, names  # pretraining is a Ray task like the LoRAs
-    assert not [t.name for t in tasks if t.node_id == nodes.head_id], "model work ran on the head"
-    actors = [a for a in list_actors(address=address, limit=10_000, raise_on_missing_output=False)
-              if a.class_name != "JobSupervisor"]
-    assert {"SamplingActor"} <= {a.class_name for a in actors}
-    assert not [a.class_name for a in actors if a.node_id == nodes.head_id], "an actor ran on the head"
-
-
-def test_worker_nodes_killed_in_each_stage_cost_no_row_and_redo_nothing_finished(nodes, single_node, tmp_path):
-    """First every worker is killed mid-finetune: the stage fails within ray.node_wait_s naming the request. Two
-    nodes come back and the run is started again: it resumes, and one worker node is killed (SIGKILL) after some
-    of finetune's, sample's and classify's work has finished, each replaced by a fresh node, as an autoscaler
-    would. The run finishes without a restart, nothing finished before a kill is made again, and the tables are
-    the single-node run's."""
-    exp = tmp_path / "small_cpu"
-    figures = {"faults": 0, "survived": 0, "redone": 0}
-
-    # Every worker gone: a bounded wait, one line naming the request, the finished LoRAs kept.
-    proc = cli(tmp_path, nodes.cluster.address, "-o", "ray.node_wait_s=5")
-    wait_for(lambda: len(done(exp)["finetune"]) >= 1, proc, "a finished LoRA")
+    job = Job(nodes, results, "-o", "ray.node_wait_s=5")
+    wait_for(lambda: len(done(exp)["finetune"]) >= 1, job, "a finished LoRA")
     for node in list(nodes.workers):
         nodes.kill(node)
     start = time.monotonic()
-    out, _ = proc.communicate(timeout=120)
+    assert job.wait(120) == 1
     waited = time.monotonic() - start
-    failed = [line for line in out.splitlines() if line.startswith("[ooc-ray] ")and " failed: " in line]
-    assert proc.returncode == 1 and len(failed) == 1, out[-3000:]
-    assert failed[0].startswith("[ooc-ray] finetune failed: finetune: "), failed
+    failed = [line for line in job.logs().splitlines() if line.startswith("[ooc-ray] ") and " failed: " in line]
+    assert len(failed) == 1 and failed[0].startswith("[ooc-ray] finetune failed: finetune: "), failed
     assert "no alive node can serve CPU 1" in failed[0] and "(ray.node_wait_s)" in failed[0], failed
-    assert waited < 5 + 60, waited  # node_wait_s plus Ray's own detection of the dead nodes
-    kept = done(exp)
+    assert waited < 5 + 60, waited
+    assert done(exp)["finetune"]  # kept
+    nodes.workers.extend(nodes.add() for _ in range(2))  # nodes back for the re-run
 
-    # Nodes back: the re-run resumes, and survives one node killed in each stage.
-    nodes.workers.extend(nodes.add() for _ in range(2))
-    proc = cli(tmp_path, nodes.cluster.address)
-    finished = {stage: dict(files) for stage, files in kept.items()}
+
+def test_a_job_on_three_nodes_survives_a_node_killed_in_each_stage_and_makes_the_single_node_tables(
+        nodes, results, single_node):
+    """The job submitted again (it resumes what the previous test left, or starts afresh when run alone). One
+    worker node is killed (SIGKILL: raylet and workers) after some of finetune's, sample's and classify's work has
+    finished, each replaced by a fresh node, as an autoscaler would. The job finishes without a restart, nothing
+    finished before a kill is made again, and the tables are the single-node run's. Pretraining, LoRAs, sampling
+    actors and trials ran on the workers only: the head offers no CPU, and every Ray task and actor of the cluster
+    is checked for its node."""
+    exp = results / "small_cpu"
+    figures = {"faults": 0, "survived": 0, "redone": 0}
+    finished = done(exp)
+    job = Job(nodes, results)
     for stage, total in (("finetune", len(single_node["loras"])), ("sample", len(single_node["synthetic"])),
                          ("classify", len(single_node["trials"]))):
         before = len(done(exp)[stage])
-        wait_for(lambda: before < len(done(exp)[stage]), proc, f"progress in {stage}")
+        wait_for(lambda: before < len(done(exp)[stage]), job, f"progress in {stage}")
         now = done(exp)[stage]
-        victim = nodes.workers[0]
-        nodes.kill(victim)
+        nodes.kill(nodes.workers[0])
         figures["faults"] += 1
         assert len(done(exp)[stage]) < total, f"{stage} had finished before its node was killed"
         finished[stage].update(now)
-        nodes.workers.append(nodes.add())  # its replacement, as an autoscaler would start one
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
+        nodes.workers.append(nodes.add())  # its replacement
+    assert job.wait(600) == 0, job.logs()[-3000:]
     figures["survived"] = figures["faults"]
-    figures["sampling batches re-queued"] = out.count("a worker was lost")  # tasks and trials: Ray's own retries
+    figures["sampling batches re-queued"] = job.logs().count("a worker was lost")  # tasks, trials: Ray's retries
 
     after = done(exp)
     for stage, files in finished.items():
@@ -241,3 +246,16 @@ def test_worker_nodes_killed_in_each_stage_cost_no_row_and_redo_nothing_finished
     figures["rows lost"] = sum(len(frame) - len(got[name]) for name, frame in single_node.items())
     print("\nnode faults:", ", ".join(f"{k} {v}" for k, v in figures.items()))
     assert_same_tables(got, single_node)
+
+    recorded = made_on(exp)
+    assert all(ids <= nodes.ever for ids in recorded.values()), recorded
+    assert len(set().union(*recorded.values())) >= 2  # the work was spread over several workers
+    address = f"http://{nodes.dashboard}"
+    tasks = [t for t in list_tasks(address=address, limit=10_000, raise_on_missing_output=False)
+             if t.type == "NORMAL_TASK"]
+    assert {"pretrain_task", "train_job"} <= {t.name.split(".")[-1] for t in tasks}  # pretraining a task too
+    assert not [t.name for t in tasks if t.node_id == nodes.head_id], "model work ran on the head"
+    actors = [a for a in list_actors(address=address, limit=10_000, raise_on_missing_output=False)
+              if a.class_name != "JobSupervisor"]
+    assert "SamplingActor" in {a.class_name for a in actors}
+    assert not [a.class_name for a in actors if a.node_id == nodes.head_id], "an actor ran on the head"
