@@ -27,6 +27,7 @@ from ray.util.state import list_actors, list_tasks
 from helpers import seed_trained_state
 from ooc_ray.cli import main
 
+# One cluster at a time (2 cores); the file sorts early so that its ~3 min group starts first under xdist.
 pytestmark = [pytest.mark.xdist_group("multinode"), pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +61,8 @@ class Nodes:
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "env_vars": node_env(root, "head"), "include_dashboard": True,
             "dashboard_host": host, "dashboard_port": int(port),
+            # A killed node is declared dead after ~3 s, not Ray's default ~15 s (5 missed checks, 3 s apart).
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
             # Not Ray's default 52365: the local Ray of the other tests in this process has its agent there, and a
             # job goes to the head's agent ("No available agent to submit job" when that port was taken).
             "dashboard_agent_listen_port": free_port()})
