@@ -8,7 +8,6 @@ stage's work counts as new.
 """
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from ooc_ray.backbones import backbone_weights
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.data import load_manifest
 from ooc_ray.diffusion.base import BaseModel, base_ready
-from ooc_ray.diffusion.lora_files import METADATA_FILE, lora_problem
+from ooc_ray.diffusion.lora_files import METADATA_FILE, lora_problem, read_metadata
 from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import OocRayError
 from ooc_ray.io import parquet_problem
@@ -60,8 +59,8 @@ def known_base(cfg: ExperimentConfig, paths: ExperimentPaths) -> BaseModel | Non
 def unit_costs(paths: ExperimentPaths) -> tuple[dict[str, float], str]:
     """Median seconds per LoRA, image and trial recorded in this results folder, else DEFAULT_COSTS."""
     costs, seen = dict(DEFAULT_COSTS), []
-    loras = [json.loads(p.read_text()).get("seconds") for p in paths.lora.glob(f"*/{METADATA_FILE}")]
-    loras = [s for s in loras if s]
+    metadata = [read_metadata(p.parent) for p in paths.lora.glob(f"*/{METADATA_FILE}")]
+    loras = [m["seconds"] for m in metadata if m and m.get("seconds")]
     if loras:
         costs["lora"] = statistics.median(loras)
         seen.append(f"{len(loras)} LoRAs")
@@ -148,8 +147,10 @@ def plan_counts(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.Data
 
 def run_plan(cfg: ExperimentConfig, paths: ExperimentPaths) -> dict[str, Count] | None:
     """Print (and return) the plan of cfg: per stage, planned / re-used / new, and the time the new work takes."""
-    if parquet_problem(paths.manifest):
-        print(f"{cfg.name}: no manifest yet: run `ooc-ray data` first (seconds): every count is computed from it")
+    problem = parquet_problem(paths.manifest)
+    if problem:
+        print(f"{cfg.name}: no manifest yet: run `ooc-ray data` first (seconds): every count is computed from it "
+              f"({paths.manifest}: {problem})")
         return None
     manifest = load_manifest(paths)
     counts = plan_counts(cfg, paths, manifest)

@@ -209,13 +209,16 @@ def sd15_architecture(tokenizer_dir: Path, seed: int = 0, dtype=None):
     return pipe.to(dtype=dtype) if dtype is not None else pipe
 
 
+def _tiny_built(models_dir: Path, seed: int = TINY_SEED) -> bool:
+    """Whether models_dir/tiny_sd holds the tiny base of the current spec."""
+    marker = Path(models_dir) / "tiny_sd" / "ooc_ray_tiny.json"
+    return marker.is_file() and json.loads(marker.read_text()) == _tiny_spec(seed)
+
+
 def ensure_tiny_sd(models_dir: Path, seed: int = TINY_SEED) -> Path:
     """The tiny base under models_dir/tiny_sd, built once (rebuilt if its spec changed)."""
     out = Path(models_dir) / "tiny_sd"
-    marker = out / "ooc_ray_tiny.json"
-    if marker.is_file() and json.loads(marker.read_text()) == _tiny_spec(seed):
-        return out
-    return build_tiny_sd(out, seed)
+    return out if _tiny_built(models_dir, seed) else build_tiny_sd(out, seed)
 
 
 @dataclass(frozen=True)
@@ -262,8 +265,7 @@ def _hub_snapshot(repo_id: str) -> Path:
 def base_ready(base: str, models_dir: Path) -> bool:
     """Whether resolve_base(base) would find its files without building or downloading anything."""
     if base == TINY:
-        marker = Path(models_dir) / "tiny_sd" / "ooc_ray_tiny.json"
-        return marker.is_file() and json.loads(marker.read_text()) == _tiny_spec(TINY_SEED)
+        return _tiny_built(models_dir)
     if Path(base).expanduser().is_dir():
         return True
     return isinstance(try_to_load_from_cache(base, "model_index.json"), str)
