@@ -403,6 +403,8 @@ TINY = {
     "sample.resolution": 32, "sample.steps": 2, "sample.gpus_per_actor": 0,
     "classify.backbone": "EfficientNetB0", "classify.weights": "none", "classify.input_size": 32,
     "classify.epochs": 1, "classify.gpus_per_trial": 0, "classify.cpus_per_trial": 1,
+    # One trial actor: each imports TensorFlow (~7 s of CPU, measured), more than a tiny trial's whole work (~1 s).
+    "classify.max_concurrent": 1,
     "quality.kid_subsets": 2, "quality.kid_subset_size": 4, "search.gpus_per_trial": 0, "ray.num_cpus": 2,
 }
 SPECIAL_WEIGHTS = ("imagenet", "none", "calibrated")
