@@ -19,13 +19,15 @@ from ooc_ray.config import DemoDataConfig, ExperimentConfig
 from ooc_ray.data import IMAGE_SUFFIXES, load_manifest
 from ooc_ray.demo_data import CLASSES, write_demo_dataset
 from ooc_ray.diffusion.base import device_and_dtype, load_pipeline, resolve_base
-from ooc_ray.diffusion.pretrain import METADATA_FILE, pretrain, pretrain_key, pretrained_dir, save_pretrained
+from ooc_ray.diffusion.pretrain import (METADATA_FILE, pretrain, pretrain_key, pretrain_steps, pretrained_dir,
+                                        save_pretrained)
 from ooc_ray.errors import DataError, MissingInputError, ModelError
 from ooc_ray.io import atomic_dir, sha256_file, write_parquet
 from ooc_ray.logs import note
 from ooc_ray.keys import config_slice
 from ooc_ray.gpu import require_torch_cuda
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.progress import StepFile, StepProgress
 from ooc_ray.raycluster import init_ray, require_resources, wait_all, where
 from ooc_ray.variants import each_variant
 
@@ -125,14 +127,20 @@ def pretrain_base(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None:
     ray = init_ray(cfg)
     require_resources(cfg, request, what)
     task = ray.remote(pretrain_task).options(num_cpus=pcfg.cpus, num_gpus=pcfg.gpus, max_retries=cfg.ray.max_retries)
-    (measured,) = wait_all(cfg, [task.remote(cfg, base.path, images["path"].tolist(), str(folder), meta,
-                                             what if pcfg.gpus > 0 else "")], request, what)
+    with StepProgress(steps_file(folder), "pretrain", pretrain_steps(cfg)):
+        (measured,) = wait_all(cfg, [task.remote(cfg, base.path, images["path"].tolist(), str(folder), meta,
+                                                 what if pcfg.gpus > 0 else "")], request, what)
     unet_loss = measured["unet_loss_steps"]
     tail = sum(unet_loss[-50:]) / len(unet_loss[-50:])
     note(f"pretrain: base {key} trained on {len(images)} images in {measured['seconds']:.0f} s on node "
          f"{measured['node_host']} (VAE reconstruction MSE {measured['vae_recon_mse']}, UNet loss {tail:.4f} over "
          "its last 50 steps)")
     return folder
+
+
+def steps_file(folder: Path) -> Path:
+    """Where a pretraining task records its steps for the driver's bar (progress.StepFile), beside its folder."""
+    return folder.with_name(f"{folder.name}.steps.json")
 
 
 def pretrain_task(cfg: ExperimentConfig, base_path: str, image_paths: list[str], folder: str, meta: dict,
@@ -149,7 +157,7 @@ def pretrain_task(cfg: ExperimentConfig, base_path: str, image_paths: list[str],
     device, _ = device_and_dtype()
     pipe = load_pipeline(base_path, device=device)  # fp32 weights: they are trained, not only run
     try:
-        measured = pretrain(pipe, image_paths, cfg)
+        measured = pretrain(pipe, image_paths, cfg, StepFile(steps_file(folder), pretrain_steps(cfg)).step)
     except FloatingPointError as exc:
         raise ModelError(f"generator.pretrain: {exc}") from None
     with atomic_dir(folder) as tmp:

@@ -3,6 +3,7 @@ that catches a broken generator (synthetic-only training beats chance on real im
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def test_pretrain_config_checks_name_the_key(tmp_path):
                                                                    "caption_dropout": 1.0}})
 
 
-def test_pretraining_trains_once_per_content_and_its_files_are_the_identity(tmp_path):
+def test_pretraining_trains_once_per_content_and_its_files_are_the_identity(tmp_path, capsys):
+    from ooc_ray import logs
     from ooc_ray.diffusion.base import resolve_base
     from ooc_ray.diffusion.pretrain import METADATA_FILE, generator_base
     from ooc_ray.pretrain import run_pretrain
@@ -61,9 +63,14 @@ def test_pretraining_trains_once_per_content_and_its_files_are_the_identity(tmp_
     cfg, paths, _, source = pretrained_experiment(tmp_path)
     with pytest.raises(MissingInputError, match="run `ooc-ray pretrain` first"):
         generator_base(cfg, paths)
+    logs.configure()  # the CLI's default level: progress bars shown
     folder = run_pretrain(cfg, paths)
     meta = json.loads((folder / METADATA_FILE).read_text())
     assert meta["n_images"] == 8 and len(meta["unet_loss_steps"]) == 4 and len(meta["vae_loss_steps"]) == 4
+    # The driver's bar counted the task's 4 VAE + 4 UNet steps and showed the last UNet loss; its file is gone.
+    bar = re.findall(r"pretrain: 100%\|[^|]*\| 8/8 \[[^\]]*step/s, loss=([0-9.]+)\]", capsys.readouterr().err)
+    assert bar and float(bar[-1]) == pytest.approx(meta["unet_loss_steps"][-1], abs=1e-4)
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
     assert meta["vae_recon_mse"] is not None
     base = generator_base(cfg, paths)
     tiny = resolve_base("tiny", paths.models)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,8 @@ from ooc_ray.diffusion.base import TINY, BaseModel, folder_digest, optimizer_ste
 from ooc_ray.errors import MissingInputError
 from ooc_ray.io import parquet_problem
 from ooc_ray.paths import ExperimentPaths
+
+StepCallback = Optional[Callable[[int, float], None]]  # (steps done, that step's loss)
 
 METADATA_FILE = "ooc_ray_pretrain.json"
 VAE_KL_WEIGHT = 1e-6  # SD's VAE: KL 1e-6 beside its reconstruction losses; enough to keep latents bounded
@@ -78,8 +81,8 @@ def _batches(n: int, batch_size: int, steps: int, gen):
         yield torch.randint(0, n, (batch_size,), generator=gen)
 
 
-def train_vae(vae, pixels, pcfg: PretrainConfig, gen) -> list[float]:
-    """Train a VAE from its random init on `pixels`; returns the loss per step."""
+def train_vae(vae, pixels, pcfg: PretrainConfig, gen, on_step: StepCallback = None) -> list[float]:
+    """Train a VAE from its random init on `pixels`; returns the loss per step (each also to `on_step`)."""
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.latent_channels:] = VAE_LOGVAR_INIT
     vae.requires_grad_(True).train()
@@ -94,6 +97,8 @@ def train_vae(vae, pixels, pcfg: PretrainConfig, gen) -> list[float]:
         # L1 keeps edges sharper than MSE alone (SD's VAE adds a perceptual and a GAN loss we cannot run offline).
         loss = (recon - x).abs().mean() + ((recon - x) ** 2).mean() + VAE_KL_WEIGHT * posterior.kl().mean()
         losses.append(optimizer_step(optimizer, loss, "generator.pretrain.vae_lr"))
+        if on_step:
+            on_step(len(losses), losses[-1])
     vae.requires_grad_(False).eval()
     return losses
 
@@ -125,9 +130,10 @@ def encode_latents(vae, pixels):
     return latents * vae.config.scaling_factor
 
 
-def train_unet(pipe, latents, pcfg: PretrainConfig, gen) -> list[float]:
+def train_unet(pipe, latents, pcfg: PretrainConfig, gen, on_step: StepCallback = None) -> list[float]:
     """Training of pipe.unet, on its scheduler's prediction target, on `latents` with the caption (or, at
-    caption_dropout, the empty caption); text encoder and VAE frozen. Returns the loss per step."""
+    caption_dropout, the empty caption); text encoder and VAE frozen. Returns the loss per step (each also to
+    `on_step`)."""
     unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     with torch.no_grad():
@@ -146,13 +152,29 @@ def train_unet(pipe, latents, pcfg: PretrainConfig, gen) -> list[float]:
         pred = unet(sched.add_noise(x0, noise, t), t, text).sample
         target = training_target(sched, x0, noise, t)
         losses.append(optimizer_step(optimizer, F.mse_loss(pred, target), "generator.pretrain.unet_lr"))
+        if on_step:
+            on_step(len(losses), losses[-1])
     unet.requires_grad_(False).eval()
     return losses
 
 
-def pretrain(pipe, image_paths, cfg: ExperimentConfig) -> dict:
-    """Train `pipe` in place on the images (VAE too when the base is the tiny one); returns its measurements."""
+def trains_vae(cfg: ExperimentConfig) -> bool:
+    """Whether pretraining trains the VAE too: only the tiny base's, which starts untrained."""
+    return cfg.generator.base == TINY
+
+
+def pretrain_steps(cfg: ExperimentConfig) -> int:
+    """Optimizer steps of one pretraining: the VAE's (tiny base only), then the UNet's."""
     pcfg = cfg.generator.pretrain
+    return (pcfg.vae_steps if trains_vae(cfg) else 0) + pcfg.unet_steps
+
+
+def pretrain(pipe, image_paths, cfg: ExperimentConfig, on_step: StepCallback = None) -> dict:
+    """Train `pipe` in place on the images (VAE too when the base is the tiny one); returns its measurements.
+    `on_step(steps done of pretrain_steps, loss)` after every step."""
+    pcfg = cfg.generator.pretrain
+    vae_steps = pcfg.vae_steps if trains_vae(cfg) else 0
+    unet_step = (lambda done, loss: on_step(vae_steps + done, loss)) if on_step else None
     gen = torch.Generator().manual_seed(pcfg.seed)
     start = time.perf_counter()
     pixels = pixels_of(image_paths, cfg.generator.resolution)
@@ -161,12 +183,12 @@ def pretrain(pipe, image_paths, cfg: ExperimentConfig) -> dict:
     out: dict = {"n_images": len(pixels), "vae_loss_steps": [], "vae_recon_mse": None}
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(pcfg.seed)
-        if cfg.generator.base == TINY:
-            out["vae_loss_steps"] = train_vae(pipe.vae, pixels, pcfg, gen)
+        if trains_vae(cfg):
+            out["vae_loss_steps"] = train_vae(pipe.vae, pixels, pcfg, gen, on_step)
             standardise_latents(pipe.vae, pixels)
         out["vae_seconds"] = round(time.perf_counter() - start, 1)
         latents = encode_latents(pipe.vae, pixels)
-        out["unet_loss_steps"] = train_unet(pipe, latents, pcfg, gen)
+        out["unet_loss_steps"] = train_unet(pipe, latents, pcfg, gen, unet_step)
     with torch.no_grad():
         head = pixels[:ENCODE_BATCH].to(pipe.vae.device)
         recon = pipe.vae.decode(latents[:len(head)] / pipe.vae.config.scaling_factor).sample
