@@ -25,7 +25,8 @@ from ooc_ray.paths import ExperimentPaths
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 # Modes that convert to RGB without losing meaning: 8-bit grey, 16-bit grey (microscopes), palette, RGB(A).
 SUPPORTED_MODES = {"L", "LA", "I;16", "I;16B", "I;16L", "I", "P", "RGB", "RGBA"}
-MANIFEST_COLUMNS = ["id", "path", "label", "label_index", "group", "sha256", "size", "width", "height", "mode"]
+MANIFEST_COLUMNS = ["id", "path", "label", "label_index", "group", "sha256", "size", "width", "height", "mode",
+                    "file"]
 _FACTS = ["size", "width", "height", "mode"]
 SHOWN_PROBLEMS = 10  # bad files named in the one error (with the count of all): a line stays readable
 
@@ -140,8 +141,8 @@ def scan(source: str | Path, classes: tuple[str, ...] = (), group_column: str = 
         # id = hash of the path relative to the source: stable across machines and moves of the whole set,
         # and kept when the bytes change (sha256 carries the content), so folds do not reshuffle then.
         rel_hash = hashlib.sha256(row["rel"].encode()).hexdigest()[:16]
-        records.append({"id": rel_hash, "path": str(path), "label": row["label"], "group": row["group"],
-                        "sha256": sha, **{k: facts[k] for k in _FACTS}})
+        records.append({"id": rel_hash, "path": str(path), "file": row["rel"], "label": row["label"],
+                        "group": row["group"], "sha256": sha, **{k: facts[k] for k in _FACTS}})
     if problems:  # every bad file at once (the first SHOWN_PROBLEMS named), not one per run
         shown = "; ".join(problems[:SHOWN_PROBLEMS])
         more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
@@ -224,6 +225,10 @@ def load_manifest(paths: ExperimentPaths) -> pd.DataFrame:
         if problem:
             raise MissingInputError(f"{path}: {problem}; run `ooc-ray data` first")
     manifest, folds = pd.read_parquet(paths.manifest), pd.read_parquet(paths.folds)
+    older = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    if older:
+        raise MissingInputError(f"{paths.manifest}: written by an older ooc-ray (no column(s) {older}); "
+                                "run `ooc-ray data` again")
     merged = manifest.merge(folds, on="id", how="left", validate="one_to_one")
     columns = fold_columns(merged)
     if merged[columns].isna().any(axis=None) or len(folds) != len(manifest):

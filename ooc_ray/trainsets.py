@@ -130,11 +130,12 @@ def control_rows(real: pd.DataFrame, spec: TrialSpec, n_extra: int, n_classes: i
 
 
 def build_testset(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
-    """The held-out fold: real images only, sorted by id (stable predictions file order)."""
+    """The held-out fold: real images only, sorted by id (stable predictions file order), with each image's
+    `file` (as its source names it) for the predictions table."""
     test = held_out_rows(manifest, fold)
     if test.empty:
         raise TrainsetError(f"fold {fold}: no held-out images (folds present: {fold_ids(manifest)})")
-    return test.assign(source="real")[TRAINSET_COLUMNS].reset_index(drop=True)
+    return test.assign(source="real")[TRAINSET_COLUMNS + ["file"]].reset_index(drop=True)
 
 
 def build_trainset(manifest: pd.DataFrame, synthetic: pd.DataFrame | None, spec: TrialSpec, *, seed: int = 0,

@@ -50,9 +50,9 @@ def make_manifest(per_class=(4, 4), k: int = 2, root: Path | None = None, size: 
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(arr).save(path)
                 path, sha = str(path), hashlib.sha256(path.read_bytes()).hexdigest()
-            rows.append({"id": image_id, "path": path, "label": label, "label_index": li,
-                         "group": groups[(j // k) % len(groups)], "sha256": sha, "size": 0, "width": size,
-                         "height": size, "mode": "RGB", "fold": int(folds[j])})
+            rows.append({"id": image_id, "path": path, "file": f"{label}/{Path(path).name}", "label": label,
+                         "label_index": li, "group": groups[(j // k) % len(groups)], "sha256": sha, "size": 0,
+                         "width": size, "height": size, "mode": "RGB", "fold": int(folds[j])})
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ["fold"])
 
 

@@ -34,10 +34,12 @@ def test_scan_folder_tree(tree):
     assert set(m["mode"]) >= {"L", "RGB"}
     assert {(64, 48), (80, 60), (32, 32)} <= set(zip(m["width"], m["height"]))
     assert (m["group"] == "").all()
-    # ids do not depend on where the tree lives
+    # ids, and each image's `file` (what predictions name it by), do not depend on where the tree lives
+    assert (m["path"] == [str(tree / f) for f in m["file"]]).all() and "good/g0.png" in set(m["file"])
     moved = tree.parent / "moved"
     shutil.copytree(tree, moved)
-    assert sorted(scan(moved)["id"]) == sorted(m["id"])
+    again = scan(moved)
+    assert sorted(again["id"]) == sorted(m["id"]) and sorted(again["file"]) == sorted(m["file"])
 
 
 def test_class_order_from_config(tree):
@@ -127,6 +129,7 @@ def test_csv_source_with_groups_and_errors(tree, tmp_path):
     csv.write_text("file,label,site\n" + "\n".join(rows) + "\n")
     m = scan(csv, group_column="site")
     assert set(m["group"]) == {"site0", "site1", "site2"}
+    assert sorted(m["file"]) == sorted(r.split(",")[0] for r in rows)  # the CSV's entries, as written
     with pytest.raises(DataError, match="well"):
         scan(csv, group_column="well")
     csv.write_text("file,label\nimages/good/missing.png,good\nimages/bad/g0.png,bad\n")

@@ -41,6 +41,9 @@ def check_demo(out: Path) -> None:
     synthetic = pd.read_parquet(out / "synthetic.parquet")
     assert synthetic["base_model"].str.startswith("pretrained-").all()
     assert len(pd.read_parquet(out / "pretrain_images.parquet")) == 24  # tiny: generator.pretrain.demo_images
+    # Predictions name each held-out image as the data source does, never by an absolute path.
+    predictions, manifest = pd.read_parquet(out / "predictions"), pd.read_parquet(out / "manifest.parquet")
+    assert set(predictions["file"]) == set(manifest["file"]) and not predictions["file"].str.startswith("/").any()
     check_schema_page(out)
 
 

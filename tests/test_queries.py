@@ -24,7 +24,7 @@ def results(tmp_path):
                 root / "trials" / f"{key}.parquet")
             labels = rng.integers(0, 3, 10)
             pd.DataFrame({"trial_key": key, "id": [f"i{i}" for i in range(10)],
-                          "path": [f"/img/{i}.png" for i in range(10)], "label_index": labels,
+                          "file": [f"img/{i}.png" for i in range(10)], "label_index": labels,
                           "pred_index": np.where(np.arange(10) < 2, (labels + 1) % 3, labels)}).to_parquet(
                 root / "predictions" / f"{key}.parquet")
     return root

@@ -283,7 +283,9 @@ def _write(paths: ExperimentPaths, trial: PlannedTrial, ctx: TrialContext, probs
     epochs = len(history.history["loss"])
     hist = pd.DataFrame({"trial_key": key, "epoch": np.arange(1, epochs + 1),
                          "loss": history.history["loss"], "accuracy": history.history["accuracy"]})
-    preds = pd.DataFrame({"trial_key": key, "id": test["id"].to_numpy(), "path": test["path"].to_numpy(),
+    # The image as its data source names it, not its absolute path: still right when the images or the results
+    # move (the manifest maps it to where the data stage found it).
+    preds = pd.DataFrame({"trial_key": key, "id": test["id"].to_numpy(), "file": test["file"].to_numpy(),
                           "label_index": test["label_index"].to_numpy().astype(int),
                           "pred_index": probs.argmax(axis=1).astype(int),
                           "probs": [p.astype(float).tolist() for p in probs]})
