@@ -27,6 +27,7 @@ from ooc_ray import logs
 from ooc_ray.logs import note
 from ooc_ray.lock import RunLock, command_line
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.tracking import mlflow_side
 
 # stage name -> (module, function); `run` chains the pipeline stages in this order.
 STAGES = {
@@ -163,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     if set(stages) <= READ_ONLY:
         return _run(stages, cfg, paths)[0]
     try:
+        runs = mlflow_side(cfg)  # tracking.mlflow: the experiment's parent run, open while the stages run
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    try:
         lock = RunLock(paths.lock, command_line()).acquire()
     except (OocRayError, OSError) as exc:
         print(f"[ooc-ray] {_message(exc)}", file=sys.stderr)
@@ -174,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                   "overrides": args.override, "tiny": args.tiny, "config": to_dict(cfg)}
         record_path = paths.run_record(started, args.stage)
         atomic_write_text(record_path, yaml.safe_dump(record, sort_keys=False))
+        parent = runs.open_parent(cfg, paths, args.stage) if runs else None
         code, error = _run(stages, cfg, paths)
         if code == 0:  # beside the results only when they were made from it
             atomic_write_text(paths.config, resolved)
+        if runs:
+            runs.close_parent(cfg, paths, parent, code)
         finished = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         atomic_write_text(record_path, yaml.safe_dump({**record, "finished": finished, "exit": code, "error": error},
                                                       sort_keys=False))

@@ -345,9 +345,10 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    # Optional MLflow tracking of every classifier trial and LoRA-search trial, through Ray Tune's own
-    # MLflowLoggerCallback (ooc_ray.tune_tracking): params = the grid point and the settings, metrics per epoch, the
-    # trial's Parquet files as artifacts. Needs mlflow (`pip install -e ".[tracking]"`). Changes no result.
+    # Optional MLflow tracking (ooc_ray.experiment_tracking): a parent run per experiment config (config.yaml and
+    # report.html as artifacts) with a child run per pretrained base and per LoRA (settings, loss curves, key) and
+    # per classifier or LoRA-search trial (grid point and settings, metrics per epoch, the trial's Parquet files).
+    # Needs mlflow (`pip install -e ".[tracking]"`). Changes no result.
     mlflow: bool = resource(False)
     # "": a SQLite store under results/<name>/mlflow/ (artifacts beside it); or any MLflow tracking URI
     # (http://host:5000, databricks, sqlite:///path).

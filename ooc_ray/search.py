@@ -46,7 +46,7 @@ from ooc_ray.features import weights_on_cluster
 from ooc_ray.quality import features_identity, quality_features
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
 from ooc_ray.sample import consolidate, plan_images, render, start_images
-from ooc_ray.tune_tracking import tracker, with_callbacks
+from ooc_ray.tracking import tracker, with_callbacks
 from ooc_ray.variants import refuse_axes
 
 OBJECTIVE_MODE = {"cas": "max", "kid": "min", "accuracy": "max"}

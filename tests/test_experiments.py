@@ -45,6 +45,41 @@ def check_demo(out: Path) -> None:
     predictions, manifest = pd.read_parquet(out / "predictions"), pd.read_parquet(out / "manifest.parquet")
     assert set(predictions["file"]) == set(manifest["file"]) and not predictions["file"].str.startswith("/").any()
     check_schema_page(out)
+    check_mlflow_experiment(out)
+
+
+def check_mlflow_experiment(out: Path) -> None:
+    """tracking.mlflow (on for the demo's run): one parent run for the experiment with config.yaml and report.html,
+    and under it a run per pretrained base and per LoRA (settings, loss curves, key) and per classifier trial,
+    with no Tune bookkeeping among the trials' metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(out / 'mlflow' / 'mlflow.db').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id], max_results=1000)
+    by_stage: dict[str, list] = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags["ooc_ray.stage"], []).append(run)
+    (parent,) = by_stage["experiment"]
+    assert parent.info.status == "FINISHED" and parent.data.params["classify.backbone"] == "SmallCNN"
+    assert sorted(a.path for a in client.list_artifacts(parent.info.run_id)) == ["config.yaml", "report.html"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["ooc_ray.stage"] for r in children) == sorted(
+        [s for s in by_stage if s != "experiment" for _ in by_stage[s]])  # every other run is the parent's child
+    (pretrain,) = by_stage["pretrain"]
+    meta = json.loads(next((out / "models" / "pretrained").glob("*/ooc_ray_pretrain.json")).read_text())
+    losses = [m.value for m in client.get_metric_history(pretrain.info.run_id, "unet_loss")]
+    assert pretrain.data.tags["ooc_ray.trial"] == meta["key"] and losses == pytest.approx(meta["unet_loss_steps"])
+    loras = pd.read_parquet(out / "lora" / "loras.parquet")
+    assert sorted(r.data.tags["ooc_ray.trial"] for r in by_stage["finetune"]) == sorted(loras["lora_key"])
+    for run in by_stage["finetune"]:
+        lora = json.loads((out / "lora" / run.data.tags["ooc_ray.trial"] / "metadata.json").read_text())
+        assert int(run.data.params["rank"]) == lora["config"]["rank"] and run.data.params["label"] == lora["label"]
+        assert run.data.metrics["final_loss"] == pytest.approx(lora["final_loss"])
+    trials = pd.read_parquet(out / "trials")
+    assert sorted(r.data.tags["ooc_ray.trial"] for r in by_stage["classify"]) == sorted(trials["trial_key"])
+    for run in by_stage["classify"]:
+        assert not {"pid", "timestamp", "training_iteration", "time_total_s"} & set(run.data.metrics)
+        assert {"loss", "test_accuracy"} <= set(run.data.metrics)
 
 
 def check_schema_page(out: Path) -> None:
@@ -88,7 +123,8 @@ def check_lora_search(out: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{(out / 'mlflow' / 'mlflow.db').resolve()}")
-    runs = client.search_runs([client.get_experiment_by_name("lora_search").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("lora_search").experiment_id],
+                              "tags.`ooc_ray.stage` = 'search'")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
     logged = {r.data.metrics["score"]: r for r in runs}
     for row in results.itertuples():
@@ -252,7 +288,7 @@ def test_experiment_runs_tiny(name, tmp_path, capsys, request):
     if extends_small_cpu(name):  # the shared base's trained state, built once per session (conftest)
         seed_trained_state(request.getfixturevalue("trained_small_cpu"), tmp_path / name)
     command = COMMANDS.get(name, "run")
-    extra = ["-o", "tracking.mlflow=true"] if name == "lora_search" else []  # its trials logged to MLflow
+    extra = ["-o", "tracking.mlflow=true"] if name in ("lora_search", "demo") else []  # runs logged to MLflow
     code = main([command, str(REPO / "experiments" / f"{name}.yaml"), "--tiny", "-o", f"results_dir={tmp_path}",
                  *extra])
     assert code == 0

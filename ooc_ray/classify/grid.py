@@ -32,7 +32,7 @@ from ooc_ray.protocol import PlannedTrial, trial_config
 from ooc_ray.trainsets import augmented_source, plan_grid
 from ooc_ray.variants import Variant
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
-from ooc_ray.tune_tracking import tracker, with_callbacks
+from ooc_ray.tracking import tracker, with_callbacks
 
 
 class GridTrial(NamedTuple):
