@@ -136,6 +136,11 @@ def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths)
             note(f"{name} ...")
         try:
             run_stage(name, cfg, paths)
+        except ModuleNotFoundError as exc:  # the analysis install (no torch, TensorFlow, Ray) running a stage
+            error = (f"{name} failed: no module named '{exc.name}': this command needs the pipeline install "
+                     "(bash scripts/install.sh, or pip install -e \".[pipeline]\")")
+            print(f"[ooc-ray] {error}", file=sys.stderr)
+            return 1, error
         except (OocRayError, OSError) as exc:
             error = f"{name} failed: {_message(exc)}"
             print(f"[ooc-ray] {error}", file=sys.stderr)

@@ -225,10 +225,6 @@ def load_manifest(paths: ExperimentPaths) -> pd.DataFrame:
         if problem:
             raise MissingInputError(f"{path}: {problem}; run `ooc-ray data` first")
     manifest, folds = pd.read_parquet(paths.manifest), pd.read_parquet(paths.folds)
-    older = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
-    if older:
-        raise MissingInputError(f"{paths.manifest}: written by an older ooc-ray (no column(s) {older}); "
-                                "run `ooc-ray data` again")
     merged = manifest.merge(folds, on="id", how="left", validate="one_to_one")
     columns = fold_columns(merged)
     if merged[columns].isna().any(axis=None) or len(folds) != len(manifest):

@@ -135,7 +135,8 @@ def build_testset(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
     test = held_out_rows(manifest, fold)
     if test.empty:
         raise TrainsetError(f"fold {fold}: no held-out images (folds present: {fold_ids(manifest)})")
-    return test.assign(source="real")[TRAINSET_COLUMNS + ["file"]].reset_index(drop=True)
+    # reindex: a manifest from before the `file` column still plans (the report); classify refuses it.
+    return test.assign(source="real").reindex(columns=TRAINSET_COLUMNS + ["file"]).reset_index(drop=True)
 
 
 def build_trainset(manifest: pd.DataFrame, synthetic: pd.DataFrame | None, spec: TrialSpec, *, seed: int = 0,

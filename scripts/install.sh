@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install ooc-ray with its test extras. Safe to re-run (pip skips what is installed).
+# Create .venv and install ooc-ray with its pipeline and test extras. Safe to re-run (pip skips what is installed).
 #
 #   bash scripts/install.sh                       # cpu or gpu, from what this machine has (nvidia-smi -L)
 #   OOC_RAY_DEVICE=cpu bash scripts/install.sh    # or gpu: choose (a GPU image built on a CPU machine, say)
@@ -43,4 +43,4 @@ elif ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__ != '$T
     fi
     rm -rf "$wheels"
 fi
-"${pip[@]}" install -q -e ".[test]"
+"${pip[@]}" install -q -e ".[pipeline,test]"

@@ -1,6 +1,7 @@
 """Every library the package and its tests import is declared in pyproject.toml (a dependency that only
-arrives through another one, as jsonschema did through Ray, disappears when that one changes), and the
-install script refuses a device choice it does not know."""
+arrives through another one, as jsonschema did through Ray, disappears when that one changes), the analysis
+install (the base dependencies alone) reports and queries without the pipeline's frameworks, and the install
+script refuses a device choice it does not know."""
 import ast
 import importlib.metadata
 import re
@@ -8,8 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+import pytest
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
-LOCAL = {"ooc_ray", "helpers", "conftest"}
+LOCAL = {"ooc_ray"} | {p.stem for p in (ROOT / "tests").glob("*.py")}  # the package, helpers, other test files
 
 
 def imported_modules(folder: Path) -> set[str]:
@@ -39,17 +44,72 @@ def distributions(modules: set[str]) -> dict[str, set[str]]:
 
 
 def test_the_package_imports_only_declared_libraries():
-    """The base dependencies, and mlflow from the optional `tracking` extra (imported only with tracking on)."""
+    """The base dependencies, the `pipeline` extra's frameworks, and mlflow from the optional `tracking` extra
+    (imported only with tracking on)."""
     found = distributions(imported_modules(ROOT / "ooc_ray"))
-    assert not {m: d for m, d in found.items() if not d & declared("tracking")}
-    assert {m for m, d in found.items() if not d & declared()} == {"mlflow"}
+    assert not {m: d for m, d in found.items() if not d & declared("pipeline", "tracking")}
+    assert {m for m, d in found.items() if not d & declared("pipeline")} == {"mlflow"}
     assert "packaging" in found and "scipy" in found  # the scan sees function-level imports
+    assert not {"torch", "tensorflow", "diffusers", "ray", "keras"} & declared()  # the base is the analysis install
+
+
+PIPELINE_FRAMEWORKS = ("torch", "tensorflow", "diffusers", "ray", "keras", "transformers", "peft", "mlflow")
+QUERIES = r"""
+import re, sys, duckdb
+folder, page = sys.argv[1], open(sys.argv[2]).read()
+for query in re.findall(r"```sql\n(.*?)```", page, re.S):
+    print(len(duckdb.connect().execute(query.replace("results/demo/", folder + "/")).df()))
+"""
+
+
+@pytest.mark.slow
+def test_the_analysis_install_reports_and_queries_without_the_pipeline_frameworks(tmp_path):
+    """`pip install -e .[analysis]` alone in a clean venv: `ooc-ray report` writes the tables the full install
+    writes, the SQL queries of docs/results.md give the rows they give here, none of torch, TensorFlow,
+    diffusers, Ray or Keras is there, and a stage that needs them says which install it needs."""
+    from test_report import example_trials, write_report
+
+    from ooc_ray.fields import to_dict
+    from ooc_ray.report import run_report
+
+    cfg, paths, _, _ = write_report(tmp_path / "results", example_trials())
+    config = tmp_path / "r.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    run_report(cfg, paths)  # this (full) install's report
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-e", f"{ROOT}[analysis]"], check=True)
+    python = str(venv / "bin" / "python")
+    present = subprocess.run([python, "-c", "import importlib.util as u; print([m for m in "
+                              f"{PIPELINE_FRAMEWORKS} if u.find_spec(m)])"], capture_output=True, text=True, check=True)
+    assert present.stdout.strip() == "[]"
+
+    out = tmp_path / "analysis_report"
+    done = subprocess.run([str(venv / "bin" / "ooc-ray"), "report", str(config), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    tables = sorted(p.name for p in paths.report.glob("*.csv"))
+    assert "summary.csv" in tables and sorted(p.name for p in out.glob("*.csv")) == tables
+    for table in tables:
+        pd.testing.assert_frame_equal(pd.read_csv(out / table), pd.read_csv(paths.report / table))
+    assert (out / "report.html").stat().st_size > 0
+
+    page = ROOT / "docs" / "results.md"
+    there = subprocess.run([python, "-c", QUERIES, str(paths.root), str(page)], capture_output=True, text=True)
+    here = subprocess.run([sys.executable, "-c", QUERIES, str(paths.root), str(page)], capture_output=True, text=True)
+    assert there.returncode == 0, there.stderr
+    assert there.stdout == here.stdout and len(there.stdout.split()) == 3
+
+    stage = subprocess.run([str(venv / "bin" / "ooc-ray"), "finetune", str(config)], capture_output=True, text=True)
+    assert stage.returncode == 1
+    assert "no module named 'torch': this command needs the pipeline install" in stage.stderr
 
 
 def test_the_tests_and_benchmarks_import_only_declared_libraries():
     modules = imported_modules(ROOT / "tests") | imported_modules(ROOT / "benchmarks")
     found = distributions(modules)
-    assert not {m: d for m, d in found.items() if not d & declared("test")}
+    assert not {m: d for m, d in found.items() if not d & declared("pipeline", "test")}
     assert "jsonschema" in found
 
 

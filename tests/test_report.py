@@ -31,6 +31,11 @@ def _trial(fold, weight, ratio, acc, synthetic_only=False):
 
 @pytest.fixture
 def trials():
+    return example_trials()
+
+
+def example_trials() -> pd.DataFrame:
+    """Three folds of four arms (real, +50 % at weights 1.0 and 0.8, synthetic only) with known accuracies."""
     rows = []
     real = [0.70, 0.72, 0.74]
     plus50_w1 = [0.71, 0.74, 0.74]
@@ -144,7 +149,8 @@ def write_report(tmp_path, trials):
         # real only, 1 for synthetic only (with 6 images, round(6 x accuracy) would be 4 for both).
         held = m[m["fold"] == row["fold"]].sort_values("id")
         right = np.arange(len(held)) < round(20 * (row["accuracy"] - 0.55))
-        pd.DataFrame({"trial_key": key, "id": held["id"].to_numpy(), "label_index": held["label_index"].to_numpy(),
+        pd.DataFrame({"trial_key": key, "id": held["id"].to_numpy(), "file": held["file"].to_numpy(),
+                      "label_index": held["label_index"].to_numpy(),
                       "pred_index": np.where(right, held["label_index"], (held["label_index"] + 1) % 3)}
                      ).to_parquet(paths.predictions / f"{key}.parquet")
     pd.DataFrame([{**trials.iloc[0], "trial_key": "other-config", "data_digest": "x"}]).to_parquet(

@@ -221,6 +221,8 @@ def grid_trials(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.Data
 def run_classify(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     """Run (or finish) the classifier grid of every variant; returns all its trial rows, one per trial."""
     manifest = load_manifest(paths)
+    if "file" not in manifest.columns:  # what each prediction row names its image by
+        raise StageError(f"{paths.manifest}: no `file` column (written by an older ooc-ray); run `ooc-ray data` again")
     grid, trials, weights = grid_trials(cfg, paths, manifest)
     planned = [t.trial for t in trials.values()]
     _keep_trials_current(paths, planned)
