@@ -52,7 +52,7 @@ from ooc_ray.classify import run_classify  # noqa: E402
 from ooc_ray.classify.model import build_exact_model, build_head, compile_model  # noqa: E402
 from ooc_ray.classify.train import HEAD_STEPS_PER_EXECUTION, _shuffled_indices  # noqa: E402
 from ooc_ray.load import from_dict  # noqa: E402
-from ooc_ray.data import load_image  # noqa: E402
+from ooc_ray.images import load_image  # noqa: E402
 from ooc_ray.features import FeatureExtractor, image_batches, image_map  # noqa: E402
 
 SIZE = 64

@@ -18,7 +18,7 @@ import pandas as pd
 from PIL import Image, ImageEnhance, ImageOps
 
 from ooc_ray import keys
-from ooc_ray.data import load_image
+from ooc_ray.images import load_image
 from ooc_ray.io import atomic_path, image_problem
 from ooc_ray.logs import note
 

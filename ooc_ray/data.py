@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
@@ -160,25 +159,6 @@ def scan(source: str | Path, classes: tuple[str, ...] = (), group_column: str = 
 def class_names(manifest: pd.DataFrame) -> list[str]:
     pairs = manifest[["label_index", "label"]].drop_duplicates().sort_values("label_index")
     return pairs["label"].tolist()
-
-
-def load_image(path: str | Path, size: int | None = None) -> Image.Image:
-    """Open an image as 8-bit RGB (grey -> 3 equal channels), optionally resized to size x size."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode.startswith("I"):
-                # 16-bit microscopy: scale the full range to 8 bits instead of clipping at 255.
-                arr = np.asarray(img, dtype=np.float64)
-                top = max(float(arr.max()), 1.0)
-                img = Image.fromarray((arr * (255.0 / top)).astype("uint8"), mode="L")
-            rgb = img.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt image ({exc})") from None
-    if size:
-        rgb = rgb.resize((size, size), Image.BILINEAR)
-    return rgb
 
 
 def resolve_source(cfg: DataConfig, paths: ExperimentPaths) -> Path:

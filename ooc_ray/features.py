@@ -2,7 +2,7 @@
 stage and the LoRA search read.
 
 Images: a tf.data pipeline over row indices; each element is decoded and resized by PIL in a py_function
-(JPG/PNG, grey or RGB, 16-bit microscopy: ooc_ray.data.load_image), so only a batch of resized images is in
+(JPG/PNG, grey or RGB, 16-bit microscopy: ooc_ray.images.load_image), so only a batch of resized images is in
 memory at once, never the 2048x1536 originals.
 
 Cache: the backbone is frozen, so its pooled output for an (image, augmentation view) never changes. It is
@@ -28,7 +28,7 @@ from ooc_ray import keys
 from ooc_ray.backbones import CALIBRATED, BackboneWeights, backbone_weights
 from ooc_ray.networks import build_augmentation, build_backbone, built_weights, frozen, setup_tf
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
-from ooc_ray.data import load_image
+from ooc_ray.images import load_image
 from ooc_ray.gpu import require_tf_gpu
 from ooc_ray.io import atomic_path, atomic_write_text
 from ooc_ray.logs import note

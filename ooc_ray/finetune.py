@@ -22,7 +22,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
 
 from ooc_ray.config import ExperimentConfig, GeneratorConfig
-from ooc_ray.data import load_image, load_manifest
+from ooc_ray.data import load_manifest
+from ooc_ray.images import load_image
 from ooc_ray.diffusion.base import (BaseModel, device_and_dtype, load_pipeline, optimizer_step, training_precision,
                                    training_target)
 from ooc_ray.diffusion.lora import save_lora, weights_digest

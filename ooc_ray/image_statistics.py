@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ooc_ray.data import load_image
+from ooc_ray.images import load_image
 
 VERSION = 1  # part of the features' identity (quality and search keys): bump when a statistic changes
 POOLED = 4

@@ -17,7 +17,7 @@ from ooc_ray.backbones import (AUGMENT_ARGS, CALIBRATED, CALIBRATION_IMAGES, PRE
                                SMALL_CNN_BN_MOMENTUM, SMALL_CNN_WIDTHS, BackboneWeights, backbone_weights,
                                calibration_images, top_block_prefixes)
 from ooc_ray.config import ClassifyConfig
-from ooc_ray.data import load_image
+from ooc_ray.images import load_image
 from ooc_ray.errors import ConfigError, ModelError
 
 def setup_tf(cpus: float | None = None) -> None:

@@ -23,7 +23,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from ooc_ray.config import ExperimentConfig
-from ooc_ray.data import load_image
+from ooc_ray.images import load_image
 from ooc_ray.diffusion.base import device_and_dtype, load_pipeline
 from ooc_ray.errors import StageError
 from ooc_ray.gpu import require_torch_cuda

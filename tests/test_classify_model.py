@@ -12,7 +12,7 @@ from ooc_ray import keys
 from ooc_ray.backbones import BackboneWeights, backbone_weights, top_block_prefixes
 from ooc_ray.networks import build_backbone, built_weights, fine_tuned, frozen, write_calibrated_weights
 from ooc_ray.classify import TrialContext, run_trial
-from ooc_ray.data import load_image
+from ooc_ray.images import load_image
 from ooc_ray.features import FeatureCache, cache_dir, extract_features, image_batches, n_views, train_views
 from ooc_ray.trainsets import plan_trials
 

@@ -7,7 +7,8 @@ from PIL import Image
 
 from ooc_ray.config import DemoDataConfig, FoldsConfig
 from ooc_ray.load import from_dict
-from ooc_ray.data import class_names, load_image, load_manifest, run_data, scan
+from ooc_ray.data import class_names, load_manifest, run_data, scan
+from ooc_ray.images import load_image
 from ooc_ray.errors import DataError
 from ooc_ray.demo_data import CLASSES, write_demo_dataset
 from ooc_ray.folds import assign_folds

@@ -23,7 +23,7 @@ from diffusers import DDPMScheduler
 
 from ooc_ray import keys
 from ooc_ray.config import ExperimentConfig, PretrainConfig
-from ooc_ray.data import load_image
+from ooc_ray.images import load_image
 from ooc_ray.diffusion.base import TINY, BaseModel, folder_digest, optimizer_step, resolve_base, training_target
 from ooc_ray.errors import MissingInputError
 from ooc_ray.io import parquet_problem

@@ -22,7 +22,7 @@ from ooc_ray import keys  # noqa: E402
 from ooc_ray.backbones import SMALL_CNN  # noqa: E402
 from ooc_ray.config import REPLICATE_SEED_STEP, ClassifyConfig, ExperimentConfig  # noqa: E402
 from ooc_ray.fields import format_value
-from ooc_ray.data import load_image  # noqa: E402
+from ooc_ray.images import load_image  # noqa: E402
 from ooc_ray.errors import MissingInputError  # noqa: E402
 from ooc_ray.io import atomic_path, atomic_write_text  # noqa: E402
 from ooc_ray.protocol import CONTROL_LABELS  # noqa: E402
