@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if code == 0:  # beside the results only when they were made from it
             atomic_write_text(paths.config, resolved)
         if runs:
-            runs.close_parent(cfg, paths, parent, code)
+            runs.close_parent(cfg, paths, parent, code, reported="report" in stages)
         finished = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         atomic_write_text(record_path, yaml.safe_dump({**record, "finished": finished, "exit": code, "error": error},
                                                       sort_keys=False))

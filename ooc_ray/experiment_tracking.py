@@ -116,15 +116,14 @@ def open_parent_id(cfg: ExperimentConfig, paths: ExperimentPaths) -> str | None:
 
 
 def _child(client: MlflowClient, experiment: str, parent: str, stage: str, identity: str, name: str,
-           params: dict, metrics: dict[str, list[float]]) -> bool:
-    """One child run of a result unless a finished run of it exists; whether it was logged."""
+           params: dict, metrics: dict[str, list[float]]) -> None:
+    """One child run of a result, unless a finished run of it exists (a re-used base or LoRA)."""
     if any(r.info.status == "FINISHED" for r in runs_of(client, experiment, stage, identity)):
-        return False
+        return
     run = client.create_run(experiment, run_name=name, tags={STAGE_TAG: stage, IDENTITY_TAG: identity,
                                                               MLFLOW_PARENT_RUN_ID: parent})
     _log(client, run.info.run_id, params, metrics)
     client.set_terminated(run.info.run_id, "FINISHED")
-    return True
 
 
 def _pretrained(paths: ExperimentPaths) -> list[dict]:
@@ -143,8 +142,10 @@ def _loras(cfg: ExperimentConfig, paths: ExperimentPaths) -> list[dict]:
     return list(found.values())
 
 
-def close_parent(cfg: ExperimentConfig, paths: ExperimentPaths, run_id: str, exit_code: int) -> None:
-    """Log the children the command's stages made, the parent's artifacts, and end the parent run."""
+def close_parent(cfg: ExperimentConfig, paths: ExperimentPaths, run_id: str, exit_code: int, reported: bool
+                 ) -> None:
+    """Log the children the command's stages made, the parent's artifacts (report.html when the command wrote
+    it: `reported`), and end the parent run."""
     client, experiment = _client(cfg, paths)
     for meta in _pretrained(paths):
         _child(client, experiment, run_id, "pretrain", meta["key"], f"pretrain-{meta['key']}",
@@ -158,10 +159,9 @@ def close_parent(cfg: ExperimentConfig, paths: ExperimentPaths, run_id: str, exi
                 "base": meta["base"], "n_images": meta["n_images"], "weights_sha256": meta["weights_sha256"]},
                {"loss": meta["loss_steps"], "loss_epoch": meta["loss_epochs"], "final_loss": [meta["final_loss"]],
                 "seconds": [meta["seconds"]]})
-    if exit_code == 0:  # a failed command's config.yaml and report are an earlier command's
-        for artifact in (paths.config, paths.report / "report.html"):
-            if Path(artifact).is_file():
-                client.log_artifact(run_id, str(artifact))
+    if exit_code == 0:  # a failed command's config.yaml is an earlier command's
+        for artifact in (paths.config, *([paths.report / "report.html"] if reported else [])):
+            client.log_artifact(run_id, str(artifact))
     client.set_terminated(run_id, "FINISHED" if exit_code == 0 else "FAILED")
 
 
