@@ -66,7 +66,7 @@ HELP = {
 READS_WRITES = {
     "data": "Reads data.source (a folder per class, or a CSV file,label[,group]; `demo` draws a set). Writes "
             "manifest.parquet (one row per image: path, label, group, sha256, size) and folds.parquet.",
-    "pretrain": "Reads the unlabeled images of generator.pretrain.source. Writes models/pretrained-<key>/ (a "
+    "pretrain": "Reads the unlabeled images of generator.pretrain.source. Writes models/pretrained/<key>/ (a "
                 "diffusers folder) and pretrain_images.parquet. Nothing to do without generator.pretrain.",
     "finetune": "Reads manifest.parquet, folds.parquet and the base. Writes lora/<fold>_<class>_<key>/ (both LoRA "
                 "formats and metadata.json) and lora/loras.parquet. Trained LoRAs with the same key are re-used.",

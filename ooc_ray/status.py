@@ -44,7 +44,8 @@ def stage_lines(paths: ExperimentPaths) -> list[str]:
     lines = []
     manifest = _rows(paths.manifest)
     lines.append(f"data: {manifest} images in manifest.parquet" if manifest is not None else "data: not run")
-    bases = sorted(p.name for p in paths.models.glob("pretrained-*") if p.is_dir()) if paths.models.is_dir() else []
+    pretrained = paths.models / "pretrained"  # diffusion.pretrain.pretrained_dir: one folder per key
+    bases = sorted(p.name for p in pretrained.iterdir() if p.is_dir()) if pretrained.is_dir() else []
     lines.append(f"pretrain: {len(bases)} pretrained base(s)" + (f" ({', '.join(bases)})" if bases else ""))
     loras = [p for p in paths.lora.glob("*/metadata.json")] if paths.lora.is_dir() else []
     planned = _rows(paths.lora_table)

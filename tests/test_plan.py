@@ -44,3 +44,7 @@ def test_plan_counts_what_run_then_does_and_writes_nothing(tmp_path, capsys, tra
     assert f"sample: {n_images} images planned, {n_images} re-used, 0 rendered" in out
     assert f"classify: {n_trials} trials planned, 0 re-used, {n_trials} to run" in out
     assert plan_lines(capsys, results)["classify"] == (n_trials, n_trials, 0)
+    # status names the pretrained base the run used (models/pretrained/<key>), and no other.
+    (key,) = [p.name for p in (exp / "models" / "pretrained").iterdir() if p.is_dir()]
+    assert main(["status", str(SMALL_CPU), "--tiny", "-o", f"results_dir={results}"]) == 0
+    assert f"pretrain: 1 pretrained base(s) ({key})" in capsys.readouterr().out
