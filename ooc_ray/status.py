@@ -45,7 +45,9 @@ def stage_lines(paths: ExperimentPaths) -> list[str]:
     manifest = _rows(paths.manifest)
     lines.append(f"data: {manifest} images in manifest.parquet" if manifest is not None else "data: not run")
     pretrained = paths.models / "pretrained"  # diffusion.pretrain.pretrained_dir: one folder per key
-    bases = sorted(p.name for p in pretrained.iterdir() if p.is_dir()) if pretrained.is_dir() else []
+    # Not a pretraining still being written (io.atomic_dir's hidden .<key>.*.tmp folder beside it).
+    bases = sorted(p.name for p in pretrained.iterdir() if p.is_dir() and not p.name.startswith(".")
+                   ) if pretrained.is_dir() else []
     lines.append(f"pretrain: {len(bases)} pretrained base(s)" + (f" ({', '.join(bases)})" if bases else ""))
     loras = [p for p in paths.lora.glob("*/metadata.json")] if paths.lora.is_dir() else []
     planned = _rows(paths.lora_table)
