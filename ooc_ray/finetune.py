@@ -100,40 +100,114 @@ def _frozen_text(te, ids, gcfg: GeneratorConfig):
     return lambda: cached
 
 
-def _train_loop(pipe, latents_of, n: int, ids, gcfg: GeneratorConfig, optimizer, gen, caption_of=None):
-    """kohya-style epochs: each of the n images `repeats` times, shuffled, batches of batch_size (last may be
-    short); MSE on the scheduler's prediction target (training_target) at uniform random timesteps, in
-    generator.mixed_precision (gpu.py: autocast, with a GradScaler for fp16). `ids`: one tokenised prompt, or one
-    per distinct caption with `caption_of` (a tensor: image -> its row of ids). Returns (loss per step, mean loss
-    per epoch, the GradScaler's final scale or None)."""
-    unet, te = pipe.unet, pipe.text_encoder
-    device = unet.device
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    weights_dtype, autocast_dtype, scaled = training_precision(gcfg.mixed_precision, device.type)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    scaler = torch.amp.GradScaler(device.type) if scaled else None
-    frozen_text = _frozen_text(te, ids, gcfg)
-    step_losses, epoch_losses = [], []
-    for _epoch in range(gcfg.epochs):
-        order = torch.arange(n).repeat(gcfg.repeats)[torch.randperm(n * gcfg.repeats, generator=gen)]
+class LoraTraining:
+    """One LoRA in training on a shared frozen base: `train_to(e)` continues its kohya-style epochs up to epoch e
+    (each of the n images `repeats` times, shuffled, batches of batch_size, the last may be short; MSE on the
+    scheduler's prediction target at uniform random timesteps, in generator.mixed_precision with a GradScaler for
+    fp16), `save` writes it as it stands, `close` removes its adapter. Its random generator, optimizer and scaler
+    live as long as it does, so training to 2 epochs, saving, then on to 4 draws exactly what one 4-epoch run
+    draws: a checkpoint at epoch e IS the LoRA of generator.epochs = e (the search's checkpoints rely on it;
+    tests/test_finetune.py compares the weights). Several may train on one base, each its own named adapter."""
+
+    def __init__(self, pipe, job: LoraJob, gcfg: GeneratorConfig):
+        self.pipe, self.job, self.gcfg, self.name = pipe, job, gcfg, job.key
+        self.use_te = gcfg.text_encoder_lr > 0
+        self.start = time.perf_counter()
+        self.optimizer = _add_adapters(pipe, self.name, gcfg, self.use_te)
+        unet, tok = pipe.unet, pipe.tokenizer
+        self.device = unet.device
+        self.gen = torch.Generator().manual_seed(gcfg.seed)
+        self.latents_of = _latent_source(pipe.vae, job.image_paths, gcfg, self.gen)
+        captions = job.captions()
+        distinct = sorted(set(captions))  # one prompt for a class LoRA: its ids exactly as before
+        self.ids = tok(distinct, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(self.device)
+        self.caption_of = torch.tensor([distinct.index(c) for c in captions]) if len(distinct) > 1 else None
+        self.sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.weights_dtype, autocast_dtype, scaled = training_precision(gcfg.mixed_precision, self.device.type)
+        self.autocast = torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+        self.scaler = torch.amp.GradScaler(self.device.type) if scaled else None
+        self.frozen_text = _frozen_text(pipe.text_encoder, self.ids, gcfg)
+        self.step_losses: list[float] = []
+        self.epoch_losses: list[float] = []
+
+    @property
+    def epochs(self) -> int:
+        return len(self.epoch_losses)
+
+    def _activate(self) -> None:
+        """Make this LoRA's adapter the one that trains and runs (others on the same base sleep)."""
+        self.pipe.unet.set_adapter(self.name)
+        if self.use_te:
+            self.pipe.text_encoder.set_adapter(self.name)
+        self.pipe.unet.train()
+        self.pipe.text_encoder.train(self.use_te)
+
+    def train_to(self, epochs: int) -> None:
+        if self.epochs >= epochs:
+            return
+        self._activate()
+        try:
+            with torch.enable_grad():  # whatever the caller's grad mode
+                while self.epochs < epochs:
+                    self._epoch()
+        except FloatingPointError as exc:
+            raise ModelError(f"LoRA {self.name}: {exc}") from None
+        finally:
+            self.pipe.unet.eval()
+            self.pipe.text_encoder.eval()
+
+    def _epoch(self) -> None:
+        gcfg, n, unet, te = self.gcfg, len(self.job.image_paths), self.pipe.unet, self.pipe.text_encoder
+        order = torch.arange(n).repeat(gcfg.repeats)[torch.randperm(n * gcfg.repeats, generator=self.gen)]
         losses = []
         for i in range(0, len(order), gcfg.batch_size):
             idx = order[i : i + gcfg.batch_size]
-            x0 = latents_of(idx).to(device)
-            noise = torch.randn(x0.shape, generator=gen).to(device)  # CPU generator: same draws on any device
-            t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
-            noisy = sched.add_noise(x0, noise, t)
-            target = training_target(sched, x0, noise, t)
-            text = frozen_text() if frozen_text else None
-            with autocast:
-                text = te(ids)[0] if text is None else text
-                text = text.expand(len(idx), -1, -1) if caption_of is None else text[caption_of[idx]]
-                pred = unet(noisy.to(weights_dtype), t, text.to(weights_dtype)).sample
+            x0 = self.latents_of(idx).to(self.device)
+            noise = torch.randn(x0.shape, generator=self.gen).to(self.device)  # CPU generator: same on any device
+            t = torch.randint(0, self.sched.config.num_train_timesteps, (len(idx),), generator=self.gen).to(self.device)
+            noisy = self.sched.add_noise(x0, noise, t)
+            target = training_target(self.sched, x0, noise, t)
+            text = self.frozen_text() if self.frozen_text else None
+            with self.autocast:
+                text = te(self.ids)[0] if text is None else text
+                text = text.expand(len(idx), -1, -1) if self.caption_of is None else text[self.caption_of[idx]]
+                pred = unet(noisy.to(self.weights_dtype), t, text.to(self.weights_dtype)).sample
             loss = F.mse_loss(pred.float(), target.float())
-            losses.append(optimizer_step(optimizer, loss, "generator.unet_lr", scaler))
-        step_losses += losses
-        epoch_losses.append(sum(losses) / len(losses))
-    return step_losses, epoch_losses, (scaler.get_scale() if scaler else None)
+            losses.append(optimizer_step(self.optimizer, loss, "generator.unet_lr", self.scaler))
+        self.step_losses += losses
+        self.epoch_losses.append(sum(losses) / len(losses))
+
+    def save(self, job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, out_dir: Path) -> dict:
+        """Write the LoRA as trained so far as `job` (the plan of generator `gcfg`, whose epochs are the epochs
+        trained) into out_dir; returns its metadata (also out_dir/metadata.json)."""
+        assert gcfg.epochs == self.epochs, (gcfg.epochs, self.epochs)
+        unet, te = self.pipe.unet, self.pipe.text_encoder
+        save_lora(unet, te if self.use_te else None, self.name, gcfg, base.identity, out_dir)
+        meta = {
+            "lora_key": job.key, "fold": job.fold, "label": job.label, "group": job.group, "prompt": job.prompt,
+            "labels": job.labels(),
+            "base": base.identity, "config": config_slice(gcfg, "lora"), "image_ids": list(job.image_ids),
+            "image_sha256": list(job.image_sha256), "n_images": len(job.image_ids),
+            "steps_per_epoch": math.ceil(len(job.image_ids) * gcfg.repeats / gcfg.batch_size),
+            "loss_steps": self.step_losses, "loss_epochs": self.epoch_losses, "final_loss": self.epoch_losses[-1],
+            "file": DIFFUSERS_FILE, "sha256": sha256_file(out_dir / DIFFUSERS_FILE),
+            "weights_sha256": weights_digest(out_dir / DIFFUSERS_FILE),
+            "kohya_file": KOHYA_FILE, "kohya_sha256": sha256_file(out_dir / KOHYA_FILE),
+            "device": str(unet.device), "base_dtype": str(unet.dtype).removeprefix("torch."),
+            "mixed_precision": gcfg.mixed_precision,
+            "grad_scale_final": self.scaler.get_scale() if self.scaler else None,
+            "cache_latents": gcfg.cache_latents,
+            "seconds": round(time.perf_counter() - self.start, 2), **where(),
+        }
+        (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+        return meta
+
+    def close(self) -> None:
+        """Drop this adapter, so the next LoRA starts from the untouched base."""
+        self.pipe.unet.delete_adapters(self.name)
+        if self.use_te:
+            self.pipe.text_encoder.delete_adapter(self.name)
 
 
 def _add_adapters(pipe, name: str, gcfg: GeneratorConfig, use_te: bool):
@@ -160,52 +234,12 @@ def _add_adapters(pipe, name: str, gcfg: GeneratorConfig, use_te: bool):
 def train_lora(pipe, job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, out_dir: Path) -> dict:
     """Train one LoRA on `pipe`'s frozen base, write its files into out_dir, then remove the adapter again
     (one base per process, a fresh adapter per LoRA). Returns the metadata (also out_dir/metadata.json)."""
-    start = time.perf_counter()
-    unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
-    use_te = gcfg.text_encoder_lr > 0
-    name = job.key
-    optimizer = _add_adapters(pipe, name, gcfg, use_te)
+    training = LoraTraining(pipe, job, gcfg)
     try:
-        gen = torch.Generator().manual_seed(gcfg.seed)
-        latents_of = _latent_source(pipe.vae, job.image_paths, gcfg, gen)
-        captions = job.captions()
-        distinct = sorted(set(captions))  # one prompt for a class LoRA: its ids exactly as before
-        ids = tok(distinct, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(unet.device)
-        caption_of = (torch.tensor([distinct.index(c) for c in captions])
-                      if len(distinct) > 1 else None)
-        unet.train()
-        te.train(use_te)
-        with torch.enable_grad():  # whatever the caller's grad mode
-            step_losses, epoch_losses, grad_scale = _train_loop(pipe, latents_of, len(job.image_paths), ids, gcfg,
-                                                                      optimizer, gen, caption_of)
-        save_lora(unet, te if use_te else None, name, gcfg, base.identity, out_dir)
-    except FloatingPointError as exc:
-        raise ModelError(f"LoRA {name}: {exc}") from None
+        training.train_to(gcfg.epochs)
+        return training.save(job, gcfg, base, out_dir)
     finally:
-        # Drop this adapter whatever happened, so the next LoRA starts from the untouched base.
-        unet.eval()
-        te.eval()
-        unet.delete_adapters(name)
-        if use_te:
-            te.delete_adapter(name)
-    meta = {
-        "lora_key": job.key, "fold": job.fold, "label": job.label, "group": job.group, "prompt": job.prompt,
-        "labels": job.labels(),
-        "base": base.identity, "config": config_slice(gcfg, "lora"), "image_ids": list(job.image_ids),
-        "image_sha256": list(job.image_sha256), "n_images": len(job.image_ids),
-        "steps_per_epoch": math.ceil(len(job.image_ids) * gcfg.repeats / gcfg.batch_size),
-        "loss_steps": step_losses, "loss_epochs": epoch_losses, "final_loss": epoch_losses[-1],
-        "file": DIFFUSERS_FILE, "sha256": sha256_file(out_dir / DIFFUSERS_FILE),
-        "weights_sha256": weights_digest(out_dir / DIFFUSERS_FILE),
-        "kohya_file": KOHYA_FILE, "kohya_sha256": sha256_file(out_dir / KOHYA_FILE),
-        "device": str(unet.device), "base_dtype": str(unet.dtype).removeprefix("torch."),
-        "mixed_precision": gcfg.mixed_precision, "grad_scale_final": grad_scale,
-        "cache_latents": gcfg.cache_latents,
-        "seconds": round(time.perf_counter() - start, 2), **where(),
-    }
-    (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=1))
-    return meta
+        training.close()  # whatever happened
 
 
 _PIPES: dict = {}  # one base pipeline per process (Ray reuses worker processes between tasks)

@@ -451,3 +451,48 @@ def test_the_optimizer_gives_each_lora_its_own_learning_rate(tmp_path, tiny_base
     finally:
         pipe.unet.delete_adapters("probe")
         pipe.text_encoder.delete_adapter("probe")
+
+
+def test_a_lora_trained_in_steps_beside_another_is_the_lora_trained_at_once(tmp_path, tiny_base):
+    """LoraTraining as a search trial uses it: two LoRAs on one base, interleaved (A to epoch 1, saved; B to 1,
+    saved; A on to 3; B on to 3), each with text-encoder LoRA. Every save has the weights train_lora writes for
+    generator.epochs = 1 and 3 alone, so a checkpoint is keyed and re-used as the LoRA of its epochs."""
+    import dataclasses
+
+    from ooc_ray.diffusion.base import load_pipeline
+    from ooc_ray.diffusion.pretrain import generator_base
+    from ooc_ray.diffusion.lora import weights_digest
+    from ooc_ray.finetune import LoraTraining, train_lora
+    from ooc_ray.protocol import plan_loras
+
+    cfg = tiny_cfg(tmp_path, generator={"epochs": 3, "repeats": 2, "text_encoder_lr": 1e-3, "unet_lr": 1e-2})
+    paths = ExperimentPaths.of(cfg)
+    seed_models(paths, tiny_base)
+    m = make_dataset(tmp_path, per_class=(3, 3), k=2)
+    manifest = m[m.label == "good"]
+    base = generator_base(cfg, paths)
+    at = {e: dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, epochs=e)) for e in (1, 3)}
+    jobs = {e: plan_loras(c, manifest, base.identity) for e, c in at.items()}  # two folds: two LoRAs per epochs
+    assert len(jobs[3]) == 2 and {j.key for j in jobs[1]}.isdisjoint(j.key for j in jobs[3])
+    pipe = load_pipeline(str(tiny_base))
+    stepped = {}
+    trainings = [LoraTraining(pipe, job, cfg.generator) for job in jobs[3]]
+    try:
+        for epochs in (1, 3):
+            for training, job in zip(trainings, jobs[epochs]):
+                training.train_to(epochs)
+                (tmp_path / "stepped" / job.key).mkdir(parents=True)
+                training.save(job, at[epochs].generator, base, tmp_path / "stepped" / job.key)
+                stepped[job.key] = weights_digest(tmp_path / "stepped" / job.key / "pytorch_lora_weights.safetensors")
+    finally:
+        for training in trainings:
+            training.close()
+    assert not getattr(pipe.unet, "peft_config", None) and not getattr(pipe.text_encoder, "peft_config", None)
+    alone = {}
+    for epochs, epoch_jobs in jobs.items():
+        for job in epoch_jobs:
+            (tmp_path / "alone" / job.key).mkdir(parents=True)
+            meta = train_lora(pipe, job, at[epochs].generator, base, tmp_path / "alone" / job.key)
+            alone[job.key] = meta["weights_sha256"]
+            assert len(meta["loss_epochs"]) == epochs
+    assert stepped == alone and len(set(alone.values())) == 4
