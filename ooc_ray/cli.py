@@ -56,7 +56,7 @@ HELP = {
     "quality": "per-class KID, synthetic-only accuracy (CAS), nearest-real distances",
     "classify": "Ray Tune grid of classifier trials over ratio x LoRA weight x fold",
     "report": "tables, plots and image grids from the trial Parquet files (read-only)",
-    "search": "Ray Tune + Optuna search over LoRA hyperparameters",
+    "search": "Ray Tune + Optuna search over LoRA and sampling settings, confirmed on unseen folds",
     "fetch": "download the hub base and ImageNet weights the config names, once (cluster setup)",
     "plan": "what `run` would make and re-use, per stage, and roughly how long it takes (read-only)",
     "status": "what an experiment's results folder holds now: lock holder, each stage's output, the last commands",
@@ -78,7 +78,9 @@ READS_WRITES = {
                 "metrics, node), history/ and predictions/. Finished trials with the same key are re-used.",
     "report": "Reads the trials. Writes report/ (report.md, report.html, CSV/Markdown/LaTeX tables, plots). "
               "Read-only on everything else.",
-    "search": "Searches LoRA settings with Ray Tune + Optuna. Writes search/ (trials, best settings).",
+    "search": "Searches search.space with Ray Tune + Optuna (several folds per trial, early stopping), then compares "
+              "the best point with the config's own settings on folds it never scored. Writes search/ (trials, "
+              "results, confirm, best.json, best.yaml).",
     "fetch": "Downloads the hub base and ImageNet weights the config names into HF_HOME and KERAS_HOME.",
     "plan": "Reads the config, manifest.parquet and what earlier runs left in results/<name>/ (bases, LoRAs, "
             "images, trials, their recorded seconds); writes nothing, starts no Ray.",
@@ -87,12 +89,13 @@ READS_WRITES = {
 }
 
 
-def run_stage(name: str, cfg: ExperimentConfig, paths: ExperimentPaths):
-    """Import the stage's module and call it; each stage runs every variant of the axes itself (ooc_ray.variants)."""
+def run_stage(name: str, cfg: ExperimentConfig, paths: ExperimentPaths, **options):
+    """Import the stage's module and call it; each stage runs every variant of the axes itself (ooc_ray.variants).
+    `options`: the command's own flags (search: resume)."""
     module, func = STAGES[name]
     with logs.native_lines_hidden():  # the C++ libraries' import-time notices, below -v
         stage = getattr(importlib.import_module(module), func)
-    return stage(cfg, paths)
+    return stage(cfg, paths, **options)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
         loudness.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
         loudness.add_argument("-v", "--verbose", action="store_true",
                               help="also the libraries' own output (transformers, diffusers, TensorFlow, Ray, Tune)")
+        if name == "search":
+            p.add_argument("--resume", action="store_true",
+                           help="continue this config's search where it was stopped or killed (Ray Tune restore)")
         if name == "report":
             p.add_argument("--out", metavar="DIR", help="write the report into DIR instead of results/<name>/report "
                                                         "(results one cannot write to)")
@@ -124,8 +130,8 @@ def _message(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0]
 
 
-def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths) -> tuple[int, str]:
-    """Run `stages` in order; (exit code, the one-line error or "")."""
+def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths, **options) -> tuple[int, str]:
+    """Run `stages` in order (`options`: a single stage's own flags); (exit code, the one-line error or "")."""
     # No ETA: stages differ in length by orders of magnitude, so an average per stage predicts nothing.
     bar = tqdm(stages, desc="ooc-ray", unit="stage", disable=len(stages) == 1 or not logs.progress_shown(),
                bar_format="{desc}: {n_fmt}/{total_fmt} stages [{elapsed}{postfix}]")
@@ -135,7 +141,7 @@ def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths)
         if name not in QUIET_STAGES:
             note(f"{name} ...")
         try:
-            run_stage(name, cfg, paths)
+            run_stage(name, cfg, paths, **options)
         except ModuleNotFoundError as exc:  # the analysis install (no torch, TensorFlow, Ray) running a stage
             error = (f"{name} failed: no module named '{exc.name}': this command needs the pipeline install "
                      "(bash scripts/install.sh, or pip install -e \".[pipeline]\")")
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         record_path = paths.run_record(started, args.stage)
         atomic_write_text(record_path, yaml.safe_dump(record, sort_keys=False))
         parent = runs.open_parent(cfg, paths, args.stage) if runs else None
-        code, error = _run(stages, cfg, paths)
+        code, error = _run(stages, cfg, paths, **({"resume": args.resume} if args.stage == "search" else {}))
         if code == 0:  # beside the results only when they were made from it
             atomic_write_text(paths.config, resolved)
         if runs:

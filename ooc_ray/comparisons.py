@@ -100,6 +100,20 @@ def bayesian_correlated_t(differences, test_train_ratio: float, margin: float) -
     return out
 
 
+def verdict(diff: float, holm_p: float, tost_p: float, margin: float, undefined: str = "") -> str:
+    """What a row supports at 5 %: better or worse than real only (corrected t, Holm-adjusted), equivalent within
+    the margin (TOST on the corrected t), or neither; a row whose test is undefined supports nothing."""
+    if isinstance(undefined, str) and undefined:
+        return "undefined (" + undefined.split(":")[0] + ")"
+    if math.isnan(diff):
+        return ""
+    if holm_p < ALPHA:
+        return "better" if diff > 0 else "worse"
+    if tost_p < ALPHA:
+        return f"equivalent (±{margin:g})"
+    return "inconclusive"
+
+
 def holm(p_values) -> np.ndarray:
     """Holm-adjusted p-values (step-down, monotone, capped at 1), in the input order; NaNs (no test) stay NaN
     and do not count towards the family size."""

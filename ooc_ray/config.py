@@ -296,26 +296,51 @@ class QualityConfig:
 _SEARCH = ("search",)
 
 
+# The search's default space: the LoRA settings kohya users tune first, and the sampling weight. Each entry is
+# (dotted field, distribution, values): choice lists the values; uniform and loguniform give [low, high];
+# randint gives [low, high], both ends included. sample.weights in a space is the one LoRA weight a point samples.
+SEARCH_SPACE = (
+    ("generator.rank", "choice", (4, 8, 16, 32)),
+    ("generator.alpha", "choice", (1.0, 4.0, 8.0, 16.0, 32.0)),
+    ("generator.unet_lr", "loguniform", (1e-5, 1e-3)),
+    ("generator.text_encoder_lr", "loguniform", (1e-6, 1e-4)),
+    ("generator.epochs", "randint", (2, 20)),
+    ("generator.repeats", "randint", (1, 4)),
+    ("sample.weights", "uniform", (0.5, 1.0)),
+)
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+
+
 @dataclass(frozen=True)
 class SearchConfig:
-    """Ray Tune + Optuna search over LoRA hyperparameters (experiments/lora_search.yaml)."""
+    """Ray Tune + Optuna search over LoRA and sampling settings (experiments/lora_search.yaml)."""
 
     num_samples: int = grid(20, ge=1)  # search trials (points Optuna proposes)
     # "cas" (synthetic-only accuracy), "kid" (lower is better) or "accuracy" (downstream); every trial
     # computes all three, the objective only picks which one Optuna follows.
     objective: Literal["cas", "kid", "accuracy"] = grid("cas")
-    fold: int = result(0, _SEARCH)  # the fold whose training images the search fine-tunes on and scores
-    images_per_class: int = result(16, _SEARCH, ge=2)  # synthetic images sampled per class in each search trial
-    rank: tuple[int, ...] = grid((4, 8, 16, 32))  # LoRA ranks to choose from
-    alpha: tuple[float, ...] = grid((1.0, 4.0, 8.0, 16.0, 32.0))  # LoRA alphas to choose from
-    unet_lr: tuple[float, float] = grid((1e-5, 1e-3))  # log-uniform range
-    text_encoder_lr: tuple[float, float] = grid((1e-6, 1e-4))  # log-uniform range of the text encoder's learning rate
-    epochs: tuple[int, int] = grid((2, 20))  # range of LoRA epochs
-    repeats: tuple[int, int] = grid((1, 4))  # range of kohya repeats
-    weight: tuple[float, float] = grid((0.5, 1.0))  # range of the sampling LoRA weight
+    # The space Optuna proposes points in, from the file's `search.space` mapping of fields to one distribution
+    # each, e.g. {generator.unet_lr: {loguniform: [1.0e-4, 3.0e-3]}, generator.rank: {choice: [2, 4, 8, 16]},
+    # sample.cfg: {uniform: [1, 7]}}: any generator or sample field an axis may vary (ooc_ray.load checks each, and
+    # each end or choice against the field's own bounds). Stored as ((field, distribution, values), ...).
+    space: tuple = grid(SEARCH_SPACE)
+    # The folds each trial trains and scores on; the objective is their mean (its standard error and every
+    # fold's value are recorded). (): every fold but the confirmation folds.
+    folds: tuple[int, ...] = grid((), ge=0, unique=True)
+    # Folds the search never scores on: the best point and the config's own settings are compared there, with
+    # the corrected paired t-test. (): the last ceil(k / 3) folds (one at k = 3, two at k = 4 to 6).
+    confirm_folds: tuple[int, ...] = grid((), ge=0, unique=True)
+    images_per_class: int = result(16, _SEARCH, ge=2)  # LoRA training images (at most) and synthetic images per class
+    # Early stopping (Ray Tune's schedulers): a trial reports its objective every `report_every` LoRA epochs (a
+    # small pool sampled and scored at each), and "asha" (asynchronous successive halving) or "median" (the
+    # median stopping rule) ends trials that trail the others at the same epoch; "none" runs every trial to its end.
+    scheduler: Literal["asha", "median", "none"] = grid("asha")
+    report_every: int = grid(5, ge=0)  # LoRA epochs between a trial's reports; 0: one report, at its end
+    reduction_factor: int = grid(3, ge=2)  # ASHA: about 1 in this many trials goes on at each rung
+    time_budget_s: float = grid(0.0, ge=0)  # stop proposing trials after this many seconds (0: num_samples decides)
     seed: int = result(0, _SEARCH)  # Optuna's sampler seed
-    # After the search, score the best point and the config's own settings (generator.*, the first of
-    # sample.weights) on every fold the search did not choose on: 2 x (k - 1) more trials.
+    # After the search, compare the best point with the config's own settings (generator.*, the first of
+    # sample.weights) on the confirmation folds: 2 trials per confirmation fold.
     confirm: bool = grid(True)
     cpus_per_trial: float = resource(1.0, gt=0)  # CPUs per search trial
     gpus_per_trial: float = resource(0.0, ge=0)  # GPUs per search trial (LoRA training, sampling, then the classifier)

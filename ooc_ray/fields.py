@@ -18,6 +18,23 @@ def with_value(cfg: Any, dotted: str, value: Any) -> Any:
     return dataclasses.replace(cfg, **{head: with_value(getattr(cfg, head), rest, value)})
 
 
+def with_values(cfg: Any, point: dict) -> Any:
+    """`cfg` with every {dotted field: value} of `point` set; a single value for a list field (sample.weights)
+    becomes that one-element list."""
+    for dotted, value in point.items():
+        if isinstance(field_of(dotted)[0].default, tuple) and not isinstance(value, tuple):
+            value = (value,)
+        cfg = with_value(cfg, dotted, value)
+    return cfg
+
+
+def value_of(cfg: Any, dotted: str) -> Any:
+    """The value of the field at `dotted`."""
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -31,6 +48,7 @@ def to_dict(cfg: Any) -> dict:
     out = json.loads(json.dumps(dataclasses.asdict(cfg)))
     if isinstance(cfg, ExperimentConfig):
         out["axes"] = {name: values for name, values in out["axes"]}
+        out["search"]["space"] = {name: {kind: values} for name, kind, values in out["search"]["space"]}
     return out
 
 

@@ -17,9 +17,9 @@ from typing import Any, Literal
 import yaml
 
 from ooc_ray.config import (EFFICIENTNET_BLOCKS, EFFICIENTNETS, INPUT, RESOURCE, RESULT, SPECIAL_WEIGHTS, TINY,
-                            ClassifyConfig, ExperimentConfig, GeneratorConfig)
+                            ClassifyConfig, DISTRIBUTIONS, ExperimentConfig, GeneratorConfig)
 from ooc_ray.errors import ConfigError
-from ooc_ray.fields import field_of
+from ooc_ray.fields import field_of, with_values
 from ooc_ray.variants import variants
 
 # Where an axis may vary a field: what makes or uses synthetic images. Data and folds stay fixed, so every
@@ -191,14 +191,19 @@ def _pretrain_problems(gc: GeneratorConfig) -> list[str]:
 
 
 def _search_problems(cfg: ExperimentConfig) -> list[str]:
-    s, problems = cfg.search, []
-    for name in ("unet_lr", "text_encoder_lr", "epochs", "repeats", "weight"):
-        low, high = getattr(s, name)
-        if low > high:
-            problems.append(f"search.{name}: lower bound {low} is above upper bound {high}")
-    if not s.rank or not s.alpha:
-        problems.append("search.rank / search.alpha: need at least one choice each")
-    return problems
+    """The search's folds: real fold ids, the scored and the confirmation folds apart, at least one scored."""
+    s, n = cfg.search, cfg.folds.k * cfg.folds.repeats
+    found = [f"search.{name}: fold {f} does not exist (folds.k x folds.repeats = {n}: folds 0..{n - 1})"
+             for name in ("folds", "confirm_folds") for f in getattr(s, name) if f >= n]
+    if set(s.folds) & set(s.confirm_folds):
+        found.append(f"search.folds / search.confirm_folds: {sorted(set(s.folds) & set(s.confirm_folds))} in both; "
+                     "the confirmation needs folds the search never scored on")
+    if s.confirm_folds and not s.folds and len(s.confirm_folds) >= n:
+        found.append("search.confirm_folds: every fold; none is left for the search to score on")
+    if s.scheduler != "none" and s.report_every == 0:
+        found.append(f"search.scheduler: {s.scheduler} stops trials at their reports, and search.report_every is 0 "
+                     "(one report, at the end); set report_every (LoRA epochs) or scheduler: none")
+    return found
 
 
 def problems(cfg: ExperimentConfig) -> list[str]:
@@ -239,12 +244,27 @@ def _raise(found: list[str], prefix: str = "") -> None:
 # ---------------------------------------------------------------------------------------------- axes
 
 
-def _axis_field(dotted: str) -> tuple[dict, Any]:
+def _axis_field(dotted: str, where: str) -> tuple[dict, Any]:
     try:
         f, hint = field_of(dotted)
     except KeyError as exc:
-        raise ConfigError(f"axes.{dotted}: {exc.args[0]}") from None
+        raise ConfigError(f"{where}.{dotted}: {exc.args[0]}") from None
     return dict(f.metadata), hint
+
+
+def _varied_field(dotted: str, where: str) -> Any:
+    """The type hint of a field an axis (or a search dimension) may vary; ConfigError naming `where`.`dotted`
+    otherwise: a field that changes no result, shapes the grid, or is data or folds."""
+    meta, hint = _axis_field(dotted, where)
+    if not dotted.startswith(AXIS_SECTIONS):
+        what = "an axis" if where == "axes" else "a search dimension"
+        raise ConfigError(f"{where}.{dotted}: {what} varies generator, sample or classify fields; data and folds "
+                          "stay fixed so that every variant is tested on the same held-out images")
+    if meta["role"] not in (RESULT, INPUT) and dotted not in AXIS_GRID_FIELDS:
+        why = ("changes no result, so every value would give the same numbers" if meta["role"] == RESOURCE
+               else "is already a dimension of the grid (or shapes it); list its values there")
+        raise ConfigError(f"{where}.{dotted}: {why}")
+    return hint
 
 
 def parse_axes(raw: Any) -> tuple:
@@ -254,20 +274,77 @@ def parse_axes(raw: Any) -> tuple:
         raise ConfigError("axes: expected a mapping of config fields to lists of values, e.g. sample.cfg: [2, 7]")
     out = []
     for dotted, values in raw.items():
-        meta, hint = _axis_field(dotted)
-        if not dotted.startswith(AXIS_SECTIONS):
-            raise ConfigError(f"axes.{dotted}: an axis varies generator, sample or classify fields; data and folds "
-                              "stay fixed so that every variant is tested on the same held-out images")
-        if meta["role"] not in (RESULT, INPUT) and dotted not in AXIS_GRID_FIELDS:
-            why = ("changes no result, so every value would give the same numbers" if meta["role"] == RESOURCE
-                   else "is already a dimension of the grid (or shapes it); list its values there")
-            raise ConfigError(f"axes.{dotted}: {why}")
+        hint = _varied_field(dotted, "axes")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"axes.{dotted}: expected a non-empty list of values, got {values!r}")
         coerced = tuple(coerce(v, hint, f"axes.{dotted}[{i}]") for i, v in enumerate(values))
         if len(set(map(repr, coerced))) != len(coerced):
             raise ConfigError(f"axes.{dotted}: values repeat ({list(values)})")
         out.append((dotted, coerced))
+    return tuple(out)
+
+
+# The search trains its LoRAs on one base built before the trials, with split fold, and scores with a linear probe
+# on quality.features: a dimension over these would change nothing its trials compute, or need its own base.
+SEARCH_FIXED = ("classify.", "generator.pretrain.", "generator.base", "generator.split", "generator.per_group",
+                "generator.scope", "sample.replicates")
+SEARCH_ONE_WEIGHT = "sample.weights"  # a grid dimension elsewhere; in a search, the one weight a point samples
+
+
+def _space_values(dotted: str, kind: str, values: Any, hint: Any) -> tuple:
+    """The checked values of one search dimension (the choices, or the [low, high] of a range)."""
+    where = f"search.space.{dotted}.{kind}"
+    if typing.get_origin(hint) is tuple:  # sample.weights: each value is one weight
+        hint = typing.get_args(hint)[0]
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: expected a non-empty list, got {values!r}")
+    coerced = tuple(coerce(v, hint, f"{where}[{i}]") for i, v in enumerate(values))
+    if kind == "choice":
+        if len(set(map(repr, coerced))) != len(coerced):
+            raise ConfigError(f"{where}: values repeat ({values})")
+        return coerced
+    if hint not in ((int,) if kind == "randint" else (float,)):
+        use = "randint or choice" if hint is int else "choice" if kind == "randint" and hint is not float else \
+            "uniform or loguniform" if hint is float else "choice"
+        raise ConfigError(f"{where}: the field holds {getattr(hint, '__name__', hint)} values; use {use}")
+    if len(coerced) != 2 or not coerced[0] < coerced[1] + (kind == "randint"):
+        raise ConfigError(f"{where}: expected [low, high] with low below high, got {values}")
+    if kind == "loguniform" and coerced[0] <= 0:
+        raise ConfigError(f"{where}: a log-uniform range starts above 0, got {values}")
+    return coerced
+
+
+def _space_dimension(dotted: str, spec: Any, cfg: ExperimentConfig) -> tuple:
+    hint = field_of(dotted)[1] if dotted == SEARCH_ONE_WEIGHT else _varied_field(dotted, "search.space")
+    if dotted.startswith(SEARCH_FIXED):
+        raise ConfigError(f"search.space.{dotted}: the search trains on one base (split fold, one LoRA per "
+                          "class) and scores with a linear probe on quality.features; this field would change "
+                          "nothing its trials compute, or need a base per trial")
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise ConfigError(f"search.space.{dotted}: expected one of {{{' | '.join(DISTRIBUTIONS)}: values}}, "
+                          f"got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    values = _space_values(dotted, kind, values, hint)
+    found = [f"search.space.{dotted} = {value}: {p}" for value in values  # each choice and each end of a range
+             for p in problems(with_values(cfg, {dotted: value})) if p not in problems(cfg)]
+    _raise(found)
+    return dotted, kind, values
+
+
+def parse_space(raw: Any, cfg: ExperimentConfig) -> tuple:
+    """The file's `search.space` mapping -> ((dotted field, distribution, values), ...): each field one an axis
+    may vary and a search trial uses, one distribution each, and every choice and range end a value the field
+    accepts in `cfg` (its bounds and combinations)."""
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError("search.space: expected a mapping of fields to distributions, e.g. "
+                          "generator.unet_lr: {loguniform: [1.0e-4, 3.0e-3]}")
+    out, found = [], []
+    for dotted, spec in raw.items():
+        try:
+            out.append(_space_dimension(dotted, spec, cfg))
+        except ConfigError as exc:  # every bad dimension named at once
+            found.append(str(exc))
+    _raise(found)
     return tuple(out)
 
 
@@ -278,8 +355,14 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
     """A validated config from a plain mapping (an experiment file's, after extends, tiny and overrides)."""
     raw = dict(raw or {})
     axes_raw = raw.pop("axes", None)
+    space_raw = None
+    if isinstance(raw.get("search"), dict) and "space" in raw["search"]:
+        raw["search"] = dict(raw["search"])
+        space_raw = raw["search"].pop("space")
     cfg = build(ExperimentConfig, raw)
     _raise(problems(cfg))
+    if space_raw is not None:
+        cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=parse_space(space_raw, cfg)))
     if axes_raw is not None:
         cfg = dataclasses.replace(cfg, axes=parse_axes(axes_raw))
         for variant in variants(cfg):

@@ -77,6 +77,12 @@ def ray_logging_level() -> int:
     return _state["ray_level"]
 
 
+def relevel(name: str) -> None:
+    """Give logger `name` the run's library level again: Optuna sets its own (INFO) when it is first imported,
+    which the search does after configure ran ("A new study created in memory" at the default verbosity)."""
+    logging.getLogger(name).setLevel(_state["ray_level"])
+
+
 @contextmanager
 def native_lines_hidden() -> Iterator[None]:
     """Below -v, file descriptor 2 goes to /dev/null for the block: TensorFlow prints its oneDNN and CUDA notices

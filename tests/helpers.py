@@ -56,6 +56,16 @@ def make_manifest(per_class=(4, 4), k: int = 2, root: Path | None = None, size: 
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS + ["fold"])
 
 
+def write_unlabeled(folder: Path, n: int, seed: int, size: int = 32) -> Path:
+    """n images drawn like helpers.make_manifest's classes (dark / bright + noise), other seed, no labels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = np.clip(40 + 150 * (i % 2) + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"u{i:03d}.png")
+    return folder
+
+
 def write_manifest(manifest: pd.DataFrame, paths: ExperimentPaths) -> None:
     """A manifest with its `fold` column -> manifest.parquet + folds.parquet, as the data stage writes them."""
     write_parquet(manifest.drop(columns="fold"), paths.manifest)

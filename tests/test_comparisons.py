@@ -174,7 +174,7 @@ def test_tost_is_two_one_sided_t_tests_and_holds_its_size():
 
 
 def test_verdicts():
-    from ooc_ray.report.tables import verdict
+    from ooc_ray.comparisons import verdict
 
     assert verdict(0.03, 0.01, 0.9, 0.02) == "better" and verdict(-0.03, 0.01, 0.9, 0.02) == "worse"
     assert verdict(0.001, 0.8, 0.01, 0.02) == "equivalent (±0.02)"

@@ -102,7 +102,7 @@ def test_unknown_section_is_named():
         ({"generator": {"group_prompt": "{label} {"}}, "generator.group_prompt"),
         ({"data": {"demo": {"per_class": [3, 3]}}}, "data.demo.per_class"),
         ({"classify": {"weights": "/nowhere/b0.weights.h5"}}, "classify.weights"),
-        ({"search": {"epochs": [5, 2]}}, "search.epochs"),
+        ({"search": {"space": {"generator.epochs": {"randint": [5, 2]}}}}, "search.space.generator.epochs"),
         ({"data": {"demo": {"size": True}}}, "data.demo.size"),
         ({"folds": 5}, "folds"),
         ({"classify": {"backbone": "SmallCNN", "weights": "none", "mode": "cached"}}, "classify.backbone"),

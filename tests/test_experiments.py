@@ -82,8 +82,9 @@ def check_mlflow_experiment(out: Path) -> None:
         assert {"loss", "test_accuracy"} <= set(run.data.metrics)
 
 
-def check_schema_page(out: Path) -> None:
-    """Every column of every Parquet file the run wrote is in docs/results-schema.md, under its file's heading."""
+def check_schema_page(out: Path, per_file: dict[str, str] | None = None, ignore: set[str] = frozenset()) -> None:
+    """Every column of every Parquet file the run wrote is in docs/results-schema.md, under its file's heading
+    (`per_file`: heading -> file or folder; the pipeline's files by default)."""
     import pyarrow.parquet as pq
 
     page = (REPO / "docs" / "results-schema.md").read_text()
@@ -91,7 +92,7 @@ def check_schema_page(out: Path) -> None:
     for section in page.split("\n## ")[1:]:
         name = section.split("`")[1]
         documented[name] = set(re.findall(r"^\| ([\w&;<>, .]+?) \|", section, re.M)) - {"column"}
-    per_file = {"manifest.parquet": "manifest.parquet", "folds.parquet": "folds.parquet",
+    per_file = per_file or {"manifest.parquet": "manifest.parquet", "folds.parquet": "folds.parquet",
                 "pretrain_images.parquet": "pretrain_images.parquet", "lora/loras.parquet": "lora/loras.parquet",
                 "synthetic.parquet": "synthetic.parquet", "quality.parquet": "quality.parquet",
                 "synthetic_scores.parquet": "synthetic_scores.parquet", "trials/<trial_key>.parquet": "trials",
@@ -100,18 +101,26 @@ def check_schema_page(out: Path) -> None:
         files = sorted((out / found).glob("*.parquet")) if (out / found).is_dir() else [out / found]
         assert files, found
         columns = set(pq.read_schema(files[0]).names)
-        missing = {c for c in columns if c not in documented[heading] and not c.startswith("prob_")}
+        missing = {c for c in columns if c not in documented[heading] | ignore and not c.startswith("prob_")}
         assert not missing, f"docs/results-schema.md, {heading}: columns not documented: {sorted(missing)}"
 
 
 def check_lora_search(out: Path) -> None:
     results = pd.read_parquet(out / "search" / "results.parquet")
-    assert len(results) == 2 and results["score"].is_monotonic_decreasing  # tiny: search.num_samples 2
+    # tiny: 2 trials of 1 or 2 epochs on fold 0 (k = 2: fold 1 is the confirmation's), reporting every epoch,
+    # under ASHA (it may stop one at epoch 1); complete ones first, each group best first (objective cas)
+    assert len(results) == 2 and (results["folds"].map(list) == [[0]] * 2).all()
+    assert results["complete"].iloc[0] and (results["complete"] | (results["epochs_trained"] < results["generator.epochs"])).all()
+    assert results["complete"].is_monotonic_decreasing
     best = json.loads((out / "search" / "best.json").read_text())
+    assert best["stopped_early"] == (~results["complete"]).sum()
     assert best["score"] == results["score"].iloc[0]
-    assert best["spread"]["n_trials"] == 2 and best["spread"]["max"] == results["score"].max()
-    assert best["spread"]["min"] == results["score"].min()
-    # Confirmed on the other fold (tiny: k = 2) against the config's own settings, one row per (fold, settings).
+    assert best["point"] == {name: results[name].iloc[0] for name in ("generator.unet_lr", "generator.rank",
+                                                                        "generator.epochs")}
+    complete = results[results["complete"]]
+    assert complete["score"].is_monotonic_decreasing and best["spread"]["n_trials"] == len(complete)
+    assert best["spread"]["max"] == complete["score"].max() and best["spread"]["min"] == complete["score"].min()
+    # Confirmed on the other fold against the config's own settings, one row per (fold, settings).
     confirm = pd.read_parquet(out / "search" / "confirm.parquet").set_index("settings")
     assert best["confirm"]["folds"] == [1] and sorted(confirm.index) == ["best", "default"]
     assert best["confirm"]["best_mean"] == confirm.loc["best", "score"]
@@ -119,6 +128,12 @@ def check_lora_search(out: Path) -> None:
     gain = confirm.loc["best", "score"] - confirm.loc["default", "score"]  # objective cas: higher is better
     assert best["confirm"]["gain_mean"] == pytest.approx(gain)
     assert best["confirm"]["best_better_folds"] == int(gain > 0)
+    assert best["confirm"]["verdict"] == "undefined (fewer than 2 paired folds)"  # one confirmation fold at k = 2
+    assert (out / "search" / "best.yaml").exists()
+    space = {name for name in results.columns if name.startswith(("generator.", "sample."))}  # the point's columns
+    assert space == {"generator.unet_lr", "generator.rank", "generator.epochs"}
+    check_schema_page(out, {"search/trials/<search_key>.parquet": "search/trials",
+                            "search/confirm.parquet": "search/confirm.parquet"}, ignore=space)
     # Every search trial in MLflow (the embedded SQLite store), with its point and its own Parquet file.
     from mlflow.tracking import MlflowClient
 
@@ -129,7 +144,8 @@ def check_lora_search(out: Path) -> None:
     logged = {r.data.metrics["score"]: r for r in runs}
     for row in results.itertuples():
         run = logged[row.score]
-        assert int(run.data.params["rank"]) == row.rank
+        assert int(run.data.params["generator.rank"]) == results.loc[row.Index, "generator.rank"]
+        assert {"epochs_trained", "score", "cas", "kid"} <= set(run.data.metrics)  # score_se: NaN with one fold, not logged
         assert [f.path for f in client.list_artifacts(run.info.run_id, "trials")] == [f"trials/{row.search_key}.parquet"]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import make_manifest, tiny_cfg, write_manifest
+from helpers import make_manifest, tiny_cfg, write_manifest, write_unlabeled
 from PIL import Image
 
 from ooc_ray.errors import ConfigError, DataError, MissingInputError
@@ -19,16 +19,6 @@ from ooc_ray.paths import ExperimentPaths
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PRETRAIN = {"vae_steps": 4, "unet_steps": 4, "batch_size": 4}
-
-
-def write_unlabeled(folder: Path, n: int, seed: int, size: int = 32) -> Path:
-    """n images drawn like helpers.make_manifest's classes (dark / bright + noise), other seed, no labels."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        arr = np.clip(40 + 150 * (i % 2) + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(folder / f"u{i:03d}.png")
-    return folder
 
 
 def pretrained_experiment(tmp_path: Path, n_unlabeled: int = 8, per_class=(4, 4), **pretrain):

@@ -1,18 +1,34 @@
-"""LoRA hyperparameter search: subset selection and one scored trial (the Ray Tune + Optuna loop runs in
-test_experiments.py, as `ooc-ray search experiments/lora_search.yaml --tiny`)."""
+"""LoRA search: its space (checked like axes), a trial on several folds with checkpoints, the confirmation's paired
+comparison, and a search that starts from bad settings, is killed, resumed with --resume and must end in the good
+region and beat its start on folds it never scored (the plain Tune + Optuna loop also runs in test_experiments.py,
+as `ooc-ray search experiments/lora_search.yaml --tiny`)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from helpers import make_manifest, write_unlabeled
+from scipy import stats
 
 from ooc_ray.backbones import backbone_weights
-from ooc_ray.load import load_config
 from ooc_ray.data import load_manifest, run_data
 from ooc_ray.diffusion.base import resolve_base
 from ooc_ray.errors import ConfigError
+from ooc_ray.fields import to_dict
+from ooc_ray.load import from_dict, load_config
 from ooc_ray.paths import ExperimentPaths
-from ooc_ray.search import run_search_trial, search_subset
+from ooc_ray.search.confirm import compare
+from ooc_ray.search.space import default_point, point_config, split_folds, tune_space
+from ooc_ray.search.trial import fold_part, trial_reports
 
-PARAMS = {"rank": 2, "alpha": 2.0, "unet_lr": 1e-3, "text_encoder_lr": 1e-5, "epochs": 1, "repeats": 1,
-          "weight": 0.9}
+POINT = {"generator.unet_lr": 1e-3, "generator.rank": 2, "generator.epochs": 2}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,32 +42,194 @@ def experiment(repo, tmp_path_factory):
     return cfg, paths, backbone_weights(cfg.classify, paths.models, manifest), resolve_base("tiny", paths.models)
 
 
-def test_subset_comes_from_training_folds_only(experiment):
+# ---------------------------------------------------------------------------------------------- space
+
+
+def test_the_space_is_checked_like_axes_and_every_bad_dimension_is_named_at_once():
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"search": {"space": {
+            "generator.rank": {"choice": [0, 4]},  # a value the field refuses
+            "generator.unet_lr": {"uniform": [1e-2, 1e-4]},  # low above high
+            "folds.k": {"choice": [3]},  # data and folds stay fixed
+            "sample.actors": {"choice": [1, 2]},  # a resource
+            "classify.epochs": {"choice": [1, 2]},  # the search's probe never trains a classifier
+            "generator.epochs": {"uniform": [1, 4]},  # an integer field
+            "sample.cfg": {"normal": [1, 2]},  # no such distribution
+        }}})
+    message = str(caught.value)
+    for named in ("search.space.generator.rank = 0: generator.rank: need at least 1",
+                  "search.space.generator.unet_lr.uniform: expected [low, high]", "search.space.folds.k:",
+                  "search.space.sample.actors: changes no result", "search.space.classify.epochs: the search trains",
+                  "search.space.generator.epochs.uniform: the field holds int values; use randint or choice",
+                  "search.space.sample.cfg: expected one of", "(7 problems)"):
+        assert named in message, named
+    with pytest.raises(ConfigError, match=r"search.folds / search.confirm_folds: \[1\] in both"):
+        from_dict({"folds": {"k": 3}, "search": {"folds": [0, 1], "confirm_folds": [1]}})
+    with pytest.raises(ConfigError, match="search.confirm_folds: fold 5 does not exist"):
+        from_dict({"folds": {"k": 3}, "search": {"confirm_folds": [5]}})
+    with pytest.raises(ConfigError, match="search.scheduler: asha stops trials at their reports"):
+        from_dict({"search": {"report_every": 0}})
+
+
+def test_a_space_becomes_tune_distributions_and_round_trips_through_the_saved_config(repo):
+    cfg = load_config(repo / "experiments" / "lora_search.yaml", [])
+    space = tune_space(cfg.search.space)
+    assert space["generator.rank"].categories == [2, 4, 8, 16]
+    assert (space["generator.unet_lr"].lower, space["generator.unet_lr"].upper) == (3e-4, 1e-2)
+    assert (space["generator.epochs"].lower, space["generator.epochs"].upper) == (2, 9)  # Tune's end is exclusive
+    assert from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))) == cfg  # as best.yaml is written
+    # The config's own settings as a point; a point applied: its values, split fold, one LoRA weight.
+    own = default_point(cfg)
+    assert own["generator.unet_lr"] == 3e-3 and own["sample.weights"] == 1.0 and own["sample.cfg"] == 1.0
+    applied = point_config(cfg, {**own, "sample.weights": 0.7, "generator.rank": 16})
+    assert applied.sample.weights == (0.7,) and applied.generator.rank == 16 and applied.generator.split == "fold"
+    # The default space (no search.space in the file): kohya's LoRA settings and the weight.
+    plain = from_dict({})
+    assert [name for name, _, _ in plain.search.space][-1] == "sample.weights"
+    # 4 folds: two scored, the last ceil(4 / 3) = 2 kept for the confirmation.
+    manifest = pd.DataFrame({"fold": [0, 1, 2, 3] * 3})
+    assert split_folds(cfg, manifest) == ([0, 1], [2, 3])
+
+
+# ---------------------------------------------------------------------------------------------- one trial
+
+
+def test_folds_parts_come_from_training_images_only(experiment):
     cfg, paths, _, _ = experiment
     manifest = load_manifest(paths)
-    subset, test = search_subset(manifest, cfg.search)
-    assert subset.groupby("label").size().le(3).all() and set(subset["label"]) == set(manifest["label"])
-    assert not set(subset["id"]) & set(test["id"])
-    assert (test["fold"] == cfg.search.fold).all()
-    with pytest.raises(ConfigError, match="search.fold"):
-        search_subset(manifest, cfg.search.__class__(fold=7))
+    for fold in (0, 1):
+        part = fold_part(manifest, fold, cfg.search)
+        assert part.subset.groupby("label").size().le(3).all() and set(part.subset["label"]) == set(manifest["label"])
+        assert not set(part.subset["id"]) & set(part.test["id"]) and (part.test["fold"] == fold).all()
 
 
-def test_one_trial_scores_and_is_cached(experiment):
+def test_a_trial_on_two_folds_reports_at_checkpoints_that_are_the_loras_of_their_epochs(experiment):
+    """POINT trains 2 epochs and reports after each (report_every 1) on folds 0 and 1. The objective is the mean of
+    the folds' values, and each fold's value is what a trial on that fold alone scores. The epoch-1 checkpoint is
+    the LoRA of generator.epochs = 1: a trial at that point re-uses it (trains nothing) and scores the same."""
     cfg, paths, weights, base = experiment
-    row = run_search_trial(PARAMS, cfg, paths, base, weights)
-    assert 0.0 <= row["cas"] <= 1.0 and 0.0 <= row["accuracy"] <= 1.0 and row["score"] == row["cas"]
-    assert row["rank"] == 2 and row["weight"] == 0.9
-    files = list((paths.search / "trials").glob("*.parquet"))
-    assert len(files) == 1
-    again = run_search_trial(PARAMS, cfg, paths, base, weights)  # same point: read back, not retrained
-    assert again["duration_s"] == row["duration_s"]
-    # the trial sampled with sample.* as configured (img2img is no longer silently txt2img)
-    synthetic = pd.concat([pd.read_parquet(p) for p in (paths.search / "synthetic").rglob("pool.parquet")])
-    assert set(synthetic["mode"]) == {"txt2img"} and set(synthetic["steps"]) == {cfg.sample.steps}
-    img2img = cfg.__class__(**{**cfg.__dict__, "sample": cfg.sample.__class__(
-        **{**cfg.sample.__dict__, "mode": "img2img", "strength": 0.5})})
-    other = run_search_trial(PARAMS, img2img, paths, base, weights)
-    assert other["search_key"] != row["search_key"]
+    rows = list(trial_reports(POINT, cfg, paths, base, weights, [0, 1], every=1))
+    assert [r["epochs_trained"] for r in rows] == [1, 2] and [r["complete"] for r in rows] == [False, True]
+    last = rows[-1]
+    assert last["folds"] == [0, 1] and last["score"] == pytest.approx(np.mean(last["fold_scores"]))
+    assert last["score_se"] == pytest.approx(stats.sem(last["fold_scores"]))
+    n_test = sum(len(load_manifest(paths).query(f"fold == {f}")) for f in (0, 1))
+    assert last["n_test"] == n_test and last["resolution"] == pytest.approx(1 / n_test)
+    for fold, value in zip((0, 1), last["fold_scores"]):
+        (alone,) = trial_reports(POINT, cfg, paths, base, weights, [fold], every=0)
+        assert alone["score"] == value and alone["cas"] == alone["score"]
+    loras = {p.name for p in (paths.search / "lora").iterdir()}
+    (shorter,) = trial_reports({**POINT, "generator.epochs": 1}, cfg, paths, base, weights, [0, 1], every=0)
+    assert {p.name for p in (paths.search / "lora").iterdir()} == loras  # the checkpoint's LoRAs, re-used
+    assert shorter["fold_scores"] == rows[0]["fold_scores"] and shorter["complete"]
+    # A finished trial is read back, not run again.
+    (again,) = trial_reports(POINT, cfg, paths, base, weights, [0, 1], every=1)
+    assert again["duration_s"] == last["duration_s"] and again["search_key"] == last["search_key"]
+
+
+def test_a_trial_samples_with_sample_settings_as_configured(experiment):
+    cfg, paths, weights, base = experiment
+    img2img = from_dict({**to_dict(cfg), "sample": {**to_dict(cfg.sample), "mode": "img2img", "strength": 0.5}})
+    (row,) = trial_reports({**POINT, "generator.epochs": 1}, img2img, paths, base, weights, [0], every=0)
     pools = pd.concat([pd.read_parquet(p) for p in (paths.search / "synthetic").rglob("pool.parquet")])
-    assert set(pools["mode"]) == {"txt2img", "img2img"} and set(pools["strength"]) == {1.0, 0.5}
+    assert row["search_key"] in {p.stem for p in (paths.search / "trials").iterdir()}
+    assert {"img2img"} <= set(pools["mode"]) and 0.5 in set(pools["strength"])
+
+
+# ---------------------------------------------------------------------------------------------- confirmation
+
+
+def test_the_confirmation_is_the_corrected_paired_t_test_of_the_gain(repo):
+    """Hand-worked: gains 0.10 and 0.30 on two folds, n_test / n_train = 1/3: mean 0.2, sd 0.1414, corrected se
+    sqrt((1/2 + 1/3) 0.02) = 0.1291, t = 1.549 on 1 df, p = 0.365: inconclusive. For KID (lower is better) the
+    sign turns. One fold: no test."""
+    cfg = load_config(repo / "experiments" / "lora_search.yaml", [])
+    table = pd.DataFrame({"fold": [2, 2, 3, 3], "settings": ["best", "default"] * 2, "score": [0.8, 0.7, 0.9, 0.6]})
+    out = compare(table, cfg, 1 / 3)
+    assert out["gain_mean"] == pytest.approx(0.2) and out["best_better_folds"] == 2
+    se = math.sqrt((1 / 2 + 1 / 3) * 0.02)
+    assert out["corrected_p"] == pytest.approx(2 * stats.t.sf(0.2 / se, 1)) and out["corrected_p"] == pytest.approx(0.365, abs=1e-3)
+    assert out["gain_ci"][0] == pytest.approx(0.2 - stats.t.ppf(0.975, 1) * se)
+    assert out["verdict"] == "inconclusive"
+    raw = to_dict(cfg)
+    raw["search"]["objective"] = "kid"
+    kid = from_dict(raw)
+    assert compare(table, kid, 1 / 3)["gain_mean"] == pytest.approx(-0.2)
+    one = compare(table[table["fold"] == 2], cfg, 1 / 3)
+    assert one["verdict"] == "undefined (fewer than 2 paired folds)" and math.isnan(one["corrected_p"])
+
+
+# ---------------------------------------------------------------------------------------------- a whole search
+
+
+def bad_start_experiment(root) -> dict:
+    """Two classes that differ in brightness (dark good, bright bad), a tiny base pretrained on unlabeled images of
+    both, LoRAs that learn each class's brightness in 10 epochs, and sampling at LoRA weight 0.1: deliberately
+    bad, as both classes' pools then come out the same grey (measured: 152 grey levels each, against the real 40
+    and 190), so a probe trained on them guesses (CAS 0.5). The known good region is weight >= 0.5. The search
+    varies the weight and follows CAS. (KID on the image statistics ranked 0.1 first: every pool is smooth where
+    the real images are noisy, and that texture gap swamps the brightness.)"""
+    make_manifest((16, 16), root=root)
+    return {
+        "name": "bad_start", "results_dir": str(root / "results"),
+        "data": {"source": str(root / "images"), "classes": ["good", "bad"]},
+        "folds": {"k": 4},
+        "generator": {"base": "tiny", "resolution": 32, "epochs": 10, "repeats": 2, "batch_size": 4, "rank": 4,
+                      "alpha": 4.0, "unet_lr": 1e-3, "text_encoder_lr": 0.0, "unet_modules": "transformer+conv",
+                      "pretrain": {"source": str(write_unlabeled(root / "unlabeled", 64, seed=7)), "vae_steps": 60,
+                                   "unet_steps": 120, "batch_size": 16}},
+        "sample": {"weights": [0.1], "steps": 8, "cfg": 1.5, "resolution": 32, "batch_size": 12},
+        "classify": {"backbone": "SmallCNN", "weights": "none", "input_size": 32},
+        "quality": {"features": "image_statistics", "kid_subsets": 10, "kid_subset_size": 4},
+        "search": {"num_samples": 4, "objective": "cas", "images_per_class": 12, "scheduler": "none",
+                   "report_every": 0, "folds": [0, 1],
+                   "space": {"sample.weights": {"uniform": [0.05, 1.0]}}},
+        "ray": {"num_cpus": 2},
+    }
+
+
+def search_command(path, *extra) -> list[str]:
+    return [sys.executable, "-m", "ooc_ray.cli", "search", str(path), "-q", *extra]
+
+
+@pytest.mark.slow
+def test_a_search_from_bad_settings_killed_and_resumed_finds_the_good_region_and_beats_its_start(tmp_path):
+    path = tmp_path / "bad_start.yaml"
+    path.write_text(yaml.safe_dump(bad_start_experiment(tmp_path)))
+    out = tmp_path / "results" / "bad_start" / "search"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # Killed (the whole process group, Ray with it) once its first trial is written.
+    proc = subprocess.Popen(search_command(path), env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "trials").glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*.parquet")}
+    # Run again as before: refused, naming --resume; then resumed to its end.
+    again = subprocess.run(search_command(path), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "unfinished search of this config" in again.stderr and "--resume" in again.stderr
+    resumed = subprocess.run(search_command(path, "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 4 and results["complete"].all()
+    assert results["sample.weights"].tolist().count(0.1) == 1  # the config's own settings: one of the trials
+    for name, stamp in first.items():  # the trial finished before the kill was not run again
+        assert (out / "trials" / name).stat().st_mtime_ns == stamp
+    best = json.loads((out / "best.json").read_text())
+    assert best["point"]["sample.weights"] >= 0.5, results[["sample.weights", "score"]]
+    assert best["score"] == results["score"].max() and results["complete"].all()
+    checked = best["confirm"]
+    assert checked["folds"] == [2, 3] and checked["default_point"] == {"sample.weights": 0.1}
+    # The start scores chance (0.5) on every fold; the best point's CAS is higher on average over the unseen folds
+    # (measured on this set, 4 folds each: weight 0.1 0.50, 0.4 0.69, 0.7 0.91, 1.0 0.84; a fold's 8 held-out
+    # images move it in steps of 0.125).
+    assert checked["gain_mean"] > 0 and checked["best_better_folds"] >= 1, checked
+    confirm = pd.read_parquet(out / "confirm.parquet")
+    assert sorted(zip(confirm["fold"], confirm["settings"])) == [(2, "best"), (2, "default"), (3, "best"), (3, "default")]
+    # best.yaml: the experiment with the winning weight, which `ooc-ray` loads as it is.
+    applied = load_config(out / "best.yaml", [])
+    assert applied.sample.weights == (pytest.approx(best["point"]["sample.weights"]),)
+    assert applied.generator == from_dict(bad_start_experiment(tmp_path)).generator

@@ -16,7 +16,7 @@ import pandas as pd
 
 from ooc_ray.comparisons import (ALPHA, METRIC_COLUMNS, POWER, bayesian_correlated_t, cluster_bootstrap, corrected_t,
                                  equivalence, holm, minimum_detectable_effect, paired_differences,
-                                 pooled_replicates_t, replicate_components, repeats_to_detect)
+                                 pooled_replicates_t, replicate_components, repeats_to_detect, verdict)
 from ooc_ray.protocol import Arm
 
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
@@ -133,20 +133,6 @@ def apply_family(tables: list[pd.DataFrame], margin: float) -> int:
         table["verdict"] = [verdict(d, h, t, margin, u) for d, h, t, u in
                             zip(diffs, table["holm_p"], table["tost_p"], table["undefined"].fillna(""))]
     return len(distinct)
-
-
-def verdict(diff: float, holm_p: float, tost_p: float, margin: float, undefined: str = "") -> str:
-    """What a row supports at 5 %: better or worse than real only (corrected t, Holm-adjusted), equivalent within
-    the margin (TOST on the corrected t), or neither; a row whose test is undefined supports nothing."""
-    if isinstance(undefined, str) and undefined:
-        return "undefined (" + undefined.split(":")[0] + ")"
-    if math.isnan(diff):
-        return ""
-    if holm_p < ALPHA:
-        return "better" if diff > 0 else "worse"
-    if tost_p < ALPHA:
-        return f"equivalent (±{margin:g})"
-    return "inconclusive"
 
 
 def design_sensitivity(table: pd.DataFrame, k: int, repeats: int, ratio: float) -> dict | None:

@@ -1,0 +1,211 @@
+"""LoRA search: Ray Tune + Optuna over search.space (any generator or sample field an axis may vary), each trial
+scored on several folds (ooc_ray.search.trial), poor trials stopped early by ASHA or the median rule at the
+checkpoints of their LoRA training, and the best point confirmed against the config's own settings on folds the
+search never scored on (ooc_ray.search.confirm).
+
+The linear probe on quality.features stands in for the full classifier grid: seconds per trial, not hours. What
+the search writes (search/): trials/<key>.parquet (a row per trial, updated at each checkpoint), results.parquet
+(this search's trials, complete ones best first), confirm.parquet, best.json, and best.yaml: the experiment with
+the winning point applied, which `ooc-ray run search/best.yaml` runs as it is (the full grid on every fold).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+from ray.tune.search.optuna import OptunaSearch
+
+from ooc_ray import keys
+from ooc_ray.backbones import BackboneWeights
+from ooc_ray.config import ExperimentConfig
+from ooc_ray.data import run_data
+from ooc_ray.diffusion.base import BaseModel
+from ooc_ray.diffusion.pretrain import generator_base
+from ooc_ray.errors import StageError
+from ooc_ray.features import weights_on_cluster
+from ooc_ray.fields import to_dict, with_values
+from ooc_ray.gpu import require_tf_gpu, require_torch_cuda
+from ooc_ray.io import atomic_write_text, write_parquet
+from ooc_ray.logs import note, relevel
+from ooc_ray.paths import ExperimentPaths
+from ooc_ray.pretrain import run_pretrain
+from ooc_ray.raycluster import init_ray, require_resources, tune_storage
+from ooc_ray.search.confirm import confirm
+from ooc_ray.search.space import default_point, describe, max_epochs, outside, point_of, split_folds, tune_space
+from ooc_ray.search.trial import OBJECTIVE_MODE, REPORTED, final_row, trial_reports
+from ooc_ray.tracking import tracker, with_callbacks
+from ooc_ray.variants import refuse_axes
+
+
+def _check_gpus(cfg: ExperimentConfig) -> None:
+    """In a Ray worker: the GPUs this trial was given work (LoRA training and sampling on torch, the probe's
+    features on TensorFlow)."""
+    if cfg.search.gpus_per_trial > 0:
+        request = f"search trial: search.gpus_per_trial={cfg.search.gpus_per_trial:g}"
+        require_torch_cuda(request)
+        require_tf_gpu(request)
+
+
+def _checked_final_row(point: dict, cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel,
+                       weights: BackboneWeights, folds: list[int]) -> dict:
+    _check_gpus(cfg)
+    return final_row(point, cfg, paths, base, weights, folds)
+
+
+def _tune_trainable(params: dict, cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel,
+                    weights: BackboneWeights, folds: list[int]) -> None:
+    _check_gpus(cfg)
+    for row in trial_reports(point_of(cfg.search.space, params), cfg, paths, base, weights, folds,
+                             cfg.search.report_every):
+        tune.report({k: row[k] for k in REPORTED})
+
+
+def _scheduler(cfg: ExperimentConfig):
+    """Ray Tune's early stopping on the epochs a trial has trained (its reports come every report_every)."""
+    s, longest = cfg.search, max_epochs(cfg)
+    if s.scheduler == "asha":
+        return ASHAScheduler(time_attr="epochs_trained", max_t=longest, grace_period=min(s.report_every, longest),
+                             reduction_factor=s.reduction_factor)
+    if s.scheduler == "median":
+        return MedianStoppingRule(time_attr="epochs_trained", grace_period=min(s.report_every, longest))
+    return FIFOScheduler()
+
+
+def _search_trial_id(run_name: str, trial) -> str:
+    return f"{run_name}/{trial.trial_id}"  # Tune's id, kept by a restored search
+
+
+def _search_params(trial) -> dict:
+    return dict(trial.config)
+
+
+def _search_files(paths: ExperimentPaths, trial, last_result: dict) -> list[Path]:
+    key = last_result.get("search_key")
+    return [paths.search / "trials" / f"{key}.parquet"] if key else []
+
+
+def _tuner(cfg: ExperimentConfig, paths: ExperimentPaths, trainable, run_name: str, resume: bool):
+    """A new Tune search, or (resume) the unfinished one of this config restored; a config whose search was
+    stopped part-way is refused without --resume (its trials would be started again under the same name)."""
+    s = cfg.search
+    storage = tune_storage(cfg, paths)  # s3://... stays a URI; local paths become absolute
+    folder = f"{storage}/{run_name}"
+    callbacks = tracker(cfg, paths, "search", functools.partial(_search_trial_id, run_name), _search_params,
+                        functools.partial(_search_files, paths))
+    if tune.Tuner.can_restore(folder):
+        if not resume:
+            raise StageError(f"search: an unfinished search of this config is in {folder} (stopped or killed); "
+                             "`ooc-ray search <file> --resume` continues it, or remove that folder to start again")
+        tuner = tune.Tuner.restore(folder, trainable, resume_errored=True)
+        with_callbacks(tuner, callbacks)
+        return tuner
+    if resume:
+        raise StageError(f"search --resume: no unfinished search of this config in {folder} (a changed setting or "
+                         "data set starts a new search); run without --resume")
+    # The config's own settings are the first trial, where the space holds them: a point the search then picks
+    # has beaten them on the search's folds, not only the other proposals.
+    own, off = default_point(cfg), outside(s.space, default_point(cfg))
+    if off:
+        note(f"search: the config's own settings are outside search.space ({', '.join(off)}): not a trial")
+    return tune.Tuner(
+        trainable, param_space=tune_space(s.space),
+        tune_config=tune.TuneConfig(search_alg=OptunaSearch(seed=s.seed, points_to_evaluate=None if off else [own]),
+                                    scheduler=_scheduler(cfg), metric="score",
+                                    mode=OBJECTIVE_MODE[s.objective], num_samples=s.num_samples,
+                                    max_concurrent_trials=s.max_concurrent or None,
+                                    time_budget_s=s.time_budget_s or None),
+        run_config=tune.RunConfig(name=run_name, storage_path=storage, verbose=0, callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=1)))
+
+
+def _results(paths: ExperimentPaths, found: list[str], objective: str) -> pd.DataFrame:
+    """This search's trials (search/trials/ keeps every search's): complete ones first, each group best first."""
+    results = pd.concat([pd.read_parquet(paths.search / "trials" / f"{k}.parquet") for k in found],
+                        ignore_index=True)
+    ascending = OBJECTIVE_MODE[objective] == "min"
+    results["order"] = results["score"] if ascending else -results["score"]
+    return results.sort_values(["complete", "order"], ascending=[False, True], ignore_index=True).drop(columns="order")
+
+
+def write_best_yaml(cfg: ExperimentConfig, paths: ExperimentPaths, point: dict, summary: dict) -> Path:
+    """search/best.yaml: this experiment with the winning point applied, whole (`ooc-ray run` takes it as is)."""
+    checked = summary.get("confirm", {})
+    header = [f"# {cfg.name} with the LoRA search's best point applied (search/best.json):",
+              f"#   {describe(point)}",
+              f"# search objective {summary['objective']} {summary['score']:.4f} (mean of folds {summary['folds']})"]
+    if "folds" in checked:
+        header.append(f"# confirmed on folds {checked['folds']}: {checked['verdict'] or 'no verdict'} "
+                      f"(gain {checked['gain_mean']:+.4f} over the settings it replaces)")
+    elif checked:
+        header.append(f"# {checked['verdict']}")
+    text = "\n".join(header) + "\n" + yaml.safe_dump(to_dict(with_values(cfg, point)), sort_keys=False)
+    atomic_write_text(paths.search / "best.yaml", text)
+    return paths.search / "best.yaml"
+
+
+def run_search(cfg: ExperimentConfig, paths: ExperimentPaths, resume: bool = False) -> pd.DataFrame:
+    """Run (or, resume, continue) the search; writes search/results.parquet, best.json and best.yaml."""
+    refuse_axes(cfg, "the LoRA search (it explores its own space, search.*, on one config; run the axes with "
+                     "`ooc-ray run`)")
+    manifest = run_data(cfg, paths)  # skips an unchanged source
+    if cfg.generator.pretrain.source:
+        run_pretrain(cfg, paths)  # the base every trial's LoRAs train on; re-used while its inputs are unchanged
+    weights = weights_on_cluster(cfg, cfg.classify, paths.models, manifest)
+    base = generator_base(cfg, paths)  # built once, before any trial reads it
+    s = cfg.search
+    relevel("optuna")
+    folds, confirm_folds = split_folds(cfg, manifest)
+    init_ray(cfg)
+    require_resources(cfg, {"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
+                      f"search: search.cpus_per_trial={s.cpus_per_trial:g}, search.gpus_per_trial={s.gpus_per_trial:g}")
+    run_key = keys.search_run_key(cfg, base.identity, weights.identity, manifest)
+    finished = paths.search / "runs" / f"{run_key}.json"  # a search that ran to its end: its trials, re-used
+    if finished.exists() and not resume:
+        found = json.loads(finished.read_text())["trials"]
+        note(f"search: this search finished before ({len(found)} trials); re-using its results")
+    else:
+        trainable = tune.with_resources(
+            tune.with_parameters(_tune_trainable, cfg=cfg, paths=paths, base=base, weights=weights, folds=folds),
+            {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+        grid = _tuner(cfg, paths, trainable, f"lora_search_{run_key}", resume).fit()
+        found = sorted({r.metrics["search_key"] for r in grid if r.metrics and "search_key" in r.metrics})
+        atomic_write_text(finished, json.dumps({"trials": found}))
+    if not found:
+        raise StageError(f"search: no trial finished; see the Tune error files under {tune_storage(cfg, paths)}")
+    results = _results(paths, found, s.objective)
+    write_parquet(results, paths.search / "results.parquet")
+    complete = results[results["complete"]]
+    if complete.empty:
+        raise StageError("search: every trial was stopped early; raise search.num_samples or the time budget")
+    best = complete.iloc[0].to_dict()
+    point = {name: best[name] for name, _, _ in s.space}
+    scores = complete["score"].astype(float)
+    summary = {**{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in best.items()},
+               "point": point, "stopped_early": int((~results["complete"]).sum()),
+               "spread": {"n_trials": len(scores), "min": float(scores.min()), "max": float(scores.max()),
+                          "std": float(scores.std(ddof=1)) if len(scores) > 1 else float("nan")}}
+    se = f" ± {best['score_se']:.4f} (se over folds {best['folds']})" if len(best["folds"]) > 1 else \
+        f" (fold {best['folds'][0]})"
+    note(f"search: best {s.objective} {best['score']:.4f}{se}, one held-out image = {best['resolution']:.4f}, with "
+         f"{describe(point)}; {len(scores)} trials complete "
+         f"({scores.min():.4f}..{scores.max():.4f}), {summary['stopped_early']} stopped early")
+    if s.confirm and point == default_point(cfg):
+        summary["confirm"] = {"verdict": "the config's own settings were the best point: nothing to confirm"}
+        note("search: the best point is the config's own settings; nothing to confirm")
+    elif s.confirm:
+        task = init_ray(cfg).remote(_checked_final_row).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial,
+                                                                max_retries=cfg.ray.max_retries)
+        checked = confirm(cfg, paths, base, weights, point, confirm_folds, task)
+        summary["confirm"] = checked
+        note(f"search: on folds {checked['folds']}, never scored by the search: best {checked['best_mean']:.4f}, "
+             f"the config's own settings {checked['default_mean']:.4f}; gain {checked['gain_mean']:+.4f} "
+             f"[{checked['gain_ci'][0]:+.4f}, {checked['gain_ci'][1]:+.4f}], corrected p {checked['corrected_p']:.3g}: "
+             f"{checked['verdict']}")
+    atomic_write_text(paths.search / "best.json", json.dumps(summary, indent=2, default=str))
+    note(f"search: {write_best_yaml(cfg, paths, point, summary)} runs the winning settings: ooc-ray run <that file>")
+    return results

@@ -1,0 +1,56 @@
+"""The search's confirmation: the best point against the config's own settings on folds the search never scored
+on (a best trial is selected partly for its folds' noise; these folds are data it never saw), each a whole trial
+per (fold, settings), compared with the report's corrected paired t-test and TOST, and a verdict."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ooc_ray.backbones import BackboneWeights
+from ooc_ray.comparisons import corrected_t, equivalence, verdict
+from ooc_ray.config import ExperimentConfig
+from ooc_ray.data import load_manifest
+from ooc_ray.diffusion.base import BaseModel
+from ooc_ray.folds import held_out_rows, train_rows
+from ooc_ray.io import write_parquet
+from ooc_ray.paths import ExperimentPaths
+from ooc_ray.raycluster import init_ray, wait_all
+from ooc_ray.search.space import default_point
+from ooc_ray.search.trial import OBJECTIVE_MODE
+
+
+def held_out_ratio(manifest: pd.DataFrame, folds: list[int]) -> float:
+    """n_test / n_train of the folds (their mean): the corrected t's variance correction."""
+    return float(np.mean([len(held_out_rows(manifest, f)) / len(train_rows(manifest, f)) for f in folds]))
+
+
+def compare(table: pd.DataFrame, cfg: ExperimentConfig, ratio: float) -> dict:
+    """The paired comparison of `table` (fold, settings best|default, score): the mean gain of the best point
+    (sign-adjusted: > 0 is better whatever the objective's direction), the corrected t and TOST, the verdict."""
+    scores = table.pivot(index="fold", columns="settings", values="score")
+    sign = 1.0 if OBJECTIVE_MODE[cfg.search.objective] == "max" else -1.0
+    gain = (sign * (scores["best"] - scores["default"])).to_numpy()
+    margin = cfg.report.equivalence_margin
+    test, tost = corrected_t(gain, ratio), equivalence(gain, ratio, margin)
+    return {"folds": [int(f) for f in scores.index], "best_mean": float(scores["best"].mean()),
+            "default_mean": float(scores["default"].mean()), "gain_mean": float(gain.mean()),
+            "gain_ci": [test["ci_low"], test["ci_high"]], "corrected_p": test["p"], "tost_p": tost["p"],
+            "margin": margin, "undefined": test["undefined"], "best_better_folds": int((gain > 0).sum()),
+            "verdict": verdict(float(gain.mean()), test["p"], tost["p"], margin, test["undefined"])}
+
+
+def confirm(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel, weights: BackboneWeights,
+            best: dict, folds: list[int], task) -> dict:
+    """Score the best point and the defaults on each confirmation fold (Ray tasks of `task`, a whole trial each,
+    with the search trials' resources); writes search/confirm.parquet, returns the comparison."""
+    init_ray(cfg)
+    s = cfg.search
+    points = {"best": best, "default": default_point(cfg)}
+    runs = [(fold, settings, point) for fold in folds for settings, point in points.items()]
+    request = {"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial}
+    done = wait_all(cfg, [task.remote(point, cfg, paths, base, weights, [fold]) for fold, _, point in runs], request,
+                    "search: confirmation")
+    table = pd.DataFrame([{"fold": fold, "settings": settings, "score": float(row["score"]),
+                           "search_key": row["search_key"]} for (fold, settings, _), row in zip(runs, done)])
+    write_parquet(table, paths.search / "confirm.parquet")
+    return {**compare(table, cfg, held_out_ratio(load_manifest(paths), folds)), "default_point": points["default"]}
