@@ -148,6 +148,62 @@ def write_best_yaml(cfg: ExperimentConfig, paths: ExperimentPaths, point: dict, 
     return paths.search / "best.yaml"
 
 
+def _search_trials(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel, weights: BackboneWeights,
+                   folds: list[int], run_key: str, resume: bool) -> list[str]:
+    """The keys of this search's trials: from its record when it ran to its end before, else from Tune."""
+    finished = paths.search / "runs" / f"{run_key}.json"  # a search that ran to its end: its trials, re-used
+    if finished.exists() and not resume:
+        found = json.loads(finished.read_text())["trials"]
+        note(f"search: this search finished before ({len(found)} trials); re-using its results")
+        return found
+    s = cfg.search
+    trainable = tune.with_resources(
+        tune.with_parameters(_tune_trainable, cfg=cfg, paths=paths, base=base, weights=weights, folds=folds),
+        {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+    grid = _tuner(cfg, paths, trainable, f"lora_search_{run_key}", resume).fit()
+    found = sorted({r.metrics["search_key"] for r in grid if r.metrics and "search_key" in r.metrics})
+    if not found:
+        raise StageError(f"search: no trial finished; see the Tune error files under {tune_storage(cfg, paths)}")
+    atomic_write_text(finished, json.dumps({"trials": found}))
+    return found
+
+
+def _summary(results: pd.DataFrame, cfg: ExperimentConfig) -> tuple[dict, dict]:
+    """(the best complete trial's point, best.json's summary: its row, the spread over complete trials)."""
+    complete = results[results["complete"]]
+    if complete.empty:
+        raise StageError("search: every trial was stopped early; raise search.num_samples or the time budget")
+    best = complete.iloc[0].to_dict()
+    point = {name: best[name] for name, _, _ in cfg.search.space}
+    scores = complete["score"].astype(float)
+    summary = {**{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in best.items()},
+               "point": point, "stopped_early": int((~results["complete"]).sum()),
+               "spread": {"n_trials": len(scores), "min": float(scores.min()), "max": float(scores.max()),
+                          "std": float(scores.std(ddof=1)) if len(scores) > 1 else float("nan")}}
+    se = f" ± {best['score_se']:.4f} (se over folds {best['folds']})" if len(best["folds"]) > 1 else \
+        f" (fold {best['folds'][0]})"
+    note(f"search: best {cfg.search.objective} {best['score']:.4f}{se}, one held-out image = "
+         f"{best['resolution']:.4f}, with {describe(point)}; {len(scores)} trials complete "
+         f"({scores.min():.4f}..{scores.max():.4f}), {summary['stopped_early']} stopped early")
+    return point, summary
+
+
+def _confirmed(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel, weights: BackboneWeights,
+               point: dict, folds: list[int]) -> dict:
+    s = cfg.search
+    if point == default_point(cfg):
+        note("search: the best point is the config's own settings; nothing to confirm")
+        return {"verdict": "the config's own settings were the best point: nothing to confirm"}
+    task = init_ray(cfg).remote(_checked_final_row).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial,
+                                                            max_retries=cfg.ray.max_retries)
+    checked = confirm(cfg, paths, base, weights, point, folds, task)
+    note(f"search: on folds {checked['folds']}, never scored by the search: best {checked['best_mean']:.4f}, "
+         f"the config's own settings {checked['default_mean']:.4f}; gain {checked['gain_mean']:+.4f} "
+         f"[{checked['gain_ci'][0]:+.4f}, {checked['gain_ci'][1]:+.4f}], corrected p {checked['corrected_p']:.3g}: "
+         f"{checked['verdict']}")
+    return checked
+
+
 def run_search(cfg: ExperimentConfig, paths: ExperimentPaths, resume: bool = False) -> pd.DataFrame:
     """Run (or, resume, continue) the search; writes search/results.parquet, best.json and best.yaml."""
     refuse_axes(cfg, "the LoRA search (it explores its own space, search.*, on one config; run the axes with "
@@ -164,48 +220,11 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths, resume: bool = Fal
     require_resources(cfg, {"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
                       f"search: search.cpus_per_trial={s.cpus_per_trial:g}, search.gpus_per_trial={s.gpus_per_trial:g}")
     run_key = keys.search_run_key(cfg, base.identity, weights.identity, manifest)
-    finished = paths.search / "runs" / f"{run_key}.json"  # a search that ran to its end: its trials, re-used
-    if finished.exists() and not resume:
-        found = json.loads(finished.read_text())["trials"]
-        note(f"search: this search finished before ({len(found)} trials); re-using its results")
-    else:
-        trainable = tune.with_resources(
-            tune.with_parameters(_tune_trainable, cfg=cfg, paths=paths, base=base, weights=weights, folds=folds),
-            {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
-        grid = _tuner(cfg, paths, trainable, f"lora_search_{run_key}", resume).fit()
-        found = sorted({r.metrics["search_key"] for r in grid if r.metrics and "search_key" in r.metrics})
-        atomic_write_text(finished, json.dumps({"trials": found}))
-    if not found:
-        raise StageError(f"search: no trial finished; see the Tune error files under {tune_storage(cfg, paths)}")
-    results = _results(paths, found, s.objective)
+    results = _results(paths, _search_trials(cfg, paths, base, weights, folds, run_key, resume), s.objective)
     write_parquet(results, paths.search / "results.parquet")
-    complete = results[results["complete"]]
-    if complete.empty:
-        raise StageError("search: every trial was stopped early; raise search.num_samples or the time budget")
-    best = complete.iloc[0].to_dict()
-    point = {name: best[name] for name, _, _ in s.space}
-    scores = complete["score"].astype(float)
-    summary = {**{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in best.items()},
-               "point": point, "stopped_early": int((~results["complete"]).sum()),
-               "spread": {"n_trials": len(scores), "min": float(scores.min()), "max": float(scores.max()),
-                          "std": float(scores.std(ddof=1)) if len(scores) > 1 else float("nan")}}
-    se = f" ± {best['score_se']:.4f} (se over folds {best['folds']})" if len(best["folds"]) > 1 else \
-        f" (fold {best['folds'][0]})"
-    note(f"search: best {s.objective} {best['score']:.4f}{se}, one held-out image = {best['resolution']:.4f}, with "
-         f"{describe(point)}; {len(scores)} trials complete "
-         f"({scores.min():.4f}..{scores.max():.4f}), {summary['stopped_early']} stopped early")
-    if s.confirm and point == default_point(cfg):
-        summary["confirm"] = {"verdict": "the config's own settings were the best point: nothing to confirm"}
-        note("search: the best point is the config's own settings; nothing to confirm")
-    elif s.confirm:
-        task = init_ray(cfg).remote(_checked_final_row).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial,
-                                                                max_retries=cfg.ray.max_retries)
-        checked = confirm(cfg, paths, base, weights, point, confirm_folds, task)
-        summary["confirm"] = checked
-        note(f"search: on folds {checked['folds']}, never scored by the search: best {checked['best_mean']:.4f}, "
-             f"the config's own settings {checked['default_mean']:.4f}; gain {checked['gain_mean']:+.4f} "
-             f"[{checked['gain_ci'][0]:+.4f}, {checked['gain_ci'][1]:+.4f}], corrected p {checked['corrected_p']:.3g}: "
-             f"{checked['verdict']}")
+    point, summary = _summary(results, cfg)
+    if s.confirm:
+        summary["confirm"] = _confirmed(cfg, paths, base, weights, point, confirm_folds)
     atomic_write_text(paths.search / "best.json", json.dumps(summary, indent=2, default=str))
     note(f"search: {write_best_yaml(cfg, paths, point, summary)} runs the winning settings: ooc-ray run <that file>")
     return results
