@@ -2,22 +2,21 @@
 
 An experiment file may start from another (`extends: other.yaml`, one level, merged before the file's own
 differences); `--tiny` applies config.TINY and the file's own `tiny:` mapping; `-o key=value` overrides come last.
-Unknown keys, wrong types, values outside a field's choices or bounds, and combinations that cannot run are
-ConfigErrors naming every bad dotted key at once, so a typo like `clasify.epochs` never silently runs the default.
+Unknown keys, wrong types, values outside a field's choices or bounds, and combinations that cannot run
+(ooc_ray.checks) are ConfigErrors naming every bad dotted key at once, so a typo like `clasify.epochs` never
+silently runs the default. Axes and the search's space are checked here: which fields may vary, and each value.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-from ooc_ray.config import (EFFICIENTNET_BLOCKS, EFFICIENTNETS, INPUT, RESOURCE, RESULT, SPECIAL_WEIGHTS, TINY,
-                            ClassifyConfig, DISTRIBUTIONS, ExperimentConfig, GeneratorConfig)
+from ooc_ray.checks import build, coerce, problems, raise_problems
+from ooc_ray.config import DISTRIBUTIONS, INPUT, RESOURCE, RESULT, TINY, ExperimentConfig
 from ooc_ray.errors import ConfigError
 from ooc_ray.fields import field_of, with_values
 from ooc_ray.variants import variants
@@ -27,218 +26,6 @@ from ooc_ray.variants import variants
 AXIS_SECTIONS = ("generator.", "sample.", "classify.")
 AXIS_GRID_FIELDS = ("generator.split", "generator.per_group", "generator.scope")
 EXTENDS = "extends"
-SINGULAR = {"controls": "control", "weights": "LoRA weight", "ratios": "ratio", "classes": "class",
-            "augment": "augmentation"}  # for "a ratio is listed twice"
-
-
-# ---------------------------------------------------------------------------------------------- types
-
-
-def coerce(value: Any, hint: Any, key: str) -> Any:
-    """Convert a YAML value to the annotated type, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return build(hint, value, key + ".")
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-        return value
-    if origin is tuple:
-        return _coerce_tuple(value, typing.get_args(hint), key)
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{key}: union types are not supported in configs")
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        # YAML reads "5e-4" (no dot) as a string: accept numeric strings for floats only.
-        try:
-            number = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is None:
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return number
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {hint}")
-
-
-def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{key}: expected a list, got {value!r}")
-    if len(args) == 2 and args[1] is Ellipsis:
-        return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if len(value) != len(args):
-        raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-    return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-
-
-def build(cls: type, raw: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s): {', '.join(prefix + u for u in unknown)} "
-            f"(allowed under '{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(names))})"
-        )
-    kwargs = {k: coerce(v, hints[k], prefix + k) for k, v in raw.items()}
-    return cls(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------- checks
-
-
-def bound_problems(cfg: Any, prefix: str = "") -> list[str]:
-    """Every value of `cfg` outside the bounds its field declares (config: ge, gt, le, lt, unique), one line each
-    naming the key, the value and the bound."""
-    problems = []
-    for f in dataclasses.fields(cfg):
-        value, key, meta = getattr(cfg, f.name), prefix + f.name, f.metadata
-        if meta.get("role") == "section":
-            problems += bound_problems(value, key + ".")
-            continue
-        bounds = meta.get("bounds", {})
-        values = value if isinstance(value, tuple) else (value,)
-        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        bad = [v for v in numbers if not _inside(v, bounds)]
-        if bad:
-            shown = bad[0] if not isinstance(value, tuple) else list(value)
-            rule = (f"need at least {bounds['ge']:g}" if set(bounds) - {"unique"} == {"ge"}
-                    else f"must be {_range_text(bounds)}")
-            problems.append(f"{key}: {rule}, got {shown!r}")
-        if bounds.get("unique") and len(set(values)) != len(values):
-            twice = sorted({repr(v) for v in values if values.count(v) > 1})
-            noun = SINGULAR.get(f.name, "value")
-            problems.append(f"{key}: a {noun} is listed twice ({', '.join(twice)} in {list(value)})")
-    return problems
-
-
-def _inside(v: float, bounds: dict) -> bool:
-    return (v >= bounds.get("ge", -math.inf) and v > bounds.get("gt", -math.inf)
-            and v <= bounds.get("le", math.inf) and v < bounds.get("lt", math.inf))
-
-
-def _range_text(bounds: dict) -> str:
-    """'in (0, 1]' for two bounds, '>= 1' for one."""
-    low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
-    high = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
-    if low and high:
-        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
-    if low:
-        return f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
-    return f"{'<=' if high[0] == ']' else '<'} {high[1]:g}"
-
-
-def _prompt_problem(key: str, template: str) -> list[str]:
-    try:
-        template.format(label="label", group="group")
-    except (KeyError, IndexError, ValueError) as exc:
-        return [f"{key}: {template!r} has a bad placeholder ({exc}); use {{label}} and {{group}}"]
-    return []
-
-
-def _backbone_problems(cc: ClassifyConfig) -> list[str]:
-    """A backbone that trains must run where it trains: only exact mode trains anything but the head."""
-    if cc.backbone == "SmallCNN":
-        return ([] if cc.mode == "exact" else
-                ["classify.backbone: SmallCNN is trained from scratch in every trial; it needs classify.mode: exact "
-                 "(cached mode trains the head only)"]) + (
-                [f"classify.weights: {cc.weights!r} does not exist for SmallCNN; use none (trained from scratch) "
-                 "or a .weights.h5 file"] if cc.weights in ("imagenet", "calibrated") else []) + (
-                ["classify.train_backbone: SmallCNN trains all of its layers; leave it at 0"]
-                if cc.train_backbone else [])
-    problems = []
-    if cc.train_backbone and cc.backbone not in EFFICIENTNETS:
-        problems.append(f"classify.train_backbone: training top blocks is built for EfficientNetB0-B7 (whose blocks "
-                        f"it names), not {cc.backbone}; leave it at 0 (frozen backbone)")
-    if cc.weights == "calibrated" and cc.backbone.startswith("ConvNeXt"):
-        problems.append(f"classify.weights: 'calibrated' sets BatchNorm statistics and {cc.backbone} has no BatchNorm "
-                        "(it uses LayerNorm); use imagenet, none or a .weights.h5 file")
-    if cc.train_backbone > EFFICIENTNET_BLOCKS:
-        problems.append(f"classify.train_backbone: {cc.train_backbone} is not a number of blocks in "
-                        f"0..{EFFICIENTNET_BLOCKS}")
-    if cc.train_backbone and cc.mode != "exact":
-        problems.append("classify.train_backbone: training backbone blocks needs classify.mode: exact (cached mode "
-                        "trains the head on frozen features)")
-    return problems
-
-
-def _pretrain_problems(gc: GeneratorConfig) -> list[str]:
-    """The tiny base has a random VAE, which decodes any latent to noise: it must be trained; a real base's
-    VAE already reconstructs and is kept (the UNet alone adapts to the domain)."""
-    if not gc.pretrain.source:
-        return []
-    if gc.base == "tiny" and gc.pretrain.vae_steps == 0:
-        return ["generator.pretrain.vae_steps: the tiny base's VAE has random weights; pretraining must train it "
-                "first (vae_steps > 0; the demo uses 800)"]
-    if gc.base != "tiny" and gc.pretrain.vae_steps:
-        return [f"generator.pretrain.vae_steps: {gc.base!r} keeps its trained VAE; set vae_steps: 0"]
-    return []
-
-
-def _search_problems(cfg: ExperimentConfig) -> list[str]:
-    """The search's folds: real fold ids, the scored and the confirmation folds apart, at least one scored."""
-    s, n = cfg.search, cfg.folds.k * cfg.folds.repeats
-    found = [f"search.{name}: fold {f} does not exist (folds.k x folds.repeats = {n}: folds 0..{n - 1})"
-             for name in ("folds", "confirm_folds") for f in getattr(s, name) if f >= n]
-    if set(s.folds) & set(s.confirm_folds):
-        found.append(f"search.folds / search.confirm_folds: {sorted(set(s.folds) & set(s.confirm_folds))} in both; "
-                     "the confirmation needs folds the search never scored on")
-    if s.confirm_folds and not s.folds and len(s.confirm_folds) >= n:
-        found.append("search.confirm_folds: every fold; none is left for the search to score on")
-    if s.scheduler != "none" and s.report_every == 0:
-        found.append(f"search.scheduler: {s.scheduler} stops trials at their reports, and search.report_every is 0 "
-                     "(one report, at the end); set report_every (LoRA epochs) or scheduler: none")
-    return found
-
-
-def problems(cfg: ExperimentConfig) -> list[str]:
-    """Everything wrong with a config that its types cannot express, one line per problem naming its key."""
-    s, cc, gc = cfg.sample, cfg.classify, cfg.generator
-    found = bound_problems(cfg)
-    checks = [
-        (bool(s.weights), "sample.weights: need at least one LoRA weight"),
-        (s.clip_sample == 0.0 or s.sampler == "ddim",
-         f"sample.clip_sample: {s.sampler} cannot clip its predicted latent; use sample.sampler: ddim"),
-        (bool(cfg.name) and "/" not in cfg.name, f"name: {cfg.name!r} must be a non-empty folder name"),
-        (len(cfg.data.demo.per_class) == 3, "data.demo.per_class: need 3 counts (good, acceptable, bad)"),
-        (gc.scope == "class" or not gc.per_group,
-         "generator.scope: one LoRA per dataset has no group to train per; use per_group: false or scope: class"),
-        (cc.mixing != "split_bn" or cc.backbone != "SmallCNN" or cc.weights == "none",
-         "classify.mixing: split_bn builds SmallCNN with split BatchNorm layers, which a plain SmallCNN weights file "
-         "cannot fill; use classify.weights: none (trained from scratch)"),
-        (not (cfg.tracking.uri or cfg.tracking.experiment) or cfg.tracking.mlflow,
-         "tracking.uri / tracking.experiment: set, but tracking.mlflow is false, so nothing would be tracked; set "
-         "tracking.mlflow: true or remove them"),
-        (not cfg.report.reference or Path(cfg.report.reference).expanduser().is_file(),
-         f"report.reference: {cfg.report.reference!r} is not a file"),
-        (cc.weights in SPECIAL_WEIGHTS or Path(cc.weights).expanduser().is_file(),
-         f"classify.weights: {cc.weights!r} is neither one of {list(SPECIAL_WEIGHTS)} nor an existing weights file"),
-    ]
-    found += [message for ok, message in checks if not ok]
-    found += _pretrain_problems(gc) + _prompt_problem("generator.prompt", gc.prompt)
-    found += _prompt_problem("generator.group_prompt", gc.group_prompt)
-    return found + _search_problems(cfg) + _backbone_problems(cc)
-
-
-def _raise(found: list[str], prefix: str = "") -> None:
-    if found:
-        more = f" ({len(found)} problems)" if len(found) > 1 else ""
-        raise ConfigError(prefix + "; ".join(found) + more)
 
 
 # ---------------------------------------------------------------------------------------------- axes
@@ -303,11 +90,11 @@ def _space_values(dotted: str, kind: str, values: Any, hint: Any) -> tuple:
         if len(set(map(repr, coerced))) != len(coerced):
             raise ConfigError(f"{where}: values repeat ({values})")
         return coerced
-    if hint not in ((int,) if kind == "randint" else (float,)):
-        use = "randint or choice" if hint is int else "choice" if kind == "randint" and hint is not float else \
-            "uniform or loguniform" if hint is float else "choice"
+    if hint is not (int if kind == "randint" else float):
+        use = {int: "randint or choice", float: "uniform or loguniform"}.get(hint, "choice")
         raise ConfigError(f"{where}: the field holds {getattr(hint, '__name__', hint)} values; use {use}")
-    if len(coerced) != 2 or not coerced[0] < coerced[1] + (kind == "randint"):
+    low, high = coerced if len(coerced) == 2 else (1, 0)
+    if not (low <= high if kind == "randint" else low < high):  # randint's range may be one value
         raise ConfigError(f"{where}: expected [low, high] with low below high, got {values}")
     if kind == "loguniform" and coerced[0] <= 0:
         raise ConfigError(f"{where}: a log-uniform range starts above 0, got {values}")
@@ -325,16 +112,17 @@ def _space_dimension(dotted: str, spec: Any, cfg: ExperimentConfig) -> tuple:
                           f"got {spec!r}")
     kind, values = next(iter(spec.items()))
     values = _space_values(dotted, kind, values, hint)
+    known = problems(cfg)
     found = [f"search.space.{dotted} = {value}: {p}" for value in values  # each choice and each end of a range
-             for p in problems(with_values(cfg, {dotted: value})) if p not in problems(cfg)]
-    _raise(found)
+             for p in problems(with_values(cfg, {dotted: value})) if p not in known]
+    raise_problems(found)
     return dotted, kind, values
 
 
 def parse_space(raw: Any, cfg: ExperimentConfig) -> tuple:
-    """The file's `search.space` mapping -> ((dotted field, distribution, values), ...): each field one an axis
-    may vary and a search trial uses, one distribution each, and every choice and range end a value the field
-    accepts in `cfg` (its bounds and combinations)."""
+    """The file's `search.space` mapping -> ((dotted field, distribution, values), ...): each a field an axis may
+    vary and a search trial uses, with one distribution, and every choice and range end a value the field accepts
+    in `cfg` (its bounds and combinations)."""
     if not isinstance(raw, dict) or not raw:
         raise ConfigError("search.space: expected a mapping of fields to distributions, e.g. "
                           "generator.unet_lr: {loguniform: [1.0e-4, 3.0e-3]}")
@@ -344,7 +132,7 @@ def parse_space(raw: Any, cfg: ExperimentConfig) -> tuple:
             out.append(_space_dimension(dotted, spec, cfg))
         except ConfigError as exc:  # every bad dimension named at once
             found.append(str(exc))
-    _raise(found)
+    raise_problems(found)
     return tuple(out)
 
 
@@ -360,13 +148,13 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
         raw["search"] = dict(raw["search"])
         space_raw = raw["search"].pop("space")
     cfg = build(ExperimentConfig, raw)
-    _raise(problems(cfg))
+    raise_problems(problems(cfg))
     if space_raw is not None:
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=parse_space(space_raw, cfg)))
     if axes_raw is not None:
         cfg = dataclasses.replace(cfg, axes=parse_axes(axes_raw))
         for variant in variants(cfg):
-            _raise(problems(variant.cfg), f"axes ({variant.label}): ")
+            raise_problems(problems(variant.cfg), f"axes ({variant.label}): ")
     return cfg
 
 

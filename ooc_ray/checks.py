@@ -1,0 +1,230 @@
+"""Checking config values: YAML values coerced to the schema's types (every key named), each field's declared
+bounds, and the combinations that cannot run. Every check returns one line per problem naming its dotted key, so
+a loader can name every bad key at once (ooc_ray.load)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from ooc_ray.config import (EFFICIENTNET_BLOCKS, EFFICIENTNETS, SPECIAL_WEIGHTS, ClassifyConfig, ExperimentConfig,
+                            GeneratorConfig)
+from ooc_ray.errors import ConfigError
+
+SINGULAR = {"controls": "control", "weights": "LoRA weight", "ratios": "ratio", "classes": "class",
+            "augment": "augmentation"}  # for "a ratio is listed twice"
+
+
+# ---------------------------------------------------------------------------------------------- types
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return build(hint, value, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is tuple:
+        return _coerce_tuple(value, typing.get_args(hint), key)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in configs")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        # YAML reads "5e-4" (no dot) as a string: accept numeric strings for floats only.
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+    return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+
+
+def build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(prefix + u for u in unknown)} "
+            f"(allowed under '{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(names))})"
+        )
+    kwargs = {k: coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def bound_problems(cfg: Any, prefix: str = "") -> list[str]:
+    """Every value of `cfg` outside the bounds its field declares (config: ge, gt, le, lt, unique), one line each
+    naming the key, the value and the bound."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value, key, meta = getattr(cfg, f.name), prefix + f.name, f.metadata
+        if meta.get("role") == "section":
+            problems += bound_problems(value, key + ".")
+            continue
+        bounds = meta.get("bounds", {})
+        values = value if isinstance(value, tuple) else (value,)
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        bad = [v for v in numbers if not _inside(v, bounds)]
+        if bad:
+            shown = bad[0] if not isinstance(value, tuple) else list(value)
+            rule = (f"need at least {bounds['ge']:g}" if set(bounds) - {"unique"} == {"ge"}
+                    else f"must be {_range_text(bounds)}")
+            problems.append(f"{key}: {rule}, got {shown!r}")
+        if bounds.get("unique") and len(set(values)) != len(values):
+            twice = sorted({repr(v) for v in values if values.count(v) > 1})
+            noun = SINGULAR.get(f.name, "value")
+            problems.append(f"{key}: a {noun} is listed twice ({', '.join(twice)} in {list(value)})")
+    return problems
+
+
+def _inside(v: float, bounds: dict) -> bool:
+    return (v >= bounds.get("ge", -math.inf) and v > bounds.get("gt", -math.inf)
+            and v <= bounds.get("le", math.inf) and v < bounds.get("lt", math.inf))
+
+
+def _range_text(bounds: dict) -> str:
+    """'in (0, 1]' for two bounds, '>= 1' for one."""
+    low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    high = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    if low and high:
+        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
+    return f"{'<=' if high[0] == ']' else '<'} {high[1]:g}"
+
+
+def _prompt_problem(key: str, template: str) -> list[str]:
+    try:
+        template.format(label="label", group="group")
+    except (KeyError, IndexError, ValueError) as exc:
+        return [f"{key}: {template!r} has a bad placeholder ({exc}); use {{label}} and {{group}}"]
+    return []
+
+
+def _backbone_problems(cc: ClassifyConfig) -> list[str]:
+    """A backbone that trains must run where it trains: only exact mode trains anything but the head."""
+    if cc.backbone == "SmallCNN":
+        return ([] if cc.mode == "exact" else
+                ["classify.backbone: SmallCNN is trained from scratch in every trial; it needs classify.mode: exact "
+                 "(cached mode trains the head only)"]) + (
+                [f"classify.weights: {cc.weights!r} does not exist for SmallCNN; use none (trained from scratch) "
+                 "or a .weights.h5 file"] if cc.weights in ("imagenet", "calibrated") else []) + (
+                ["classify.train_backbone: SmallCNN trains all of its layers; leave it at 0"]
+                if cc.train_backbone else [])
+    problems = []
+    if cc.train_backbone and cc.backbone not in EFFICIENTNETS:
+        problems.append(f"classify.train_backbone: training top blocks is built for EfficientNetB0-B7 (whose blocks "
+                        f"it names), not {cc.backbone}; leave it at 0 (frozen backbone)")
+    if cc.weights == "calibrated" and cc.backbone.startswith("ConvNeXt"):
+        problems.append(f"classify.weights: 'calibrated' sets BatchNorm statistics and {cc.backbone} has no BatchNorm "
+                        "(it uses LayerNorm); use imagenet, none or a .weights.h5 file")
+    if cc.train_backbone > EFFICIENTNET_BLOCKS:
+        problems.append(f"classify.train_backbone: {cc.train_backbone} is not a number of blocks in "
+                        f"0..{EFFICIENTNET_BLOCKS}")
+    if cc.train_backbone and cc.mode != "exact":
+        problems.append("classify.train_backbone: training backbone blocks needs classify.mode: exact (cached mode "
+                        "trains the head on frozen features)")
+    return problems
+
+
+def _pretrain_problems(gc: GeneratorConfig) -> list[str]:
+    """The tiny base has a random VAE, which decodes any latent to noise: it must be trained; a real base's
+    VAE already reconstructs and is kept (the UNet alone adapts to the domain)."""
+    if not gc.pretrain.source:
+        return []
+    if gc.base == "tiny" and gc.pretrain.vae_steps == 0:
+        return ["generator.pretrain.vae_steps: the tiny base's VAE has random weights; pretraining must train it "
+                "first (vae_steps > 0; the demo uses 800)"]
+    if gc.base != "tiny" and gc.pretrain.vae_steps:
+        return [f"generator.pretrain.vae_steps: {gc.base!r} keeps its trained VAE; set vae_steps: 0"]
+    return []
+
+
+def _search_problems(cfg: ExperimentConfig) -> list[str]:
+    """The search's folds: real fold ids, the scored and the confirmation folds apart, at least one scored."""
+    s, n = cfg.search, cfg.folds.k * cfg.folds.repeats
+    found = [f"search.{name}: fold {f} does not exist (folds.k x folds.repeats = {n}: folds 0..{n - 1})"
+             for name in ("folds", "confirm_folds") for f in getattr(s, name) if f >= n]
+    if set(s.folds) & set(s.confirm_folds):
+        found.append(f"search.folds / search.confirm_folds: {sorted(set(s.folds) & set(s.confirm_folds))} in both; "
+                     "the confirmation needs folds the search never scored on")
+    if s.confirm_folds and not s.folds and len(s.confirm_folds) >= n:
+        found.append("search.confirm_folds: every fold; none is left for the search to score on")
+    if s.scheduler != "none" and s.report_every == 0:
+        found.append(f"search.scheduler: {s.scheduler} stops trials at their reports, and search.report_every is 0 "
+                     "(one report, at the end); set report_every (LoRA epochs) or scheduler: none")
+    return found
+
+
+def problems(cfg: ExperimentConfig) -> list[str]:
+    """Everything wrong with a config that its types cannot express, one line per problem naming its key."""
+    s, cc, gc = cfg.sample, cfg.classify, cfg.generator
+    found = bound_problems(cfg)
+    checks = [
+        (bool(s.weights), "sample.weights: need at least one LoRA weight"),
+        (s.clip_sample == 0.0 or s.sampler == "ddim",
+         f"sample.clip_sample: {s.sampler} cannot clip its predicted latent; use sample.sampler: ddim"),
+        (bool(cfg.name) and "/" not in cfg.name, f"name: {cfg.name!r} must be a non-empty folder name"),
+        (len(cfg.data.demo.per_class) == 3, "data.demo.per_class: need 3 counts (good, acceptable, bad)"),
+        (gc.scope == "class" or not gc.per_group,
+         "generator.scope: one LoRA per dataset has no group to train per; use per_group: false or scope: class"),
+        (cc.mixing != "split_bn" or cc.backbone != "SmallCNN" or cc.weights == "none",
+         "classify.mixing: split_bn builds SmallCNN with split BatchNorm layers, which a plain SmallCNN weights file "
+         "cannot fill; use classify.weights: none (trained from scratch)"),
+        (not (cfg.tracking.uri or cfg.tracking.experiment) or cfg.tracking.mlflow,
+         "tracking.uri / tracking.experiment: set, but tracking.mlflow is false, so nothing would be tracked; set "
+         "tracking.mlflow: true or remove them"),
+        (not cfg.report.reference or Path(cfg.report.reference).expanduser().is_file(),
+         f"report.reference: {cfg.report.reference!r} is not a file"),
+        (cc.weights in SPECIAL_WEIGHTS or Path(cc.weights).expanduser().is_file(),
+         f"classify.weights: {cc.weights!r} is neither one of {list(SPECIAL_WEIGHTS)} nor an existing weights file"),
+    ]
+    found += [message for ok, message in checks if not ok]
+    found += _pretrain_problems(gc) + _prompt_problem("generator.prompt", gc.prompt)
+    found += _prompt_problem("generator.group_prompt", gc.group_prompt)
+    return found + _search_problems(cfg) + _backbone_problems(cc)
+
+
+def raise_problems(found: list[str], prefix: str = "") -> None:
+    if found:
+        more = f" ({len(found)} problems)" if len(found) > 1 else ""
+        raise ConfigError(prefix + "; ".join(found) + more)
+
+
