@@ -221,6 +221,9 @@ def test_a_search_from_bad_settings_killed_and_resumed_finds_the_good_region_and
     best = json.loads((out / "best.json").read_text())
     assert best["point"]["sample.weights"] >= 0.5, results[["sample.weights", "score"]]
     assert best["score"] == results["score"].max() and results["complete"].all()
+    # Its lead over the start on the search's folds: the mean of the per-fold differences = the difference of means.
+    own = results.loc[results["sample.weights"] == 0.1, "score"].iloc[0]
+    assert best["lead_over_own"]["own_score"] == own and best["lead_over_own"]["lead"] == pytest.approx(best["score"] - own)
     checked = best["confirm"]
     assert checked["folds"] == [2, 3] and checked["default_point"] == {"sample.weights": 0.1}
     # The start scores chance (0.5) on every fold; the best point's CAS is higher on average over the unseen folds

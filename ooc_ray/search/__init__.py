@@ -14,6 +14,7 @@ import functools
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 from ray import tune
@@ -185,7 +186,26 @@ def _summary(results: pd.DataFrame, cfg: ExperimentConfig) -> tuple[dict, dict]:
     note(f"search: best {cfg.search.objective} {best['score']:.4f}{se}, one held-out image = "
          f"{best['resolution']:.4f}, with {describe(point)}; {len(scores)} trials complete "
          f"({scores.min():.4f}..{scores.max():.4f}), {summary['stopped_early']} stopped early")
+    summary["lead_over_own"] = _lead_over_own(complete, best, cfg)
     return point, summary
+
+
+def _lead_over_own(complete: pd.DataFrame, best: dict, cfg: ExperimentConfig) -> dict | None:
+    """How far the best trial leads the config's own settings (the first trial) on the search's folds, fold by
+    fold: the mean paired difference (> 0 is better), its standard error and the resolution. A lead inside two
+    standard errors or one held-out image is said to be noise. None when the own settings did not run to the end."""
+    own = complete[[all(row[k] == v for k, v in default_point(cfg).items()) for _, row in complete.iterrows()]]
+    if own.empty:
+        return None
+    sign = 1.0 if OBJECTIVE_MODE[cfg.search.objective] == "max" else -1.0
+    d = sign * (np.asarray(best["fold_scores"]) - np.asarray(own["fold_scores"].iloc[0]))
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    lead = float(d.mean())
+    noise = lead <= best["resolution"] or not lead > 2 * se  # NaN se (one fold): no evidence either
+    if lead > 0:
+        note(f"search: the best point leads the config's own settings by {lead:+.4f} on the search's folds "
+             f"(se {se:.4f}, one held-out image {best['resolution']:.4f})" + (": within noise" if noise else ""))
+    return {"own_score": float(own["score"].iloc[0]), "lead": lead, "lead_se": se, "within_noise": bool(noise)}
 
 
 def _confirmed(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel, weights: BackboneWeights,
