@@ -30,9 +30,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from ooc_ray.cli import main  # noqa: E402
-from ooc_ray.load import load_config  # noqa: E402
 from ooc_ray.report.render import to_markdown  # noqa: E402
-from ooc_ray.search.space import default_point  # noqa: E402
 
 EXPERIMENT = ROOT / "experiments" / "lora_search.yaml"
 SCHEDULERS = ("asha", "none")
@@ -54,9 +52,7 @@ def summary(out: Path, scheduler: str) -> dict:
     results = pd.read_parquet(root / "search" / "results.parquet")
     best = json.loads((root / "search" / "best.json").read_text())
     checked = best["confirm"]
-    own_point = default_point(load_config(EXPERIMENT, []))  # the file's own settings: the search's first trial
-    own = results[[all(row[k] == v for k, v in own_point.items()) for _, row in results.iterrows()]]
-    own = own[own["complete"]]
+    own = best.get("lead_over_own")  # the file's own settings: the search's first trial
     confirmed = (f"{checked['best_mean']:.3f} / {checked['default_mean']:.3f}" if "best_mean" in checked
                  else "(best = own settings)")
     gain = (f"{checked['gain_mean']:+.3f} [{checked['gain_ci'][0]:+.3f}, {checked['gain_ci'][1]:+.3f}]"
@@ -64,7 +60,7 @@ def summary(out: Path, scheduler: str) -> dict:
     return {"scheduler": scheduler, "wall s (search + confirmation)": int(wall.total_seconds()),
             "trials started": len(results), "run to the end": int(results["complete"].sum()),
             "stopped (early, or at the budget)": int((~results["complete"]).sum()), "LoRA epochs trained": int(results["epochs_trained"].sum()),
-            "own settings' search CAS": f"{own['score'].iloc[0]:.3f}" if len(own) else "(stopped early)",
+            "own settings' search CAS": f"{own['own_score']:.3f}" if own else "(stopped early)",
             "best search CAS (folds 0, 1)": f"{best['score']:.3f} ± {best['score_se']:.3f}",
             "confirmed: best / own settings (folds 2, 3)": confirmed, "gain [corrected 95% CI]": gain,
             "verdict": checked["verdict"]}

@@ -38,7 +38,7 @@ from ooc_ray.pretrain import run_pretrain
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
 from ooc_ray.search.confirm import confirm
 from ooc_ray.search.space import default_point, describe, max_epochs, outside, point_of, split_folds, tune_space
-from ooc_ray.search.trial import OBJECTIVE_MODE, REPORTED, final_row, trial_reports
+from ooc_ray.search.trial import OBJECTIVE_MODE, REPORTED, better_sign, final_row, trial_reports
 from ooc_ray.tracking import tracker, with_callbacks
 from ooc_ray.variants import refuse_axes
 
@@ -197,8 +197,7 @@ def _lead_over_own(complete: pd.DataFrame, best: dict, cfg: ExperimentConfig) ->
     own = complete[[all(row[k] == v for k, v in default_point(cfg).items()) for _, row in complete.iterrows()]]
     if own.empty:
         return None
-    sign = 1.0 if OBJECTIVE_MODE[cfg.search.objective] == "max" else -1.0
-    d = sign * (np.asarray(best["fold_scores"]) - np.asarray(own["fold_scores"].iloc[0]))
+    d = better_sign(cfg.search.objective) * (np.asarray(best["fold_scores"]) - np.asarray(own["fold_scores"].iloc[0]))
     se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
     lead = float(d.mean())
     noise = lead <= best["resolution"] or not lead > 2 * se  # NaN se (one fold): no evidence either

@@ -16,7 +16,7 @@ from ooc_ray.io import write_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.raycluster import init_ray, wait_all
 from ooc_ray.search.space import default_point
-from ooc_ray.search.trial import OBJECTIVE_MODE
+from ooc_ray.search.trial import better_sign
 
 
 def held_out_ratio(manifest: pd.DataFrame, folds: list[int]) -> float:
@@ -28,8 +28,7 @@ def compare(table: pd.DataFrame, cfg: ExperimentConfig, ratio: float) -> dict:
     """The paired comparison of `table` (fold, settings best|default, score): the mean gain of the best point
     (sign-adjusted: > 0 is better whatever the objective's direction), the corrected t and TOST, the verdict."""
     scores = table.pivot(index="fold", columns="settings", values="score")
-    sign = 1.0 if OBJECTIVE_MODE[cfg.search.objective] == "max" else -1.0
-    gain = (sign * (scores["best"] - scores["default"])).to_numpy()
+    gain = (better_sign(cfg.search.objective) * (scores["best"] - scores["default"])).to_numpy()
     margin = cfg.report.equivalence_margin
     test, tost = corrected_t(gain, ratio), equivalence(gain, ratio, margin)
     return {"folds": [int(f) for f in scores.index], "best_mean": float(scores["best"].mean()),
