@@ -1,22 +1,12 @@
-"""Images streamed from disk, and the cache of frozen-backbone features that cached-mode trials, the quality
-stage and the LoRA search read.
+"""Images streamed from disk and run through the frozen backbone, filling the feature cache
+(ooc_ray.feature_cache: its identity, part files and Ray tasks, without TensorFlow).
 
 Images: a tf.data pipeline over row indices; each element is decoded and resized by PIL in a py_function
 (JPG/PNG, grey or RGB, 16-bit microscopy: ooc_ray.images.load_image), so only a batch of resized images is in
 memory at once, never the 2048x1536 originals.
-
-Cache: the backbone is frozen, so its pooled output for an (image, augmentation view) never changes. It is
-computed once per image *content* (sha256) into features/<key>/, key = the backbone's result fields and
-weights (ooc_ray.keys.features_key), and shared by every trial. View 0 is the un-augmented image (evaluation);
-views 1..V-1 are augmented draws, one sampled per training image per epoch, each seeded by the image's sha256
-and the view number, so it is the same whichever batch, part, Ray task or machine extracts it. Parts are
-written atomically (part-*.npy, then its part-*.json index of sha256 digests, which marks the part complete),
-so a killed extraction resumes where it stopped; a damaged part is named and extracted again.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
 import keras
@@ -24,17 +14,12 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from ooc_ray import keys
-from ooc_ray.backbones import CALIBRATED, BackboneWeights, backbone_weights
-from ooc_ray.networks import build_augmentation, build_backbone, built_weights, frozen, setup_tf
-from ooc_ray.config import ClassifyConfig, ExperimentConfig
-from ooc_ray.images import load_image
+from ooc_ray.backbones import BackboneWeights
+from ooc_ray.config import ClassifyConfig
+from ooc_ray.feature_cache import CHUNK, FeatureCache, n_views
 from ooc_ray.gpu import require_tf_gpu
-from ooc_ray.io import atomic_path, atomic_write_text
-from ooc_ray.logs import note
-from ooc_ray.raycluster import init_ray, require_resources, wait_all
-
-CHUNK = 256  # images per part file: B7 features are 2560 float32 = 10 KB per view, ~10 MB per part at 4 views
+from ooc_ray.images import load_image
+from ooc_ray.networks import build_augmentation, build_backbone, frozen, setup_tf
 
 
 def image_map(paths, size: int):
@@ -55,85 +40,6 @@ def image_batches(paths, size: int, batch_size: int):
     """Images of `paths` in order, batched (evaluation and feature extraction)."""
     ds = tf.data.Dataset.range(len(paths)).map(image_map(paths, size), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def n_views(cc: ClassifyConfig) -> int:
-    # Without augmentation every view would be the same numbers: keep only view 0.
-    return 1 if not cc.augment else max(1, cc.feature_views)
-
-
-def train_views(cc: ClassifyConfig) -> list[int]:
-    """Views a training image is drawn from each epoch: the augmented ones, or view 0 when there are none
-    (no augmentation, or feature_views=1, which then trains the head on un-augmented features only)."""
-    v = n_views(cc)
-    return [0] if v == 1 else list(range(1, v))
-
-
-def cache_dir(cc: ClassifyConfig, weights: BackboneWeights, features_root: Path) -> Path:
-    return Path(features_root) / keys.features_key(cc, weights.identity, n_views(cc))
-
-
-class FeatureCache:
-    """Pooled backbone features per image sha256, shape (views, dim), in part files under `directory`."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-
-    def _part_rows(self, meta: Path) -> list[str] | None:
-        """The digests a part holds, or None when the part is damaged (then it is removed, to be re-made)."""
-        try:
-            digests = json.loads(meta.read_text())
-            shape = np.load(meta.with_suffix(".npy"), mmap_mode="r").shape
-            if shape[0] == len(digests):
-                return digests
-            problem = f"{shape[0]} rows for {len(digests)} images"
-        except (OSError, ValueError) as exc:
-            problem = str(exc)
-        note(f"features: damaged part {meta.with_suffix('.npy')} ({problem}): extracting it again")
-        meta.unlink(missing_ok=True)
-        meta.with_suffix(".npy").unlink(missing_ok=True)
-        return None
-
-    def index(self) -> dict[str, tuple[Path, int]]:
-        found: dict[str, tuple[Path, int]] = {}
-        for meta in sorted(self.directory.glob("part-*.json")):
-            for row, sha in enumerate(self._part_rows(meta) or []):
-                found[sha] = (meta.with_suffix(".npy"), row)
-        return found
-
-    def missing(self, digests) -> list[str]:
-        have = self.index()
-        return sorted({str(d) for d in digests} - set(have))
-
-    def write_part(self, digests: list[str], feats: np.ndarray) -> Path:
-        name = f"part-{keys.digest(list(digests))}"
-        npy = self.directory / f"{name}.npy"
-        with atomic_path(npy) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, feats.astype(np.float32))
-        atomic_write_text(self.directory / f"{name}.json", json.dumps(list(digests)))  # completes the part
-        return npy
-
-    def load(self, digests) -> np.ndarray:
-        """(n, views, dim) float32 for the images with these sha256, in order; KeyError names a missing one."""
-        digests = [str(d) for d in digests]
-        index = self.index()
-        absent = [d for d in digests if d not in index]
-        if absent:
-            raise KeyError(f"{self.directory}: no cached features for image sha256 {absent[0]} "
-                           f"({len(absent)} missing)")
-        by_part: dict[Path, list[tuple[int, int]]] = {}
-        for i, d in enumerate(digests):
-            part, row = index[d]
-            by_part.setdefault(part, []).append((i, row))
-        out = None
-        for part, pairs in by_part.items():
-            arr = np.load(part, mmap_mode="r")  # reads only the rows taken
-            if out is None:
-                out = np.empty((len(digests), *arr.shape[1:]), np.float32)
-            dst, src = zip(*pairs)
-            out[list(dst)] = arr[list(src)]
-        return out if out is not None else np.empty((0, 0, 0), np.float32)
 
 
 def _view_seed(image_seed: int, view: int) -> int:
@@ -203,84 +109,18 @@ def extract_features(cc: ClassifyConfig, weights: BackboneWeights, images: pd.Da
     return len(todo)
 
 
-def _extract_task(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str) -> int:
+def extract_task(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str) -> int:
+    """A Ray feature task's work (feature_cache.ensure_features): TensorFlow set to the task's CPUs, its GPU
+    checked."""
     setup_tf(cc.cpus_per_trial)
     if cc.gpus_per_trial > 0:
         require_tf_gpu(f"feature extraction: classify.gpus_per_trial={cc.gpus_per_trial:g}")
     return extract_features(cc, weights, images, directory)
 
 
-def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame,
-                    features_root: Path, use_ray: bool = True) -> Path:
-    """Fill the cache for `images` with Ray tasks, one per trial-sized slot, each with the trial's CPUs and
-    GPUs, so a cluster extracts in parallel; returns the cache folder. `cc` may differ from cfg.classify
-    (the quality stage's un-augmented cache in exact mode). use_ray=False extracts in this process (inside
-    a search trial, which already holds its resources)."""
-    directory = cache_dir(cc, weights, features_root)
-    todo = images.drop_duplicates("sha256")
-    todo = todo[todo["sha256"].isin(FeatureCache(directory).missing(todo["sha256"]))]
-    if todo.empty:
-        return directory
-    if not use_ray:
-        setup_tf()
-        extract_features(cc, weights, todo, directory)
-        return directory
-    ray = init_ray(cfg)
-    request = {"CPU": cc.cpus_per_trial, "GPU": cc.gpus_per_trial}
-    what = (f"feature extraction: classify.cpus_per_trial={cc.cpus_per_trial:g}, "
-            f"classify.gpus_per_trial={cc.gpus_per_trial:g}")
-    require_resources(cfg, request, what)
-    atomic_write_text(directory / "meta.json", json.dumps(
-        {"key": directory.name, "backbone": cc.backbone, "input_size": cc.input_size, "weights": weights.identity,
-         "augment": list(cc.augment), "views": n_views(cc), "seed": cc.seed}, indent=1))
-    resources = ray.cluster_resources()
-    if cc.gpus_per_trial > 0:
-        slots = int(resources.get("GPU", 0) // cc.gpus_per_trial)
-    else:
-        slots = int(resources.get("CPU", 1) // max(cc.cpus_per_trial, 1))
-    n_parts = -(-len(todo) // CHUNK)
-    # Each task pays a TF import and a backbone build (~5 s on CPU for B0), so give each at least one part. On
-    # an autoscaling cluster (which may start with no GPU node) one task per part: queued tasks start on the
-    # nodes as they join, where a count taken now would leave the work to the few slots there are now.
-    n_tasks = max(1, n_parts if cfg.ray.autoscaling else min(slots, n_parts))
-    task = ray.remote(_extract_task).options(num_cpus=cc.cpus_per_trial, num_gpus=cc.gpus_per_trial,
-                                             max_retries=cfg.ray.max_retries)  # a shard lost with its node
-    shards = [todo.iloc[idx] for idx in np.array_split(np.arange(len(todo)), n_tasks) if len(idx)]
-    wait_all(cfg, [task.remote(cc, weights, shard, str(directory)) for shard in shards], request, what)
-    note(f"features: {len(todo)} images extracted into {directory.name}")
-    return directory
 
 
-def clean_view(cc: ClassifyConfig) -> ClassifyConfig:
-    """The classifier settings of an un-augmented, view-0-only cache (quality and search in exact mode)."""
-    return cc if cc.mode == "cached" else dataclasses.replace(cc, augment=(), feature_views=1)
-
-
-def embed(cfg: ExperimentConfig, weights: BackboneWeights, images: pd.DataFrame, features_root: Path,
-          use_ray: bool = True) -> dict[str, np.ndarray]:
-    """sha256 -> un-augmented pooled features of the classifier's frozen backbone, through the cache.
-
-    In cached mode this is the very cache the trials read (view 0), so nothing is computed twice; in exact
-    mode a view-0-only cache is kept beside it."""
-    cc = clean_view(cfg.classify)
-    directory = ensure_features(cfg, cc, weights, images, features_root, use_ray)
-    digests = list(dict.fromkeys(images["sha256"]))
-    feats = FeatureCache(directory).load(digests)[:, 0].astype(np.float64)
-    return dict(zip(digests, feats))
-
-
-def weights_on_cluster(cfg: ExperimentConfig, cc: ClassifyConfig, models_dir: Path, manifest: pd.DataFrame
-                       ) -> BackboneWeights:
-    """classify.weights resolved, and "calibrated" weights written where missing by a Ray task with the
-    classifier's resources (the calibration runs the backbone: never in the driver, which may be a CPU head)."""
-    weights = backbone_weights(cc, models_dir, manifest)
-    if cc.weights != CALIBRATED or Path(weights.value).exists():
-        return weights
-    request = {"CPU": cc.cpus_per_trial, "GPU": cc.gpus_per_trial}
-    what = (f"calibrated weights: classify.cpus_per_trial={cc.cpus_per_trial:g}, "
-            f"classify.gpus_per_trial={cc.gpus_per_trial:g}")
-    ray = init_ray(cfg)
-    require_resources(cfg, request, what)
-    task = ray.remote(built_weights).options(num_cpus=cc.cpus_per_trial, num_gpus=cc.gpus_per_trial,
-                                             max_retries=cfg.ray.max_retries)
-    return wait_all(cfg, [task.remote(cc, models_dir, manifest)], request, what)[0]
+def extract_here(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str | Path) -> int:
+    """Extraction in this process (a search trial, which holds its resources already)."""
+    setup_tf()
+    return extract_features(cc, weights, images, directory)

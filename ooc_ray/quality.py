@@ -17,7 +17,7 @@ from ooc_ray import image_statistics, keys
 from ooc_ray.backbones import BackboneWeights
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.data import class_names, load_manifest
-from ooc_ray.features import cache_dir, clean_view, embed, weights_on_cluster
+from ooc_ray.feature_cache import cache_dir, clean_view, embed, weights_on_cluster
 from ooc_ray.folds import ALL_FOLDS, fold_ids, held_out_rows, train_rows
 from ooc_ray.io import parquet_problem, read_parquet, write_parquet
 from ooc_ray.logs import note

@@ -13,7 +13,8 @@ from ooc_ray.backbones import BackboneWeights, backbone_weights, top_block_prefi
 from ooc_ray.networks import build_backbone, built_weights, fine_tuned, frozen, write_calibrated_weights
 from ooc_ray.classify import TrialContext, run_trial
 from ooc_ray.images import load_image
-from ooc_ray.features import FeatureCache, cache_dir, extract_features, image_batches, n_views, train_views
+from ooc_ray.feature_cache import FeatureCache, cache_dir, n_views, train_views
+from ooc_ray.features import extract_features, image_batches
 from ooc_ray.trainsets import plan_trials
 
 pytestmark = pytest.mark.xdist_group("classify_model")  # one xdist worker builds the module's `tiny` fixture
@@ -289,7 +290,7 @@ def test_a_feature_task_given_a_gpu_tf_cannot_see_fails_naming_node_and_request(
     """The function each Ray feature task runs: with classify.gpus_per_trial > 0 and no GPU visible to
     TensorFlow (plain `tensorflow` has no CUDA libraries) it raises before extracting anything."""
     from ooc_ray.errors import ResourceError
-    from ooc_ray.features import _extract_task
+    from ooc_ray.features import extract_task
     from ooc_ray.gpu import node_name
 
     _, _, manifest, _, path = tiny
@@ -298,7 +299,7 @@ def test_a_feature_task_given_a_gpu_tf_cannot_see_fails_naming_node_and_request(
     directory = cache_dir(cc, weights, tmp_path / "features")
     with pytest.raises(ResourceError, match=f"classify.gpus_per_trial=1: node {node_name()} was given a GPU but "
                                             "TensorFlow .* sees none"):
-        _extract_task(cc, weights, manifest[["path", "sha256"]].iloc[:2], str(directory))
+        extract_task(cc, weights, manifest[["path", "sha256"]].iloc[:2], str(directory))
     assert not list(directory.glob("part-*"))
 
 

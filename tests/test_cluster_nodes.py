@@ -155,8 +155,9 @@ class Job:
 
     def __init__(self, nodes: "Nodes", results: Path, *extra: str):
         url = f"http://{nodes.dashboard}"
+        # Two sampling actors, one thread each, one per one-CPU worker node.
         command = (f"cd {REPO} && {CLI} run experiments/base/small_cpu.yaml --tiny -o ray.address=auto "
-                   f"-o results_dir={results} {' '.join(extra)}")
+                   f"-o results_dir={results} -o sample.actors=2 {' '.join(extra)}")
         proc = subprocess.run([str(Path(CLI).parent / "ray"), "job", "submit", "--no-wait", "--address", url, "--",
                                "bash", "-c", command], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -10,7 +10,8 @@ from ooc_ray import keys
 from ooc_ray.backbones import BackboneWeights
 from ooc_ray.classify import TrialContext, run_trial
 from ooc_ray.classify.train import _Streams
-from ooc_ray.features import cache_dir, extract_features
+from ooc_ray.feature_cache import cache_dir
+from ooc_ray.features import extract_features
 from ooc_ray.trainsets import plan_trials
 
 pytestmark = pytest.mark.xdist_group("mixing")

@@ -24,7 +24,7 @@ from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.fields import to_dict
 from ooc_ray.data import class_names, load_manifest
 from ooc_ray.errors import StageError
-from ooc_ray.features import cache_dir, ensure_features, weights_on_cluster
+from ooc_ray.feature_cache import cache_dir, ensure_features, weights_on_cluster
 from ooc_ray.logs import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress

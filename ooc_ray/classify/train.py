@@ -23,7 +23,8 @@ from ooc_ray.classify.metrics import compute_metrics
 from ooc_ray.classify.model import LossWeighted, build_exact_model, build_head, build_split_head, compile_model
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.errors import StageError
-from ooc_ray.features import FeatureCache, image_batches, image_map, train_views
+from ooc_ray.feature_cache import FeatureCache, train_views
+from ooc_ray.features import image_batches, image_map
 from ooc_ray.gpu import require_tf_gpu
 from ooc_ray.io import parquet_problem, write_parquet
 from ooc_ray.paths import ExperimentPaths
@@ -233,7 +234,7 @@ def fresh_head(n_features: int, n_classes: int, cc: ClassifyConfig, seed: int):
 def fit_cached(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed: int, callbacks=()):
     """Train only the head on cached pooled features; returns (test probabilities, keras History)."""
     if ctx.features_dir is None:
-        raise StageError("cached mode needs the feature cache (ooc_ray.features.ensure_features)")
+        raise StageError("cached mode needs the feature cache (ooc_ray.feature_cache.ensure_features)")
     cache = FeatureCache(ctx.features_dir)
     views = train_views(cc)
     feats = cache.load(trial.train["sha256"])[:, views]  # (n, len(views), dim)
@@ -305,7 +306,7 @@ def run_trial(cfg: ExperimentConfig, paths: ExperimentPaths, trial: PlannedTrial
     cfg = trial_config(cfg, trial.spec)  # mixing acts only on trials that mix (real-only ones are shared)
     cc = cfg.classify
     setup_tf(cc.cpus_per_trial)  # before any TF op
-    if cc.mode == "exact" and cc.gpus_per_trial > 0:  # cached-mode trials get no GPU (features.py has it)
+    if cc.mode == "exact" and cc.gpus_per_trial > 0:  # cached-mode trials get no GPU (feature extraction has it)
         require_tf_gpu(f"classify trial fold {trial.spec.fold} {trial.spec.arm}: classify.gpus_per_trial={cc.gpus_per_trial:g}")
     seed = cc.seed + trial.spec.fold
     keras.utils.set_random_seed(seed)

@@ -28,7 +28,7 @@ from ooc_ray.data import run_data
 from ooc_ray.diffusion.base import BaseModel
 from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import StageError
-from ooc_ray.features import weights_on_cluster
+from ooc_ray.feature_cache import weights_on_cluster
 from ooc_ray.fields import to_dict, with_values
 from ooc_ray.gpu import require_tf_gpu, require_torch_cuda
 from ooc_ray.io import atomic_write_text, write_parquet
@@ -85,29 +85,41 @@ def _search_params(trial) -> dict:
     return dict(trial.config)
 
 
+def _finished_record(paths: ExperimentPaths, run_key: str) -> Path:
+    """The record of a search that ran to its end: its trials' keys."""
+    return paths.search / "runs" / f"{run_key}.json"
+
+
 def _search_files(paths: ExperimentPaths, trial, last_result: dict) -> list[Path]:
     key = last_result.get("search_key")
     return [paths.search / "trials" / f"{key}.parquet"] if key else []
 
 
-def _tuner(cfg: ExperimentConfig, paths: ExperimentPaths, trainable, run_name: str, resume: bool):
-    """A new Tune search, or (resume) the unfinished one of this config restored; a config whose search was
-    stopped part-way is refused without --resume (its trials would be started again under the same name)."""
-    s = cfg.search
-    storage = tune_storage(cfg, paths)  # s3://... stays a URI; local paths become absolute
-    folder = f"{storage}/{run_name}"
-    callbacks = tracker(cfg, paths, "search", functools.partial(_search_trial_id, run_name), _search_params,
-                        functools.partial(_search_files, paths))
+def _unfinished(cfg: ExperimentConfig, paths: ExperimentPaths, run_name: str, resume: bool) -> str | None:
+    """The Tune folder of this config's unfinished search, to continue (resume); None for a new search. Checked
+    before Ray starts: a config whose search was stopped part-way is refused without --resume (its trials would
+    be started again under the same name), and --resume without one is refused."""
+    folder = f"{tune_storage(cfg, paths)}/{run_name}"  # s3://... stays a URI; local paths become absolute
     if tune.Tuner.can_restore(folder):
         if not resume:
             raise StageError(f"search: an unfinished search of this config is in {folder} (stopped or killed); "
                              "`ooc-ray search <file> --resume` continues it, or remove that folder to start again")
-        tuner = tune.Tuner.restore(folder, trainable, resume_errored=True)
-        with_callbacks(tuner, callbacks)
-        return tuner
+        return folder
     if resume:
         raise StageError(f"search --resume: no unfinished search of this config in {folder} (a changed setting or "
                          "data set starts a new search); run without --resume")
+    return None
+
+
+def _tuner(cfg: ExperimentConfig, paths: ExperimentPaths, trainable, run_name: str, unfinished: str | None):
+    """A new Tune search, or the unfinished one of this config (_unfinished) restored."""
+    s = cfg.search
+    callbacks = tracker(cfg, paths, "search", functools.partial(_search_trial_id, run_name), _search_params,
+                        functools.partial(_search_files, paths))
+    if unfinished:
+        tuner = tune.Tuner.restore(unfinished, trainable, resume_errored=True)
+        with_callbacks(tuner, callbacks)
+        return tuner
     # The config's own settings are the first trial, where the space holds them: a point the search then picks
     # has beaten them on the search's folds, not only the other proposals.
     own, off = default_point(cfg), outside(s.space, default_point(cfg))
@@ -119,8 +131,10 @@ def _tuner(cfg: ExperimentConfig, paths: ExperimentPaths, trainable, run_name: s
                                     scheduler=_scheduler(cfg), metric="score",
                                     mode=OBJECTIVE_MODE[s.objective], num_samples=s.num_samples,
                                     max_concurrent_trials=s.max_concurrent or None,
-                                    time_budget_s=s.time_budget_s or None),
-        run_config=tune.RunConfig(name=run_name, storage_path=storage, verbose=0, callbacks=callbacks,
+                                    # A worker keeps torch and diffusers imported across trials (~8 s of CPU
+                                    # a trial start, measured); a trial holds no state between calls.
+                                    reuse_actors=True, time_budget_s=s.time_budget_s or None),
+        run_config=tune.RunConfig(name=run_name, storage_path=tune_storage(cfg, paths), verbose=0, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=1)))
 
 
@@ -150,22 +164,17 @@ def write_best_yaml(cfg: ExperimentConfig, paths: ExperimentPaths, point: dict, 
 
 
 def _search_trials(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel, weights: BackboneWeights,
-                   folds: list[int], run_key: str, resume: bool) -> list[str]:
-    """The keys of this search's trials: from its record when it ran to its end before, else from Tune."""
-    finished = paths.search / "runs" / f"{run_key}.json"  # a search that ran to its end: its trials, re-used
-    if finished.exists() and not resume:
-        found = json.loads(finished.read_text())["trials"]
-        note(f"search: this search finished before ({len(found)} trials); re-using its results")
-        return found
+                   folds: list[int], run_key: str, unfinished: str | None) -> list[str]:
+    """The keys of this search's trials, from Tune (continuing `unfinished`, a restorable Tune folder)."""
     s = cfg.search
     trainable = tune.with_resources(
         tune.with_parameters(_tune_trainable, cfg=cfg, paths=paths, base=base, weights=weights, folds=folds),
         {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
-    grid = _tuner(cfg, paths, trainable, f"lora_search_{run_key}", resume).fit()
+    grid = _tuner(cfg, paths, trainable, f"lora_search_{run_key}", unfinished).fit()
     found = sorted({r.metrics["search_key"] for r in grid if r.metrics and "search_key" in r.metrics})
     if not found:
         raise StageError(f"search: no trial finished; see the Tune error files under {tune_storage(cfg, paths)}")
-    atomic_write_text(finished, json.dumps({"trials": found}))
+    atomic_write_text(_finished_record(paths, run_key), json.dumps({"trials": found}))
     return found
 
 
@@ -235,11 +244,18 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths, resume: bool = Fal
     s = cfg.search
     relevel("optuna")
     folds, confirm_folds = split_folds(cfg, manifest)
-    init_ray(cfg)
-    require_resources(cfg, {"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
-                      f"search: search.cpus_per_trial={s.cpus_per_trial:g}, search.gpus_per_trial={s.gpus_per_trial:g}")
     run_key = keys.search_run_key(cfg, base.identity, weights.identity, manifest)
-    results = _results(paths, _search_trials(cfg, paths, base, weights, folds, run_key, resume), s.objective)
+    finished = _finished_record(paths, run_key)
+    if finished.exists() and not resume:  # a search that ran to its end: its trials, re-used
+        found = json.loads(finished.read_text())["trials"]
+        note(f"search: this search finished before ({len(found)} trials); re-using its results")
+    else:
+        unfinished = _unfinished(cfg, paths, f"lora_search_{run_key}", resume)
+        init_ray(cfg)
+        require_resources(cfg, {"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial}, "search: search.cpus_per_trial="
+                          f"{s.cpus_per_trial:g}, search.gpus_per_trial={s.gpus_per_trial:g}")
+        found = _search_trials(cfg, paths, base, weights, folds, run_key, unfinished)
+    results = _results(paths, found, s.objective)
     write_parquet(results, paths.search / "results.parquet")
     point, summary = _summary(results, cfg)
     if s.confirm:
