@@ -5,6 +5,7 @@ folds, ALL_FOLDS = -1 for split "all"), so no production code needs a branch for
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pandas as pd
 from PIL import Image
 
 from ooc_ray.config import ExperimentConfig
-from ooc_ray.load import from_dict
+from ooc_ray.load import from_dict, load_config
 from ooc_ray.data import MANIFEST_COLUMNS
 from ooc_ray.demo_data import make_image
 from ooc_ray.folds import ALL_FOLDS, fold_ids, train_rows
@@ -119,19 +120,25 @@ def tiny_cfg(root: Path, **sections) -> ExperimentConfig:
     return from_dict(raw)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+# The classifier tests' differences from the demo in tiny mode (config.TINY + demo.yaml's tiny: section): a
+# small EfficientNetB0 with random weights, cached features of two views, real + 50 % synthetic.
+CLASSIFY_TESTS = {"data.demo.size": 40, "folds.strategy": "stratified", "classify.backbone": "EfficientNetB0",
+                  "classify.epochs": 2, "classify.ratios": [0.0, 0.5], "classify.mode": "cached",
+                  "classify.feature_views": 2}
+
+
+def tiny_experiment(root: Path, file: str = "demo", **dotted) -> ExperimentConfig:
+    """experiments/<file>.yaml as `--tiny` loads it, results under `root`, then the dotted overrides."""
+    overrides = [f"results_dir={root}"] + [f"{key}={json.dumps(value)}" for key, value in dotted.items()]
+    return load_config(REPO / "experiments" / f"{file}.yaml", overrides, tiny=True)
+
+
 def classify_cfg(root: Path, name: str = "grid", per_class=(8, 6, 4), **classify) -> ExperimentConfig:
-    """A demo-data experiment with a small cached EfficientNetB0 classifier at 32 px, one LoRA weight."""
-    return from_dict({
-        "name": name, "results_dir": str(root),
-        "data": {"source": "demo", "classes": ["good", "acceptable", "bad"], "group_column": "cell_line",
-                 "demo": {"per_class": list(per_class), "size": 40}},
-        "folds": {"k": 2, "strategy": "stratified"},
-        "sample": {"weights": [1.0]},
-        "ray": {"num_cpus": 2},
-        "classify": {"backbone": "EfficientNetB0", "weights": "none", "input_size": 32, "epochs": 2,
-                     "batch_size": 8, "ratios": [0.0, 0.5], "synthetic_only": True, "augment": ["flip"],
-                     "feature_views": 2, "mode": "cached", "cpus_per_trial": 1, **classify},
-    })
+    """The demo in tiny mode with CLASSIFY_TESTS: three demo classes, one LoRA weight; `classify` updates."""
+    return tiny_experiment(root, name=name, **{"data.demo.per_class": list(per_class), **CLASSIFY_TESTS,
+                                               **{f"classify.{key}": value for key, value in classify.items()}})
 
 
 def demo_experiment(cfg: ExperimentConfig) -> tuple[ExperimentPaths, pd.DataFrame, pd.DataFrame]:
