@@ -279,7 +279,9 @@ def test_a_gpu_task_that_sees_no_cuda_fails_naming_node_and_request(tmp_path, ti
     paths = ExperimentPaths.of(cfg)
     seed_models(paths, tiny_base)
     write_manifest(make_dataset(tmp_path, per_class=(2, 2), k=2), paths)
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    # address "local": without it ray.init joins the last cluster `ray start` made on this machine (the
+    # multi-node module's, when it runs on the other xdist worker), which refuses num_cpus/num_gpus.
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
         with pytest.raises(ResourceError, match=f"finetune: generator.gpus=0.5: node {node_name()} was given a "
                                                 "GPU but torch .* sees no usable CUDA device"):
