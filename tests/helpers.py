@@ -1,4 +1,5 @@
-"""Builders for the tests: one manifest builder, fakes built from the real table schemas, one tiny config.
+"""Builders for the tests: one manifest builder, fakes built from the real table schemas, and the experiment files
+loaded as `--tiny` loads them (tiny_experiment), with each group of tests' differences named.
 
 Tables come out in the shape the stages write them (manifest columns + fold; sample.TABLE_COLUMNS with integer
 folds, ALL_FOLDS = -1 for split "all"), so no production code needs a branch for test data."""
@@ -14,7 +15,7 @@ import pandas as pd
 from PIL import Image
 
 from ooc_ray.config import ExperimentConfig
-from ooc_ray.load import from_dict, load_config
+from ooc_ray.load import load_config
 from ooc_ray.data import MANIFEST_COLUMNS
 from ooc_ray.demo_data import make_image
 from ooc_ray.folds import ALL_FOLDS, fold_ids, train_rows
@@ -102,24 +103,6 @@ def fake_synthetic(manifest: pd.DataFrame, weights=(1.0,), split: str = "fold", 
     return pd.DataFrame(rows).reindex(columns=SYNTHETIC_COLUMNS)
 
 
-def tiny_cfg(root: Path, **sections) -> ExperimentConfig:
-    """Experiment config on the tiny diffusion base at 32 px with few steps; `sections` update per section."""
-    raw = {
-        "name": "t", "results_dir": str(root / "results"),
-        "generator": {"base": "tiny", "resolution": 32, "epochs": 2, "repeats": 1, "batch_size": 4,
-                      "rank": 4, "alpha": 4.0, "unet_lr": 1e-3, "text_encoder_lr": 1e-3},
-        "sample": {"weights": [1.0, 0.0], "steps": 2, "resolution": 32, "batch_size": 4, "actors": 1},
-        "classify": {"ratios": [0.0, 0.5]},  # + synthetic_only: pools of 1.0 x n_train
-        "ray": {"num_cpus": 2},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            raw.setdefault(section, {}).update(values)
-        else:
-            raw[section] = values
-    return from_dict(raw)
-
-
 REPO = Path(__file__).resolve().parents[1]
 
 # The classifier tests' differences from the demo in tiny mode (config.TINY + demo.yaml's tiny: section): a
@@ -139,6 +122,22 @@ def classify_cfg(root: Path, name: str = "grid", per_class=(8, 6, 4), **classify
     """The demo in tiny mode with CLASSIFY_TESTS: three demo classes, one LoRA weight; `classify` updates."""
     return tiny_experiment(root, name=name, **{"data.demo.per_class": list(per_class), **CLASSIFY_TESTS,
                                                **{f"classify.{key}": value for key, value in classify.items()}})
+
+
+# The generator tests' differences from the demo in tiny mode: they write their own two-class manifests and
+# train on the untrained tiny base (no pretraining); LoRAs that change images visibly in 2 epochs; sampling with
+# the LoRA-weight-0.0 control and guidance on.
+GENERATOR_TESTS = {"name": "t", "generator.epochs": 2, "generator.unet_lr": 1e-3, "generator.text_encoder_lr": 1e-3,
+                   "generator.rank": 4, "generator.alpha": 4.0, "generator.unet_modules": "attention",
+                   "generator.pretrain.source": "", "sample.weights": [1.0, 0.0], "sample.cfg": 7.0,
+                   "sample.batch_size": 4, "classify.ratios": [0.0, 0.5]}  # + synthetic_only: pools of 1.0 x n_train
+
+
+def tiny_cfg(root: Path, **sections) -> ExperimentConfig:
+    """The demo in tiny mode with GENERATOR_TESTS, results under root/results; `sections` set fields per section
+    (a mapping given for a field, such as generator={"pretrain": {...}}, replaces that field's mapping whole)."""
+    dotted = {f"{section}.{field}": value for section, values in sections.items() for field, value in values.items()}
+    return tiny_experiment(root / "results", **{**GENERATOR_TESTS, **dotted})
 
 
 def demo_experiment(cfg: ExperimentConfig) -> tuple[ExperimentPaths, pd.DataFrame, pd.DataFrame]:
@@ -167,9 +166,9 @@ def calibrated_experiment(root: Path, cfg: ExperimentConfig) -> tuple:
 TRAINED_PARTS = ("models", "lora", "synthetic")  # what a run can re-use by content: pretrained base, LoRAs, pools
 
 
-def seed_trained_state(trained: Path, out: Path) -> None:
+def seed_trained_state(trained: Path, out: Path, parts=TRAINED_PARTS) -> None:
     """Copy another run's trained parts (conftest's trained_small_cpu) into `out`, an experiment's results
     folder, before it runs: it re-uses what its own keys name and makes the rest."""
-    for part in TRAINED_PARTS:
+    for part in parts:
         if (trained / part).exists():
             shutil.copytree(trained / part, out / part, dirs_exist_ok=True)
