@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from ooc_ray.config import RESOURCE, RESULT
+from ooc_ray.roles import RESOURCE, RESULT
 
 KEY_LENGTH = 16  # hex digits: 64 bits, no accidental collision among the ~1e4 artifacts of a large grid
 

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from ooc_ray.checks import build, coerce, problems, raise_problems
-from ooc_ray.config import DISTRIBUTIONS, INPUT, RESOURCE, RESULT, TINY, ExperimentConfig
+from ooc_ray.config import DISTRIBUTIONS, TINY, ExperimentConfig
+from ooc_ray.roles import INPUT, RESOURCE, RESULT
 from ooc_ray.errors import ConfigError
 from ooc_ray.fields import field_of, with_values
 from ooc_ray.variants import variants

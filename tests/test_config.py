@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from ooc_ray.config import ARTIFACTS, ExperimentConfig
+from ooc_ray.config import ExperimentConfig
+from ooc_ray.roles import ARTIFACTS
 from ooc_ray.fields import field_roles
 from ooc_ray.load import from_dict, load_config
 from ooc_ray.errors import ConfigError, OocRayError

@@ -368,7 +368,7 @@ def _another(value, hint):
 
 
 def _trial_fields() -> list[str]:
-    from ooc_ray.config import RESULT
+    from ooc_ray.roles import RESULT
     from ooc_ray.fields import field_roles
 
     return sorted(name for name, meta in field_roles().items()
@@ -434,7 +434,8 @@ def test_every_classify_field_the_trial_code_reads_is_keyed_or_said_why_not(repo
     import ast
     import dataclasses
 
-    from ooc_ray.config import RESULT, ClassifyConfig
+    from ooc_ray.config import ClassifyConfig
+    from ooc_ray.roles import RESULT
 
     fields = {f.name: f.metadata for f in dataclasses.fields(ClassifyConfig)}
     files = [*sorted((repo / "ooc_ray" / "classify").glob("*.py")), repo / "ooc_ray" / "features.py",
