@@ -74,7 +74,11 @@ def trained_small_cpu(tmp_path_factory) -> Path:
     with open(shared / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (shared / "built").exists():
+            # Sampled by two one-thread actors, as the multi-node job samples them (one per one-CPU node): the
+            # thread count can change an image's last bits (sampler.cpus_per_cpu_actor), and test_cluster_nodes
+            # compares that job's pools with these.
             for stage in ("data", "pretrain", "finetune", "sample"):
-                assert main([stage, str(SMALL_CPU), "--tiny", "-o", f"results_dir={shared}"]) == 0, stage
+                assert main([stage, str(SMALL_CPU), "--tiny", "-o", f"results_dir={shared}",
+                             "-o", "sample.actors=2"]) == 0, stage
             (shared / "built").touch()
     return shared / "small_cpu"

@@ -166,9 +166,9 @@ def calibrated_experiment(root: Path, cfg: ExperimentConfig) -> tuple:
 TRAINED_PARTS = ("models", "lora", "synthetic")  # what a run can re-use by content: pretrained base, LoRAs, pools
 
 
-def seed_trained_state(trained: Path, out: Path, parts=TRAINED_PARTS) -> None:
+def seed_trained_state(trained: Path, out: Path) -> None:
     """Copy another run's trained parts (conftest's trained_small_cpu) into `out`, an experiment's results
     folder, before it runs: it re-uses what its own keys name and makes the rest."""
-    for part in parts:
+    for part in TRAINED_PARTS:
         if (trained / part).exists():
             shutil.copytree(trained / part, out / part, dirs_exist_ok=True)

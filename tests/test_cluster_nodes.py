@@ -98,13 +98,12 @@ def monkeypatch_module():
 
 @pytest.fixture(scope="module")
 def single_node(trained_small_cpu, tmp_path_factory) -> dict:
-    """The single-node run's tables: conftest's pretrained base and LoRAs, and the rest of the pipeline run here.
-    Its pools are sampled here as the job samples them, by one-thread actors: the session's pools came from one
-    two-thread actor, and the thread count can change an image in its last bits (sampler.cpus_per_cpu_actor;
-    here 1 of 18 PNGs differed)."""
+    """The single-node run's tables: conftest's trained state (data, pretrain, finetune, and sample by one-thread
+    actors as the job samples: the thread count can change an image in its last bits, sampler.cpus_per_cpu_actor;
+    1 of 18 PNGs differed from a two-thread actor's) and the rest of the pipeline run here."""
     out = tmp_path_factory.mktemp("single")
-    seed_trained_state(trained_small_cpu, out / "small_cpu", parts=("models", "lora"))
-    assert main(["run", str(CONFIG), "--tiny", "-o", f"results_dir={out}", "-o", "sample.actors=2"]) == 0
+    seed_trained_state(trained_small_cpu, out / "small_cpu")
+    assert main(["run", str(CONFIG), "--tiny", "-o", f"results_dir={out}"]) == 0
     return tables(out / "small_cpu")
 
 

@@ -29,7 +29,7 @@ folds: {{k: 2, strategy: stratified}}
 generator: {{base: tiny, resolution: 32, epochs: 1, repeats: 1, batch_size: 4, rank: 2, alpha: 2.0}}
 sample: {{weights: [1.0, 0.5], steps: 2, resolution: 32, batch_size: 4, actors: 1}}
 classify: {{backbone: EfficientNetB0, weights: none, input_size: 32, epochs: 1, batch_size: 8, ratios: [0.0, 0.5],
-           synthetic_only: false, augment: [], mode: cached}}
+           synthetic_only: false, augment: [], mode: cached, max_concurrent: 1}}
 quality: {{enabled: false}}
 ray: {{num_cpus: 2}}
 """
@@ -132,7 +132,7 @@ def copy(baseline, tmp_path):
 
 def test_moved_folder_and_resource_changes_rerun_nothing(copy, capsys):
     before = snapshot(copy)
-    run(copy, "sample.batch_size=3", "sample.actors=2", "classify.max_concurrent=1", "classify.cpus_per_trial=2",
+    run(copy, "sample.batch_size=3", "sample.actors=2", "classify.max_concurrent=2", "classify.cpus_per_trial=2",
         "generator.gpus=0", "ray.storage_path=" + str(copy / "elsewhere"))
     after = snapshot(copy)
     assert not made(before, after, "loras") and not made(before, after, "pngs") and not made(before, after, "trials")
