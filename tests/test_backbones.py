@@ -1,6 +1,6 @@
 """Every configured keras.applications backbone builds, is frozen, has its family's feature width, and is fed
-pixels the way its family's preprocess_input would feed them. Random weights, 32 px: ~40 s on 2 cores, each
-backbone built once for both checks (B7 alone takes ~7 s)."""
+pixels the way its family's preprocess_input would feed them. Random weights, 32 px: ~50 s on 2 cores (52 s measured,
+67 s when each check built its own), each backbone built once for both checks (B7 alone takes ~7 s)."""
 import functools
 import typing
 

@@ -39,6 +39,8 @@ from ooc_ray.sample import consolidate, plan_images, render, start_images
 from ooc_ray.search.space import point_config
 
 OBJECTIVE_MODE = {"cas": "max", "kid": "min", "accuracy": "max"}
+
+
 def better_sign(objective: str) -> float:
     """+1 where a higher objective is better (cas, accuracy), -1 where lower is (kid): gains read > 0 as better."""
     return 1.0 if OBJECTIVE_MODE[objective] == "max" else -1.0
