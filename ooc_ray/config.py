@@ -239,6 +239,9 @@ class QualityConfig:
     features: Literal["backbone", "image_statistics"] = result("backbone", ("quality", "search"))
     kid_subsets: int = result(10, ("quality", "search"), ge=1)  # KID: random subsets averaged
     kid_subset_size: int = result(50, ("quality", "search"), ge=2)  # KID: images per subset (at most the pool's size)
+    # Precision/recall and density/coverage: the k of their k-nearest-neighbour balls (Naeem et al. 2020 use 5); a
+    # class with no more than k real (or, for recall, synthetic) images of a fold gets NaN.
+    nn_k: int = result(5, ("quality", "search"), keyed_when_set=True, ge=1)
     # > 0: leave synthetic images a real-trained linear classifier is less sure of out of the pools; the
     # trials' keys then hold the smaller training sets they draw.
     filter_min_confidence: float = grid(0.0, ge=0, le=1)
@@ -267,9 +270,11 @@ class SearchConfig:
     """Ray Tune + Optuna search over LoRA and sampling settings (experiments/lora_search.yaml)."""
 
     num_samples: int = grid(20, ge=1)  # search trials (points Optuna proposes)
-    # "cas" (synthetic-only accuracy), "kid" (lower is better) or "accuracy" (downstream); every trial
-    # computes all three, the objective only picks which one Optuna follows.
-    objective: Literal["cas", "kid", "accuracy"] = grid("cas")
+    # "cas" (synthetic-only accuracy), "kid" (lower is better), "accuracy" (downstream) or a distribution measure
+    # of the quality stage ("fd": lower is better; "precision", "recall", "density", "coverage", "vendi"); every
+    # trial computes them all, the objective only picks which one Optuna follows.
+    objective: Literal["cas", "kid", "accuracy", "fd", "precision", "recall", "density", "coverage", "vendi"] = grid(
+        "cas")
     # The space Optuna proposes points in, from the file's `search.space` mapping of fields to one distribution
     # each, e.g. {generator.unet_lr: {loguniform: [1.0e-4, 3.0e-3]}, generator.rank: {choice: [2, 4, 8, 16]},
     # sample.cfg: {uniform: [1, 7]}}: any generator or sample field an axis may vary (ooc_ray.load checks each, and
@@ -382,7 +387,8 @@ TINY = {
     "classify.epochs": 1, "classify.gpus_per_trial": 0, "classify.cpus_per_trial": 1,
     # One trial actor: each imports TensorFlow (~7 s of CPU, measured), more than a tiny trial's whole work (~1 s).
     "classify.max_concurrent": 1,
-    "quality.kid_subsets": 2, "quality.kid_subset_size": 4, "search.gpus_per_trial": 0, "ray.num_cpus": 2,
+    "quality.kid_subsets": 2, "quality.kid_subset_size": 4, "quality.nn_k": 2, "search.gpus_per_trial": 0,
+    "ray.num_cpus": 2,
 }
 SPECIAL_WEIGHTS = ("imagenet", "none", "calibrated")
 EFFICIENTNET_BLOCKS = 7  # Keras names them block1a .. block7x

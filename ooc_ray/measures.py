@@ -9,6 +9,7 @@ scikit-learn, no files, no models. The quality stage and the LoRA search both us
 - Memorisation: cosine distance from each synthetic image to its nearest real training image, flagged when closer
   than the 5th percentile of real-to-nearest-other-real distances.
 - Real confidence: a linear classifier trained on real images scores each synthetic image (the quality filter).
+- Frechet distance, precision/recall, density/coverage and the Vendi score (ooc_ray.distributions), per class.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
 from ooc_ray.config import QualityConfig
+from ooc_ray.distributions import density_coverage, frechet_distance, precision_recall, vendi_score
 
 MEMORISED_PERCENTILE = 5.0
 
@@ -136,6 +138,8 @@ def class_quality(real_train: pd.DataFrame, real_test: pd.DataFrame, synthetic: 
     for c, label in enumerate(classes):
         real_c, syn_c, test_c = y_real == c, y_syn == c, y_test == c
         kid_mean, kid_std = kid(x_real[real_c], x_syn[syn_c], qcfg.kid_subsets, qcfg.kid_subset_size, seed=c)
+        precision, recall = precision_recall(x_real[real_c], x_syn[syn_c], qcfg.nn_k)
+        density, coverage = density_coverage(x_real[real_c], x_syn[syn_c], qcfg.nn_k)
         rows.append({
             "label": label, "n_real": int(real_c.sum()), "n_synthetic": int(syn_c.sum()),
             "kid": kid_mean, "kid_std": kid_std,
@@ -143,6 +147,9 @@ def class_quality(real_train: pd.DataFrame, real_test: pd.DataFrame, synthetic: 
             "nn_distance_median": float(np.median(dist[syn_c])) if syn_c.any() else float("nan"),
             "memorised_fraction": float(memorised[syn_c].mean()) if syn_c.any() else float("nan"),
             "real_confidence_median": float(np.median(confidence[syn_c])) if syn_c.any() else float("nan"),
+            "fd": frechet_distance(x_real[real_c], x_syn[syn_c]), "precision": precision, "recall": recall,
+            "density": density, "coverage": coverage, "vendi": vendi_score(x_syn[syn_c]),
+            "vendi_real": vendi_score(x_real[real_c]),
         })
     table = pd.DataFrame(rows)
     table["cas_accuracy"] = float((cas_pred == y_test).mean()) if len(y_test) else float("nan")

@@ -25,7 +25,7 @@ from ooc_ray.measures import class_quality, kid_to_control, lora_effect
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.variants import each_variant, per_variant
 
-TABLE_VERSION = 2  # part of the key: bump when a measure or column changes, so older tables are not re-used
+TABLE_VERSION = 3  # part of the key: bump when a measure or column changes, so older tables are not re-used
 
 
 def pools(manifest: pd.DataFrame, synthetic: pd.DataFrame, split: str):

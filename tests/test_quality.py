@@ -51,6 +51,11 @@ def test_class_quality_known_answers():
     assert good["kid"] < bad["kid"]  # half the bad pool is off-distribution
     # the pool labels some good-looking images "bad": real bad images are still found, some good are lost
     assert bad["cas_recall"] == pytest.approx(1.0) and 0.5 <= good["cas_recall"] < 1.0
+    # The distribution measures see the same failure: half of the bad pool lies outside the real bad images'
+    # neighbourhoods (precision <= 0.5, density ~halved: 0.52 vs 0.86), its Gaussian is far off (the shifted
+    # mean alone adds 8 x 1.5^2 = 18); recall and coverage stay high, as the right half still covers the class.
+    assert bad["precision"] <= 0.5 < 0.8 <= good["precision"] and bad["density"] < 0.7 * good["density"]
+    assert bad["fd"] > 18 > 10 * good["fd"] and min(bad["recall"], bad["coverage"], good["coverage"]) > 0.8
     assert len(scores) == 40 and scores["id"].is_unique
     conf = scores.set_index("id")["real_confidence"]
     assert conf[[f"s{i}" for i in range(20, 30)]].max() < 0.5 < conf[[f"s{i}" for i in range(30, 40)]].min()

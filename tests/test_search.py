@@ -125,6 +125,24 @@ def test_a_trial_on_two_folds_reports_at_checkpoints_that_are_the_loras_of_their
     # A finished trial is read back, not run again.
     (again,) = trial_reports(POINT, cfg, paths, base, weights, [0, 1], every=1)
     assert again["duration_s"] == last["duration_s"] and again["search_key"] == last["search_key"]
+    # A finished row from before an objective existed is scored again (its LoRAs and pool re-used), never
+    # reported without it.
+    file = paths.search / "trials" / f"{last['search_key']}.parquet"
+    pd.read_parquet(file).drop(columns=["vendi"]).to_parquet(file)
+    (rescored,) = trial_reports(POINT, cfg, paths, base, weights, [0, 1], every=0)
+    assert rescored["duration_s"] != last["duration_s"] and rescored["fold_scores"] == last["fold_scores"]
+    assert rescored["vendi"] == pytest.approx(last["vendi"])
+    assert {p.name for p in (paths.search / "lora").iterdir()} == loras
+
+
+def test_every_objective_the_config_allows_is_one_a_trial_reports_with_its_direction():
+    from typing import get_args, get_type_hints
+
+    from ooc_ray.config import SearchConfig
+    from ooc_ray.search.trial import OBJECTIVE_MODE, REPORTED
+
+    assert set(get_args(get_type_hints(SearchConfig)["objective"])) == set(OBJECTIVE_MODE) <= set(REPORTED)
+    assert OBJECTIVE_MODE["fd"] == OBJECTIVE_MODE["kid"] == "min" and OBJECTIVE_MODE["coverage"] == "max"
 
 
 def test_a_trial_samples_with_sample_settings_as_configured(experiment):

@@ -231,8 +231,9 @@ def replicate_table(trials: pd.DataFrame, axes: list[str], real: pd.DataFrame, m
 def summarise_quality(quality: pd.DataFrame) -> pd.DataFrame:
     """Mean over folds per (weight, class): the quality table the report shows."""
     cols = ["kid", "kid_to_weight0", "lora_effect_p", "cas_recall", "cas_accuracy", "nn_distance_median",
-            "memorised_fraction", "real_confidence_median"]
-    cols = [c for c in cols if c in quality.columns]  # kid_to_weight0: quality tables from before it existed
+            "memorised_fraction", "real_confidence_median", "fd", "precision", "recall", "density", "coverage",
+            "vendi", "vendi_real"]
+    cols = [c for c in cols if c in quality.columns]  # quality tables from before a measure existed lack it
     return quality.groupby(["weight", "label"], sort=False)[cols].mean().reset_index()
 
 

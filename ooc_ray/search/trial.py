@@ -10,6 +10,9 @@ written to search/trials/<key>.parquet; the last one is marked complete. Objecti
   cas       accuracy on real held-out images of a linear classifier trained on the synthetic images only (max)
   kid       mean per-class KID between synthetic and real training images (min)
   accuracy  held-out accuracy of a linear classifier on real subset + synthetic images (max)
+  fd, precision, recall, density, coverage, vendi   quality's distribution measures, mean over classes
+            (ooc_ray.distributions; fd min, the others max): the report's measure validity says which of them
+            predicted the accuracy change on a run's data
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from ooc_ray.fields import with_value
 from ooc_ray.finetune import LoraTraining, base_pipeline, pending_jobs
 from ooc_ray.folds import held_out_rows, train_rows
 from ooc_ray.io import atomic_dir, parquet_problem, write_parquet
+from ooc_ray.measure_validity import MEASURE_DIRECTION
 from ooc_ray.measures import class_quality, linear_probe
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import LoraJob, plan_loras
@@ -38,15 +42,18 @@ from ooc_ray.quality import features_identity, quality_features
 from ooc_ray.sample import consolidate, plan_images, render, start_images
 from ooc_ray.search.space import point_config
 
-OBJECTIVE_MODE = {"cas": "max", "kid": "min", "accuracy": "max"}
+DISTRIBUTION_OBJECTIVES = ("fd", "precision", "recall", "density", "coverage", "vendi")
+OBJECTIVE_MODE = {"cas": "max", "kid": "min", "accuracy": "max",
+                  **{name: "max" if MEASURE_DIRECTION[name] > 0 else "min" for name in DISTRIBUTION_OBJECTIVES}}
 
 
 def better_sign(objective: str) -> float:
-    """+1 where a higher objective is better (cas, accuracy), -1 where lower is (kid): gains read > 0 as better."""
+    """+1 where a higher objective is better (cas, accuracy), -1 where lower is (kid, fd): gains read > 0 as
+    better."""
     return 1.0 if OBJECTIVE_MODE[objective] == "max" else -1.0
 
 
-REPORTED = ("search_key", "score", "score_se", "cas", "kid", "accuracy", "epochs_trained", "complete")
+REPORTED = ("search_key", "score", "score_se", *OBJECTIVE_MODE, "epochs_trained", "complete")
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,8 @@ def checkpoints(epochs: int, every: int) -> list[int]:
 
 def score(subset: pd.DataFrame, test: pd.DataFrame, synthetic: pd.DataFrame, features: dict, classes: list[str],
           cfg: ExperimentConfig) -> dict:
-    """The three objectives on one fold: quality's CAS and KID, and a real + synthetic probe's accuracy."""
+    """Every objective on one fold: quality's CAS, KID and distribution measures (means over the classes that
+    have a value), and a real + synthetic probe's accuracy."""
     table, _ = class_quality(subset, test, synthetic, features, classes, cfg.quality)
     index = {c: i for i, c in enumerate(classes)}
     both = pd.concat([subset, synthetic], ignore_index=True)
@@ -85,8 +93,8 @@ def score(subset: pd.DataFrame, test: pd.DataFrame, synthetic: pd.DataFrame, fea
                          len(classes))
     predicted = probe(np.stack([features[d] for d in test["sha256"]])).argmax(1)
     accuracy = float((predicted == test["label"].map(index).to_numpy()).mean())
-    return {"cas": float(table["cas_accuracy"].iloc[0]), "kid": float(np.nanmean(table["kid"])),
-            "accuracy": accuracy}
+    measured = {name: float(table[name].mean()) for name in ("kid", *DISTRIBUTION_OBJECTIVES)}  # skips NaN classes
+    return {"cas": float(table["cas_accuracy"].iloc[0]), "accuracy": accuracy, **measured}
 
 
 class _Trainings:
@@ -163,8 +171,11 @@ def trial_reports(point: dict, cfg: ExperimentConfig, paths: ExperimentPaths, ba
                                 pd.concat([part.test for part in parts]),
                                 features_identity(cfg, weights, paths, manifest))
     result_file = paths.search / "trials" / f"{key}.parquet"
-    if not parquet_problem(result_file) and pd.read_parquet(result_file)["complete"].iloc[0]:
-        yield pd.read_parquet(result_file).iloc[0].to_dict()  # Optuna may propose a point again
+    done = None if parquet_problem(result_file) else pd.read_parquet(result_file)
+    # Optuna may propose a point again; a row from before an objective existed is scored again, never reported
+    # without it.
+    if done is not None and done["complete"].iloc[0] and set(REPORTED) <= set(done.columns):
+        yield done.iloc[0].to_dict()
         return
     trainings = _Trainings(tcfg, base, paths.search / "lora")
     try:

@@ -1,0 +1,90 @@
+"""Does a quality measure predict usefulness? Across every pool of a run (variant x fold x LoRA weight), the rank
+correlation of each quality measure with what the pool's images did to the classifier: the accuracy change of an
+arm over real only on the same fold. Pure pandas and scipy, no files.
+
+Fidelity and usefulness can diverge ("When Pretty Isn't Useful", 2026; CheXGenBench): a search or filter steered by
+a measure that does not predict usefulness steers by noise, so the report says, per measure and arm, how well it
+did on this run's data.
+
+- Pairs: one per (variant, fold, weight) pool and arm with synthetic images (ratio or synthetic only, no control):
+  the pool's measure (mean over classes) against metric(arm) - metric(real only) on that fold.
+- Spearman's rho with a 95 % interval from Fisher's z with Fieller et al.'s (1957) variance 1.06 / (n - 3). The
+  pairs are not independent (folds share training images, the weights of a fold share its LoRAs), so the
+  interval is optimistic: read it as a lower bound on the uncertainty.
+- Not estimable: fewer than 4 pairs, a measure or change without spread (all ties), or |rho| = 1 (no interval).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ooc_ray.comparisons import METRIC_COLUMNS
+from ooc_ray.protocol import Arm
+
+# Which way is better for each measure that has a direction (+1: higher, -1: lower), as the search's objectives
+# and the validity table read them. kid_to_weight0 and nn_distance_median have none (far from the base or from
+# the nearest real image is neither good nor bad in itself).
+MEASURE_DIRECTION = {"cas_accuracy": 1, "kid": -1, "fd": -1, "precision": 1, "recall": 1, "density": 1,
+                     "coverage": 1, "vendi": 1, "memorised_fraction": -1, "real_confidence_median": 1}
+FIELLER_VARIANCE = 1.06  # Var(atanh rho_s) ~ 1.06 / (n - 3) (Fieller, Hartley & Pearson 1957)
+MIN_PAIRS = 4
+Z95 = stats.norm.ppf(0.975)
+
+
+def rank_correlation(x, y) -> tuple[float, float, float, int]:
+    """(Spearman's rho, 95 % low, high, n) over the finite pairs; NaNs where not estimable (module docstring)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    finite = np.isfinite(x) & np.isfinite(y)
+    x, y, n = x[finite], y[finite], int(finite.sum())
+    if n < MIN_PAIRS or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan, math.nan, n
+    rho = float(stats.spearmanr(x, y).statistic)
+    if abs(rho) >= 1:
+        return rho, math.nan, math.nan, n
+    half = Z95 * math.sqrt(FIELLER_VARIANCE / (n - 3))
+    return rho, math.tanh(math.atanh(rho) - half), math.tanh(math.atanh(rho) + half), n
+
+
+def pool_measures(quality: pd.DataFrame) -> pd.DataFrame:
+    """One row per (fold, weight) pool: each measure with a direction, the mean over the pool's classes."""
+    measures = [m for m in MEASURE_DIRECTION if m in quality.columns]
+    return quality.groupby(["fold", "weight"])[measures].mean().reset_index()
+
+
+def usefulness_pairs(trials: pd.DataFrame, quality: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One variant's pairs: per trial of an arm with synthetic images, its fold, weight, arm name, mixing, the
+    change of `metric` (report.metric) over real only on its fold (`change`), and its pool's measures."""
+    metric = METRIC_COLUMNS[metric]
+    arm = Arm.of_rows(trials)
+    real = trials[[a.is_real for a in arm]]
+    base = real.drop_duplicates("fold").set_index("fold")[metric]
+    arms = trials.assign(arm=[a.name for a in arm])[[a.needs_synthetic for a in arm]]
+    arms = arms[arms["fold"].isin(base.index)]
+    mixing = arms["mixing"].fillna("concat") if "mixing" in arms.columns else "concat"
+    pairs = arms.assign(change=arms[metric] - arms["fold"].map(base), mixing=mixing)
+    return pairs[["fold", "weight", "arm", "mixing", "change"]].merge(pool_measures(quality), on=["fold", "weight"])
+
+
+def measure_validity(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per arm (name and mixing) and measure: n pairs, rho, its interval, the direction that means better and a
+    verdict: "predicts" (interval on the side of better), "misleads" (on the other side), "no evidence" (it holds
+    0) or "not estimable"."""
+    rows = []
+    for (arm, mixing), group in pairs.groupby(["arm", "mixing"], sort=True):
+        for measure, direction in MEASURE_DIRECTION.items():
+            if measure not in group.columns:
+                continue
+            rho, low, high, n = rank_correlation(group[measure], group["change"])
+            if math.isnan(low):
+                verdict = "not estimable"
+            elif low * high <= 0:
+                verdict = "no evidence"
+            else:
+                verdict = "predicts" if rho * direction > 0 else "misleads"
+            rows.append({"arm": arm, "mixing": mixing, "measure": measure, "better": "higher" if direction > 0
+                         else "lower", "n": n, "rho": rho, "ci_low": low, "ci_high": high, "verdict": verdict})
+    return pd.DataFrame(rows, columns=["arm", "mixing", "measure", "better", "n", "rho", "ci_low", "ci_high",
+                                       "verdict"])

@@ -1,0 +1,75 @@
+"""Measure validity (ooc_ray.measure_validity): Spearman's rho and its interval against a hand-worked case and a
+simulation with a known answer, the degenerate cases, and the pairing of pools with accuracy changes on trial and
+quality tables built by hand."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ooc_ray.measure_validity import measure_validity, rank_correlation, usefulness_pairs
+
+
+def test_rank_correlation_of_a_hand_worked_case():
+    # ranks differ by -1, 1, -1, 1, 0: rho = 1 - 6 * 4 / (5 * 24) = 0.8; z = atanh(0.8) = 1.0986,
+    # half width 1.96 * sqrt(1.06 / 2) = 1.4269: tanh(-0.3283) = -0.3170, tanh(2.5255) = 0.9873
+    rho, low, high, n = rank_correlation([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])
+    assert (rho, n) == (pytest.approx(0.8), 5)
+    assert (low, high) == (pytest.approx(-0.3170, abs=1e-4), pytest.approx(0.9873, abs=1e-4))
+
+
+def test_degenerate_cases_are_not_estimable():
+    assert all(math.isnan(v) for v in rank_correlation([1, 1, 1, 1, 1], [1, 2, 3, 4, 5])[:3])  # no spread
+    assert all(math.isnan(v) for v in rank_correlation([1, 2, 3], [3, 1, 2])[:3])  # n < 4
+    rho, low, high, n = rank_correlation([1, 2, 3, 4, np.nan], [1, 2, 3, 4, 0])  # NaN pairs dropped: n = 4
+    assert rho == 1.0 and math.isnan(low) and math.isnan(high) and n == 4  # |rho| = 1: no interval
+
+
+def test_interval_covers_the_population_rank_correlation_in_simulation():
+    """Bivariate normal with Pearson rho 0.6: population Spearman rho = (6 / pi) asin(0.3) = 0.5824."""
+    rng = np.random.default_rng(0)
+    truth = 6 / math.pi * math.asin(0.3)
+    cov = [[1, 0.6], [0.6, 1]]
+    results = np.array([rank_correlation(*rng.multivariate_normal([0, 0], cov, size=30).T)[:3] for _ in range(2000)])
+    covered = (results[:, 1] <= truth) & (truth <= results[:, 2])
+    assert results[:, 0].mean() == pytest.approx(truth, abs=0.02)
+    assert 0.93 <= covered.mean() <= 0.97
+
+
+def trial_table(rows):
+    frame = pd.DataFrame(rows, columns=["fold", "weight", "ratio", "synthetic_only", "control", "accuracy"])
+    return frame.assign(mixing="concat")
+
+
+def test_pools_pair_with_their_folds_accuracy_change_and_the_verdicts_follow():
+    """16 pools (8 folds x 2 weights); each fold's real-only accuracy differs, so a pool paired with another
+    fold's real trial would break the changes. The change follows the pool's precision: precision and fd
+    (built to fall as the change rises) predict it, kid (built to rise with it: lower should be better) misleads,
+    coverage has no spread, vendi is noise."""
+    rng = np.random.default_rng(3)
+    folds, weights = range(8), (1.0, 0.5)
+    real_acc = {f: 0.6 + 0.02 * f for f in folds}
+    quality, trials, expected = [], [], {}
+    for f in folds:
+        trials.append((f, np.nan, 0.0, False, "", real_acc[f]))
+        trials.append((f, np.nan, 1.0, False, "real_steps", 0.99))  # a control: never paired
+        for w in weights:
+            precision = rng.uniform(0.2, 0.9)
+            change = 0.2 * precision + rng.normal(0, 0.01)
+            expected[f, w] = change
+            trials.append((f, w, 1.0, False, "", real_acc[f] + change))
+            for label, offset in (("a", -0.05), ("b", 0.05)):  # the pool's value is the mean over its classes
+                quality.append({"fold": f, "weight": w, "label": label, "precision": precision + offset,
+                                "fd": 10 - 5 * precision + offset + rng.normal(0, 0.05), "kid": precision + offset,
+                                "coverage": 0.5, "vendi": rng.uniform(1, 5), "nn_distance_median": 1.0})
+    pairs = usefulness_pairs(trial_table(trials), pd.DataFrame(quality), "accuracy")
+    assert len(pairs) == 16 and set(pairs["arm"]) == {"real+100%"} and set(pairs["mixing"]) == {"concat"}
+    for row in pairs.itertuples():
+        assert row.change == pytest.approx(expected[row.fold, row.weight])
+    table = measure_validity(pairs).set_index("measure")
+    assert set(table.index) == {"precision", "fd", "kid", "coverage", "vendi"}  # nn_distance_median: no direction
+    assert table.loc["precision", "verdict"] == "predicts" and table.loc["precision", "rho"] > 0.9
+    assert table.loc["fd", "verdict"] == "predicts" and table.loc["fd", "rho"] < -0.9
+    assert table.loc["kid", "verdict"] == "misleads" and table.loc["kid", "better"] == "lower"
+    assert table.loc["coverage", "verdict"] == "not estimable"
+    assert table.loc["vendi", "verdict"] == "no evidence" and (table["n"] == 16).all()
