@@ -304,7 +304,7 @@ def part_plan_grid(work: Path, scale: int) -> tuple[str, list[dict]]:
 
 def part_report(work: Path, scale: int) -> tuple[str, list[dict]]:
     from ooc_ray.comparisons import naive_baseline
-    from ooc_ray.report import render
+    from ooc_ray.report import plots, render
     from ooc_ray.report.tables import summary_tables
 
     root = work / f"trials_x{scale}"
@@ -323,8 +323,8 @@ def part_report(work: Path, scale: int) -> tuple[str, list[dict]]:
              measure("c3 table files (CSV, Markdown, LaTeX)", lambda: render.write_tables(tables, out, {}, {})),
              measure("c4 comparisons.naive_baseline", lambda: naive_baseline(world)),
              measure("c5 plots (accuracy vs ratio, confusions)",
-                     lambda: (render.plot_metric_vs_ratio(tables, 0.608, out / "acc.png"),
-                              render.plot_confusions(trials, out / "confusion.png")))]
+                     lambda: (plots.plot_metric_vs_ratio(tables, 0.608, out / "acc.png"),
+                              plots.plot_confusions(trials, out / "confusion.png")))]
     return f"{len(trials):,} trial files, {K * scale} folds, {len(world):,} images", steps
 
 

@@ -192,6 +192,31 @@ def test_run_report_writes_everything(tmp_path, trials):
         run_report(cfg, paths)
 
 
+def test_the_report_says_which_quality_measure_predicted_the_accuracy_change(tmp_path, trials):
+    """Pools of 3 folds x 2 weights: real + 50 % changes accuracy by +0.01, +0.02, 0 (weight 1.0) and 0, 0, 0
+    (weight 0.8) over the fold's real only; a measure built to follow the change is scored against ranks computed
+    here; synthetic only has 3 pools (weight 1.0 only): not estimable."""
+    from ooc_ray.io import write_parquet
+    from ooc_ray.report import run_report
+
+    cfg, paths, _, _ = write_report(tmp_path, trials)
+    precision = {(0, 1.0): 0.6, (1, 1.0): 0.9, (2, 1.0): 0.3, (0, 0.8): 0.2, (1, 0.8): 0.4, (2, 0.8): 0.1}
+    write_parquet(pd.DataFrame([{"fold": f, "weight": w, "label": label, "precision": p + offset, "kid": 0.5}
+                                for (f, w), p in precision.items() for label, offset in zip(CLASSES, (-0.1, 0, 0.1))]),
+                  paths.quality)
+    text = run_report(cfg, paths).read_text()
+    assert "## Which quality measure predicted usefulness" in text
+    validity = pd.read_csv(paths.report / "measure_validity.csv").set_index(["arm", "measure"])
+    change = {(0, 1.0): 0.01, (1, 1.0): 0.02, (2, 1.0): 0.0, (0, 0.8): 0.0, (1, 0.8): 0.0, (2, 0.8): 0.0}
+    pools = sorted(change)
+    ranks = [pd.Series([precision[p] for p in pools]).rank(), pd.Series([change[p] for p in pools]).rank()]
+    row = validity.loc[("real+50%", "precision")]
+    assert row["n"] == 6 and row["rho"] == pytest.approx(np.corrcoef(*ranks)[0, 1])  # Spearman: Pearson of ranks
+    assert validity.loc[("real+50%", "kid"), "verdict"] == "not estimable"  # no spread
+    assert validity.loc[("synthetic_only", "precision"), "n"] == 3
+    assert validity.loc[("synthetic_only", "precision"), "verdict"] == "not estimable"
+
+
 class PageParts(HTMLParser):
     """What a browser would fetch or show, read with the standard library's parser (not Markdown's)."""
 
@@ -239,7 +264,7 @@ def test_the_image_grid_stretches_a_low_contrast_tile_for_display_only(tmp_path)
     unchanged; a flat image stays flat."""
     from PIL import Image
 
-    from ooc_ray.report.render import image_grid, stretch_contrast
+    from ooc_ray.report.plots import image_grid, stretch_contrast
 
     rng = np.random.default_rng(0)
     faint = tmp_path / "faint.png"

@@ -22,18 +22,19 @@ from ooc_ray.errors import DataError, MissingInputError
 from ooc_ray.folds import held_out_signatures, uses_groups
 from ooc_ray.io import atomic_path, atomic_write_text, parquet_problem
 from ooc_ray.logs import note
+from ooc_ray.measure_validity import measure_validity, usefulness_pairs
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import PlannedTrial, safe_name
 from ooc_ray.trainsets import plan_grid
 from ooc_ray.variants import Variant
-from ooc_ray.report import render
+from ooc_ray.report import plots, render
 from ooc_ray.report.tables import (add_costs, apply_family, design_sensitivity, overlap_ratio, reference_values,
                                    replicate_table, resolution, summarise_quality, summary_tables, with_arms)
 
 # What run_report writes into report/ besides report.md/html (which it always rewrites): a file of these
 # patterns that a run did not write again is another config's (a LoRA weight or axis value since removed).
 REPORT_OUTPUTS = ("table_*.csv", "table_*.md", "table_*.tex", "*accuracy_vs_ratio.png", "*confusion_matrices.png",
-                  "*real_vs_synthetic.png", "axis_*.png", "replicates.md")
+                  "*real_vs_synthetic.png", "axis_*.png", "replicates.md", "measure_validity.csv")
 
 
 def remove_stale(out: Path, written: set[str]) -> list[Path]:
@@ -142,6 +143,7 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     naive = naive_baseline(manifest)
     body, combined, written = [], [], {"replicates.md"} if cfg.sample.replicates > 1 else set()
+    pairs = []  # (pool's quality measures, its arms' accuracy changes) of every variant: measure validity
     for variant, vpaths, trials, tables, synthetic in done:
         heading = "##" if not variant.point else "###"
         if variant.point:
@@ -155,15 +157,17 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
         body += render.write_tables(tables, out, sensitivity, references, prefix)
         written |= {f"table_{render.table_name(prefix, w)}.{ext}" for w in tables for ext in ("csv", "md", "tex")}
         written |= {f"{prefix}{name}.png" for name in ("accuracy_vs_ratio", "confusion_matrices", "real_vs_synthetic")}
-        render.plot_metric_vs_ratio(tables, naive["overall"], out / f"{prefix}accuracy_vs_ratio.png")
-        render.plot_confusions(trials, out / f"{prefix}confusion_matrices.png")
+        plots.plot_metric_vs_ratio(tables, naive["overall"], out / f"{prefix}accuracy_vs_ratio.png")
+        plots.plot_confusions(trials, out / f"{prefix}confusion_matrices.png")
         body += [f"![accuracy vs ratio]({prefix}accuracy_vs_ratio.png)", "",
                  f"![confusion]({prefix}confusion_matrices.png)", ""]
         if synthetic is not None and len(synthetic):
-            render.image_grid(manifest, synthetic, out / f"{prefix}real_vs_synthetic.png")
-            body += [f"![real vs synthetic]({prefix}real_vs_synthetic.png)", "", render.GRID_CAPTION, ""]
+            plots.image_grid(manifest, synthetic, out / f"{prefix}real_vs_synthetic.png")
+            body += [f"![real vs synthetic]({prefix}real_vs_synthetic.png)", "", plots.GRID_CAPTION, ""]
         if not parquet_problem(vpaths.quality):
-            body += render.quality_section(summarise_quality(pd.read_parquet(vpaths.quality)), variant.cfg, heading)
+            quality = pd.read_parquet(vpaths.quality)
+            body += render.quality_section(summarise_quality(quality), variant.cfg, heading)
+            pairs.append(usefulness_pairs(trials, quality, rc.metric).assign(variant=variant.tag))
         point = {name: format_value(value) for name, value in variant.point}
         combined += [table.assign(variant=variant.tag, **point) for table in tables.values()]
     with atomic_path(out / "summary.csv") as tmp:
@@ -172,8 +176,14 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
     for name, values in cfg.axes:
         file = f"axis_{safe_name(name)}.png"
         written.add(file)
-        render.plot_axis(everything, name, values, out / file)
+        plots.plot_axis(everything, name, values, out / file)
         extra += [f"![accuracy against {name}]({file})", ""]
+    if pairs:
+        validity = measure_validity(pd.concat(pairs, ignore_index=True))
+        with atomic_path(out / "measure_validity.csv") as tmp:
+            validity.to_csv(tmp, index=False)
+        written.add("measure_validity.csv")
+        extra += render.validity_section(validity, rc.metric)
     if cfg.sample.replicates > 1:
         axes = [name for name, _ in cfg.axes]
         table = render.replicate_display(replicate_table(everything, axes, real, rc.metric, signatures), axes,

@@ -1,5 +1,6 @@
-"""The report's rendering: tables as Markdown/CSV/LaTeX, the text around them, plots, image grids, and report.md as
-one self-contained HTML page. Numbers come in computed (ooc_ray.report.tables); nothing here tests anything.
+"""The report's text: tables as Markdown/CSV/LaTeX, the text around them, and report.md as one self-contained HTML
+page (its figures: ooc_ray.report.plots). Numbers come in computed (ooc_ray.report.tables); nothing here tests
+anything.
 """
 from __future__ import annotations
 
@@ -9,24 +10,16 @@ import math
 import re
 from pathlib import Path
 
-import matplotlib
+import markdown
+import pandas as pd
 
-matplotlib.use("Agg")  # files only: no display on cluster nodes or CI; must precede pyplot's import
-import markdown  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-from ooc_ray import keys  # noqa: E402
-from ooc_ray.backbones import SMALL_CNN  # noqa: E402
-from ooc_ray.config import REPLICATE_SEED_STEP, ClassifyConfig, ExperimentConfig  # noqa: E402
+from ooc_ray import keys
+from ooc_ray.backbones import SMALL_CNN
+from ooc_ray.config import REPLICATE_SEED_STEP, ClassifyConfig, ExperimentConfig
 from ooc_ray.fields import format_value
-from ooc_ray.images import load_image  # noqa: E402
-from ooc_ray.errors import MissingInputError  # noqa: E402
-from ooc_ray.io import atomic_path, atomic_write_text  # noqa: E402
-from ooc_ray.protocol import CONTROL_LABELS  # noqa: E402
-from ooc_ray.report.tables import METRICS, with_arms  # noqa: E402
+from ooc_ray.errors import MissingInputError
+from ooc_ray.io import atomic_path, atomic_write_text
+from ooc_ray.report.tables import METRICS
 
 METRIC_SHORT = {"accuracy": "acc", "balanced_accuracy": "bal. acc", "f1_macro": "F1"}
 METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy (macro recall)",
@@ -260,120 +253,26 @@ def quality_section(quality: pd.DataFrame, cfg: ExperimentConfig, heading: str =
             "of the same class, i.e. how far the LoRA moved the images; lora_effect_p: permutation p-value "
             "(1,000 relabellings) of the MMD between the two, all folds pooled. CAS = recall on real held-out "
             "images of a linear classifier trained on synthetic images only; memorised = share of synthetic images "
-            "closer to a real training image than 95 % of real images are to each other.", "",
+            "closer to a real training image than 95 % of real images are to each other. fd: Frechet distance "
+            "(FID's formula on these features; biased upwards at small n); precision / recall: share of synthetic "
+            "images inside the real images' k-nearest-neighbour balls and of real images inside the synthetic ones' "
+            f"(k = {cfg.quality.nn_k}); density / coverage (Naeem et al. 2020): ~1 / high when the sets are alike; "
+            "vendi: effective number of distinct synthetic images (vendi_real: of the real ones).", "",
             to_markdown(quality.round(4)), ""]
 
 
-# ---------------------------------------------------------------------------------------------- figures
+VALIDITY_NOTE = (
+    "Does a quality measure predict usefulness on this data? Spearman's rho, across every pool of this run (variant "
+    "x fold x LoRA weight), between the pool's measure (mean over classes) and the change of {metric} its images "
+    "gave an arm over real only on that fold (ooc_ray.measure_validity). `predicts`: the 95 % interval (Fisher's z) "
+    "lies on the side of `better`; `misleads`: on the other side; `no evidence`: it holds 0; `not estimable`: fewer "
+    "than 4 pools, no spread, or |rho| = 1. Folds share training images, so the interval is optimistic.")
 
 
-def _save(fig, path: Path, dpi: int) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
-
-
-def plot_metric_vs_ratio(tables: dict[float, pd.DataFrame], naive: float, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    first = next(iter(tables.values()))
-    for control, rows in first[first["control"].fillna("") != ""].groupby("control"):  # the same in every table
-        real = first[(first["ratio"] == 0) & ~first["synthetic_only"] & (first["control"].fillna("") == "")]
-        line = pd.concat([real, rows])
-        ax.errorbar(line["ratio"] * 100, line["accuracy_mean"], yerr=line["accuracy_std"].fillna(0), marker="x",
-                    capsize=3, linestyle=":", color="grey" if control == "real_steps" else "black",
-                    label=f"control: {CONTROL_LABELS[control].format('r')}")
-    for weight, table in tables.items():
-        mixed = table[~table["synthetic_only"] & (table["control"].fillna("") == "")]
-        ax.errorbar(mixed["ratio"] * 100, mixed["accuracy_mean"], yerr=mixed["accuracy_std"].fillna(0),
-                    marker="o", capsize=3, label=f"LoRA weight {weight:g}")
-        syn = table[table["synthetic_only"]]
-        if len(syn):
-            ax.errorbar([mixed["ratio"].max() * 100 + 15], syn["accuracy_mean"], yerr=syn["accuracy_std"].fillna(0),
-                        marker="s", capsize=3, linestyle="none", color=ax.lines[-1].get_color())
-    ax.axhline(naive, color="grey", linestyle="--", label=f"naive (majority) {naive:.3f}")
-    ax.set_xlabel("synthetic images added (% of real training set); square = synthetic only")
-    ax.set_ylabel("accuracy (mean ± std over folds)")
-    ax.legend(fontsize=8)
-    _save(fig, path, dpi=120)
-
-
-def plot_confusions(trials: pd.DataFrame, path: Path) -> None:
-    """Confusion matrices summed over folds, one panel per arm (real only and controls first, then weights high
-    to low as in the tables, arms by their order)."""
-    groups = sorted(with_arms(trials).groupby("arm_", sort=False),
-                    key=lambda g: (g[0].has_weight, -(g[0].weight or 0.0), g[0].order))
-    cols = min(4, len(groups))
-    rows = math.ceil(len(groups) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    classes = list(trials["classes"].iloc[0])
-    for ax, (arm, group) in zip(axes.flat, groups):
-        total = np.sum([np.array([list(r) for r in c]) for c in group["confusion"]], axis=0)
-        ax.imshow(total, cmap="Blues")
-        for (i, j), v in np.ndenumerate(total):
-            ax.text(j, i, int(v), ha="center", va="center", fontsize=7)
-        ax.set_title(arm.label_with_weight, fontsize=8)
-        ax.set_xticks(range(len(classes)), classes, fontsize=6, rotation=45)
-        ax.set_yticks(range(len(classes)), classes, fontsize=6)
-    for ax in list(axes.flat)[len(groups):]:
-        ax.axis("off")
-    fig.supxlabel("predicted")
-    fig.supylabel("true")
-    _save(fig, path, dpi=110)
-
-
-def plot_axis(trials: pd.DataFrame, axis: str, values: tuple, path: Path) -> None:
-    """Accuracy against one axis's values: per arm (and LoRA weight), mean ± std over every trial with that value
-    (folds, and the other axes' values and replicates)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = [format_value(v) for v in values]
-    trials = with_arms(trials).assign(axis_value=trials[axis].map(format_value))
-    for arm, group in sorted(trials.groupby("arm_", sort=False), key=lambda g: g[0].order):
-        stats_by = group.groupby("axis_value")["accuracy"].agg(["mean", "std"]).reindex(labels)
-        ax.errorbar(range(len(labels)), stats_by["mean"], yerr=stats_by["std"].fillna(0), marker="o", capsize=3,
-                    label=arm.label_with_weight, linestyle=":" if arm.control else "-")
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_xlabel(axis)
-    ax.set_ylabel("accuracy (mean ± std over trials)")
-    ax.legend(fontsize=7)
-    _save(fig, path, dpi=120)
-
-
-STRETCH_PERCENTILES = (1, 99)
-GRID_CAPTION = ("Each tile's contrast is stretched to its own 1st-99th percentile for display (phase-contrast cells "
-                "span ~10 grey levels of 255 and showed as flat grey); the images themselves are unchanged.")
-
-
-def stretch_contrast(image: Image.Image, percentiles: tuple[float, float] = STRETCH_PERCENTILES) -> Image.Image:
-    """The tile for display: its grey levels from the low to the high percentile mapped onto 0-255 (all channels
-    by one map, so colours keep their balance). A flat tile stays as it is."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    low, high = np.percentile(pixels, percentiles)
-    if high - low < 1:
-        return image.convert("RGB")
-    return Image.fromarray(np.clip((pixels - low) * 255.0 / (high - low), 0, 255).astype(np.uint8))
-
-
-def image_grid(manifest: pd.DataFrame, synthetic: pd.DataFrame, path: Path, per_row: int = 6, size: int = 96) -> Path:
-    """Per class: one row of real images, then one row of synthetic images per LoRA weight, each tile's contrast
-    stretched for display (GRID_CAPTION)."""
-    rows: list[tuple[str, list[str]]] = []
-    for label in manifest.sort_values("label_index")["label"].unique():
-        real = manifest[manifest["label"] == label].sort_values("id")["path"].head(per_row).tolist()
-        rows.append((f"{label}: real", real))
-        for weight in sorted(synthetic["weight"].unique(), reverse=True):
-            syn = synthetic[(synthetic["label"] == label) & (synthetic["weight"] == weight)]
-            rows.append((f"{label}: w={weight:g}", syn.sort_values("path")["path"].head(per_row).tolist()))
-    label_w = 130
-    canvas = Image.new("RGB", (label_w + per_row * size, len(rows) * size), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (name, files) in enumerate(rows):
-        draw.text((4, r * size + size // 2 - 6), name, fill="black")
-        for c, file in enumerate(files):
-            canvas.paste(stretch_contrast(load_image(file, size)), (label_w + c * size, r * size))
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
-    return path
+def validity_section(validity: pd.DataFrame, metric: str) -> list[str]:
+    """measure_validity's table (one row per arm and measure) with what it means."""
+    return ["## Which quality measure predicted usefulness", "", VALIDITY_NOTE.format(metric=METRIC_NAMES[metric]), "",
+            to_markdown(validity.round(3)), ""]
 
 
 # One file to open anywhere (mail it, attach it to a lab notebook): no script, no external resource.
