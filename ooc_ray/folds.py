@@ -6,10 +6,16 @@ R independent k-fold partitions, each with its own shuffle seed. A fold id carri
 r x k + f is fold f of repeat r, so repeat 0's ids are 0..k-1 exactly as without repeats, and everything keyed
 by a fold id (LoRAs, pools, trials) is per (repeat, fold) with no other change. The manifest holds one fold
 column per repeat (keys.fold_columns).
+
+A real fraction (classify.real_fraction < 1) keeps part of each training fold, per class, in a fixed order per
+(fold, class) hashed from the image ids: the first round(f x n) of that order, so a smaller fraction's images are
+always inside a larger one's; the held-out fold stays whole. The LoRAs, pools, quality and trials of that fraction
+learn from those images only.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 
 import pandas as pd
@@ -41,14 +47,44 @@ def _split(manifest: pd.DataFrame, fold: int) -> tuple[str, int]:
     return column, within
 
 
-def train_rows(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
-    """Images a model of `fold` may learn from: all but the held-out fold (all of them for ALL_FOLDS),
-    sorted by id so that everything drawn from them is independent of scan order."""
+def round_half_up(x: float) -> int:
+    # Python's round() is banker's rounding (round(0.25 * 658) = 164); the paper's "x% more" reads as half-up.
+    # The 1e-9 absorbs float error such as 0.1 * 30 = 3.0000000000000004 -> 3, 0.15 * 10 = 1.4999999999999998.
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def fraction_order(fold: int, image_id: str) -> str:
+    """An image's place in the real-fraction order of `fold`: a hash, so no scan order or class size moves it."""
+    return hashlib.sha256(f"real_fraction|{fold}|{image_id}".encode()).hexdigest()
+
+
+def _fraction_of(rows: pd.DataFrame, fold: int, fraction: float) -> pd.DataFrame:
+    """The first round(fraction x n) images of each class in the fold's order; DataError naming every class
+    that would keep none."""
+    kept, empty = [], []
+    for label, group in rows.groupby("label", sort=True):
+        n = round_half_up(fraction * len(group))
+        if n < 1:
+            empty.append(f"{label!r} ({len(group)} images)")
+        order = group["id"].map(lambda image_id: fraction_order(fold, image_id)).sort_values(kind="stable")
+        kept.append(group.loc[order.index[:n]])
+    if empty:
+        where = "the data set" if fold == ALL_FOLDS else f"fold {fold}'s training images"
+        raise DataError(f"classify.real_fraction {fraction:g} keeps no image of class {', '.join(empty)} of {where}")
+    return pd.concat(kept)
+
+
+def train_rows(manifest: pd.DataFrame, fold: int, fraction: float = 1.0) -> pd.DataFrame:
+    """Images a model of `fold` may learn from: all but the held-out fold (all of them for ALL_FOLDS), or their
+    nested `fraction` per class (classify.real_fraction); sorted by id so that everything drawn from them is
+    independent of scan order."""
     if fold == ALL_FOLDS:
         rows = manifest
     else:
         column, within = _split(manifest, fold)
         rows = manifest[manifest[column] != within]
+    if fraction < 1:
+        rows = _fraction_of(rows, fold, fraction)
     return rows.sort_values("id", kind="stable")
 
 

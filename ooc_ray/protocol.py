@@ -21,13 +21,7 @@ from ooc_ray import keys
 from ooc_ray.config import ExperimentConfig, GeneratorConfig
 from ooc_ray.data import class_names
 from ooc_ray.errors import ConfigError, DataError
-from ooc_ray.folds import ALL_FOLDS, fold_ids, train_rows
-
-def round_half_up(x: float) -> int:
-    # Python's round() is banker's rounding (round(0.25 * 658) = 164); the paper's "x% more" reads as half-up.
-    # The 1e-9 absorbs float error such as 0.1 * 30 = 3.0000000000000004 -> 3, 0.15 * 10 = 1.4999999999999998.
-    return int(math.floor(x + 0.5 + 1e-9))
-
+from ooc_ray.folds import ALL_FOLDS, fold_ids, round_half_up, train_rows
 
 def largest_remainder(total: int, counts) -> np.ndarray:
     """Split `total` over classes proportionally to integer `counts`; the parts sum exactly to `total`.
@@ -98,7 +92,7 @@ def plan_loras(cfg: ExperimentConfig, manifest: pd.DataFrame, base_id: str,
         raise ConfigError("generator.per_group: the manifest has no group column (set data.group_column)")
     jobs = []
     for fold in generator_folds(manifest, gcfg) if folds is None else folds:
-        train = train_rows(manifest, fold)
+        train = train_rows(manifest, fold, cfg.classify.real_fraction)
         tag = "all" if fold == ALL_FOLDS else f"fold{fold}"
         for label in class_names(manifest):
             rows = train[train["label"] == label]
@@ -292,7 +286,8 @@ def synthetic_count(spec: TrialSpec, n_train: int) -> int:
 
 def _most_drawn(manifest: pd.DataFrame, cfg: ExperimentConfig, fold: int, classes: list[str]) -> np.ndarray:
     """Per class, the most synthetic images any trial of fold `fold` draws (build_trainset's arithmetic)."""
-    counts = np.bincount(train_rows(manifest, fold)["label_index"], minlength=len(classes))
+    counts = np.bincount(train_rows(manifest, fold, cfg.classify.real_fraction)["label_index"],
+                         minlength=len(classes))
     points = grid_points(cfg, [fold])
     totals = [synthetic_count(s, int(counts.sum())) for s in points if s.needs_synthetic]
     draws = [largest_remainder(t, counts) for t in totals]
@@ -310,7 +305,8 @@ def pool_sizes(manifest: pd.DataFrame, cfg: ExperimentConfig) -> pd.DataFrame:
     r = max_ratio(cfg)
     tables = []
     for fold in fold_ids(manifest):
-        table = train_rows(manifest, fold).groupby(by).size().rename("n_train").reset_index().assign(fold=fold)
+        train = train_rows(manifest, fold, cfg.classify.real_fraction)
+        table = train.groupby(by).size().rename("n_train").reset_index().assign(fold=fold)
         if cfg.generator.per_group:
             # round() first: 0.1 * 30 is 3.0000000000000004 in floating point and must not become 4.
             table["n_pool"] = [math.ceil(round(r * n, 9)) for n in table["n_train"]]

@@ -28,13 +28,14 @@ from ooc_ray.variants import each_variant, per_variant
 TABLE_VERSION = 3  # part of the key: bump when a measure or column changes, so older tables are not re-used
 
 
-def pools(manifest: pd.DataFrame, synthetic: pd.DataFrame, split: str):
-    """(fold, weight, real train, real test, synthetic pool) for every pool the classify stage draws from."""
+def pools(manifest: pd.DataFrame, synthetic: pd.DataFrame, split: str, fraction: float = 1.0):
+    """(fold, weight, real train, real test, synthetic pool) for every pool the classify stage draws from; the real
+    training images are the trials' own (classify.real_fraction)."""
     for fold in fold_ids(manifest):
         for weight in sorted(synthetic["weight"].unique(), reverse=True):
             pool_fold = ALL_FOLDS if split == "all" else fold
             pool = synthetic[(synthetic["fold"] == pool_fold) & (synthetic["weight"] == weight)]
-            yield fold, float(weight), train_rows(manifest, fold), held_out_rows(manifest, fold), pool
+            yield fold, float(weight), train_rows(manifest, fold, fraction), held_out_rows(manifest, fold), pool
 
 
 def features_identity(cfg: ExperimentConfig, weights: BackboneWeights, paths: ExperimentPaths,
@@ -59,7 +60,8 @@ def quality_features(cfg: ExperimentConfig, weights: BackboneWeights, images: pd
 def _score_pools(cfg: ExperimentConfig, manifest, synthetic, features) -> tuple[pd.DataFrame, pd.DataFrame]:
     classes = class_names(manifest)
     tables, scores, by_pool = [], [], {}
-    for fold, weight, train, test, pool in pools(manifest, synthetic, cfg.generator.split):
+    for fold, weight, train, test, pool in pools(manifest, synthetic, cfg.generator.split,
+                                                  cfg.classify.real_fraction):
         table, score = class_quality(train, test, pool, features, classes, cfg.quality)
         tables.append(table.assign(fold=fold, weight=weight))
         scores.append(score.assign(fold=fold, weight=weight))

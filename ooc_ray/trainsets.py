@@ -141,13 +141,13 @@ def build_testset(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
 
 def build_trainset(manifest: pd.DataFrame, synthetic: pd.DataFrame | None, spec: TrialSpec, *, seed: int = 0,
                    split: str = "fold", classes: list[str] | None = None, pools: PoolIndex | None = None,
-                   augmented_dir: Path | None = None) -> pd.DataFrame:
+                   augmented_dir: Path | None = None, fraction: float = 1.0) -> pd.DataFrame:
     """Training rows (TRAINSET_COLUMNS, source "real", "synthetic" or "augmented") of one trial. Deterministic for
     equal inputs; the row order of the inputs does not matter (pools are sorted by id). `pools`: a PoolIndex of
     `synthetic`, for a loop over trials (as plan_trials): without it each call indexes the whole table.
-    `augmented_dir`: where the real_augmented control's images live."""
+    `augmented_dir`: where the real_augmented control's images live; `fraction`: classify.real_fraction."""
     classes = classes if classes is not None else class_names(manifest)
-    real = train_rows(manifest, spec.fold)
+    real = train_rows(manifest, spec.fold, fraction)
     if real.empty:
         raise TrainsetError(f"fold {spec.fold}: no training images")
     if spec.ratio < 0:
@@ -184,7 +184,7 @@ def plan_trials(cfg: ExperimentConfig, manifest: pd.DataFrame, synthetic: pd.Dat
     for spec in grid_points(cfg, fold_ids(manifest)):
         train = build_trainset(manifest, synthetic if spec.needs_synthetic else None, spec,
                                seed=cfg.classify.seed, split=cfg.generator.split, classes=classes, pools=pools,
-                               augmented_dir=augmented_dir)
+                               augmented_dir=augmented_dir, fraction=cfg.classify.real_fraction)
         test = build_testset(manifest, spec.fold)
         wtag = "w-" if spec.weight is None else f"w{spec.weight:g}"
         tcfg = trial_config(cfg, spec)

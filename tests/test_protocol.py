@@ -451,3 +451,53 @@ def test_every_classify_field_the_trial_code_reads_is_keyed_or_said_why_not(repo
     assert {"replace_probability", "synthetic_loss_weight", "epochs", "mixing"} <= read  # the scan sees them
     unkeyed = {name for name in read if not (fields[name].get("role") == RESULT and "trial" in fields[name]["feeds"])}
     assert unkeyed <= set(READ_BUT_NOT_KEYED), f"read by the trials but out of their keys: {unkeyed - set(READ_BUT_NOT_KEYED)}"
+
+
+def test_real_fractions_are_nested_per_fold_and_class_and_the_held_out_fold_stays_whole():
+    """classify.real_fraction keeps round(f x n) images per class of each training fold, in an order hashed from
+    (fold, id): 0.25's images inside 0.5's inside the whole fold, whatever the manifest's row order."""
+    import hashlib
+
+    from ooc_ray.errors import DataError
+    from ooc_ray.folds import held_out_rows, train_rows
+
+    m = paper_manifest()  # 50, 21, 11 images; k = 5
+    for fold in range(5):
+        whole = train_rows(m, fold)
+        sets = {f: set(train_rows(m, fold, f)["id"]) for f in (0.25, 0.5, 1.0)}
+        assert sets[0.25] < sets[0.5] < sets[1.0] == set(whole["id"])
+        for label, rows in whole.groupby("label"):
+            half = train_rows(m, fold, 0.5)
+            assert (half["label"] == label).sum() == round_half_up(0.5 * len(rows))
+            # An independent spelling of the order: the first ids by sha256 of "real_fraction|fold|id".
+            ranked = sorted(rows["id"], key=lambda i: hashlib.sha256(f"real_fraction|{fold}|{i}".encode()).hexdigest())
+            assert set(half.loc[half["label"] == label, "id"]) == set(ranked[:round_half_up(0.5 * len(rows))])
+        shuffled = m.sample(frac=1.0, random_state=7)
+        assert train_rows(shuffled, fold, 0.25)["id"].tolist() == train_rows(m, fold, 0.25)["id"].tolist()
+        assert held_out_rows(m, fold)["id"].tolist() == build_testset(m, fold)["id"].tolist()
+    # The other folds' orders differ: a fraction is not the same images in every fold.
+    assert set(train_rows(m, 0, 0.25)["id"]) != set(train_rows(m, 1, 0.25)["id"])
+    with pytest.raises(DataError, match=r"classify.real_fraction 0.05 keeps no image of class 'bad' \(8 images\) of fold 0"):
+        train_rows(m, 0, 0.05)  # 'bad' has 8 training images in fold 0: round(0.4) = 0
+
+
+def test_a_fraction_flows_into_loras_pools_and_trials_and_fraction_one_changes_no_key(tables):
+    m, synthetic = tables
+    full = from_dict({"folds": {"k": 5}, "data": {"classes": list(CLASSES)}})
+    same = from_dict({"folds": {"k": 5}, "data": {"classes": list(CLASSES)}, "classify": {"real_fraction": 1.0}})
+    half = from_dict({"folds": {"k": 5}, "data": {"classes": list(CLASSES)}, "classify": {"real_fraction": 0.5}})
+    assert [j.key for j in plan_loras(full, m, "base")] == [j.key for j in plan_loras(same, m, "base")]
+    from ooc_ray.folds import train_rows
+
+    for job in plan_loras(half, m, "base"):
+        own = train_rows(m, job.fold, 0.5)
+        assert set(job.image_ids) == set(own.loc[own["label"] == job.label, "id"])
+    assert set(plan_loras(half, m, "base")).isdisjoint(plan_loras(full, m, "base"))
+    sizes = pool_sizes(m, half).set_index(["fold", "label"])
+    assert sizes.loc[(0, "good"), "n_train"] == round_half_up(0.5 * 40)  # 'good': 40 training images in fold 0
+    trials = {t.spec: t for t in plan_trials(half, m, synthetic, "imagenet")}
+    base = {t.spec: t for t in plan_trials(full, m, synthetic, "imagenet")}
+    for spec_, trial in trials.items():
+        real = trial.train[trial.train["source"] == "real"]
+        assert set(real["id"]) <= set(train_rows(m, spec_.fold, 0.5)["id"])
+        assert trial.test["id"].tolist() == base[spec_].test["id"].tolist() and trial.key != base[spec_].key

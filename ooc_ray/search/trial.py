@@ -70,8 +70,10 @@ class FoldPart:
         return pd.concat([self.subset, self.test], ignore_index=True)
 
 
-def fold_part(manifest: pd.DataFrame, fold: int, s: SearchConfig) -> FoldPart:
-    train = train_rows(manifest, fold)
+def fold_part(manifest: pd.DataFrame, fold: int, s: SearchConfig, fraction: float = 1.0) -> FoldPart:
+    """The LoRA training subset of `fold` (search.images_per_class of each class of its training images, or of
+    their classify.real_fraction) and its held-out images."""
+    train = train_rows(manifest, fold, fraction)
     subset = pd.concat([rows.sample(min(len(rows), s.images_per_class), random_state=s.seed)
                         for _, rows in train.groupby("label")])
     return FoldPart(fold, subset.sort_values("id"), held_out_rows(manifest, fold))
@@ -165,7 +167,7 @@ def trial_reports(point: dict, cfg: ExperimentConfig, paths: ExperimentPaths, ba
     start = time.perf_counter()
     tcfg = point_config(cfg, point)
     manifest = load_manifest(paths)
-    parts = [fold_part(manifest, fold, cfg.search) for fold in folds]
+    parts = [fold_part(manifest, fold, cfg.search, cfg.classify.real_fraction) for fold in folds]
     final = _plan(tcfg, parts, base)
     key = keys.search_trial_key(tcfg, point, [job.key for fold_jobs in final for job in fold_jobs],
                                 pd.concat([part.test for part in parts]),
