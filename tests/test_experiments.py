@@ -284,10 +284,34 @@ def check_replicates(out: Path) -> None:
     assert "| real + 200% synthetic | 1 | 2 |" in replicates and "Generator randomness" in (out / "report" / "report.md").read_text()
 
 
+def check_real_fractions(out: Path) -> None:
+    """tiny: fractions 0.5 and 1.0 of each training fold. Each half LoRA learns from part of the whole fold's
+    images of its (fold, class); trials are tested on the same held-out images; the report states the worth."""
+    loras = variant_tables(out, "loras.parquet")
+    assert list(loras) == ["classify.real_fraction=0.5", "classify.real_fraction=1"]
+    half, whole = (loras[tag].set_index(["fold", "label"]) for tag in loras)
+
+    def images(key):
+        return set(json.loads((out / "lora" / key / "metadata.json").read_text())["image_ids"])
+    for (fold, label), row in half.iterrows():
+        assert images(row["lora_key"]) < images(whole.loc[(fold, label), "lora_key"])
+    trials = pd.read_parquet(out / "trials")
+    real = trials[trials["ratio"] == 0].set_index("fold").sort_values("n_train_real")
+    assert len(real) == 4 and (real.groupby("fold")["n_test"].nunique() == 1).all()  # the same held-out images
+    assert (real.groupby("fold")["n_train_real"].agg(["min", "max"]).eval("min < max")).all()
+    worth = pd.read_csv(out / "report" / "real_equivalence.csv")
+    assert sorted(worth["classify.real_fraction"]) == [0.5, 1.0] and (worth["arm_id"] == "real+100%@w1").all()
+    assert worth["statement"].str.match(r"1 synthetic image = |not estimable \(").all()
+    report = (out / "report" / "report.md").read_text()
+    assert "## What a synthetic image is worth in real images" in report and (out / "report" / "real_size.png").exists()
+    assert "## Which quality measure predicted usefulness" in report  # quality on: 2 fractions x 2 folds = 4 pools
+    check_axes_report(out, list(loras), "classify.real_fraction")
+
+
 CHECKS = {"paper": check_paper, "demo": check_demo, "lora_search": check_lora_search, "pbc_blood_cells": check_pbc,
           "axis_guidance": check_axis_guidance, "axis_img2img": check_axis_img2img, "axis_lora": check_axis_lora,
           "axis_base": check_axis_base, "axis_lora_scope": check_axis_lora_scope, "axis_sampling": check_axis_sampling,
-          "mixing": check_mixing,
+          "mixing": check_mixing, "real_fractions": check_real_fractions,
           "replicates": check_replicates}
 COMMANDS = {"lora_search": "search"}  # what each file is for; `run` unless named here
 

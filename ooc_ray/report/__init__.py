@@ -23,6 +23,7 @@ from ooc_ray.folds import held_out_signatures, uses_groups
 from ooc_ray.io import atomic_path, atomic_write_text, parquet_problem
 from ooc_ray.logs import note
 from ooc_ray.measure_validity import measure_validity, usefulness_pairs
+from ooc_ray.real_equivalence import FRACTION, equivalence_table, size_curves
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import PlannedTrial, safe_name
 from ooc_ray.trainsets import plan_grid
@@ -34,7 +35,8 @@ from ooc_ray.report.tables import (add_costs, apply_family, design_sensitivity, 
 # What run_report writes into report/ besides report.md/html (which it always rewrites): a file of these
 # patterns that a run did not write again is another config's (a LoRA weight or axis value since removed).
 REPORT_OUTPUTS = ("table_*.csv", "table_*.md", "table_*.tex", "*accuracy_vs_ratio.png", "*confusion_matrices.png",
-                  "*real_vs_synthetic.png", "axis_*.png", "replicates.md", "measure_validity.csv")
+                  "*real_vs_synthetic.png", "axis_*.png", "replicates.md", "measure_validity.csv",
+                  "real_equivalence.csv", "real_size.png")
 
 
 def remove_stale(out: Path, written: set[str]) -> list[Path]:
@@ -108,6 +110,22 @@ def read_reference(path: str) -> pd.DataFrame | None:
     return table.assign(synthetic_only=table["synthetic_only"].astype(str).str.lower().isin(["true", "1", "yes"]))
 
 
+def real_size_section(everything: pd.DataFrame, others: list[str], metric: str, out: Path) -> list[str]:
+    """With an axis over classify.real_fraction: accuracy against real-set size (real_size.png) and what a synthetic
+    image is worth in real ones (real_equivalence.csv), one curve per value of every other axis."""
+    tables, curves = [], []
+    for point, trials in everything.groupby(others, sort=False) if others else [((), everything)]:
+        point = dict(zip(others, point if isinstance(point, tuple) else (point,)))
+        tables.append(equivalence_table(trials, metric).assign(**point))
+        curves.append(size_curves(trials, metric).assign(curve=", ".join(f"{k} = {format_value(v)}"
+                                                                         for k, v in point.items())))
+    table = pd.concat(tables, ignore_index=True)
+    with atomic_path(out / "real_equivalence.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    plots.plot_real_size(pd.concat(curves, ignore_index=True), metric, out / "real_size.png")
+    return render.equivalence_section(table, others, metric) + ["![accuracy against real-set size](real_size.png)", ""]
+
+
 def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
     """report/: tables, plots and image grids of this config's finished trials, one set per variant of its axes,
     a plot per axis and, with generation replicates, what the generator's randomness contributes."""
@@ -178,6 +196,11 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
         written.add(file)
         plots.plot_axis(everything, name, values, out / file)
         extra += [f"![accuracy against {name}]({file})", ""]
+    if FRACTION in dict(cfg.axes):
+        written |= {"real_equivalence.csv", "real_size.png"}
+        others = [name for name, _ in cfg.axes if name != FRACTION] + (["replicate"] if cfg.sample.replicates > 1
+                                                                         else [])
+        extra += real_size_section(everything, others, rc.metric, out)
     if pairs:
         validity = measure_validity(pd.concat(pairs, ignore_index=True))
         with atomic_path(out / "measure_validity.csv") as tmp:

@@ -93,6 +93,21 @@ def plot_axis(trials: pd.DataFrame, axis: str, values: tuple, path: Path) -> Non
     _save(fig, path, dpi=120)
 
 
+def plot_real_size(curves: pd.DataFrame, metric: str, path: Path) -> None:
+    """The metric against the real training images per fold (real_equivalence.size_curves): one line per arm (and
+    curve of the other axes), its corrected 95 % interval as error bars (none where it is undefined)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (curve, mixing, order, arm), line in curves.groupby(["curve", "mixing", "order", "arm"], sort=True):
+        line = line.sort_values("n_real")
+        error = np.vstack([line["mean"] - line["ci_low"], line["ci_high"] - line["mean"]])
+        label = ", ".join(part for part in (arm, "" if mixing == "concat" else mixing, curve) if part)
+        ax.errorbar(line["n_real"], line["mean"], yerr=np.nan_to_num(error), marker="o", capsize=3, label=label)
+    ax.set_xlabel("real training images per fold")
+    ax.set_ylabel(f"{metric} (mean over folds, corrected 95 % CI)")
+    ax.legend(fontsize=7)
+    _save(fig, path, dpi=120)
+
+
 STRETCH_PERCENTILES = (1, 99)
 GRID_CAPTION = ("Each tile's contrast is stretched to its own 1st-99th percentile for display (phase-contrast cells "
                 "span ~10 grey levels of 255 and showed as flat grey); the images themselves are unchanged.")

@@ -261,6 +261,24 @@ def quality_section(quality: pd.DataFrame, cfg: ExperimentConfig, heading: str =
             to_markdown(quality.round(4)), ""]
 
 
+EQUIVALENCE_NOTE = (
+    "How many real images is a synthetic image worth (ooc_ray.real_equivalence)? Real only's {metric} against "
+    "the real training images per fold (one point per classify.real_fraction, linear between them) is the "
+    "exchange curve; an arm of n real and m synthetic images that reaches the curve's value at n* is worth "
+    "(n* - n) / m real images per synthetic image (negative: the synthetic images cost accuracy). 95 % interval: "
+    "the folds resampled with replacement, curve and arm alike (rough with few folds). Not estimable beyond the "
+    "measured curve.")
+
+
+def equivalence_section(table: pd.DataFrame, others: list[str], metric: str) -> list[str]:
+    """real_equivalence.equivalence_table's rows as a table with what they mean."""
+    shown = table[[*others, "classify.real_fraction", "arm", "mixing", "n_real", "n_synthetic", "value",
+                   "real_only_value", "statement"]].rename(columns={"value": METRIC_SHORT[metric],
+                                                                    "real_only_value": "real only"})
+    return ["## What a synthetic image is worth in real images", "",
+            EQUIVALENCE_NOTE.format(metric=METRIC_NAMES[metric]), "", to_markdown(shown.round(3)), ""]
+
+
 VALIDITY_NOTE = (
     "Does a quality measure predict usefulness on this data? Spearman's rho, across every pool of this run (variant "
     "x fold x LoRA weight), between the pool's measure (mean over classes) and the change of {metric} its images "
