@@ -103,6 +103,7 @@ def plot_real_size(curves: pd.DataFrame, metric: str, path: Path) -> None:
         label = ", ".join(part for part in (arm, "" if mixing == "concat" else mixing, curve) if part)
         ax.errorbar(line["n_real"], line["mean"], yerr=np.nan_to_num(error), marker="o", capsize=3, label=label)
     ax.set_xlabel("real training images per fold")
+    ax.set_ylim(0, 1.02)  # the metric lives in [0, 1]; a corrected t interval over 3 folds can reach far beyond
     ax.set_ylabel(f"{metric} (mean over folds, corrected 95 % CI)")
     ax.legend(fontsize=7)
     _save(fig, path, dpi=120)
