@@ -246,9 +246,14 @@ class QualityConfig:
     # Precision/recall and density/coverage: the k of their k-nearest-neighbour balls (Naeem et al. 2020 use 5); a
     # class with no more than k real (or, for recall, synthetic) images of a fold gets NaN.
     nn_k: int = result(5, ("quality", "search"), keyed_when_set=True, ge=1)
-    # > 0: leave synthetic images a real-trained linear classifier is less sure of out of the pools; the
-    # trials' keys then hold the smaller training sets they draw.
+    # > 0: leave synthetic images whose quality.filter_measure is below it out of the pools; the trials' keys then
+    # hold the smaller training sets they draw.
     filter_min_confidence: float = grid(0.0, ge=0, le=1)
+    # The per-image score the filter thresholds: "real_confidence" (a linear classifier trained on the fold's real
+    # images: its probability of the image's class), "precision" (1 inside the class's real k-NN balls, else 0)
+    # or "density" (real balls holding the image, over quality.nn_k). The report's measure validity says which
+    # pool-level measure predicted the accuracy change on a run's data.
+    filter_measure: Literal["real_confidence", "precision", "density"] = grid("real_confidence")
 
 
 _SEARCH = ("search",)

@@ -51,6 +51,16 @@ def _inside(points: np.ndarray, centres: np.ndarray, k: int) -> np.ndarray:
     return cdist(points, centres) <= kth_neighbour_radii(centres, k)[None, :]
 
 
+def image_neighbourhood(real: np.ndarray, synthetic: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per synthetic image: 1.0 where it lies inside the real images' k-NN balls, else 0.0 (its share of
+    precision), and the real balls holding it over k (its share of density); NaN where there are no more than k
+    real images."""
+    if len(real) <= k:
+        return np.full(len(synthetic), np.nan), np.full(len(synthetic), np.nan)
+    inside = _inside(synthetic, real, k)
+    return inside.any(1).astype(float), inside.sum(1) / k
+
+
 def precision_recall(real: np.ndarray, synthetic: np.ndarray, k: int) -> tuple[float, float]:
     """(precision, recall) with k-NN balls; NaN where a set has no more than k images."""
     if min(len(real), len(synthetic)) <= k:

@@ -20,7 +20,8 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
 from ooc_ray.config import QualityConfig
-from ooc_ray.distributions import density_coverage, frechet_distance, precision_recall, vendi_score
+from ooc_ray.distributions import (density_coverage, frechet_distance, image_neighbourhood, precision_recall,
+                                   vendi_score)
 
 MEMORISED_PERCENTILE = 5.0
 
@@ -134,9 +135,11 @@ def class_quality(real_train: pd.DataFrame, real_test: pd.DataFrame, synthetic: 
         cas_pred = np.full(len(y_test), y_syn[0] if len(y_syn) else -1)
     confidence = linear_probe(x_real, y_real, n)(x_syn)[np.arange(len(y_syn)), y_syn] if len(y_syn) else np.zeros(0)
     dist, memorised = _memorisation(x_real, y_real, x_syn, y_syn, n)
+    inside, density_each = np.full(len(y_syn), np.nan), np.full(len(y_syn), np.nan)
     rows = []
     for c, label in enumerate(classes):
         real_c, syn_c, test_c = y_real == c, y_syn == c, y_test == c
+        inside[syn_c], density_each[syn_c] = image_neighbourhood(x_real[real_c], x_syn[syn_c], qcfg.nn_k)
         kid_mean, kid_std = kid(x_real[real_c], x_syn[syn_c], qcfg.kid_subsets, qcfg.kid_subset_size, seed=c)
         precision, recall = precision_recall(x_real[real_c], x_syn[syn_c], qcfg.nn_k)
         density, coverage = density_coverage(x_real[real_c], x_syn[syn_c], qcfg.nn_k)
@@ -154,7 +157,7 @@ def class_quality(real_train: pd.DataFrame, real_test: pd.DataFrame, synthetic: 
     table = pd.DataFrame(rows)
     table["cas_accuracy"] = float((cas_pred == y_test).mean()) if len(y_test) else float("nan")
     scores = pd.DataFrame({"id": synthetic["id"].to_numpy(), "nn_distance": dist, "memorised": memorised,
-                           "real_confidence": confidence})
+                           "real_confidence": confidence, "precision": inside, "density": density_each})
     return table, scores
 
 

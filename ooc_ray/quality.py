@@ -4,8 +4,9 @@ one quality table per variant of the axes.
 
 - What the LoRA changes, per class: KID between a pool and the LoRA-weight-0.0 pool of its fold (the base
   alone), and over all folds pooled, MMD^2 between the two with a permutation p-value.
-- Optional filter: a linear classifier trained on the fold's real training images scores every synthetic
-  image; with quality.filter_min_confidence > 0, images whose intended class gets less are dropped from the
+- Optional filter: every synthetic image gets per-image scores (quality.filter_measure: a linear classifier's
+  confidence in its class, trained on the fold's real training images; whether it lies inside the class's real
+  k-NN balls; how many hold it); with quality.filter_min_confidence > 0, images scoring less are dropped from the
   pools the classify stage draws from (synthetic_scores.parquet column `keep`).
 """
 from __future__ import annotations
@@ -75,10 +76,12 @@ def _score_pools(cfg: ExperimentConfig, manifest, synthetic, features) -> tuple[
     quality = quality.merge(lora_effect(by_pool, features, classes), on=["weight", "label"], how="left")
     front = ["fold", "weight", "label"]
     quality = quality[front + [col for col in quality.columns if col not in front]]
-    # With split "all" one pool serves every fold: keep each image's least confident score (the strictest filter).
-    per_image = (pd.concat(scores, ignore_index=True).sort_values("real_confidence")
-                 .drop_duplicates("id", keep="first").drop(columns=["fold"]))
-    per_image["keep"] = per_image["real_confidence"] >= cfg.quality.filter_min_confidence
+    # With split "all" one pool serves every fold: keep each image's strictest scores over the folds (the least
+    # confident, outside any fold's real balls if one says so, the nearest to a real image, memorised by any).
+    strictest = {"nn_distance": "min", "memorised": "max", "real_confidence": "min", "precision": "min",
+                 "density": "min", "weight": "first"}
+    per_image = pd.concat(scores, ignore_index=True).groupby("id", sort=False).agg(strictest).reset_index()
+    per_image["keep"] = per_image[cfg.quality.filter_measure] >= cfg.quality.filter_min_confidence
     return quality, per_image
 
 

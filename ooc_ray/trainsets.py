@@ -194,16 +194,26 @@ def plan_trials(cfg: ExperimentConfig, manifest: pd.DataFrame, synthetic: pd.Dat
     return planned
 
 
-def usable_synthetic(synthetic: pd.DataFrame, scores: pd.DataFrame | None, min_confidence: float) -> pd.DataFrame:
-    """The synthetic table less the images the quality filter drops (real-classifier confidence below
-    quality.filter_min_confidence); applied here, not read from a stored flag, so a new threshold needs no
-    quality re-run."""
-    if min_confidence <= 0:
+def usable_synthetic(synthetic: pd.DataFrame, scores: pd.DataFrame | None, min_score: float,
+                     measure: str = "real_confidence") -> pd.DataFrame:
+    """The synthetic table less the images the quality filter drops (their `measure`, quality.filter_measure,
+    below quality.filter_min_confidence); applied here, not read from a stored flag, so a new threshold needs no
+    quality re-run. An image without a score (a class with no more than quality.nn_k real images) is an error,
+    never silently dropped or kept."""
+    if min_score <= 0:
         return synthetic
     if scores is None:
         raise TrainsetError("quality.filter_min_confidence is set but there are no synthetic scores: "
                             "run the quality stage first")
-    keep = set(scores.loc[scores["real_confidence"] >= min_confidence, "id"])
+    if measure not in scores.columns:
+        raise TrainsetError(f"quality.filter_measure {measure}: the synthetic scores have no such column (scored by "
+                            "an older version): run the quality stage again")
+    drawn = scores[scores["id"].isin(synthetic["id"])]
+    if drawn[measure].isna().any():
+        raise TrainsetError(f"quality.filter_measure {measure}: {int(drawn[measure].isna().sum())} synthetic images "
+                            "have no score (their class has no more real training images than quality.nn_k); "
+                            "lower quality.nn_k or filter on real_confidence")
+    keep = set(drawn.loc[drawn[measure] >= min_score, "id"])
     return synthetic[synthetic["id"].isin(keep)].reset_index(drop=True)
 
 
@@ -221,7 +231,8 @@ def draw_table(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame | 
     if parquet_problem(paths.synthetic_scores):
         raise MissingInputError(f"quality.filter_min_confidence is set but {paths.synthetic_scores} is missing: "
                                 "run the quality stage first")
-    return usable_synthetic(synthetic, pd.read_parquet(paths.synthetic_scores), cfg.quality.filter_min_confidence)
+    return usable_synthetic(synthetic, pd.read_parquet(paths.synthetic_scores), cfg.quality.filter_min_confidence,
+                            cfg.quality.filter_measure)
 
 
 def plan_grid(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame,

@@ -59,10 +59,16 @@ def test_class_quality_known_answers():
     assert len(scores) == 40 and scores["id"].is_unique
     conf = scores.set_index("id")["real_confidence"]
     assert conf[[f"s{i}" for i in range(20, 30)]].max() < 0.5 < conf[[f"s{i}" for i in range(30, 40)]].min()
+    # Per image, the failed half lies in no real "bad" ball (precision 0, density 0): the same verdict as the
+    # class's precision, image by image, so the filter can drop exactly them (quality.filter_measure).
+    inside = scores.set_index("id")[["precision", "density"]]
+    assert (inside.loc[[f"s{i}" for i in range(20, 30)]] == 0).all().all()
+    assert inside.loc[[f"s{i}" for i in range(20, 40)], "precision"].mean() == pytest.approx(bad["precision"])
+    assert inside.loc[[f"s{i}" for i in range(20, 40)], "density"].mean() == pytest.approx(bad["density"])
 
 
 def test_classify_drops_low_confidence_synthetic_images(tmp_path):
-    from ooc_ray.errors import MissingInputError
+    from ooc_ray.errors import MissingInputError, TrainsetError
     from ooc_ray.paths import ExperimentPaths
     from ooc_ray.trainsets import draw_table
 
@@ -79,6 +85,16 @@ def test_classify_drops_low_confidence_synthetic_images(tmp_path):
             pd.DataFrame({"id": ["s0", "s1", "s2"], "real_confidence": [0.9, 0.2, 0.5]}).to_parquet(
                 paths.synthetic_scores)
         assert draw_table(cfg, paths)["id"].tolist() == expected
+    # Another per-image score: inside the real k-NN balls or not; an image without one is named, never dropped.
+    cfg = from_dict({"results_dir": str(tmp_path), "quality": {"filter_min_confidence": 1.0,
+                                                               "filter_measure": "precision"}})
+    pd.DataFrame({"id": ["s0", "s1", "s2"], "real_confidence": [0.9, 0.2, 0.5],
+                  "precision": [0.0, 1.0, 1.0]}).to_parquet(paths.synthetic_scores)
+    assert draw_table(cfg, paths)["id"].tolist() == ["s1", "s2"]
+    pd.DataFrame({"id": ["s0", "s1", "s2"], "real_confidence": [0.9, 0.2, 0.5],
+                  "precision": [0.0, 1.0, np.nan]}).to_parquet(paths.synthetic_scores)
+    with pytest.raises(TrainsetError, match="filter_measure precision: 1 synthetic images have no score"):
+        draw_table(cfg, paths)
 
 
 def _write(folder, name, array):
