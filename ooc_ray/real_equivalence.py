@@ -49,11 +49,6 @@ def worth(curve_n: np.ndarray, curve_value: np.ndarray, n: float, m: float, valu
     return (real_equivalent(curve_n, curve_value, value) - n) / m
 
 
-def _by_fold(frame: pd.DataFrame, folds: list, columns: list[str]) -> np.ndarray:
-    """(folds x columns) of one row per fold, in `folds` order."""
-    return frame.set_index("fold").loc[folds, columns].to_numpy(float)
-
-
 def _statement(x: float, low: float, high: float, reason: str) -> str:
     if reason:
         return f"not estimable ({reason})"
@@ -74,31 +69,35 @@ def equivalence_table(trials: pd.DataFrame, metric: str, seed: int = 0) -> pd.Da
     value of every other axis) with a classify.real_fraction column."""
     rows = _rows(trials, metric)
     real = rows[[a.is_real for a in rows["arm_"]]].drop_duplicates("trial_key")
-    fractions = sorted(real[FRACTION].unique())
-    folds = sorted(set.intersection(*(set(real.loc[real[FRACTION] == f, "fold"]) for f in fractions)))
-    # (folds x fractions) of the curve's sizes and values; a resample is a row of fold counts (weights).
-    sizes = np.column_stack([_by_fold(real[real[FRACTION] == f], folds, ["n_train_real"])[:, 0] for f in fractions])
-    values = np.column_stack([_by_fold(real[real[FRACTION] == f], folds, ["value"])[:, 0] for f in fractions])
+    # (folds x fractions) of the curve's sizes and values, folds with every fraction finished only
+    sizes = real.pivot_table(index="fold", columns=FRACTION, values="n_train_real").dropna()
+    values = real.pivot_table(index="fold", columns=FRACTION, values="value").loc[sizes.index]
     rng = np.random.default_rng(seed)
-    weights = np.stack([np.bincount(rng.integers(0, len(folds), len(folds)), minlength=len(folds))
-                        for _ in range(BOOTSTRAP)]) / len(folds)
     out = []
     synthetic = rows[[a.needs_synthetic for a in rows["arm_"]]]
-    for (arm, mixing, fraction), group in synthetic.groupby(["arm_", "mixing", FRACTION], sort=False):
-        own = _by_fold(group.drop_duplicates("fold"), folds, ["n_train_real", "n_train_synthetic", "value"])
-        n, m, value = own.mean(0)
-        x = worth(sizes.mean(0), values.mean(0), n, m, value)
+    for (arm_, mixing, fraction), group in synthetic.groupby(["arm_", "mixing", FRACTION], sort=False):
+        own = group.drop_duplicates("fold").set_index("fold")[["n_train_real", "n_train_synthetic", "value"]]
+        folds = sorted(set(own.index) & set(sizes.index))  # paired: the folds both the arm and the curve finished
+        if not folds:
+            continue
+        curve_n, curve_v, arm = sizes.loc[folds].to_numpy(), values.loc[folds].to_numpy(), own.loc[folds].to_numpy()
+        n, m, value = arm.mean(0)
+        x = worth(curve_n.mean(0), curve_v.mean(0), n, m, value)
         reason = ""
         if math.isnan(x):
             reason = ("above the real-only curve: more real images than the largest fraction would be needed"
-                      if value > values.mean(0).max() else "below the real-only curve at its smallest fraction")
-        boot = np.array([worth(w @ sizes, w @ values, *(w @ own)) for w in weights]) if not reason else np.array([])
+                      if value > curve_v.mean(0).max() else "below the real-only curve at its smallest fraction")
+        # A resample is a row of fold weights (counts / k): the same folds for the curve and the arm.
+        weights = np.stack([np.bincount(rng.integers(0, len(folds), len(folds)), minlength=len(folds))
+                            for _ in range(BOOTSTRAP)]) / len(folds)
+        boot = (np.array([worth(w @ curve_n, w @ curve_v, *(w @ arm)) for w in weights]) if not reason
+                else np.array([]))
         ok = boot[~np.isnan(boot)]
         low, high = ((float(np.percentile(ok, 2.5)), float(np.percentile(ok, 97.5)))
                      if len(ok) >= MIN_ESTIMABLE * BOOTSTRAP else (math.nan, math.nan))
-        out.append({"arm": arm.label_with_weight, "arm_id": arm.id, "mixing": mixing, FRACTION: fraction,
-                    "n_real": n, "n_synthetic": m, "value": value,
-                    "real_only_value": float(values[:, fractions.index(fraction)].mean()),
+        out.append({"arm": arm_.label_with_weight, "arm_id": arm_.id, "mixing": mixing, FRACTION: fraction,
+                    "n_folds": len(folds), "n_real": n, "n_synthetic": m, "value": value,
+                    "real_only_value": float(values.loc[folds, fraction].mean()) if fraction in values else math.nan,
                     "n_real_equivalent": n + x * m, "real_per_synthetic": x, "ci_low": low, "ci_high": high,
                     "statement": _statement(x, low, high, reason)})
     return pd.DataFrame(out)

@@ -83,3 +83,14 @@ def test_size_curves_give_each_arm_its_mean_and_corrected_interval_per_fraction(
     row = curves.loc[("real only", 0.5)]
     assert row["n_real"] == 40 and row["mean"] == pytest.approx(expected["mean"])
     assert (row["ci_low"], row["ci_high"]) == (pytest.approx(expected["ci_low"]), pytest.approx(expected["ci_high"]))
+
+
+def test_an_unfinished_grid_pairs_the_folds_the_arm_and_the_whole_curve_have():
+    trials = simulated()
+    missing_real = (trials["fold"] == 4) & (trials["ratio"] == 0) & (trials[FRACTION] == 1.0)
+    missing_arm = (trials["fold"] == 3) & (trials["ratio"] == 1.0) & (trials[FRACTION] == 0.5) & ~trials[
+        "synthetic_only"]
+    table = equivalence_table(trials[~missing_real & ~missing_arm], "accuracy").set_index(["arm_id", FRACTION])
+    assert table.loc[("real+100%@w1", 0.5), "n_folds"] == 3  # folds 0-2: fold 3 lacks the arm, fold 4 the curve
+    assert table.loc[("real+100%@w1", 0.25), "n_folds"] == 4
+    assert table.loc[("real+100%@w1", 0.5), "real_per_synthetic"] == pytest.approx(0.5)
