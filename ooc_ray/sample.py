@@ -32,7 +32,8 @@ from ooc_ray.logs import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
 from ooc_ray.protocol import LoraJob, plan_loras, pool_sizes, safe_name
-from ooc_ray.sampler import FAIL_AFTER_ENV, SampleWorker, release_actors, render_with_ray
+from ooc_ray.sampler import (FAIL_AFTER_ENV, RENDER_LOG, SampleWorker, logged_renders, release_actors,
+                             render_with_ray)
 from ooc_ray.variants import each_variant, per_variant
 
 POOL_FILE = "pool.parquet"
@@ -175,15 +176,20 @@ def render(plan: pd.DataFrame, cfg: ExperimentConfig, base: BaseModel, use_ray: 
 
 def consolidate(plan: pd.DataFrame, rendered: pd.DataFrame | None = None) -> pd.DataFrame:
     """The plan's table with every image's sha256, render seconds and node (as recorded in its pool.parquet, else
-    from `rendered`, the images written now); appends new rows to each pool's pool.parquet (rows already
-    recorded are kept as they are, so an older pool's provenance is never overwritten)."""
+    from `rendered`, the images written now, else from the render logs of workers lost or crashed mid-batch);
+    appends new rows to each pool's pool.parquet (rows already recorded are kept as they are, so an older pool's
+    provenance is never overwritten) and removes the logs it has recorded."""
     have = plan["path"].map(os.path.exists)
     if not have.all():
         missing = plan.loc[~have, "path"]
         raise StageError(f"{len(missing)} synthetic images missing after sampling, e.g. {missing.iloc[0]}")
     if plan.duplicated(["lora_key", "label", "sample_key", "weight", "index"]).any():  # what resume relies on
         raise StageError("duplicate (lora_key, label, sample_key, weight, index) rows in the sampling plan")
-    now = (rendered if rendered is not None else pd.DataFrame(columns=RENDERED_COLUMNS)).set_index("id")
+    folders = {Path(p).parent for p in plan["path"]}
+    # This run's reports first, then the render logs (images an actor wrote before it was lost, or before a crash).
+    now = pd.concat([frame for frame in (rendered, logged_renders(folders)) if frame is not None and len(frame)]
+                    or [pd.DataFrame(columns=RENDERED_COLUMNS)], ignore_index=True)
+    now = now.drop_duplicates("id", keep="first").set_index("id")
     table = plan[TABLE_COLUMNS].reset_index(drop=True)
     recorded = _recorded(plan)
     table["sha256"] = [recorded.get(p) or sha256_file(p) for p in table["path"]]
@@ -200,6 +206,9 @@ def consolidate(plan: pd.DataFrame, rendered: pd.DataFrame | None = None) -> pd.
         new = rows[~rows["path"].isin(old["path"])]
         if len(new):
             write_parquet(pd.concat([old, new], ignore_index=True).sort_values("index", ignore_index=True), pool)
+    for folder in folders:  # recorded in pool.parquet now
+        for log in folder.glob(RENDER_LOG.format(host="*", pid="*")):
+            log.unlink(missing_ok=True)
     return table
 
 

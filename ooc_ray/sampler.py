@@ -10,7 +10,9 @@ missing PNGs, so nothing finished is redone.
 """
 from __future__ import annotations
 
+import json
 import os
+import socket
 import time
 import warnings
 from collections import OrderedDict
@@ -33,6 +35,25 @@ from ooc_ray.raycluster import await_all, init_ray, require_resources, where
 SAMPLERS = {"euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler"}
 FAIL_AFTER_ENV = "OOC_RAY_SAMPLE_FAIL_AFTER"  # test hook: a worker raises after writing this many images
 MAX_ADAPTERS = 16  # LoRAs kept loaded per actor (~3 MB each at rank 8 on SD v1.5); least recently used go
+# Each worker process appends a line per image it writes (id, render_s, node) to a log of its own in the image's
+# folder, before the image is renamed into place: an actor killed mid-batch never returns its batch's rows, and the
+# batch re-queued skips the PNGs it left, so without the log those images would have no node and no cost.
+RENDER_LOG = ".rendered-{host}-{pid}.jsonl"
+
+
+def log_rendered(folder: Path, record: dict) -> None:
+    """Append one written image's record to this process's render log in `folder`."""
+    with open(folder / RENDER_LOG.format(host=socket.gethostname(), pid=os.getpid()), "a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def logged_renders(folders) -> pd.DataFrame:
+    """Every record of the render logs in `folders` (columns id, render_s, node_id, node_host)."""
+    rows = []
+    for folder in folders:
+        for log in Path(folder).glob(RENDER_LOG.format(host="*", pid="*")):
+            rows += [json.loads(line) for line in log.read_text().splitlines() if line.endswith("}")]
+    return pd.DataFrame(rows, columns=["id", "render_s", "node_id", "node_host"]).drop_duplicates("id", keep="last")
 
 
 class SampleWorker:
@@ -107,9 +128,11 @@ class SampleWorker:
                     continue
                 if image.size != (row.width, row.height):
                     image = image.resize((row.width, row.height), resample=3)  # 3 = bicubic
+                record = {"id": row.id, "render_s": each, **node}
                 with atomic_path(row.path) as tmp:
                     image.save(tmp, format="PNG")
-                written.append({"id": row.id, "render_s": each, **node})
+                    log_rendered(Path(row.path).parent, record)  # before the rename: a PNG in place has its line
+                written.append(record)
                 self.written += 1
                 if self.fail_after and self.written >= self.fail_after:
                     raise RuntimeError(f"{FAIL_AFTER_ENV}: simulated crash after {self.written} images")

@@ -202,6 +202,10 @@ def test_ray_sampling_crash_resume_and_determinism(tmp_path, trained, monkeypatc
     table = run_sample(cfg, paths)
     assert len(table) == 12 and not table.duplicated(["lora_key", "weight", "index"]).any()
     assert pd.read_parquet(paths.synthetic_table).equals(table)
+    # The images the crashed actor wrote before its batch failed (their rows never came back) keep their node and
+    # cost from its render log; the logs are gone once pool.parquet records them.
+    assert (table["node_id"] != "").all() and table["render_s"].notna().all(), table[["id", "node_id", "render_s"]]
+    assert not list(paths.synthetic.rglob(".rendered-*.jsonl"))
 
     lost = table.path.iloc[[0, 5, 11]].tolist()
     kept = {p: Path(p).read_bytes() for p in lost}
