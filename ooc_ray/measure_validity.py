@@ -22,7 +22,7 @@ import pandas as pd
 from scipy import stats
 
 from ooc_ray.comparisons import METRIC_COLUMNS
-from ooc_ray.protocol import Arm
+from ooc_ray.protocol import with_arms
 
 # Which way is better for each measure that has a direction (+1: higher, -1: lower), as the search's objectives
 # and the validity table read them. kid_to_weight0 and nn_distance_median have none (far from the base or from
@@ -58,13 +58,11 @@ def usefulness_pairs(trials: pd.DataFrame, quality: pd.DataFrame, metric: str) -
     """One variant's pairs: per trial of an arm with synthetic images, its fold, weight, arm name, mixing, the
     change of `metric` (report.metric) over real only on its fold (`change`), and its pool's measures."""
     metric = METRIC_COLUMNS[metric]
-    arm = Arm.of_rows(trials)
-    real = trials[[a.is_real for a in arm]]
-    base = real.drop_duplicates("fold").set_index("fold")[metric]
-    arms = trials.assign(arm=[a.name for a in arm])[[a.needs_synthetic for a in arm]]
+    trials = with_arms(trials)
+    base = trials[[a.is_real for a in trials["arm_"]]].drop_duplicates("fold").set_index("fold")[metric]
+    arms = trials[[a.needs_synthetic for a in trials["arm_"]]]
     arms = arms[arms["fold"].isin(base.index)]
-    mixing = arms["mixing"].fillna("concat") if "mixing" in arms.columns else "concat"
-    pairs = arms.assign(change=arms[metric] - arms["fold"].map(base), mixing=mixing)
+    pairs = arms.assign(arm=[a.name for a in arms["arm_"]], change=arms[metric] - arms["fold"].map(base))
     return pairs[["fold", "weight", "arm", "mixing", "change"]].merge(pool_measures(quality), on=["fold", "weight"])
 
 

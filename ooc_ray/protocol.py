@@ -205,6 +205,12 @@ class Arm:
         return fragment + ("" if self.synthetic_only else f"{self.ratio:g}")
 
 
+def with_arms(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trial rows with their Arm (column `arm_`) and `mixing` (trials from before that column: concat)."""
+    mixing = trials["mixing"].fillna("concat") if "mixing" in trials.columns else "concat"
+    return trials.assign(arm_=Arm.of_rows(trials), mixing=mixing)
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     """One point of the classifier grid: a fold and an arm. weight is None for real only (it does not depend on

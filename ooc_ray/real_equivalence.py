@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ooc_ray.comparisons import METRIC_COLUMNS, corrected_t
-from ooc_ray.protocol import Arm
+from ooc_ray.protocol import with_arms
 
 FRACTION = "classify.real_fraction"
 BOOTSTRAP = 2000
@@ -57,10 +57,8 @@ def _statement(x: float, low: float, high: float, reason: str) -> str:
 
 
 def _rows(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Trial rows with their Arm, mixing, fraction and the tested metric as `value`."""
-    arm = Arm.of_rows(trials)
-    mixing = trials["mixing"].fillna("concat") if "mixing" in trials.columns else "concat"
-    return trials.assign(arm_=arm, mixing=mixing, value=trials[METRIC_COLUMNS[metric]])
+    """Trial rows with their Arm, mixing and the tested metric as `value`."""
+    return with_arms(trials).assign(value=trials[METRIC_COLUMNS[metric]])
 
 
 def equivalence_table(trials: pd.DataFrame, metric: str, seed: int = 0) -> pd.DataFrame:

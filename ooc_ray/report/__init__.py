@@ -25,12 +25,12 @@ from ooc_ray.logs import note
 from ooc_ray.measure_validity import measure_validity, usefulness_pairs
 from ooc_ray.real_equivalence import FRACTION, equivalence_table, size_curves
 from ooc_ray.paths import ExperimentPaths
-from ooc_ray.protocol import PlannedTrial, safe_name
+from ooc_ray.protocol import PlannedTrial, safe_name, with_arms
 from ooc_ray.trainsets import plan_grid
 from ooc_ray.variants import Variant
 from ooc_ray.report import plots, render
 from ooc_ray.report.tables import (add_costs, apply_family, design_sensitivity, overlap_ratio, reference_values,
-                                   replicate_table, resolution, summarise_quality, summary_tables, with_arms)
+                                   replicate_table, resolution, summarise_quality, summary_tables)
 
 # What run_report writes into report/ besides report.md/html (which it always rewrites): a file of these
 # patterns that a run did not write again is another config's (a LoRA weight or axis value since removed).

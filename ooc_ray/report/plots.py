@@ -18,7 +18,7 @@ from ooc_ray.fields import format_value  # noqa: E402
 from ooc_ray.images import load_image  # noqa: E402
 from ooc_ray.io import atomic_path  # noqa: E402
 from ooc_ray.protocol import CONTROL_LABELS  # noqa: E402
-from ooc_ray.report.tables import with_arms  # noqa: E402
+from ooc_ray.protocol import with_arms  # noqa: E402
 
 
 def _save(fig, path: Path, dpi: int) -> None:

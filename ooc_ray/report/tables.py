@@ -17,7 +17,7 @@ import pandas as pd
 from ooc_ray.comparisons import (ALPHA, METRIC_COLUMNS, POWER, bayesian_correlated_t, cluster_bootstrap, corrected_t,
                                  equivalence, holm, minimum_detectable_effect, paired_differences,
                                  pooled_replicates_t, replicate_components, repeats_to_detect, verdict)
-from ooc_ray.protocol import Arm
+from ooc_ray.protocol import Arm, with_arms
 
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 
@@ -26,12 +26,6 @@ def overlap_ratio(real: pd.DataFrame) -> float:
     """n_test / n_train of the real-only trials, mean over folds: the overlap term of the corrected t-test. The
     real images are what the folds resample; synthetic images added to an arm do not change the overlap."""
     return float((real["n_test"] / real["n_train_real"]).mean())
-
-
-def with_arms(trials: pd.DataFrame) -> pd.DataFrame:
-    """Trial rows with their Arm (column `arm_`) and `mixing` (trials from before that column: concat)."""
-    mixing = trials["mixing"].fillna("concat") if "mixing" in trials.columns else "concat"
-    return trials.assign(arm_=Arm.of_rows(trials), mixing=mixing)
 
 
 def _predicted(predictions: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
