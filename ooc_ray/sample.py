@@ -32,7 +32,7 @@ from ooc_ray.logs import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
 from ooc_ray.protocol import LoraJob, plan_loras, pool_sizes, safe_name
-from ooc_ray.sampler import (FAIL_AFTER_ENV, RENDER_LOG, SampleWorker, logged_renders, release_actors,
+from ooc_ray.sampler import (FAIL_AFTER_ENV, SampleWorker, logged_renders, release_actors, render_logs,
                              render_with_ray)
 from ooc_ray.variants import each_variant, per_variant
 
@@ -206,9 +206,8 @@ def consolidate(plan: pd.DataFrame, rendered: pd.DataFrame | None = None) -> pd.
         new = rows[~rows["path"].isin(old["path"])]
         if len(new):
             write_parquet(pd.concat([old, new], ignore_index=True).sort_values("index", ignore_index=True), pool)
-    for folder in folders:  # recorded in pool.parquet now
-        for log in folder.glob(RENDER_LOG.format(host="*", pid="*")):
-            log.unlink(missing_ok=True)
+    for log in render_logs(folders):  # recorded in pool.parquet now
+        log.unlink(missing_ok=True)
     return table
 
 

@@ -47,12 +47,16 @@ def log_rendered(folder: Path, record: dict) -> None:
         log.write(json.dumps(record) + "\n")
 
 
+def render_logs(folders) -> list[Path]:
+    """Every worker's render log in `folders`."""
+    return [log for folder in folders for log in Path(folder).glob(RENDER_LOG.format(host="*", pid="*"))]
+
+
 def logged_renders(folders) -> pd.DataFrame:
-    """Every record of the render logs in `folders` (columns id, render_s, node_id, node_host)."""
-    rows = []
-    for folder in folders:
-        for log in Path(folder).glob(RENDER_LOG.format(host="*", pid="*")):
-            rows += [json.loads(line) for line in log.read_text().splitlines() if line.endswith("}")]
+    """Every record of the render logs in `folders` (columns id, render_s, node_id, node_host); a line cut short
+    by a kill is not a record."""
+    rows = [json.loads(line) for log in render_logs(folders) for line in log.read_text().splitlines()
+            if line.endswith("}")]
     return pd.DataFrame(rows, columns=["id", "render_s", "node_id", "node_host"]).drop_duplicates("id", keep="last")
 
 
