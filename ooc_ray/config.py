@@ -204,7 +204,9 @@ class ClassifyConfig:
     # The share of each training fold, per class, that the LoRAs, pools and classifiers learn from (ooc_ray.folds:
     # nested, so 0.25's images are inside 0.5's; held-out folds stay whole). An axis over it gives the real-set-size
     # curve and what a synthetic image is worth in real ones: axes: {classify.real_fraction: [0.25, 0.5, 1.0]}.
-    real_fraction: float = grid(1.0, gt=0, le=1)
+    # LoRA, pool and trial keys hold the images themselves; the quality tables' key holds the fraction, as their
+    # real reference images are the fraction's.
+    real_fraction: float = result(1.0, ("quality",), keyed_when_set=True, gt=0, le=1)
     # "exact" trains end to end per trial; "cached" trains the head on cached backbone features
     mode: Literal["exact", "cached"] = result("exact", _TRIAL)
     # cached mode: augmented views per training image (view 0 is un-augmented)

@@ -25,7 +25,7 @@ from ooc_ray.variants import variants
 # Where an axis may vary a field: what makes or uses synthetic images. Data and folds stay fixed, so every
 # variant is tested on the same held-out images and the variants' tables can be compared row by row.
 AXIS_SECTIONS = ("generator.", "sample.", "classify.")
-AXIS_GRID_FIELDS = ("generator.split", "generator.per_group", "generator.scope", "classify.real_fraction")
+AXIS_GRID_FIELDS = ("generator.split", "generator.per_group", "generator.scope")
 EXTENDS = "extends"
 
 

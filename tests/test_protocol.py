@@ -501,3 +501,12 @@ def test_a_fraction_flows_into_loras_pools_and_trials_and_fraction_one_changes_n
         real = trial.train[trial.train["source"] == "real"]
         assert set(real["id"]) <= set(train_rows(m, spec_.fold, 0.5)["id"])
         assert trial.test["id"].tolist() == base[spec_].test["id"].tolist() and trial.key != base[spec_].key
+
+
+def test_the_quality_key_holds_the_real_fraction_its_reference_images_come_from(tables):
+    from ooc_ray import keys
+
+    m, synthetic = tables
+    cfgs = [from_dict({})] + [from_dict({"classify": {"real_fraction": f}}) for f in (1.0, 0.5)]
+    default, one, half = (keys.quality_key(c, "features", m, synthetic, 3) for c in cfgs)
+    assert default == one != half  # the same pools scored against other real images: another table
