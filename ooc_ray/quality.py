@@ -85,6 +85,15 @@ def _score_pools(cfg: ExperimentConfig, manifest, synthetic, features) -> tuple[
     return quality, per_image
 
 
+def _refresh_keep(cfg: ExperimentConfig, paths: ExperimentPaths) -> None:
+    """synthetic_scores.parquet's `keep` for the current filter settings (grid fields, outside the tables' key: the
+    scores are re-used when only the filter changes, its column must not then say what an earlier filter kept)."""
+    scores = pd.read_parquet(paths.synthetic_scores)
+    keep = scores[cfg.quality.filter_measure] >= cfg.quality.filter_min_confidence
+    if not keep.equals(scores["keep"]):
+        write_parquet(scores.assign(keep=keep), paths.synthetic_scores)
+
+
 def quality_tables(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame) -> pd.DataFrame:
     """One variant's quality.parquet (fold, weight, label, KID, CAS, memorisation) and synthetic_scores.parquet
     (per image), re-used while their key (settings, features, images, pools) is unchanged."""
@@ -97,6 +106,7 @@ def quality_tables(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.D
         done = pd.read_parquet(paths.quality)
         if len(done) and (done["quality_key"] == key).all():
             note("quality: inputs unchanged, re-used")
+            _refresh_keep(cfg, paths)
             return done
     elif any("missing" not in p for p in problems):
         note(f"quality: damaged output {', '.join(problems)}: computing it again")

@@ -97,6 +97,22 @@ def test_classify_drops_low_confidence_synthetic_images(tmp_path):
         draw_table(cfg, paths)
 
 
+def test_re_used_scores_say_what_the_current_filter_keeps(tmp_path):
+    """The filter's settings are outside the quality tables' key (they change no score), so scores are re-used when
+    only the filter changes; their `keep` column is then rewritten for the filter now set."""
+    from ooc_ray.paths import ExperimentPaths
+    from ooc_ray.quality import _refresh_keep
+
+    cfg = from_dict({"results_dir": str(tmp_path), "quality": {"filter_min_confidence": 1.0,
+                                                               "filter_measure": "precision"}})
+    paths = ExperimentPaths.of(cfg)
+    paths.root.mkdir(parents=True)
+    pd.DataFrame({"id": ["s0", "s1"], "real_confidence": [0.9, 0.2], "precision": [0.0, 1.0],
+                  "keep": [True, False]}).to_parquet(paths.synthetic_scores)  # what real_confidence >= 0.5 kept
+    _refresh_keep(cfg, paths)
+    assert pd.read_parquet(paths.synthetic_scores)["keep"].tolist() == [False, True]
+
+
 def _write(folder, name, array):
     from PIL import Image
 
