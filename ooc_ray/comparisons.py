@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 from ooc_ray.keys import fold_columns
 
@@ -225,11 +225,14 @@ def power(effect: float, sd: float, j: int, test_train_ratio: float, alpha: floa
     `effect` and the J paired differences have sd `sd`: the non-central t with J - 1 df and non-centrality
     effect / corrected se (exact where the differences are normal with the overlap the correction models)."""
     df = j - 1
-    critical = stats.t.ppf(1 - alpha / 2, df)
+    # scipy.special's distribution functions, not scipy.stats's objects: the same numbers (to 1 ulp, checked
+    # against stats.nct.sf/cdf and stats.t.ppf) at ~1.5 us a call instead of ~45 us. A report's design
+    # sensitivity evaluates power ~8,000 times (repeats_to_detect's brentq per repeat): 2.8 s of its 5.8 s.
+    critical = special.stdtrit(df, 1 - alpha / 2)
     nc = abs(effect) / _corrected_se(sd, j, test_train_ratio)
-    # The far tail's mass is below 1e-10 once nc > 0 is large, where scipy's nct returns NaN for it (nc ~ 20).
-    far = float(np.nan_to_num(stats.nct.cdf(-critical, df, nc), nan=0.0))
-    return float(stats.nct.sf(critical, df, nc)) + far
+    # The far tail's mass is below 1e-10 once nc > 0 is large, where the non-central t's cdf may be NaN (nc ~ 20).
+    far = float(np.nan_to_num(special.nctdtr(df, nc, -critical), nan=0.0))
+    return float(1.0 - special.nctdtr(df, nc, critical)) + far
 
 
 def minimum_detectable_effect(sd: float, j: int, test_train_ratio: float, alpha: float = ALPHA,
