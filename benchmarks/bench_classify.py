@@ -1,7 +1,7 @@
 """Classifier stage: exact vs cached ("fast") mode.
 
     python benchmarks/bench_classify.py [--root DIR] [--skip-b7] [--epochs 10] [--folds 5] [--augment flip,rotation]
-                                        [--scale 1]
+                                        [--scale 1] [--fixed-cost-only N]
         (~20 min on 2 cores; --folds 3 --epochs 30 --augment flip --skip-b7: ~14 min; the same with --scale 5
         (260 images): ~30 min)
 
@@ -189,6 +189,43 @@ def trial_fixed_s(rows: pd.DataFrame, per_img_epoch: float, per_test_img: float)
                  .median())
 
 
+def reuse_fixed_costs(cfg, paths, manifest: pd.DataFrame, n_trials: int) -> dict:
+    """Exact mode's per-trial fixed cost before and after trials reused the worker's compiled model, in one run:
+    the first `n_trials` exact trials of the grid, in this process one after another as a Tune worker runs them,
+    once with a fresh build and trace per trial (train.forget_compiled before each: what every trial paid
+    before) and once reusing the model (the first trial builds it). A trial's fixed cost is the intercept of its
+    duration in epochs, d(1) - (d(E) - d(1)) / (E - 1), with E the config's epochs: no per-image cost model in it
+    (the steady unit costs above under-count a trial's own epochs). Returns the median over the trials."""
+    import dataclasses
+
+    from ooc_ray import keys
+    from ooc_ray.classify import grid as classify_grid
+    from ooc_ray.classify import train
+    from ooc_ray.data import class_names
+
+    _, trials, weights = classify_grid.grid_trials(cfg, paths, manifest)
+    chosen = list(trials.values())[:n_trials]
+    ctx = train.TrialContext(tuple(class_names(manifest)), weights(cfg.classify), keys.data_digest(manifest))
+    epochs = cfg.classify.epochs
+
+    def duration(t, n_epochs: int, fresh: bool) -> float:
+        if fresh:
+            train.forget_compiled()
+        at = dataclasses.replace(t.cfg, classify=dataclasses.replace(t.cfg.classify, epochs=n_epochs))
+        return train.run_trial(at, paths, t.trial, ctx)["duration_s"]
+
+    out = {}
+    for label, fresh in (("fresh", True), ("reused", False)):
+        train.forget_compiled()
+        fixed = []
+        for t in chosen:
+            one, full = duration(t, 1, fresh), duration(t, epochs, fresh)
+            fixed.append(one - (full - one) / (epochs - 1))
+        out[label] = float(np.median(fixed))
+    train.forget_compiled()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, default=None)
@@ -199,6 +236,8 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1, help="images per class x this (the paper has 822 images)")
     parser.add_argument("--split", choices=["fold", "all"], default="fold",
                         help="generator.split: per-fold pools, or one pool per weight (the paper's protocol)")
+    parser.add_argument("--fixed-cost-only", type=int, default=0, metavar="N",
+                        help="only exact mode's per-trial fixed cost, fresh build vs reused model, over N trials")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_classify_"))
     augment = args.augment.split(",")
@@ -212,6 +251,12 @@ def main() -> None:
     print(f"grid: {len(manifest)} real images at {SIZE} px, {args.folds} folds, LoRA weights 1.0/0.8, ratios 0.1-1.0 "
           f"+ synthetic only, generator split {cfg.generator.split}, B0 calibrated, {args.epochs} epochs, augment "
           f"{'+'.join(augment)}, {os.cpu_count()} CPUs, 1 CPU per trial; {time.strftime('%Y-%m-%d %H:%M')}")
+    if args.fixed_cost_only:
+        fixed = reuse_fixed_costs(cfg, paths, manifest, args.fixed_cost_only)
+        print(f"exact mode, per-trial fixed cost over {args.fixed_cost_only} trials in one process: fresh build "
+              f"per trial (before) {fixed['fresh']:.2f} s, model reused (now) {fixed['reused']:.2f} s: "
+              f"{fixed['fresh'] / fixed['reused']:.1f}x less")
+        return
     walls, rows = {}, {}
     for mode in ("exact", "cached"):
         rows[mode], walls[mode] = timed(run_classify, from_dict(raw_config(root, mode, **grid)), paths)

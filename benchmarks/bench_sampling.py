@@ -1,4 +1,4 @@
-"""Sampling throughput on the tiny base: Ray Data actors vs an in-process batched loop, same images, same threads.
+"""Sampling throughput on the tiny base: Ray actors vs an in-process batched loop, same images, same threads.
 
     python benchmarks/bench_sampling.py [--images 512] [--steps 20] [--batch 16] [--resolution 32]   (~10 min)
     python benchmarks/bench_sampling.py --images 2048 --one-thread-only                              (~9 min)
@@ -6,10 +6,10 @@
 The defaults are the demo's sampling settings (32 px, 20 Euler-a steps, CFG 1, batch 16). Every executor renders
 the same planned images (4 LoRAs, weight 1.0) into its own folder through sample.render, the stage's own code:
   in-process  SampleWorker called in this process, torch set to 1 or 2 threads
-  ray         Ray Data actors (the sample stage), Ray started with 1 or 2 CPUs: one actor gets the node's
+  ray         the sample stage's Ray actors (sampler.SamplingActor), Ray started with 1 or 2 CPUs: one actor gets the node's
               CPUs as threads (sample.cpus_per_cpu_actor), two actors one thread each
 Wall time is end to end: actor start-up (process, imports, pipeline load), every image rendered and written as
-PNG, Ray Data's scheduling; ray.init is printed apart (the pipeline starts Ray once for all its stages). The
+PNG, the driver's dispatch of batches; ray.init is printed apart (the pipeline starts Ray once for all its stages). The
 in-process loop pays its pipeline load too (imports are warmed first). Also printed: the steady rate, between
 the first and the last PNG (start-up excluded), and the ratios the goals are stated in.
 """

@@ -232,14 +232,20 @@ def test_a_reused_head_trains_exactly_as_a_fresh_one():
         loss = head.fit(x, y, batch_size=8, epochs=cc.epochs, verbose=0, shuffle=False).history["loss"]
         return head, loss, head.predict(x, batch_size=8, verbose=0)
 
-    train._COMPILED.clear()
+    train.forget_compiled()
     first, loss_fresh, probs_fresh = trained(*sets[0], seed=3)
     other, loss_other, _ = trained(*sets[1], seed=7)  # moves weights, BatchNorm, Adam and the dropout's seed
     again, loss_again, probs_again = trained(*sets[0], seed=3)
     assert first is other is again  # one traced model, not three
     assert loss_again == loss_fresh and np.array_equal(probs_again, probs_fresh)
     assert loss_fresh[-1] < loss_fresh[0] and loss_other != loss_fresh  # it trained, and the sets differ
-    train._COMPILED.clear()
+    # A seed's fresh state is kept once built (train._FRESH), the FRESH_KEPT most recent: one evicted by newer
+    # seeds is built again, to the same numbers.
+    for seed in range(100, 100 + train.FRESH_KEPT):
+        trained(*sets[1], seed=seed)
+    assert len(train._FRESH) == train.FRESH_KEPT and not any(s == 3 for _, s in train._FRESH)
+    assert trained(*sets[0], seed=3)[1] == loss_fresh
+    train.forget_compiled()
     assert trained(*sets[1], seed=7)[1] == loss_other  # the second trial, as a fresh head would have run it
 
 
@@ -359,7 +365,7 @@ def test_a_reused_exact_model_trains_exactly_as_a_fresh_one(tiny, tmp_path, sett
         return (pd.read_parquet(paths.trial_history(trial.key))["loss"].tolist(),
                 np.stack(pd.read_parquet(paths.trial_predictions(trial.key))["probs"]))
 
-    train._COMPILED.clear()
+    train.forget_compiled()
     first = run(trials[(1, 0.5)], "first")
     other = run(trials[(0, 0.5)], "other")
     n_compiled = len(train._COMPILED)
@@ -367,4 +373,4 @@ def test_a_reused_exact_model_trains_exactly_as_a_fresh_one(tiny, tmp_path, sett
     assert len(train._COMPILED) == n_compiled  # no new model compiled: the first one was reused
     assert again[0] == first[0] and np.array_equal(again[1], first[1])
     assert first[0] != other[0]  # the two trials differ, so the reset had something to undo
-    train._COMPILED.clear()
+    train.forget_compiled()

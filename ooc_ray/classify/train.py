@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -145,8 +146,10 @@ def _fit(model, cc: ClassifyConfig, streams: _Streams, batches, callbacks):
     loss_weighted pairs a real and a synthetic batch per step (a model wrapping `model`, whose weights it
     trains). Returns the keras History."""
     if streams.mixing == "loss_weighted":
-        model = reuse_compiled(("loss_weighted", id(model), cc.synthetic_loss_weight),
-                               LossWeighted(model, cc.synthetic_loss_weight), cc.lr, model.steps_per_execution)
+        inner = model
+        model = reuse_compiled(("loss_weighted", id(inner), cc.synthetic_loss_weight),
+                               lambda: LossWeighted(inner, cc.synthetic_loss_weight), None, cc.lr,
+                               inner.steps_per_execution)
         real = batches(streams.primary(), cc.batch_size, streams.seed)
         synthetic = batches(streams.synthetic(), streams.synthetic_batch_size(cc.batch_size),
                             streams.seed + SYNTHETIC_STREAM)
@@ -159,27 +162,56 @@ def _fit(model, cc: ClassifyConfig, streams: _Streams, batches, callbacks):
 
 
 # Tracing Keras's train and predict functions is most of a small trial: ~1.5 s of a ~2.3 s cached-mode trial
-# (cProfile, demo grid at 1280 features, 10 epochs, one core), and in exact mode ~11.8 s of fixed cost per trial
-# with EfficientNetB0 (benchmarks/bench_classify.py). A Tune worker runs trial after trial (reuse_actors), so it
-# keeps one compiled model per architecture and hands each trial that model reset to the exact state of a fresh
-# build for the trial's seed; tests/test_classify_model.py checks losses and probabilities are bit-identical to a
-# fresh model's, in both modes.
+# (cProfile, demo grid at 1280 features, 10 epochs, one core); in exact mode with EfficientNetB0 a trial's fixed
+# cost is 10.5 s built afresh, 3.1 s reused (benchmarks/bench_classify.py --fixed-cost-only). A Tune worker runs
+# trial after trial (reuse_actors), so it keeps one compiled model per architecture and hands each trial that
+# model reset to the exact state of a fresh build for the trial's seed; tests/test_classify_model.py checks
+# losses and probabilities are bit-identical to a fresh model's, in both modes.
 _COMPILED: dict[tuple, tuple] = {}
+# A fresh build's variable values per (architecture, seed). Building B0 is 2.8 s of a reused trial's 7.2 s
+# (cProfile: the application's layers 1.8 s, its weights file 1.0 s), and the seed is classify.seed + fold, so a
+# grid's trials share a handful of seeds (5 in the paper's 65 trials). At most FRESH_KEPT are kept, most recent
+# first: B0's are 16 MB, B7's 260 MB.
+_FRESH: OrderedDict[tuple, list] = OrderedDict()
+FRESH_KEPT = 4
 
 
-def reuse_compiled(key: tuple, fresh, lr: float, steps_per_execution: int = 1):
-    """`fresh` (a model just built for this trial, seeded) compiled; or, when this process compiled a model of
-    the same architecture before (`key`), that model with every variable (weights, BatchNorm statistics, the
-    random layers' seed states) copied from `fresh` and its optimizer back to its first values, so Keras's traced
-    functions are kept and nothing else of the earlier trial is."""
+def forget_compiled() -> None:
+    """Drop this process's compiled models and fresh states: the next trial builds and traces its own, as every
+    trial did before they were reused (the tests' fresh reference; benchmarks/bench_classify.py's "before")."""
+    _COMPILED.clear()
+    _FRESH.clear()
+
+
+def _fresh_values(key: tuple, seed: int | None, build: Callable) -> list:
+    """The variable values of build() (a model just built, seeded with `seed`), built once per (key, seed);
+    seed None: built every time (a wrapper whose variables are another model's)."""
+    if seed is None:
+        return [v.numpy() for v in build().variables]
+    if (key, seed) not in _FRESH:
+        _FRESH[(key, seed)] = [v.numpy() for v in build().variables]
+        while len(_FRESH) > FRESH_KEPT:
+            _FRESH.popitem(last=False)
+    _FRESH.move_to_end((key, seed))
+    return _FRESH[(key, seed)]
+
+
+def reuse_compiled(key: tuple, build: Callable, seed: int | None, lr: float, steps_per_execution: int = 1):
+    """build() (a model of architecture `key` built for this trial, seeded with `seed`) compiled; or, when this
+    process compiled a model of the same architecture before, that model with every variable (weights, BatchNorm
+    statistics, the random layers' seed states) set to a fresh build's for this seed and its optimizer back to
+    its first values, so Keras's traced functions are kept and nothing else of the earlier trial is."""
     if key not in _COMPILED:
+        fresh = build()
+        if seed is not None:
+            _FRESH[(key, seed)] = [v.numpy() for v in fresh.variables]
         model = compile_model(fresh, lr, steps_per_execution=steps_per_execution)
         model.optimizer.build(model.trainable_variables)
         _COMPILED[key] = (model, [v.numpy() for v in model.optimizer.variables])
         return model
     model, optimizer_start = _COMPILED[key]
-    for mine, new in zip(model.variables, fresh.variables, strict=True):
-        mine.assign(new)
+    for mine, value in zip(model.variables, _fresh_values(key, seed, build), strict=True):
+        mine.assign(value)
     for variable, start in zip(model.optimizer.variables, optimizer_start, strict=True):
         variable.assign(start)
     for metric in model.metrics:
@@ -188,11 +220,11 @@ def reuse_compiled(key: tuple, fresh, lr: float, steps_per_execution: int = 1):
 
 
 def exact_model(cc: ClassifyConfig, weights: BackboneWeights, n_classes: int, seed: int):
-    """The paper's whole model for this trial, compiled (reuse_compiled: built afresh, its numbers copied into the
-    worker's compiled model of that architecture)."""
+    """The paper's whole model for this trial, compiled (reuse_compiled: the worker's compiled model of that
+    architecture, set to a fresh build's numbers for this seed)."""
     key = ("exact", cc.backbone, weights.identity, cc.input_size, cc.train_backbone, cc.dropout, cc.augment,
            cc.mixing == "split_bn", cc.lr, n_classes)
-    return reuse_compiled(key, build_exact_model(cc, weights, n_classes, seed), cc.lr)
+    return reuse_compiled(key, lambda: build_exact_model(cc, weights, n_classes, seed), seed, cc.lr)
 
 
 def fit_exact(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed: int, callbacks=()):
@@ -226,8 +258,9 @@ def fresh_head(n_features: int, n_classes: int, cc: ClassifyConfig, seed: int):
     """A compiled head in the state `compile_model(build_head(..., seed))` has (reuse_compiled); with split_bn
     the head takes (features, synthetic flag)."""
     split = cc.mixing == "split_bn"
-    fresh = (build_split_head if split else build_head)(n_features, n_classes, cc.dropout, seed)
-    return reuse_compiled(("head", n_features, n_classes, cc.dropout, cc.lr, split), fresh, cc.lr,
+    build = build_split_head if split else build_head
+    return reuse_compiled(("head", n_features, n_classes, cc.dropout, cc.lr, split),
+                          lambda: build(n_features, n_classes, cc.dropout, seed), seed, cc.lr,
                           HEAD_STEPS_PER_EXECUTION)
 
 
