@@ -366,17 +366,20 @@ def test_a_file_without_tiny_overrides_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_repeated_cross_validation_runs_every_stage_per_repeat_and_fold(tmp_path):
-    """folds.repeats: 2 on the demo (tiny: k = 2): LoRAs, pools and trials per (repeat, fold), fold ids 0-3,
-    and a report whose tests pair all four folds."""
-    code = main(["run", str(REPO / "experiments" / "demo.yaml"), "--tiny", "-o", f"results_dir={tmp_path}",
+def test_repeated_cross_validation_runs_every_stage_per_repeat_and_fold(tmp_path, trained_small_cpu):
+    """folds.repeats: 2 on the CPU examples' base (tiny: k = 2): LoRAs, pools and trials per (repeat, fold), fold
+    ids 0-3, and a report whose tests pair all four folds. Repeat 0 keeps every key, so the session's trained
+    base, LoRAs and pools (conftest) are repeat 0's; repeat 1 trains its own."""
+    out = tmp_path / "small_cpu"
+    seed_trained_state(trained_small_cpu, out)
+    loras_before = set(pd.read_parquet(trained_small_cpu / "lora" / "loras.parquet")["lora_key"])
+    code = main(["run", str(REPO / "experiments" / "base" / "small_cpu.yaml"), "--tiny", "-o", f"results_dir={tmp_path}",
                  "-o", "folds.repeats=2"])
     assert code == 0
-    out = tmp_path / "demo"
     folds = pd.read_parquet(out / "folds.parquet")
     assert list(folds.columns) == ["id", "fold", "fold_r1"]
     trials = pd.read_parquet(out / "trials")
-    assert sorted(trials["fold"].unique()) == [0, 1, 2, 3] and len(trials) == 12  # 2 x the tiny grid's 6
+    assert sorted(trials["fold"].unique()) == [0, 1, 2, 3] and len(trials) == 8  # 2 x the tiny grid's 4
     for fold in range(4):  # each trial was tested on its own (repeat, fold)'s held-out images
         column, within = ("fold", fold) if fold < 2 else ("fold_r1", fold - 2)
         held = set(folds.loc[folds[column] == within, "id"])
@@ -384,5 +387,6 @@ def test_repeated_cross_validation_runs_every_stage_per_repeat_and_fold(tmp_path
             assert set(pd.read_parquet(out / "predictions" / f"{key}.parquet")["id"]) == held
     loras = pd.read_parquet(out / "lora" / "loras.parquet")
     assert sorted(loras["fold"].unique()) == [0, 1, 2, 3]  # leak-free: one LoRA set per (repeat, fold)
+    assert set(loras.loc[loras["fold"] < 2, "lora_key"]) == loras_before  # repeat 0: the k-fold LoRAs, re-used
     report = (out / "report" / "report.md").read_text()
     assert "2-fold CV, 2 repeats (4 folds)" in report and "| real only | 4 |" in report
