@@ -45,7 +45,10 @@ def confirm(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel, weig
     init_ray(cfg)
     s = cfg.search
     points = {"best": best, "default": default_point(cfg)}
-    runs = [(fold, settings, point) for fold in folds for settings, point in points.items()]
+    # Settings-major: the two points share their LoRAs when the search space holds only sampling settings, and
+    # tasks start in this order, so (fold, best) and (fold, default) running at once would train one LoRA twice
+    # (search.trial saves whichever finishes first); one fold per point first, the other point re-uses them.
+    runs = [(fold, settings, point) for settings, point in points.items() for fold in folds]
     request = {"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial}
     done = wait_all(cfg, [task.remote(point, cfg, paths, base, weights, [fold]) for fold, _, point in runs], request,
                     "search: confirmation")
