@@ -183,13 +183,11 @@ def forget_compiled() -> None:
     _FRESH.clear()
 
 
-def _fresh_values(key: tuple, seed: int | None, build: Callable) -> list:
-    """The variable values of build() (a model just built, seeded with `seed`), built once per (key, seed);
-    seed None: built every time (a wrapper whose variables are another model's)."""
-    if seed is None:
-        return [v.numpy() for v in build().variables]
+def _fresh_values(key: tuple, seed: int, build: Callable, fresh=None) -> list:
+    """The variable values of a model of architecture `key` just built with `seed` (`fresh`, or build()), kept
+    once per (key, seed), the FRESH_KEPT most recently used."""
     if (key, seed) not in _FRESH:
-        _FRESH[(key, seed)] = [v.numpy() for v in build().variables]
+        _FRESH[(key, seed)] = [v.numpy() for v in (fresh if fresh is not None else build()).variables]
         while len(_FRESH) > FRESH_KEPT:
             _FRESH.popitem(last=False)
     _FRESH.move_to_end((key, seed))
@@ -200,18 +198,20 @@ def reuse_compiled(key: tuple, build: Callable, seed: int | None, lr: float, ste
     """build() (a model of architecture `key` built for this trial, seeded with `seed`) compiled; or, when this
     process compiled a model of the same architecture before, that model with every variable (weights, BatchNorm
     statistics, the random layers' seed states) set to a fresh build's for this seed and its optimizer back to
-    its first values, so Keras's traced functions are kept and nothing else of the earlier trial is."""
+    its first values, so Keras's traced functions are kept and nothing else of the earlier trial is. seed None:
+    a wrapper whose variables are another model's, already set for this trial (only its optimizer is reset)."""
     if key not in _COMPILED:
         fresh = build()
         if seed is not None:
-            _FRESH[(key, seed)] = [v.numpy() for v in fresh.variables]
+            _fresh_values(key, seed, build, fresh)
         model = compile_model(fresh, lr, steps_per_execution=steps_per_execution)
         model.optimizer.build(model.trainable_variables)
         _COMPILED[key] = (model, [v.numpy() for v in model.optimizer.variables])
         return model
     model, optimizer_start = _COMPILED[key]
-    for mine, value in zip(model.variables, _fresh_values(key, seed, build), strict=True):
-        mine.assign(value)
+    if seed is not None:
+        for mine, value in zip(model.variables, _fresh_values(key, seed, build), strict=True):
+            mine.assign(value)
     for variable, start in zip(model.optimizer.variables, optimizer_start, strict=True):
         variable.assign(start)
     for metric in model.metrics:
