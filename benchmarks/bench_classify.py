@@ -191,8 +191,7 @@ def trial_fixed_s(rows: pd.DataFrame, per_img_epoch: float, per_test_img: float)
 
 def reuse_fixed_costs(cfg, paths, manifest: pd.DataFrame, n_trials: int) -> dict:
     """Exact mode's per-trial fixed cost before and after trials reused the worker's compiled model, in one run:
-    the first `n_trials` exact trials of the grid in the order Tune hands them out (seed by seed, so a reused
-    model keeps its traced functions: train.seed_trial), in this process one after another as a Tune worker runs them,
+    the first `n_trials` exact trials of the grid, in this process one after another as a Tune worker runs them,
     once with a fresh build and trace per trial (train.forget_compiled before each: what every trial paid
     before) and once reusing the model (the first trial builds it). A trial's fixed cost is the intercept of its
     duration in epochs, d(1) - (d(E) - d(1)) / (E - 1), with E the config's epochs: no per-image cost model in it
@@ -205,7 +204,7 @@ def reuse_fixed_costs(cfg, paths, manifest: pd.DataFrame, n_trials: int) -> dict
     from ooc_ray.data import class_names
 
     _, trials, weights = classify_grid.grid_trials(cfg, paths, manifest)
-    chosen = [trials[k] for k in classify_grid.tune_order(trials, list(trials))][:n_trials]  # as a worker gets them
+    chosen = list(trials.values())[:n_trials]
     ctx = train.TrialContext(tuple(class_names(manifest)), weights(cfg.classify), keys.data_digest(manifest))
     epochs = cfg.classify.epochs
 

@@ -19,7 +19,7 @@ from ray import tune
 
 from ooc_ray import keys
 from ooc_ray.classic import write_missing
-from ooc_ray.classify.train import TrialContext, run_trial, trial_outputs, trial_problem, trial_seed
+from ooc_ray.classify.train import TrialContext, run_trial, trial_outputs, trial_problem
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.fields import to_dict
 from ooc_ray.data import class_names, load_manifest
@@ -78,14 +78,6 @@ def trial_params(cfg: ExperimentConfig, trial: PlannedTrial, ctx: TrialContext) 
             "generator_split": cfg.generator.split, "weights": ctx.weights.identity, "data": ctx.data_digest}
 
 
-def tune_order(trials: dict[str, GridTrial], keys_: list[str]) -> list[str]:
-    """`keys_` seed by seed (grid order within a seed). Tune hands a worker the trials in this order, and a worker
-    re-seeds TensorFlow, which costs a reused model its traced functions, only when the seed changes
-    (train.seed_trial). One grid is planned fold by fold already; with axes, every variant's trials share one
-    Tune run, and variant by variant a worker would re-seed at almost every trial."""
-    return sorted(keys_, key=lambda k: trial_seed(trials[k].cfg, trials[k].trial))
-
-
 def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, GridTrial], pending: list[str]
               ) -> None:
     cc = cfg.classify  # resources: an axis cannot vary them (load.parse_axes)
@@ -111,7 +103,7 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, G
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial_key": tune.grid_search(tune_order(trials, pending))},
+            param_space={"trial_key": tune.grid_search(pending)},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=cc.max_concurrent or None,
                 # A worker keeps TensorFlow imported (and CUDA initialised) across trials: saves 3-5 s a trial

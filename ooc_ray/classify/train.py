@@ -7,7 +7,6 @@ the same numbers in both modes, up to float error from batching the backbone dif
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-from tensorflow.python.eager import context as tf_context
 
 from ooc_ray.backbones import BackboneWeights
 from ooc_ray.networks import setup_tf
@@ -165,8 +163,7 @@ def _fit(model, cc: ClassifyConfig, streams: _Streams, batches, callbacks):
 
 # Tracing Keras's train and predict functions is most of a small trial: ~1.5 s of a ~2.3 s cached-mode trial
 # (cProfile, demo grid at 1280 features, 10 epochs, one core); in exact mode with EfficientNetB0 a trial's fixed
-# cost is 7.0 s built afresh, 0.12 s reused after a trial of the same seed (seed_trial; 1.65 s when every trial
-# re-seeded TensorFlow), 2-core Xeon (benchmarks/bench_classify.py --fixed-cost-only 6). A Tune worker runs
+# cost is 10.5 s built afresh, 3.1 s reused (benchmarks/bench_classify.py --fixed-cost-only). A Tune worker runs
 # trial after trial (reuse_actors), so it keeps one compiled model per architecture and hands each trial that
 # model reset to the exact state of a fresh build for the trial's seed; tests/test_classify_model.py checks
 # losses and probabilities are bit-identical to a fresh model's, in both modes.
@@ -186,20 +183,11 @@ def forget_compiled() -> None:
     _FRESH.clear()
 
 
-def _seeded(build: Callable, seed: int | None):
-    """build() from every random stream seeded as a fresh process seeds it (keras.utils.set_random_seed): a
-    build draws from the streams seed_trial does not reset (Keras's global seed generator, TensorFlow's op
-    seeds). seed None: a wrapper that draws nothing."""
-    if seed is not None:
-        keras.utils.set_random_seed(seed)
-    return build()
-
-
 def _fresh_values(key: tuple, seed: int, build: Callable, fresh=None) -> list:
     """The variable values of a model of architecture `key` just built with `seed` (`fresh`, or build()), kept
     once per (key, seed), the FRESH_KEPT most recently used."""
     if (key, seed) not in _FRESH:
-        _FRESH[(key, seed)] = [v.numpy() for v in (fresh if fresh is not None else _seeded(build, seed)).variables]
+        _FRESH[(key, seed)] = [v.numpy() for v in (fresh if fresh is not None else build()).variables]
         while len(_FRESH) > FRESH_KEPT:
             _FRESH.popitem(last=False)
     _FRESH.move_to_end((key, seed))
@@ -213,7 +201,7 @@ def reuse_compiled(key: tuple, build: Callable, seed: int | None, lr: float, ste
     its first values, so Keras's traced functions are kept and nothing else of the earlier trial is. seed None:
     a wrapper whose variables are another model's, already set for this trial (only its optimizer is reset)."""
     if key not in _COMPILED:
-        fresh = _seeded(build, seed)
+        fresh = build()
         if seed is not None:
             _fresh_values(key, seed, build, fresh)
         model = compile_model(fresh, lr, steps_per_execution=steps_per_execution)
@@ -344,29 +332,6 @@ def _write(paths: ExperimentPaths, trial: PlannedTrial, ctx: TrialContext, probs
     write_parquet(pd.DataFrame([row]), summary_file)
 
 
-def trial_seed(cfg: ExperimentConfig, trial: PlannedTrial) -> int:
-    """The seed of a trial's weights, dropout, augmentation and batch order: classify.seed + its fold."""
-    return trial_config(cfg, trial.spec).classify.seed + trial.spec.fold
-
-
-def seed_trial(seed: int) -> None:
-    """keras.utils.set_random_seed(seed) (Python, NumPy, TensorFlow), except that TensorFlow's global seed is set
-    only when it changes. Setting it clears TF's caches, and every traced function of the worker's compiled model
-    (reuse_compiled) is then instantiated again on its next call: 1.1 s of a reused 1-epoch B0 trial's 1.4 s at
-    64 px (cProfile; 0.3 s without the clear). Unchanged, the seed the trial's tf.data streams combine with their
-    own is the same; a reused model draws from no unseeded stream (its layers and streams have their own seeds),
-    and a model is built from streams seeded afresh (_seeded). tests/test_classify_model.py checks that a trial
-    after one of the same seed gives the bits of a fresh model's. The grid hands a worker its trials seed by seed
-    (grid.tune_order). TF's own record of its global seed is read (context.global_seed: TF has no public getter),
-    so a seed set by anything else in the process (a feature extractor, a calibration) is never taken for the
-    trial's."""
-    if tf_context.global_seed() == seed:
-        random.seed(seed)
-        np.random.seed(seed)
-    else:
-        keras.utils.set_random_seed(seed)
-
-
 def run_trial(cfg: ExperimentConfig, paths: ExperimentPaths, trial: PlannedTrial, ctx: TrialContext,
               report: Callable[[dict], None] | None = None) -> dict:
     """Run one trial of the grid and write its three Parquet files; returns the summary row."""
@@ -376,8 +341,8 @@ def run_trial(cfg: ExperimentConfig, paths: ExperimentPaths, trial: PlannedTrial
     setup_tf(cc.cpus_per_trial)  # before any TF op
     if cc.mode == "exact" and cc.gpus_per_trial > 0:  # cached-mode trials get no GPU (feature extraction has it)
         require_tf_gpu(f"classify trial fold {trial.spec.fold} {trial.spec.arm}: classify.gpus_per_trial={cc.gpus_per_trial:g}")
-    seed = trial_seed(cfg, trial)
-    seed_trial(seed)
+    seed = cc.seed + trial.spec.fold
+    keras.utils.set_random_seed(seed)
     callbacks = []
     if report is not None:
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: report(
