@@ -373,4 +373,9 @@ def test_a_reused_exact_model_trains_exactly_as_a_fresh_one(tiny, tmp_path, sett
     assert len(train._COMPILED) == n_compiled  # no new model compiled: the first one was reused
     assert again[0] == first[0] and np.array_equal(again[1], first[1])
     assert first[0] != other[0]  # the two trials differ, so the reset had something to undo
+    # A real-only trial of the same fold in between (it trains the model itself, never a loss-weighted wrapper),
+    # as Tune workers run a grid's arms one after another: the next trial is still the fresh model's.
+    run(trials[(1, 0.0)], "between")
+    after = run(trials[(1, 0.5)], "after")
+    assert after[0] == first[0] and np.array_equal(after[1], first[1])
     train.forget_compiled()
