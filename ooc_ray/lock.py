@@ -1,4 +1,5 @@
-"""One writer per results folder: a lock file naming its holder (host, pid, command, since).
+"""One writer per results folder: a lock file naming its holder (host, pid, command, since). And claims: one of
+several concurrent workers (search trials) makes a shared piece of work while the others wait for it.
 
 A second ooc-ray command that would write into a folder another live process is writing fails at once with
 that name. A lock whose holder is gone is taken over: on the same host when its pid no longer runs (or runs
@@ -7,6 +8,8 @@ touched every HEARTBEAT_S by the holder) is older than STALE_S, e.g. a node that
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -123,6 +126,35 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+_UNLOCKABLE: set[Path] = set()  # folders whose file system refused a lock (named once)
+
+
+@contextlib.contextmanager
+def claim(path: str | Path, wait: bool):
+    """Hold the claim on `path` (an flock, which the system drops with the process, so a killed holder leaves
+    none behind): yields True when held, False when another process holds it and `wait` is off. A claim only
+    keeps concurrent workers from making one thing twice; what they make stays atomic and keyed without it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as exc:  # a file system without locks (ENOLCK): work as if unclaimed, the result is the same
+            if path.parent not in _UNLOCKABLE:
+                _UNLOCKABLE.add(path.parent)
+                note(f"{path.parent}: no file locks here ({exc.strerror}); concurrent workers may make a shared "
+                     "item twice (each save stays atomic)")
+            yield True
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def command_line() -> str:

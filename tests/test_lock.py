@@ -116,3 +116,28 @@ def test_results_take_the_umask_not_mkstemps_0600(tmp_path, repo, mask, file_mod
     assert len([p for p in modes if p.suffix == ".parquet"]) >= 2  # manifest.parquet and folds.parquet
     wrong = {str(p): oct(m) for p, m in modes.items() if m != (dir_mode if (out / p).is_dir() else file_mode)}
     assert not wrong, wrong
+
+
+def test_a_claim_held_elsewhere_is_refused_without_waiting_and_a_file_system_without_locks_is_named_once(
+        tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from ooc_ray import lock
+
+    path = tmp_path / ".claims" / "k"
+    with lock.claim(path, wait=False) as first:
+        with lock.claim(path, wait=False) as second:  # another open file: as another process would hold it
+            assert (first, second) == (True, False)
+    with lock.claim(path, wait=False) as again:  # released
+        assert again
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    caplog.set_level("INFO", logger="ooc_ray")
+    for _ in range(2):
+        with lock.claim(path, wait=True) as held:
+            assert held  # the work goes on unclaimed
+    assert caplog.text.count("no file locks here (No locks available)") == 1

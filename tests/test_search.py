@@ -135,6 +135,46 @@ def test_a_trial_on_two_folds_reports_at_checkpoints_that_are_the_loras_of_their
     assert {p.name for p in (paths.search / "lora").iterdir()} == loras
 
 
+def test_trials_at_once_train_a_shared_lora_once_taking_the_unclaimed_ones_first(experiment, monkeypatch):
+    """Trials running at once in a space of sampling settings need the same LoRAs. While another trial holds the
+    claim on one of them (here: this test), a trial trains the others, then waits and uses the one the holder
+    made: no LoRA is trained twice."""
+    import threading
+
+    import ooc_ray.search.trial as trial_module
+    from ooc_ray.finetune import LoraTraining, base_pipeline
+    from ooc_ray.io import atomic_dir
+    from ooc_ray.lock import claim
+    from ooc_ray.protocol import plan_loras
+
+    cfg, paths, weights, base = experiment
+    point = {**POINT, "generator.rank": 4, "generator.epochs": 1}  # LoRAs no other test here trains
+    tcfg = point_config(cfg, point)
+    jobs = plan_loras(tcfg, fold_part(load_manifest(paths), 0, cfg.search).manifest, base.identity, folds=[0])
+    held, others, root = jobs[0], jobs[1:], paths.search / "lora"
+    trained = []  # the LoRAs the trial trained itself
+    monkeypatch.setattr(trial_module, "LoraTraining",
+                        lambda pipe, job, gcfg: trained.append(job.key) or LoraTraining(pipe, job, gcfg))
+    rows = []
+    with claim(root / ".claims" / held.key, wait=True):
+        trial = threading.Thread(target=lambda: rows.extend(trial_reports(point, cfg, paths, base, weights, [0], 0)))
+        trial.start()
+        deadline = time.monotonic() + 300
+        while not all((root / job.key / "metadata.json").exists() for job in others):
+            assert trial.is_alive() and time.monotonic() < deadline, "the unclaimed LoRAs were not trained"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert trial.is_alive() and not (root / held.key).exists()  # waiting for the claimed one
+        training = LoraTraining(base_pipeline(base.path, tcfg.generator), held, tcfg.generator)
+        training.train_to(tcfg.generator.epochs)
+        with atomic_dir(root / held.key) as tmp:
+            training.save(held, tcfg.generator, base, tmp)
+        training.close()
+    trial.join(timeout=300)
+    assert sorted(trained) == sorted(job.key for job in others) and len(trained) == len(jobs) - 1 == 2
+    assert rows[-1]["complete"] and rows[-1]["folds"] == [0]
+
+
 def test_every_objective_the_config_allows_is_one_a_trial_reports_with_its_direction():
     from typing import get_args, get_type_hints
 
