@@ -29,7 +29,9 @@ def pytest_collection_modifyitems(items):
     def heavy(item) -> bool:
         return item.get_closest_marker("slow") is not None or item.get_closest_marker("xdist_group") is not None
 
-    items.sort(key=lambda item: not heavy(item))  # stable: file order within each kind
+    # Tests that shut the worker's Ray down go last: a test after one starts a new Ray and cold workers (~4 s, then
+    # the imports of each first task and actor again).
+    items.sort(key=lambda item: (item.get_closest_marker("restarts_ray") is not None, not heavy(item)))  # stable
 
 
 @pytest.fixture(scope="session")

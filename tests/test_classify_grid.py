@@ -35,6 +35,7 @@ def summaries(paths):
     return {p.name: p.stat().st_mtime_ns for p in paths.trials.glob("*.parquet")}
 
 
+@pytest.mark.restarts_ray
 def test_small_pool_fails_before_ray(tmp_path):
     import ray
 

@@ -263,6 +263,7 @@ def test_finetune_outputs_formats_and_resume(tmp_path, tiny_base, monkeypatch):
     assert ft.run_finetune(cfg, paths).equals(table)
 
 
+@pytest.mark.restarts_ray
 def test_a_gpu_task_that_sees_no_cuda_fails_naming_node_and_request(tmp_path, tiny_base):
     """generator.gpus > 0 sends each LoRA to a Ray task with num_gpus. A node that advertises a GPU its torch
     cannot use (here: a fake GPU resource on this CPU machine) must fail the stage, not train on the CPU."""
