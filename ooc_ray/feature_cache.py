@@ -32,8 +32,9 @@ from ooc_ray.raycluster import init_ray, require_resources, wait_all
 CHUNK = 256  # images per part file: B7 features are 2560 float32 = 10 KB per view, ~10 MB per part at 4 views
 
 
-def _keras_side(module: str):
-    """ooc_ray.features or ooc_ray.networks, the modules that import TensorFlow, loaded where a backbone runs."""
+def keras_side(module: str):
+    """A module that imports Keras and TensorFlow (ooc_ray.features, ooc_ray.networks, ooc_ray.classify.train),
+    loaded where a backbone or a classifier runs: in a Ray task or Tune worker, never in a driver only planning."""
     return importlib.import_module(module)
 
 
@@ -117,11 +118,11 @@ class FeatureCache:
 
 
 def _extraction_task(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str) -> int:
-    return _keras_side("ooc_ray.features").extract_task(cc, weights, images, directory)
+    return keras_side("ooc_ray.features").extract_task(cc, weights, images, directory)
 
 
 def _weights_task(cc: ClassifyConfig, models_dir: Path, manifest: pd.DataFrame) -> BackboneWeights:
-    return _keras_side("ooc_ray.networks").built_weights(cc, models_dir, manifest)
+    return keras_side("ooc_ray.networks").built_weights(cc, models_dir, manifest)
 
 
 def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame,
@@ -136,7 +137,7 @@ def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: Backbone
     if todo.empty:
         return directory
     if not use_ray:
-        _keras_side("ooc_ray.features").extract_here(cc, weights, todo, directory)
+        keras_side("ooc_ray.features").extract_here(cc, weights, todo, directory)
         return directory
     ray = init_ray(cfg)
     request = {"CPU": cc.cpus_per_trial, "GPU": cc.gpus_per_trial}

@@ -118,3 +118,16 @@ def test_the_install_script_refuses_an_unknown_device_before_installing_anything
                             "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert "OOC_RAY_DEVICE=tpu: choose cpu or gpu" in result.stderr
+
+
+def test_the_classify_quality_and_report_drivers_import_no_keras_until_a_trial_runs():
+    """The classify stage's driver plans, checks and collects trials without Keras or TensorFlow (~4.4 s of CPU per
+    process); ooc_ray.classify.run_trial, what a Tune worker runs, loads them on first use."""
+    code = ("import sys, ooc_ray.classify, ooc_ray.classify.grid, ooc_ray.quality, ooc_ray.report\n"
+            "from ooc_ray.classify import TrialContext, run_classify\n"
+            "before = sorted(m for m in ('keras', 'tensorflow') if m in sys.modules)\n"
+            "from ooc_ray.classify import run_trial\n"
+            "print(before, sorted(m for m in ('keras', 'tensorflow') if m in sys.modules), run_trial.__module__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "[] ['keras', 'tensorflow'] ooc_ray.classify.train"

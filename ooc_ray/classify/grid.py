@@ -19,12 +19,12 @@ from ray import tune
 
 from ooc_ray import keys
 from ooc_ray.classic import write_missing
-from ooc_ray.classify.train import TrialContext, run_trial, trial_outputs, trial_problem
+from ooc_ray.classify.trials import TrialContext, trial_outputs, trial_problem
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.fields import to_dict
 from ooc_ray.data import class_names, load_manifest
 from ooc_ray.errors import StageError
-from ooc_ray.feature_cache import cache_dir, ensure_features, weights_on_cluster
+from ooc_ray.feature_cache import cache_dir, ensure_features, keras_side, weights_on_cluster
 from ooc_ray.logs import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
@@ -53,7 +53,7 @@ def _tune_trial(config: dict, paths: ExperimentPaths, trials: dict[str, GridTria
         row = pd.read_parquet(paths.trial(trial.key)).iloc[0]
         tune.report({"test_accuracy": float(row["accuracy"]), "skipped": True})
         return
-    row = run_trial(cfg, paths, trial, ctx, report=tune.report)
+    row = keras_side("ooc_ray.classify.train").run_trial(cfg, paths, trial, ctx, report=tune.report)
     tune.report({"test_accuracy": row["accuracy"], "test_f1_macro": row["f1_macro"], "skipped": False})
 
 

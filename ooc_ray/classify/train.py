@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import keras
@@ -21,42 +19,17 @@ import tensorflow as tf
 from ooc_ray.backbones import BackboneWeights
 from ooc_ray.networks import setup_tf
 from ooc_ray.classify.metrics import compute_metrics
+from ooc_ray.classify.trials import TrialContext, trial_outputs
 from ooc_ray.classify.model import LossWeighted, build_exact_model, build_head, build_split_head, compile_model
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.errors import StageError
 from ooc_ray.feature_cache import FeatureCache, train_views
 from ooc_ray.features import image_batches, image_map
 from ooc_ray.gpu import require_tf_gpu
-from ooc_ray.io import parquet_problem, write_parquet
+from ooc_ray.io import write_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import PlannedTrial, trial_config
 from ooc_ray.raycluster import where
-
-
-@dataclass(frozen=True)
-class TrialContext:
-    """What every trial of one grid shares, resolved once by the driver."""
-
-    classes: tuple[str, ...]
-    weights: BackboneWeights
-    data_digest: str  # the manifest the trials were planned from (keys.data_digest)
-    features_dir: str | None = None  # cached mode: the feature cache folder
-
-
-def trial_outputs(paths: ExperimentPaths, key: str) -> list[Path]:
-    """The files of one trial; the summary (trials/<key>.parquet) is written last and marks it done."""
-    return [paths.trial_history(key), paths.trial_predictions(key), paths.trial(key)]
-
-
-def trial_problem(paths: ExperimentPaths, key: str) -> str:
-    """'' when the trial's three files are whole, else what is wrong ('missing' when never run)."""
-    if not paths.trial(key).exists():
-        return "missing"
-    for path in trial_outputs(paths, key):
-        problem = parquet_problem(path)
-        if problem:
-            return f"{path}: {problem}"
-    return ""
 
 
 def _one_hot(labels, n_classes: int) -> np.ndarray:
