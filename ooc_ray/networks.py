@@ -5,6 +5,7 @@ import this module (the report and the planners read ooc_ray.backbones).
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import keras
@@ -12,6 +13,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 from keras import layers, ops
+from keras.src.backend.common import global_state
+from tensorflow.python.eager import context as tf_context
 
 from ooc_ray.backbones import (AUGMENT_ARGS, CALIBRATED, CALIBRATION_IMAGES, PREPROCESSING, SMALL_CNN,
                                SMALL_CNN_BN_MOMENTUM, SMALL_CNN_WIDTHS, BackboneWeights, backbone_weights,
@@ -19,6 +22,21 @@ from ooc_ray.backbones import (AUGMENT_ARGS, CALIBRATED, CALIBRATION_IMAGES, PRE
 from ooc_ray.config import ClassifyConfig
 from ooc_ray.images import load_image
 from ooc_ray.errors import ConfigError, ModelError
+
+def reseed(seed: int) -> None:
+    """keras.utils.set_random_seed(seed) without its clearing of TensorFlow's kernel caches. tf.random.set_seed
+    clears them (TFE_ContextClearCaches) to restart stateful random kernels; a trial's traced functions use only
+    stateless random ops and tf.data's explicitly seeded datasets (tests/test_classify_model.py checks every
+    function a process traced), so the clear only made a reused model re-instantiate each traced function on its
+    next call: 1.1 s of a reused 1-epoch B0 trial's 1.4 s. Python's, NumPy's, Keras's and TensorFlow's global seeds
+    and TensorFlow's operation-seed stream are set exactly as set_random_seed sets them."""
+    global_state.set_global_attribute("global_random_seed", seed)  # keras.src.utils.rng_utils.GLOBAL_RANDOM_SEED
+    global_state.set_global_attribute("global_seed_generator", None)  # recreated from the seed on first use
+    random.seed(seed)
+    np.random.seed(seed)
+    ctx = tf_context.context()
+    ctx._seed, ctx._rng = seed, random.Random(seed)  # context._set_global_seed's two assignments, without its clear
+
 
 def setup_tf(cpus: float | None = None) -> None:
     """Call before any TF op: GPU memory growth (else TF grabs the whole GPU, and fractional GPUs per

@@ -340,6 +340,15 @@ def test_cached_training_reads_the_augmented_views_not_the_clean_one(tiny, tmp_p
     assert row["accuracy"] > 0.5  # three well-separated classes, read at their clean held-out view
 
 
+# Random ops that keep state in their kernels (TensorFlow's raw_ops): tf.random.set_seed clears the kernel cache to
+# restart them; networks.reseed does not, so no trial may use one.
+STATEFUL_RANDOM_OPS = {"RandomUniform", "RandomUniformInt", "RandomStandardNormal", "TruncatedNormal",
+                       "ParameterizedTruncatedNormal", "RandomShuffle", "Multinomial", "RandomGamma", "RandomPoisson",
+                       "RandomPoissonV2", "RandomCrop", "StatefulUniform", "StatefulUniformInt",
+                       "StatefulUniformFullInt", "StatefulStandardNormalV2", "StatefulTruncatedNormal",
+                       "StatefulRandomBinomial", "RngSkip", "RngReadAndSkip"}
+
+
 @pytest.mark.parametrize("settings", [
     {"backbone": "SmallCNN", "weights": "none", "augment": ["flip", "rotation"]},  # from scratch, augmented
     {"weights": "calibrated", "mixing": "loss_weighted"},  # frozen EfficientNetB0, the loss-weighted wrapper
@@ -378,4 +387,17 @@ def test_a_reused_exact_model_trains_exactly_as_a_fresh_one(tiny, tmp_path, sett
     run(trials[(1, 0.0)], "between")
     after = run(trials[(1, 0.5)], "after")
     assert after[0] == first[0] and np.array_equal(after[1], first[1])
+    # What networks.reseed relies on (it keeps the kernel cache tf.random.set_seed clears to restart stateful
+    # random kernels): these trials' functions (the models' alive, so theirs are listed) draw only with stateless
+    # ops and explicitly seeded datasets.
+    types = traced_op_types()
+    assert {"ShuffleDatasetV3", "Conv2DBackpropFilter"} <= types and not types & STATEFUL_RANDOM_OPS
     train.forget_compiled()
+
+
+def traced_op_types() -> set[str]:
+    """The op types of every function TensorFlow traced in this process (trials, their tf.data streams)."""
+    from tensorflow.python.eager import context
+
+    ctx = context.context()
+    return {node.op for name in ctx.list_function_names() for node in ctx.get_function_def(name).node_def}

@@ -17,7 +17,7 @@ import pandas as pd
 import tensorflow as tf
 
 from ooc_ray.backbones import BackboneWeights
-from ooc_ray.networks import setup_tf
+from ooc_ray.networks import reseed, setup_tf
 from ooc_ray.classify.metrics import compute_metrics
 from ooc_ray.classify.trials import TrialContext, trial_outputs
 from ooc_ray.classify.model import LossWeighted, build_exact_model, build_head, build_split_head, compile_model
@@ -315,7 +315,7 @@ def run_trial(cfg: ExperimentConfig, paths: ExperimentPaths, trial: PlannedTrial
     if cc.mode == "exact" and cc.gpus_per_trial > 0:  # cached-mode trials get no GPU (feature extraction has it)
         require_tf_gpu(f"classify trial fold {trial.spec.fold} {trial.spec.arm}: classify.gpus_per_trial={cc.gpus_per_trial:g}")
     seed = cc.seed + trial.spec.fold
-    keras.utils.set_random_seed(seed)
+    reseed(seed)  # as keras.utils.set_random_seed, keeping a reused model's traced functions
     callbacks = []
     if report is not None:
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: report(
