@@ -35,6 +35,9 @@ def reseed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     ctx = tf_context.context()
+    if not (hasattr(ctx, "_seed") and hasattr(ctx, "_rng")):  # private: a TensorFlow that moved them fails here
+        raise ModelError(f"TensorFlow {tf.__version__}: its eager context keeps its seed elsewhere; networks.reseed "
+                         "needs updating (keras.utils.set_random_seed is the slow, exact fallback)")
     ctx._seed, ctx._rng = seed, random.Random(seed)  # context._set_global_seed's two assignments, without its clear
 
 
