@@ -35,10 +35,12 @@ def reseed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     ctx = tf_context.context()
-    if not (hasattr(ctx, "_seed") and hasattr(ctx, "_rng")):  # private: a TensorFlow that moved them fails here
-        raise ModelError(f"TensorFlow {tf.__version__}: its eager context keeps its seed elsewhere; networks.reseed "
-                         "needs updating (keras.utils.set_random_seed is the slow, exact fallback)")
     ctx._seed, ctx._rng = seed, random.Random(seed)  # context._set_global_seed's two assignments, without its clear
+    # Private attributes: check that TensorFlow still draws its operation seeds from this stream, then restart it.
+    if ctx._internal_operation_seed() != random.Random(seed).randint(0, 2**31 - 1):
+        raise ModelError(f"TensorFlow {tf.__version__} no longer draws operation seeds from its eager context's "
+                         "_rng: networks.reseed needs updating (keras.utils.set_random_seed is the exact, slower way)")
+    ctx._rng = random.Random(seed)
 
 
 def setup_tf(cpus: float | None = None) -> None:
