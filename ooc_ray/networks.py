@@ -23,6 +23,7 @@ from ooc_ray.config import ClassifyConfig
 from ooc_ray.images import load_image
 from ooc_ray.errors import ConfigError, ModelError
 
+
 def reseed(seed: int) -> None:
     """keras.utils.set_random_seed(seed) without its clearing of TensorFlow's kernel caches. tf.random.set_seed
     clears them (TFE_ContextClearCaches) to restart stateful random kernels; a trial's traced functions use only
