@@ -111,12 +111,10 @@ class _Trainings:
         Trials running at once in a space of sampling settings need the same LoRAs: each claims one before
         training it (search/lora/.claims/<key>), and with `wait` off leaves a LoRA another trial is training
         (returns False) to take the next."""
-        if not pending_jobs([job], self.root):
-            return True
         with claim(self.root / ".claims" / job.key, wait) as held:
             if not held:
                 return False
-            if not pending_jobs([job], self.root):  # made by the trial that held the claim before
+            if not pending_jobs([job], self.root):  # made before, or by the trial that held the claim
                 return True
             if final.key not in self.open:
                 self.open[final.key] = LoraTraining(base_pipeline(self.base.path, self.cfg.generator), final,
