@@ -47,13 +47,14 @@ import pandas as pd  # noqa: E402
 from helpers import demo_experiment  # noqa: E402
 
 from ooc_ray.backbones import BackboneWeights  # noqa: E402
-from ooc_ray.networks import build_backbone, frozen, setup_tf  # noqa: E402
+from ooc_ray.networks import build_backbone, frozen  # noqa: E402
+from ooc_ray.backend.tensorflow_ops import _shuffled_indices, image_batches, image_map, setup as setup_tf  # noqa: E402,E501
 from ooc_ray.classify import run_classify  # noqa: E402
 from ooc_ray.classify.model import build_exact_model, build_head, compile_model  # noqa: E402
-from ooc_ray.classify.train import HEAD_STEPS_PER_EXECUTION, _shuffled_indices  # noqa: E402
+from ooc_ray.classify.train import HEAD_STEPS_PER_EXECUTION  # noqa: E402
 from ooc_ray.load import from_dict  # noqa: E402
 from ooc_ray.images import load_image  # noqa: E402
-from ooc_ray.features import FeatureExtractor, image_batches, image_map  # noqa: E402
+from ooc_ray.features import FeatureExtractor  # noqa: E402
 
 SIZE = 64
 

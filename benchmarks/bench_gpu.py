@@ -5,6 +5,7 @@
     python benchmarks/bench_gpu.py --device cpu --resolution 64 --only lora,sampling --lora-steps 1,2 \
         --lora-batches 1 --precisions fp32 --sampling-steps 2 --batches 1,2
     python benchmarks/bench_gpu.py --device cpu --only features --feature-batches 1
+    python benchmarks/bench_gpu.py --device cpu --only features_torch --feature-batches 1
 
 - lora: LoRA training steps/s and peak GPU memory per generator.mixed_precision (fp32, fp16 + GradScaler, bf16)
   and batch size, through ooc_ray.finetune.train_lora (rank 4, the paper's attention targets). Steps/s is
@@ -13,6 +14,8 @@
 - sampling: images/s per batch size through the sampler's own worker (fp16 base, 20 euler_a steps, CFG 7.5,
   one LoRA active), the first batch of each size a warm-up.
 - features: EfficientNetB7 at 600 px (random weights), frozen-backbone images/s per batch (needs TensorFlow).
+- features_torch: the same on classify.backend torch (Keras on torch, no TensorFlow), with peak GPU memory; its own
+  call (`--only lora,sampling,features_torch`), as Keras takes one framework per process.
 - shared: torch holding the SD UNet while TF runs B7 in the same process (a search trial): both finish, and
   what each holds (needs TensorFlow).
 A section whose library is missing is reported as skipped with the reason. Random weights cost the same time
@@ -159,7 +162,8 @@ def bench_sampling(work: Path, resolution: int, lora_dir: Path, batches: list[in
 def bench_features(batches=(8, 32)) -> list[dict]:
     import tensorflow as tf
 
-    from ooc_ray.networks import build_backbone, frozen, setup_tf
+    from ooc_ray.backend.tensorflow_ops import setup as setup_tf
+    from ooc_ray.networks import build_backbone, frozen
     from ooc_ray.gpu import require_tf_gpu
 
     setup_tf()
@@ -176,6 +180,39 @@ def bench_features(batches=(8, 32)) -> list[dict]:
             call(x).numpy()
         rows.append({"batch": batch, "images_per_s": round(3 * batch / (time.perf_counter() - start), 1)})
         print("features", rows[-1], flush=True)
+    return rows
+
+
+def bench_features_torch(batches=(8, 32)) -> list[dict]:
+    """EfficientNetB7 at 600 px on classify.backend torch (Keras on torch: a node without TensorFlow), as the
+    feature tasks run it (networks.framework().compiled: under no_grad); images/s and peak GPU memory."""
+    from ooc_ray.backend import keras_side
+
+    networks = keras_side("ooc_ray.networks", "torch")  # before anything imports Keras on another framework
+    import torch
+
+    from ooc_ray.gpu import require_torch_cuda
+
+    if DEVICE == "cuda":
+        require_torch_cuda("bench_gpu features_torch")
+    ops = networks.framework()
+    ops.setup()
+    model = networks.frozen(networks.build_backbone("EfficientNetB7", None, 600))
+    call = ops.compiled(lambda x: model(x))
+    rows = []
+    for batch in batches:
+        x = torch.rand((batch, 600, 600, 3), device=DEVICE) * 255
+        sync_and_reset()
+        call(x)  # warm-up: cuDNN autotuning
+        start = time.perf_counter()
+        for _ in range(3):
+            call(x)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        rows.append({"batch": batch, "images_per_s": round(3 * batch / (time.perf_counter() - start), 1),
+                     "peak_gib": peak_gib()})
+        print("features_torch", rows[-1], flush=True)
+    rows.append({"tensorflow_imported": "tensorflow" in sys.modules})
     return rows
 
 
@@ -226,7 +263,11 @@ def main() -> None:
         batches = [int(b) for b in args.batches.split(",")]
         report["sampling"] = bench_sampling(work, args.resolution, lora, batches, args.sampling_steps)
     feature_batches = tuple(int(b) for b in args.feature_batches.split(","))
-    for name, fn in (("features", lambda: bench_features(feature_batches)),
+    if "features_torch" in only and only & {"features", "shared"}:
+        sys.exit("bench_gpu: features_torch runs Keras on torch, features and shared on TensorFlow; Keras takes one "
+                 "framework per process: run them in separate calls")
+    for name, fn in (("features_torch", lambda: bench_features_torch(feature_batches)),
+                     ("features", lambda: bench_features(feature_batches)),
                      ("shared", lambda: bench_shared(work, cpu_pipe))):
         if name not in only:
             continue

@@ -94,8 +94,10 @@ def backbone_weights(cc: ClassifyConfig, models_dir: Path, manifest: pd.DataFram
         path = Path(cc.weights).expanduser().resolve()
         return BackboneWeights(str(path), f"file-{sha256_file(path)}")
     images = calibration_images(manifest)
+    # The calibration pass runs on classify.backend: its statistics differ by float rounding between frameworks.
+    backend = () if cc.backend == "tensorflow" else (cc.backend,)
     identity = "calibrated-" + keys.digest(CALIBRATION_VERSION, cc.backbone, cc.input_size, cc.seed,
-                                           keys.table_digest(images, keys.IMAGE_COLUMNS))
+                                           keys.table_digest(images, keys.IMAGE_COLUMNS), *backend)
     return BackboneWeights(str(Path(models_dir) / f"{identity}.weights.h5"), identity)
 
 

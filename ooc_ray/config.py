@@ -28,6 +28,7 @@ Backbone = Literal["SmallCNN", "EfficientNetB0", "EfficientNetB1", "EfficientNet
 Augmentation = Literal["flip", "rotation", "zoom", "contrast", "translation", "brightness"]
 # How a trial's synthetic images enter training (ooc_ray.classify.train; docs/grid.md: mixing strategies).
 Mixing = Literal["concat", "loss_weighted", "replace", "split_bn"]
+KerasBackend = Literal["tensorflow", "torch", "jax"]
 # Matched controls (ooc_ray.protocol): real only for as many steps as each ratio's arm, and real + classic
 # augmentations of real images at each ratio's count.
 Control = Literal["real_steps", "real_augmented"]
@@ -190,6 +191,10 @@ class ClassifyConfig:
     # inference mode (Keras's fine-tuning guide); 0 = the paper's frozen backbone. Needs mode: exact, and
     # usually a lower lr (the guide uses 1e-5) so ImageNet features are adjusted rather than overwritten.
     train_backbone: int = result(0, _TRIAL, keyed_when_set=True, ge=0, le=7)
+    # The framework Keras runs the classifier on (ooc_ray.backend): "tensorflow", the paper's; "torch", so a GPU
+    # node needs one CUDA framework (the generator's) and no TensorFlow; or "jax". Weights files are the same on
+    # each; features and trials differ by float rounding and by each framework's random streams, so it is a result.
+    backend: KerasBackend = result("tensorflow", _FEATURES_TRIAL, keyed_when_set=True)
     epochs: int = result(30, _TRIAL, ge=1)  # training epochs per trial
     batch_size: int = result(16, _TRIAL, ge=1)  # the training batch; feature extraction batches are not results
     lr: float = result(1e-3, _TRIAL, gt=0)  # the classifier's learning rate (Adam)

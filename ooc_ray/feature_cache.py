@@ -1,8 +1,8 @@
-"""The cache of frozen-backbone features, without TensorFlow: its identity, its part files, and filling it with
+"""The cache of frozen-backbone features, without Keras: its identity, its part files, and filling it with
 Ray tasks. The quality stage, the LoRA search and the classify stage's driver read and plan through this module;
-the backbone itself runs in ooc_ray.features (which imports TensorFlow), loaded only where images go through it:
-in a Ray task, or in a search trial's own process (measured: `import ooc_ray.search` 12.3 s of CPU with
-TensorFlow, 8.1 s without, 2 cores).
+the backbone itself runs in ooc_ray.features (which imports Keras on classify.backend's framework), loaded only
+where images go through it: in a Ray task, or in a search trial's own process (measured: `import ooc_ray.search`
+12.3 s of CPU with TensorFlow, 8.1 s without, 2 cores).
 
 Cache: the backbone is frozen, so its pooled output for an (image, augmentation view) never changes. It is
 computed once per image *content* (sha256) into features/<key>/, key = the backbone's result fields and
@@ -15,7 +15,6 @@ so a killed extraction resumes where it stopped; a damaged part is named and ext
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ooc_ray import keys
+from ooc_ray.backend import keras_side, runtime_env
 from ooc_ray.backbones import CALIBRATED, BackboneWeights, backbone_weights
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.io import atomic_path, atomic_write_text
@@ -30,12 +30,6 @@ from ooc_ray.logs import note
 from ooc_ray.raycluster import init_ray, require_resources, wait_all
 
 CHUNK = 256  # images per part file: B7 features are 2560 float32 = 10 KB per view, ~10 MB per part at 4 views
-
-
-def keras_side(module: str):
-    """A module that imports Keras and TensorFlow (ooc_ray.features, ooc_ray.networks, ooc_ray.classify.train),
-    loaded where a backbone or a classifier runs: in a Ray task or Tune worker, never in a driver only planning."""
-    return importlib.import_module(module)
 
 
 def n_views(cc: ClassifyConfig) -> int:
@@ -118,11 +112,11 @@ class FeatureCache:
 
 
 def _extraction_task(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str) -> int:
-    return keras_side("ooc_ray.features").extract_task(cc, weights, images, directory)
+    return keras_side("ooc_ray.features", cc.backend).extract_task(cc, weights, images, directory)
 
 
 def _weights_task(cc: ClassifyConfig, models_dir: Path, manifest: pd.DataFrame) -> BackboneWeights:
-    return keras_side("ooc_ray.networks").built_weights(cc, models_dir, manifest)
+    return keras_side("ooc_ray.networks", cc.backend).built_weights(cc, models_dir, manifest)
 
 
 def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame,
@@ -137,7 +131,7 @@ def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: Backbone
     if todo.empty:
         return directory
     if not use_ray:
-        keras_side("ooc_ray.features").extract_here(cc, weights, todo, directory)
+        keras_side("ooc_ray.features", cc.backend).extract_here(cc, weights, todo, directory)
         return directory
     ray = init_ray(cfg)
     request = {"CPU": cc.cpus_per_trial, "GPU": cc.gpus_per_trial}
@@ -158,7 +152,8 @@ def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: Backbone
     # nodes as they join, where a count taken now would leave the work to the few slots there are now.
     n_tasks = max(1, n_parts if cfg.ray.autoscaling else min(slots, n_parts))
     task = ray.remote(_extraction_task).options(num_cpus=cc.cpus_per_trial, num_gpus=cc.gpus_per_trial,
-                                             max_retries=cfg.ray.max_retries)  # a shard lost with its node
+                                                max_retries=cfg.ray.max_retries,  # a shard lost with its node
+                                                **runtime_env(cc.backend))
     shards = [todo.iloc[idx] for idx in np.array_split(np.arange(len(todo)), n_tasks) if len(idx)]
     wait_all(cfg, [task.remote(cc, weights, shard, str(directory)) for shard in shards], request, what)
     note(f"features: {len(todo)} images extracted into {directory.name}")
@@ -196,5 +191,5 @@ def weights_on_cluster(cfg: ExperimentConfig, cc: ClassifyConfig, models_dir: Pa
     ray = init_ray(cfg)
     require_resources(cfg, request, what)
     task = ray.remote(_weights_task).options(num_cpus=cc.cpus_per_trial, num_gpus=cc.gpus_per_trial,
-                                             max_retries=cfg.ray.max_retries)
+                                             max_retries=cfg.ray.max_retries, **runtime_env(cc.backend))
     return wait_all(cfg, [task.remote(cc, models_dir, manifest)], request, what)[0]

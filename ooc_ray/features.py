@@ -1,45 +1,21 @@
 """Images streamed from disk and run through the frozen backbone, filling the feature cache
-(ooc_ray.feature_cache: its identity, part files and Ray tasks, without TensorFlow).
-
-Images: a tf.data pipeline over row indices; each element is decoded and resized by PIL in a py_function
-(JPG/PNG, grey or RGB, 16-bit microscopy: ooc_ray.images.load_image), so only a batch of resized images is in
-memory at once, never the 2048x1536 originals.
+(ooc_ray.feature_cache: its identity, part files and Ray tasks, without Keras). Images come in batches from the
+framework's feed (ooc_ray.backend: tf.data on TensorFlow, NumPy otherwise), so only a batch of resized images is
+in memory at once, never the 2048x1536 originals.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
+from keras import ops
 
 from ooc_ray.backbones import BackboneWeights
 from ooc_ray.config import ClassifyConfig
 from ooc_ray.feature_cache import CHUNK, FeatureCache, n_views
-from ooc_ray.gpu import require_tf_gpu
-from ooc_ray.images import load_image
-from ooc_ray.networks import build_augmentation, build_backbone, frozen, setup_tf
-
-
-def image_map(paths, size: int):
-    """tf.data map fn: row index (int64 scalar) -> float32 image (size, size, 3) in 0..255."""
-    table = [str(p) for p in paths]
-
-    def _load(i):
-        return np.asarray(load_image(table[int(i)], size), dtype=np.uint8)
-
-    def fn(i):
-        img = tf.py_function(_load, [i], tf.uint8)
-        return tf.cast(tf.ensure_shape(img, (size, size, 3)), tf.float32)
-
-    return fn
-
-
-def image_batches(paths, size: int, batch_size: int):
-    """Images of `paths` in order, batched (evaluation and feature extraction)."""
-    ds = tf.data.Dataset.range(len(paths)).map(image_map(paths, size), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+from ooc_ray.gpu import require_keras_gpu
+from ooc_ray.networks import build_augmentation, build_backbone, framework, frozen
 
 
 def _view_seed(image_seed: int, view: int) -> int:
@@ -54,7 +30,7 @@ def image_seeds(digests, base_seed: int) -> list[int]:
 
 def _seed_states(model) -> list:
     # Keras 3 random layers keep [seed, counter] in a "seed_generator_state" variable; build them first.
-    model(tf.zeros((1, 8, 8, 3)), training=True)
+    model(np.zeros((1, 8, 8, 3), np.float32), training=True)
     return [v for v in model.variables if "seed_generator_state" in v.path]
 
 
@@ -62,33 +38,34 @@ class FeatureExtractor:
     """The frozen backbone (and augmentation) built once; maps a batch of images to (batch, views, dim)."""
 
     def __init__(self, cc: ClassifyConfig, weights: BackboneWeights):
-        keras.utils.set_random_seed(cc.seed)  # weights "none": the same random backbone in every task
+        ops_of = framework()
+        ops_of.reseed(cc.seed)  # weights "none": the same random backbone in every task
         self.views = n_views(cc)
         backbone = frozen(build_backbone(cc.backbone, weights.value, cc.input_size))
-        self._backbone = tf.function(lambda x: backbone(x), reduce_retracing=True)
+        self._backbone = ops_of.compiled(lambda x: backbone(x))
         self._augmentation = build_augmentation(cc.augment, cc.seed)
         self._seed_states = [] if self._augmentation is None else _seed_states(self._augmentation)
         # Traced once, the seed a tensor: 1.1 ms per 64 px image against 8.7 ms eagerly with all six layers
         # (2 CPU cores), and bit-identical to the eager call (tests/test_classify_model.py checks it).
-        self._augment_graph = tf.function(self._augment_eager, reduce_retracing=True)
+        self._augment_graph = ops_of.compiled(self._augment_eager)
 
     def _augment_eager(self, image, seed):
         """One image's augmented copy, its random draws fixed by `seed` alone: each layer's SeedGenerator state
         is set from (seed, layer) before the call (measured: same seed -> identical pixels)."""
         for j, state in enumerate(self._seed_states):
-            state.assign(tf.stack([tf.cast(seed, state.dtype), tf.constant(j, state.dtype)]))
+            state.assign(ops.stack([ops.cast(seed, state.dtype), ops.cast(j, state.dtype)]))
         return self._augmentation(image[None], training=True)[0]
 
     def _augment(self, image, seed: int):
-        return self._augment_graph(image, tf.constant(seed, tf.int64))
+        return self._augment_graph(image, ops.convert_to_tensor(seed, "int64"))
 
     def __call__(self, images, seeds) -> np.ndarray:
         """(batch, views, dim); `seeds` (one int per image, image_seeds()) fix each augmented view."""
         # One decoded batch serves every view: the decode of a 2048x1536 JPG costs as much as a small backbone.
-        outs = [self._backbone(images).numpy()]
+        outs = [ops.convert_to_numpy(self._backbone(images))]
         for view in range(1, self.views):
-            augmented = tf.stack([self._augment(img, _view_seed(s, view)) for img, s in zip(images, seeds)])
-            outs.append(self._backbone(augmented).numpy())
+            augmented = ops.stack([self._augment(img, _view_seed(s, view)) for img, s in zip(images, seeds)])
+            outs.append(ops.convert_to_numpy(self._backbone(augmented)))
         return np.stack(outs, axis=1)
 
 
@@ -100,6 +77,7 @@ def extract_features(cc: ClassifyConfig, weights: BackboneWeights, images: pd.Da
     if todo.empty:
         return 0
     extractor = FeatureExtractor(cc, weights)
+    image_batches = framework().image_batches
     for start in range(0, len(todo), chunk):
         part = todo.iloc[start:start + chunk]
         seeds = image_seeds(part.index, cc.seed)
@@ -110,17 +88,15 @@ def extract_features(cc: ClassifyConfig, weights: BackboneWeights, images: pd.Da
 
 
 def extract_task(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str) -> int:
-    """A Ray feature task's work (feature_cache.ensure_features): TensorFlow set to the task's CPUs, its GPU
+    """A Ray feature task's work (feature_cache.ensure_features): the framework set to the task's CPUs, its GPU
     checked."""
-    setup_tf(cc.cpus_per_trial)
+    framework().setup(cc.cpus_per_trial)
     if cc.gpus_per_trial > 0:
-        require_tf_gpu(f"feature extraction: classify.gpus_per_trial={cc.gpus_per_trial:g}")
+        require_keras_gpu(cc.backend, f"feature extraction: classify.gpus_per_trial={cc.gpus_per_trial:g}")
     return extract_features(cc, weights, images, directory)
-
-
 
 
 def extract_here(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str | Path) -> int:
     """Extraction in this process (a search trial, which holds its resources already)."""
-    setup_tf()
+    framework().setup()
     return extract_features(cc, weights, images, directory)

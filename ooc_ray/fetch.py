@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ooc_ray.networks import build_backbone, setup_tf
+from ooc_ray.networks import build_backbone, framework
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.diffusion.base import resolve_base
 from ooc_ray.logs import note
@@ -26,7 +26,7 @@ def run_fetch(cfg: ExperimentConfig, paths: ExperimentPaths) -> list[str]:
         fetched.append(f"generator.base {name}: {base.path} ({base.identity})")
     for backbone, size in dict.fromkeys((c.classify.backbone, c.classify.input_size) for c in configs
                                         if c.classify.weights == "imagenet"):
-        setup_tf()
+        framework().setup()
         build_backbone(backbone, "imagenet", size)
         keras_home = os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras"))
         fetched.append(f"classify.weights imagenet for {backbone}: under {keras_home}/models")

@@ -1,7 +1,7 @@
 """What a GPU request must find on the node that runs it.
 
-A task, actor or trial that was given GPUs calls require_torch_cuda / require_tf_gpu first: torch and TensorFlow
-both fall back to the CPU without a word when they see no usable device (a CPU-only wheel, a driver too old,
+A task, actor or trial that was given GPUs calls require_torch_cuda / require_keras_gpu first: torch, TensorFlow
+and JAX all fall back to the CPU without a word when they see no usable device (a CPU-only wheel, a driver too old,
 CUDA_VISIBLE_DEVICES empty), and SD LoRA training or B7 at 600 px on a CPU runs for days instead of minutes.
 Each check imports the framework it checks inside it, on purpose: a node without one of them (a GPU node
 without TensorFlow) runs the other check, and the CLI imports this module without paying for either.
@@ -48,6 +48,22 @@ def require_tf_gpu(what: str) -> None:
             f"{what}: node {node_name()} was given a GPU but TensorFlow {tf.__version__} sees none "
             f"(built with CUDA: {tf.test.is_built_with_cuda()}, CUDA_VISIBLE_DEVICES={_visible()}); "
             "install tensorflow[and-cuda] on that node or set the request to 0")
+
+
+def require_jax_gpu(what: str) -> None:
+    """Raise ResourceError naming the node and the request unless JAX lists a GPU here (`jax[cuda12]` brings
+    its CUDA libraries)."""
+    import jax
+
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        raise ResourceError(f"{what}: node {node_name()} was given a GPU but JAX {jax.__version__} sees none "
+                            f"(devices {jax.devices()}, CUDA_VISIBLE_DEVICES={_visible()}); install jax[cuda12] "
+                            "on that node or set the request to 0")
+
+
+def require_keras_gpu(backend: str, what: str) -> None:
+    """The check of the framework classify.backend runs Keras on."""
+    {"tensorflow": require_tf_gpu, "torch": require_torch_cuda, "jax": require_jax_gpu}[backend](what)
 
 
 def check_node(argv: list[str] | None = None) -> int:

@@ -130,13 +130,22 @@ def features_key(cfg: Any, weights_id: str, views: int) -> str:
     return digest("features", fields, weights_id, views)
 
 
+# Exact-mode loss_weighted trials on TensorFlow took their second and later epochs' synthetic order from a
+# read-ahead that depended on CPU load until this version (ooc_ray.backend.tensorflow_ops._train_images): their
+# keys carry it, so none computed before is re-used.
+LOSS_WEIGHTED_EXACT_FEED = 2
+
+
 def trial_key(cfg: Any, point: dict, classes: list[str], train: pd.DataFrame, test: pd.DataFrame,
               weights_id: str) -> str:
     """One classifier trial: its grid point, the classifier's result fields and weights, the class order, and
     its exact training set (ids, bytes, labels, real/synthetic) and held-out set."""
     train_digest = table_digest(train, LABELLED_COLUMNS + ["source"])
+    cc = cfg.classify
+    feed = (("feed", LOSS_WEIGHTED_EXACT_FEED),) if (cc.mode, cc.mixing, cc.backend) == (
+        "exact", "loss_weighted", "tensorflow") else ()
     return digest("trial", point, config_slice(cfg, "trial"), weights_id, list(classes), train_digest,
-                  table_digest(test, LABELLED_COLUMNS))
+                  table_digest(test, LABELLED_COLUMNS), *feed)
 
 
 def quality_key(cfg: Any, features: str, manifest: pd.DataFrame, synthetic: pd.DataFrame, version: int) -> str:

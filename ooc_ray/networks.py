@@ -1,21 +1,19 @@
-"""The classifier's Keras networks (TF backend): the augmentation layers, the SmallCNN trained from scratch, the
-keras.applications backbones (frozen, or with their top blocks trained), split BatchNorm, and the offline
-"calibrated" weights. Keras and TensorFlow are imported here, at the top: only the stages that run a network
-import this module (the report and the planners read ooc_ray.backbones).
+"""The classifier's Keras networks (on classify.backend's framework): the augmentation layers, the SmallCNN
+trained from scratch, the keras.applications backbones (frozen, or with their top blocks trained), split BatchNorm, and the offline
+"calibrated" weights. Keras is imported here, at the top: only the processes that run a network load this module,
+through ooc_ray.backend.keras_side, which picks Keras's framework first (the report and the planners read
+ooc_ray.backbones).
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 from keras import layers, ops
-from keras.src.backend.common import global_state
-from tensorflow.python.eager import context as tf_context
 
+from ooc_ray.backend import framework_ops
 from ooc_ray.backbones import (AUGMENT_ARGS, CALIBRATED, CALIBRATION_IMAGES, PREPROCESSING, SMALL_CNN,
                                SMALL_CNN_BN_MOMENTUM, SMALL_CNN_WIDTHS, BackboneWeights, backbone_weights,
                                calibration_images, top_block_prefixes)
@@ -24,41 +22,9 @@ from ooc_ray.images import load_image
 from ooc_ray.errors import ConfigError, ModelError
 
 
-def reseed(seed: int) -> None:
-    """keras.utils.set_random_seed(seed) without its clearing of TensorFlow's kernel caches. tf.random.set_seed
-    clears them (TFE_ContextClearCaches) to restart stateful random kernels; a trial's traced functions use only
-    stateless random ops and tf.data's explicitly seeded datasets (tests/test_classify_model.py checks every
-    function a process traced), so the clear only made a reused model re-instantiate each traced function on its
-    next call: 1.1 s of a reused 1-epoch B0 trial's 1.4 s. Python's, NumPy's, Keras's and TensorFlow's global seeds
-    and TensorFlow's operation-seed stream are set exactly as set_random_seed sets them."""
-    global_state.set_global_attribute("global_random_seed", seed)  # keras.src.utils.rng_utils.GLOBAL_RANDOM_SEED
-    global_state.set_global_attribute("global_seed_generator", None)  # recreated from the seed on first use
-    random.seed(seed)
-    np.random.seed(seed)
-    ctx = tf_context.context()
-    ctx._seed, ctx._rng = seed, random.Random(seed)  # context._set_global_seed's two assignments, without its clear
-    # Private attributes: check that TensorFlow still draws its operation seeds from this stream, then restart it.
-    if ctx._internal_operation_seed() != random.Random(seed).randint(0, 2**31 - 1):
-        raise ModelError(f"TensorFlow {tf.__version__} no longer draws operation seeds from its eager context's "
-                         "_rng: networks.reseed needs updating (keras.utils.set_random_seed is the exact, slower way)")
-    ctx._rng = random.Random(seed)
-
-
-def setup_tf(cpus: float | None = None) -> None:
-    """Call before any TF op: GPU memory growth (else TF grabs the whole GPU, and fractional GPUs per
-    trial do not limit memory), and intra-op threads = the trial's CPUs so concurrent trials share cores."""
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # TF already initialised in this process (tests, reused workers): keep it
-            pass
-    if cpus:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, int(cpus)))
-            tf.config.threading.set_inter_op_parallelism_threads(2)
-        except RuntimeError:
-            pass
+def framework():
+    """The module of what differs on the framework this process's Keras runs on (ooc_ray.backend)."""
+    return framework_ops(keras.backend.backend())
 
 
 def build_augmentation(names, seed: int):
@@ -108,8 +74,10 @@ class SplitBatchNormalization(keras.layers.Layer):
         var = ops.sum(ops.square(x - mean) * weight, axis=axes) / safe
         present = count > 0
         m = self.momentum
-        moving_mean.assign(ops.where(present, moving_mean * m + mean * (1 - m), moving_mean))
-        moving_var.assign(ops.where(present, moving_var * m + var * (1 - m), moving_var))
+        # Read as tensors: JAX's where refuses a Keras variable itself.
+        old_mean, old_var = ops.convert_to_tensor(moving_mean), ops.convert_to_tensor(moving_var)
+        moving_mean.assign(ops.where(present, old_mean * m + mean * (1 - m), old_mean))
+        moving_var.assign(ops.where(present, old_var * m + var * (1 - m), old_var))
         return mean, var
 
     def call(self, inputs, training=False):
@@ -228,7 +196,7 @@ def write_calibrated_weights(path: str | Path, backbone: str, input_size: int, i
     path = Path(path)
     if not path.name.endswith(".weights.h5"):
         raise ConfigError(f"{path}: Keras weight files must end with .weights.h5")
-    keras.utils.set_random_seed(seed)
+    framework().reseed(seed)
     model = _application(backbone, None, input_size)
     if len(image_paths):
         x = np.stack([np.asarray(load_image(p, input_size), np.float32) for p in image_paths[:CALIBRATION_IMAGES]])

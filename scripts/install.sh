@@ -3,6 +3,7 @@
 #
 #   bash scripts/install.sh                       # cpu or gpu, from what this machine has (nvidia-smi -L)
 #   OOC_RAY_DEVICE=cpu bash scripts/install.sh    # or gpu: choose (a GPU image built on a CPU machine, say)
+#   OOC_RAY_BACKEND=torch bash scripts/install.sh # no TensorFlow: for classify.backend torch (docs/gpu.md)
 #
 # Why a choice: on Linux, torch==2.13.0 from PyPI is the CUDA build (several GB of NVIDIA libraries), which a
 # CPU machine does not need; the CPU build (2.13.0+cpu, ~190 MB) lives on PyTorch's own index. A local copy of
@@ -23,8 +24,15 @@ case "$device" in
     cpu|gpu) ;;
     *) echo "scripts/install.sh: OOC_RAY_DEVICE=$device: choose cpu or gpu" >&2; exit 2 ;;
 esac
-echo "scripts/install.sh: installing the $device build of torch $TORCH into .venv" \
-     "(set OOC_RAY_DEVICE=cpu or gpu to choose)"
+backend=${OOC_RAY_BACKEND:-tensorflow}  # classify.backend the install serves: which Keras framework it brings
+case "$backend" in
+    tensorflow) extras=pipeline,test ;;
+    torch) extras=pipeline-torch ;;  # the tests need TensorFlow (the default backend's): not installed here
+    jax) extras=pipeline-torch,jax ;;
+    *) echo "scripts/install.sh: OOC_RAY_BACKEND=$backend: choose tensorflow, torch or jax" >&2; exit 2 ;;
+esac
+echo "scripts/install.sh: installing the $device build of torch $TORCH and ooc-ray[$extras] into .venv" \
+     "(set OOC_RAY_DEVICE=cpu or gpu, OOC_RAY_BACKEND=tensorflow, torch or jax to choose)"
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip=(.venv/bin/python -m pip)
@@ -33,7 +41,8 @@ pip=(.venv/bin/python -m pip)
 if [ "$device" = gpu ] || [ "$(uname -s)" != Linux ]; then
     # Linux GPU: PyPI's build is the CUDA one. macOS/Windows: PyPI's build is the right one, with no +cpu tag.
     "${pip[@]}" install -q "torch==$TORCH"
-    if [ "$device" = gpu ]; then "${pip[@]}" install -q "tensorflow[and-cuda]==$TENSORFLOW"; fi
+    if [ "$device" = gpu ] && [ "$backend" = tensorflow ]; then "${pip[@]}" install -q "tensorflow[and-cuda]==$TENSORFLOW"; fi
+    if [ "$device" = gpu ] && [ "$backend" = jax ]; then "${pip[@]}" install -q "jax[cuda12]"; fi
 elif ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__ != '$TORCH+cpu')" 2>/dev/null; then
     wheels=$(mktemp -d)
     if "${pip[@]}" download -q --no-index --no-deps "torch==$TORCH+cpu" -d "$wheels" 2>/dev/null; then
@@ -43,4 +52,4 @@ elif ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__ != '$T
     fi
     rm -rf "$wheels"
 fi
-"${pip[@]}" install -q -e ".[pipeline,test]"
+"${pip[@]}" install -q -e ".[$extras]"

@@ -14,7 +14,8 @@ from ooc_ray.networks import build_backbone, built_weights, fine_tuned, frozen, 
 from ooc_ray.classify import TrialContext, run_trial
 from ooc_ray.images import load_image
 from ooc_ray.feature_cache import FeatureCache, cache_dir, n_views, train_views
-from ooc_ray.features import extract_features, image_batches
+from ooc_ray.backend.tensorflow_ops import image_batches
+from ooc_ray.features import extract_features
 from ooc_ray.trainsets import plan_trials
 
 pytestmark = pytest.mark.xdist_group("classify_model")  # one xdist worker builds the module's `tiny` fixture

@@ -1,8 +1,9 @@
 """GPU suite (`pytest -m gpu`): the CUDA paths a cluster runs, skipped where torch sees no CUDA device.
 
 Run it on a node before a long experiment: LoRA training per precision (fp16 with its GradScaler, bf16), sampling
-on the GPU (weight 0.0 reproduces the base, the same seed the same image), and, where TensorFlow is installed
-with CUDA, TF and torch sharing one GPU in one process (what a search trial does). Tiny models built from
+on the GPU (weight 0.0 reproduces the base, the same seed the same image), the classifier on Keras's torch
+backend (features and trials, no TensorFlow), and, where TensorFlow is installed with CUDA, TF and torch sharing
+one GPU in one process (what a search trial does). Tiny models built from
 configs: nothing is downloaded. Speed and memory at SD v1.5's real size: benchmarks/bench_gpu.py.
 """
 from __future__ import annotations
@@ -133,7 +134,7 @@ def test_tensorflow_and_torch_share_one_gpu_in_one_process():
     """A search trial trains a LoRA (torch) and then a classifier (TF) in one process on one GPU: TF must see
     the GPU and grow its memory instead of taking all of it from torch."""
     tf = pytest.importorskip("tensorflow")
-    from ooc_ray.networks import setup_tf
+    from ooc_ray.backend.tensorflow_ops import setup as setup_tf
     from ooc_ray.gpu import require_tf_gpu
 
     held = torch.ones(256, 1024, 1024, device="cuda")  # 1 GiB held by torch first
@@ -145,3 +146,23 @@ def test_tensorflow_and_torch_share_one_gpu_in_one_process():
     assert np.isfinite(y) and float(held.sum().item()) == 256 * 1024 * 1024
     free, total = torch.cuda.mem_get_info()
     assert free > 0.5 * total  # TF grew its memory instead of reserving the card
+
+
+def test_the_classifier_on_keras_torch_runs_on_the_gpu(tmp_path):
+    """classify.backend torch on a CUDA node, as a node without TensorFlow runs it (tests/backend_trials.py in a
+    process of its own): features and trials on the GPU, every mixing strategy, exact == cached within float
+    error. (Bit-identity of a reused model is checked on CPU: cuDNN may pick non-deterministic kernels.)"""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    out = tmp_path / "torch.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "backend_trials.py"), "torch", str(tmp_path),
+                           str(tmp_path / "b0.weights.h5"), str(out)], capture_output=True, text=True,
+                          env={**os.environ, "KERAS_BACKEND": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["device"].startswith("cuda") and "tensorflow" not in found["frameworks"]
+    np.testing.assert_allclose(found["exact"]["probs"], found["cached"]["probs"], atol=1e-3)

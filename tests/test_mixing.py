@@ -9,7 +9,8 @@ from helpers import calibrated_experiment, classify_cfg
 from ooc_ray import keys
 from ooc_ray.backbones import BackboneWeights
 from ooc_ray.classify import TrialContext, run_trial
-from ooc_ray.classify.train import _Streams
+from ooc_ray.backend.tensorflow_ops import _Streams
+from ooc_ray.classify.train import _feed
 from ooc_ray.feature_cache import cache_dir
 from ooc_ray.features import extract_features
 from ooc_ray.trainsets import plan_trials
@@ -69,7 +70,7 @@ def test_replacement_swaps_a_share_p_and_keeps_each_class(tiny):
     root, paths, manifest, synthetic, path = tiny
     cfg = mixing_cfg(root, mixing="replace", replace_probability=0.3)
     trial = next(t for t in plan_trials(cfg, manifest, synthetic, "w") if t.spec.ratio == 1.0 and t.spec.fold == 0)
-    streams = _Streams(cfg.classify, trial, seed=5)
+    streams = _Streams(_feed(cfg.classify, trial, 3, seed=5))
     labels, source = trial.train["label_index"].to_numpy(), trial.train["source"].to_numpy()
     real_counts = np.bincount(labels[source == "real"], minlength=3)
     stream, swapped = streams.primary(), []

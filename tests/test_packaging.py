@@ -29,12 +29,17 @@ def imported_modules(folder: Path) -> set[str]:
 
 
 def declared(*extras: str) -> set[str]:
-    """Distribution names ooc-ray requires (with `extras`: also theirs), normalised."""
+    """Distribution names ooc-ray requires (with `extras`: also theirs, and those of the extras they name,
+    such as pipeline's "ooc-ray[pipeline-torch]"), normalised."""
     out = set()
     for requirement in importlib.metadata.requires("ooc-ray"):
         name, _, marker = requirement.partition(";")
         if not marker or any(f'extra == "{extra}"' in marker for extra in extras):
-            out.add(re.split(r"[\s\[<>=!~]", name.strip(), maxsplit=1)[0].lower().replace("_", "-"))
+            distribution = re.split(r"[\s\[<>=!~]", name.strip(), maxsplit=1)[0].lower().replace("_", "-")
+            if distribution == "ooc-ray":
+                out |= declared(*re.search(r"\[(.*)\]", name).group(1).split(","))
+            else:
+                out.add(distribution)
     return out
 
 
@@ -47,8 +52,9 @@ def test_the_package_imports_only_declared_libraries():
     """The base dependencies, the `pipeline` extra's frameworks, and mlflow from the optional `tracking` extra
     (imported only with tracking on)."""
     found = distributions(imported_modules(ROOT / "ooc_ray"))
-    assert not {m: d for m, d in found.items() if not d & declared("pipeline", "tracking")}
-    assert {m for m, d in found.items() if not d & declared("pipeline")} == {"mlflow"}
+    assert not {m: d for m, d in found.items() if not d & declared("pipeline", "tracking", "jax")}
+    assert {m for m, d in found.items() if not d & declared("pipeline")} == {"mlflow", "jax"}
+    assert "tensorflow" not in declared("pipeline-torch") and "keras" in declared("pipeline-torch")
     assert "packaging" in found and "scipy" in found  # the scan sees function-level imports
     assert not {"torch", "tensorflow", "diffusers", "ray", "keras"} & declared()  # the base is the analysis install
 
@@ -115,11 +121,15 @@ def test_the_tests_and_benchmarks_import_only_declared_libraries():
     assert "jsonschema" in found
 
 
-def test_the_install_script_refuses_an_unknown_device_before_installing_anything(tmp_path):
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh")], env={"OOC_RAY_DEVICE": "tpu",
+@pytest.mark.parametrize("setting, message", [("OOC_RAY_DEVICE=tpu", "choose cpu or gpu"),
+                                              ("OOC_RAY_BACKEND=mxnet", "choose tensorflow, torch or jax")])
+def test_the_install_script_refuses_an_unknown_choice_before_installing_anything(tmp_path, setting, message):
+    variable, value = setting.split("=")
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh")], env={variable: value,
+                            "OOC_RAY_DEVICE": "cpu" if variable != "OOC_RAY_DEVICE" else value,
                             "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
-    assert "OOC_RAY_DEVICE=tpu: choose cpu or gpu" in result.stderr
+    assert f"{setting}: {message}" in result.stderr
 
 
 def test_the_classify_quality_and_report_drivers_import_no_keras_until_a_trial_runs():

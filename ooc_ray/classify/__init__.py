@@ -4,7 +4,7 @@ Importing it loads no Keras: run_trial (ooc_ray.classify.train) is loaded on fir
 from ooc_ray.classify.grid import collect, run_classify
 from ooc_ray.classify.metrics import compute_metrics
 from ooc_ray.classify.trials import TrialContext
-from ooc_ray.feature_cache import keras_side
+from ooc_ray.backend import keras_side
 
 __all__ = ["TrialContext", "collect", "compute_metrics", "run_classify", "run_trial"]
 

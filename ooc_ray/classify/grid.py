@@ -24,7 +24,8 @@ from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.fields import to_dict
 from ooc_ray.data import class_names, load_manifest
 from ooc_ray.errors import StageError
-from ooc_ray.feature_cache import cache_dir, ensure_features, keras_side, weights_on_cluster
+from ooc_ray.backend import keras_side
+from ooc_ray.feature_cache import cache_dir, ensure_features, weights_on_cluster
 from ooc_ray.logs import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
@@ -53,7 +54,8 @@ def _tune_trial(config: dict, paths: ExperimentPaths, trials: dict[str, GridTria
         row = pd.read_parquet(paths.trial(trial.key)).iloc[0]
         tune.report({"test_accuracy": float(row["accuracy"]), "skipped": True})
         return
-    row = keras_side("ooc_ray.classify.train").run_trial(cfg, paths, trial, ctx, report=tune.report)
+    row = keras_side("ooc_ray.classify.train", cfg.classify.backend).run_trial(cfg, paths, trial, ctx,
+                                                                             report=tune.report)
     tune.report({"test_accuracy": row["accuracy"], "test_f1_macro": row["f1_macro"], "skipped": False})
 
 
@@ -78,8 +80,10 @@ def trial_params(cfg: ExperimentConfig, trial: PlannedTrial, ctx: TrialContext) 
             "generator_split": cfg.generator.split, "weights": ctx.weights.identity, "data": ctx.data_digest}
 
 
-def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, GridTrial], pending: list[str]
-              ) -> None:
+def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, GridTrial], pending: list[str],
+              backend: str) -> None:
+    """One Tune experiment: the pending trials of one classify.backend (a reused trial actor keeps its Keras,
+    which runs on one framework for the life of the process)."""
     cc = cfg.classify  # resources: an axis cannot vary them (load.parse_axes)
     # Cached-mode trials train only the head (~0.1 ms per image-epoch on one CPU core, measured at 1280
     # features): GPUs are for the feature extraction, and the trials run on CPUs, many at a time.
@@ -90,7 +94,7 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, G
         tune.with_parameters(_tune_trial, paths=paths, trials=trials),
         {k.lower(): v for k, v in resources.items()})
     storage = tune_storage(cfg, paths)
-    name = f"classify-{keys.digest(list(trials))}"
+    name = f"classify-{keys.digest(list(trials))}" + ("" if backend == "tensorflow" else f"-{backend}")
     exp_path = f"{storage.rstrip('/')}/{name}"
     # Every planned trial's: a restored experiment can re-run one that finished just before a kill.
     params = {key: trial_params(t.cfg, t.trial, t.ctx) for key, t in trials.items()}
@@ -106,8 +110,8 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, G
             param_space={"trial_key": tune.grid_search(pending)},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=cc.max_concurrent or None,
-                # A worker keeps TensorFlow imported (and CUDA initialised) across trials: saves 3-5 s a trial
-                # on CPU. run_trial re-seeds and clears the Keras session, so results do not depend on it.
+                # A worker keeps its framework imported (and CUDA initialised) and its compiled models across
+                # trials (train.reuse_compiled); run_trial re-seeds and resets them, so results do not depend on it.
                 reuse_actors=True,
                 trial_name_creator=_trial_key, trial_dirname_creator=_trial_key,
             ),
@@ -124,7 +128,11 @@ def collect(paths: ExperimentPaths, planned: list[PlannedTrial]) -> pd.DataFrame
         raise StageError(
             f"{len(missing)} classifier trial(s) did not finish, e.g. {missing[0]}; see the Tune error files "
             f"under the classify-* folder of the Ray storage path, fix, and re-run (finished trials are kept)")
-    return pd.concat([pd.read_parquet(paths.trial(t.key)) for t in planned], ignore_index=True)
+    rows = pd.concat([pd.read_parquet(paths.trial(t.key)) for t in planned], ignore_index=True)
+    if "backend" not in rows.columns or rows["backend"].isna().any():
+        # Rows written before classify.backend existed (their keys are unchanged): TensorFlow ran them all.
+        rows["backend"] = rows.get("backend", pd.Series(index=rows.index, dtype=object)).fillna("tensorflow")
+    return rows
 
 
 def _pending(paths: ExperimentPaths, planned: list[PlannedTrial]) -> list[PlannedTrial]:
@@ -255,5 +263,7 @@ def run_classify(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
                                                features_dir)
             trials[key] = GridTrial(vcfg, trial, contexts[group])
         with FileProgress([paths.trial(t.key) for t in pending], "classify", "trial"):
-            _run_tune(cfg, paths, trials, [t.key for t in pending])
+            for backend in dict.fromkeys(trials[t.key].cfg.classify.backend for t in pending):
+                _run_tune(cfg, paths, trials, [t.key for t in pending if trials[t.key].cfg.classify.backend == backend],
+                          backend)
     return collect(paths, planned)

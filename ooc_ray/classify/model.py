@@ -1,4 +1,4 @@
-"""The paper's classifier (Keras 3, TF backend):
+"""The paper's classifier (Keras 3, on classify.backend's framework):
 
     images (input_size^2, 0..255) -> augmentation layers -> EfficientNetB? (frozen) -> GlobalAveragePooling2D
     -> BatchNormalization -> Dropout -> Dense(n_classes, softmax);  Adam(lr), categorical cross-entropy.
@@ -11,12 +11,12 @@ modes train, and the whole model that exact mode trains.
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from ooc_ray.backbones import SMALL_CNN, SMALL_CNN_BN_MOMENTUM, BackboneWeights
 from ooc_ray.config import ClassifyConfig
 from ooc_ray.networks import (SplitBatchNormalization, build_augmentation, build_backbone, build_small_cnn, fine_tuned,
-                              frozen)
+                              framework, frozen)
 
 
 def build_head(n_features: int, n_classes: int, dropout: float, seed: int, bn_momentum: float = 0.99):
@@ -48,33 +48,44 @@ def build_split_head(n_features: int, n_classes: int, dropout: float, seed: int,
 
 
 class LossWeighted(keras.Model):
-    """classify.mixing: loss_weighted. Trains `net` on pairs of batches ((real x, y), (synthetic x, y)) with loss
-    (1 - w) CE(real) + w CE(synthetic), w = classify.synthetic_loss_weight (DataDream, Kim et al., ECCV 2024: 0.8
-    real / 0.2 synthetic); the reported loss is that sum, accuracy is on the real batch. At w = 0 the synthetic
-    batch is never passed through the network (BatchNorm statistics and dropout draws included), so training is
-    step for step Keras's own on the real batches: the real-only trial, exactly."""
+    """classify.mixing: loss_weighted. Trains `net` on pairs of a real and a synthetic batch with loss
+    (1 - w) CE(real) + w CE(synthetic), w = classify.synthetic_loss_weight (DataDream, Kim et al., ECCV 2024:
+    0.8 real / 0.2 synthetic); the reported loss is that sum, accuracy is on the real batch.
+    At w = 0 the synthetic batch is never passed through the network (BatchNorm statistics and dropout draws
+    included), so training is step for step Keras's own on the real batches: the real-only trial, exactly.
+    On torch and JAX the pairs come as ((real x, synthetic x), (real y, synthetic y)) and Keras's own train step
+    does the rest (call, compute_loss, compute_metrics below): the real batch goes through `net` first, then the
+    synthetic one, and the loss tracker counts the real batch's samples. On TensorFlow they come as ((real x,
+    real y), (synthetic x, synthetic y)) to ooc_ray.backend.tensorflow_ops.loss_weighted_step."""
 
     def __init__(self, net, synthetic_weight: float):
         super().__init__(name="loss_weighted")
         self.net, self.synthetic_weight = net, synthetic_weight
 
     def call(self, x, training=False):
-        return self.net(x, training=training)
+        if not isinstance(x, (tuple, list)):  # held-out images
+            return self.net(x, training=training)
+        x_real, x_synthetic = x
+        y_real = self.net(x_real, training=training)
+        if self.synthetic_weight > 0:
+            return y_real, self.net(x_synthetic, training=training)
+        return y_real, ops.zeros_like(y_real)
 
-    def train_step(self, data):
-        (x_real, y_real), (x_syn, y_syn) = data
+    def train_step(self, *args):
+        """The framework's own step where ooc_ray.backend has one for this model (TensorFlow), else Keras's."""
+        step = getattr(framework(), "loss_weighted_step", None)
+        return step(self, *args) if step is not None else super().train_step(*args)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        real = super().compute_loss(x=x[0], y=y[0], y_pred=y_pred[0], training=training)
         w = self.synthetic_weight
-        with tf.GradientTape() as tape:
-            y_pred = self(x_real, training=True)
-            loss = self.compute_loss(x=x_real, y=y_real, y_pred=y_pred, training=True)
-            if w > 0:
-                syn_loss = self.compute_loss(x=x_syn, y=y_syn, y_pred=self(x_syn, training=True), training=True)
-                loss = (1 - w) * loss + w * syn_loss
-            # Keras's own train_step feeds its loss tracker the same way (no public hook for it).
-            self._loss_tracker.update_state(loss, sample_weight=tf.shape(x_real)[0])
-        gradients = tape.gradient(loss, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
-        return self.compute_metrics(x_real, y_real, y_pred)
+        if w == 0:
+            return real
+        synthetic = super().compute_loss(x=x[1], y=y[1], y_pred=y_pred[1], training=training)
+        return (1 - w) * real + w * synthetic
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        return super().compute_metrics(x[0], y[0], y_pred[0], sample_weight)
 
 
 def build_exact_model(cc: ClassifyConfig, weights: BackboneWeights, n_classes: int, seed: int):

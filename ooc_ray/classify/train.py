@@ -1,12 +1,11 @@
 """One classifier trial: train (exact or cached) on its planned set, evaluate on the held-out fold, write Parquet.
 
 Exact and cached modes share everything but the backbone call: the same seeded head, the same shuffled batch
-order (tf.data shuffle with the trial seed), the same optimizer. Without augmentation the head therefore sees
-the same numbers in both modes, up to float error from batching the backbone differently.
+order (ooc_ray.backend.feed's streams, seeded with the trial seed), the same optimizer. Without augmentation the
+head therefore sees the same numbers in both modes, up to float error from batching the backbone differently.
 """
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -14,18 +13,17 @@ from typing import Callable
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from ooc_ray.backbones import BackboneWeights
-from ooc_ray.networks import reseed, setup_tf
+from ooc_ray.backend.feed import TrainFeed
+from ooc_ray.networks import framework
 from ooc_ray.classify.metrics import compute_metrics
 from ooc_ray.classify.trials import TrialContext, trial_outputs
 from ooc_ray.classify.model import LossWeighted, build_exact_model, build_head, build_split_head, compile_model
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.errors import StageError
 from ooc_ray.feature_cache import FeatureCache, train_views
-from ooc_ray.features import image_batches, image_map
-from ooc_ray.gpu import require_tf_gpu
+from ooc_ray.gpu import require_keras_gpu
 from ooc_ray.io import write_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import PlannedTrial, trial_config
@@ -36,16 +34,6 @@ def _one_hot(labels, n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype=np.float32)[np.asarray(labels, dtype=int)]
 
 
-def _shuffled_indices(n: int, seed: int):
-    # Re-shuffled every epoch, deterministically from the seed; identical in both modes.
-    return tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
-
-
-# Seed offsets of the mixing strategies' own random streams, apart from the trial's shuffle (seed) and view draws.
-REPLACE_STREAM, SYNTHETIC_STREAM = 1, 2
-_RANDOM_BITS = 20  # a replace draw: the low 20 bits decide whether to swap, the rest which synthetic image
-
-
 def trial_mixing(cc: ClassifyConfig, trial: PlannedTrial) -> str:
     """The strategy a trial trains with: its config's (protocol.trial_config already made non-mixing trials
     concat), or concat where rounding left a mixing arm without synthetic images (nothing to weight or swap)."""
@@ -54,84 +42,27 @@ def trial_mixing(cc: ClassifyConfig, trial: PlannedTrial) -> str:
     return cc.mixing
 
 
-class _Streams:
-    """Which training rows a trial's batches hold, epoch by epoch, as tf.data streams of row indices.
-
-    concat and split_bn: every row once per epoch, shuffled with the trial seed. loss_weighted: the real rows
-    exactly as the real-only trial shuffles them (they come first in a training set), and a synthetic stream
-    of its own, cycled. replace: the real-only stream with each index swapped, with probability p, for a seeded
-    draw among the synthetic rows of its class (DA-Fusion, Trabucco et al., ICLR 2024); p = 0 swaps nothing."""
-
-    def __init__(self, cc: ClassifyConfig, trial: PlannedTrial, seed: int):
-        self.mixing, self.seed = trial_mixing(cc, trial), seed
-        source = trial.train["source"].to_numpy()
-        self.synthetic_flag = tf.constant((source == "synthetic").astype(np.float32)[:, None])
-        self.real_rows = np.flatnonzero(source != "synthetic")
-        self.synthetic_rows = np.flatnonzero(source == "synthetic")
-        self.labels = trial.train["label_index"].to_numpy().astype(np.int64)
-        self.p = cc.replace_probability
-
-    def _of(self, rows: np.ndarray, seed: int):
-        table = tf.constant(rows, dtype=tf.int64)
-        return _shuffled_indices(len(rows), seed).map(lambda i: tf.gather(table, i))
-
-    def primary(self):
-        if self.mixing in ("concat", "split_bn"):
-            return _shuffled_indices(len(self.labels), self.seed)
-        real = self._of(self.real_rows, self.seed)
-        if self.mixing == "loss_weighted":
-            return real
-        order = np.argsort(self.labels[self.synthetic_rows], kind="stable")
-        by_class = tf.constant(self.synthetic_rows[order], dtype=tf.int64)
-        counts = np.bincount(self.labels[self.synthetic_rows], minlength=int(self.labels.max()) + 1)
-        starts = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]), dtype=tf.int64)
-        counts, labels = tf.constant(counts, dtype=tf.int64), tf.constant(self.labels)
-        scale = 2 ** _RANDOM_BITS
-
-        def swap(i, r):
-            c = tf.gather(labels, i)
-            n = tf.gather(counts, c)
-            u = tf.cast(tf.math.floormod(r, scale), tf.float64) / scale
-            pick = tf.gather(starts, c) + tf.math.floormod(tf.math.floordiv(r, scale), tf.maximum(n, 1))
-            # tf.where evaluates both sides: a class without synthetic rows may point past the table, so clamp.
-            inside = tf.minimum(pick, len(self.synthetic_rows) - 1)
-            return tf.where((u < self.p) & (n > 0), tf.gather(by_class, inside), i)
-
-        draws = tf.data.Dataset.random(seed=self.seed + REPLACE_STREAM, rerandomize_each_iteration=True)
-        return tf.data.Dataset.zip(real, draws).map(swap)
-
-    def synthetic(self):
-        """loss_weighted: the synthetic rows, shuffled and cycled without end (the real stream ends an epoch)."""
-        return self._of(self.synthetic_rows, self.seed + SYNTHETIC_STREAM).repeat()
-
-    def synthetic_batch_size(self, batch_size: int) -> int:
-        """Synthetic images per step: as many as spread the trial's synthetic set over one epoch's real steps."""
-        steps = math.ceil(len(self.real_rows) / batch_size)
-        return max(1, math.ceil(len(self.synthetic_rows) / steps))
+def _feed(cc: ClassifyConfig, trial: PlannedTrial, n_classes: int, seed: int, **source) -> TrainFeed:
+    """The trial's training rows as ooc_ray.backend.feed describes them; `source`: paths and input_size (exact)
+    or features (cached)."""
+    return TrainFeed(mixing=trial_mixing(cc, trial), seed=seed, batch_size=cc.batch_size,
+                     labels=trial.train["label_index"].to_numpy().astype(np.int64),
+                     y=_one_hot(trial.train["label_index"], n_classes),
+                     synthetic=(trial.train["source"] == "synthetic").to_numpy(),
+                     replace_probability=cc.replace_probability, **source)
 
 
-def _inputs(x, flag, split: bool):
-    return (x, flag) if split else x
-
-
-def _fit(model, cc: ClassifyConfig, streams: _Streams, batches, callbacks):
-    """Fit `model` on the trial's batches (`batches(index stream, batch size, stream seed)` -> (x, y) batches);
-    loss_weighted pairs a real and a synthetic batch per step (a model wrapping `model`, whose weights it
-    trains). Returns the keras History."""
-    if streams.mixing == "loss_weighted":
+def _fit(model, cc: ClassifyConfig, feed: TrainFeed, callbacks):
+    """Fit `model` on the trial's batches; loss_weighted trains it through a model that pairs a real and a
+    synthetic batch per step (LossWeighted, whose weights are `model`'s). Returns the keras History."""
+    if feed.mixing == "loss_weighted":
         inner = model
         model = reuse_compiled(("loss_weighted", id(inner), cc.synthetic_loss_weight),
                                lambda: LossWeighted(inner, cc.synthetic_loss_weight), None, cc.lr,
                                inner.steps_per_execution)
-        real = batches(streams.primary(), cc.batch_size, streams.seed)
-        synthetic = batches(streams.synthetic(), streams.synthetic_batch_size(cc.batch_size),
-                            streams.seed + SYNTHETIC_STREAM)
-        ds = tf.data.Dataset.zip(real, synthetic)
-    else:
-        ds = batches(streams.primary(), cc.batch_size, streams.seed)
-    history = model.fit(ds.prefetch(tf.data.AUTOTUNE), epochs=cc.epochs, verbose=0, shuffle=False,
-                        callbacks=list(callbacks))
-    return history
+    data, steps = framework().train_data(feed, cc.epochs)
+    return model.fit(data, epochs=cc.epochs, steps_per_epoch=steps, verbose=0, shuffle=False,
+                     callbacks=list(callbacks))
 
 
 # Tracing Keras's train and predict functions is most of a small trial: ~1.5 s of a ~2.3 s cached-mode trial
@@ -204,19 +135,9 @@ def fit_exact(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed: 
     """Train the whole model on streamed images; returns (test probabilities, keras History)."""
     n_classes = len(ctx.classes)
     model = exact_model(cc, ctx.weights, n_classes, seed)
-    streams = _Streams(cc, trial, seed)
-    split = streams.mixing == "split_bn"
-    y = tf.constant(_one_hot(trial.train["label_index"], n_classes))
-    load = image_map(trial.train["path"].tolist(), cc.input_size)
-
-    def batches(indices, batch_size, _stream_seed):
-        return indices.map(lambda i: (_inputs(load(i), tf.gather(streams.synthetic_flag, i), split),
-                                      tf.gather(y, i)), num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-
-    history = _fit(model, cc, streams, batches, callbacks)
-    test = image_batches(trial.test["path"].tolist(), cc.input_size, cc.batch_size)
-    if split:  # held-out images are real: the real statistics
-        test = test.map(lambda x: ((x, tf.zeros((tf.shape(x)[0], 1))),))  # a 1-tuple: inputs, no labels
+    feed = _feed(cc, trial, n_classes, seed, paths=trial.train["path"].tolist(), input_size=cc.input_size)
+    history = _fit(model, cc, feed, callbacks)
+    test = framework().test_images(trial.test["path"].tolist(), cc.input_size, cc.batch_size, feed.split)
     probs = model.predict(test, verbose=0)
     return probs, history
 
@@ -232,9 +153,11 @@ def fresh_head(n_features: int, n_classes: int, cc: ClassifyConfig, seed: int):
     the head takes (features, synthetic flag)."""
     split = cc.mixing == "split_bn"
     build = build_split_head if split else build_head
+    # Measured on TensorFlow's tf.data feed. Keras's torch trainer refuses more than one step per call, and on JAX
+    # a generator feed is read 64 batches at a time, past an epoch's end.
+    steps = HEAD_STEPS_PER_EXECUTION if keras.backend.backend() == "tensorflow" else 1
     return reuse_compiled(("head", n_features, n_classes, cc.dropout, cc.lr, split),
-                          lambda: build(n_features, n_classes, cc.dropout, seed), seed, cc.lr,
-                          HEAD_STEPS_PER_EXECUTION)
+                          lambda: build(n_features, n_classes, cc.dropout, seed), seed, cc.lr, steps)
 
 
 def fit_cached(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed: int, callbacks=()):
@@ -245,23 +168,10 @@ def fit_cached(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed:
     views = train_views(cc)
     feats = cache.load(trial.train["sha256"])[:, views]  # (n, len(views), dim)
     test_feats = cache.load(trial.test["sha256"])[:, 0]  # view 0: un-augmented, as exact mode evaluates
-    streams = _Streams(cc, trial, seed)
-    split = streams.mixing == "split_bn"
+    feed = _feed(cc, trial, len(ctx.classes), seed, features=feats)
     head = fresh_head(feats.shape[-1], len(ctx.classes), cc, seed)
-    x = tf.constant(feats)
-    y = tf.constant(_one_hot(trial.train["label_index"], len(ctx.classes)))
-    n_v = len(views)
-
-    def batches(indices, batch_size, stream_seed):
-        # One view per image per epoch: a seeded stream of integers, re-drawn each epoch. Gathered a batch at a
-        # time (one map call per batch, not per image): the same elements in the same order.
-        draws = tf.data.Dataset.random(seed=stream_seed, rerandomize_each_iteration=True)
-        return (tf.data.Dataset.zip(indices, draws).batch(batch_size)
-                .map(lambda i, r: (_inputs(tf.gather_nd(x, tf.stack([i, r % n_v], axis=1)),
-                                           tf.gather(streams.synthetic_flag, i), split), tf.gather(y, i))))
-
-    history = _fit(head, cc, streams, batches, callbacks)
-    test = [test_feats, np.zeros((len(test_feats), 1), np.float32)] if split else test_feats
+    history = _fit(head, cc, feed, callbacks)
+    test = [test_feats, np.zeros((len(test_feats), 1), np.float32)] if feed.split else test_feats
     probs = head.predict(test, batch_size=cc.batch_size, verbose=0)
     return probs, history
 
@@ -278,7 +188,7 @@ def _summary(cfg: ExperimentConfig, trial: PlannedTrial, ctx: TrialContext, metr
         "n_train_augmented": int(counts.get("augmented", 0)), "n_test": int(len(trial.test)),
         **{k: metrics[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")},
         "classes": list(ctx.classes), "per_class_recall": metrics["per_class_recall"],
-        "confusion": metrics["confusion"], "mode": cc.mode, "backbone": cc.backbone,
+        "confusion": metrics["confusion"], "mode": cc.mode, "backbone": cc.backbone, "backend": cc.backend,
         "weights": ctx.weights.identity, "input_size": cc.input_size, "epochs": cc.epochs,
         "generator_split": cfg.generator.split, "seed": cc.seed, "data_digest": ctx.data_digest,
         "duration_s": round(seconds, 3), **where(),
@@ -311,11 +221,13 @@ def run_trial(cfg: ExperimentConfig, paths: ExperimentPaths, trial: PlannedTrial
     start = time.perf_counter()
     cfg = trial_config(cfg, trial.spec)  # mixing acts only on trials that mix (real-only ones are shared)
     cc = cfg.classify
-    setup_tf(cc.cpus_per_trial)  # before any TF op
+    ops_of = framework()
+    ops_of.setup(cc.cpus_per_trial)  # before any framework op
     if cc.mode == "exact" and cc.gpus_per_trial > 0:  # cached-mode trials get no GPU (feature extraction has it)
-        require_tf_gpu(f"classify trial fold {trial.spec.fold} {trial.spec.arm}: classify.gpus_per_trial={cc.gpus_per_trial:g}")
+        require_keras_gpu(cc.backend, f"classify trial fold {trial.spec.fold} {trial.spec.arm}: "
+                                      f"classify.gpus_per_trial={cc.gpus_per_trial:g}")
     seed = cc.seed + trial.spec.fold
-    reseed(seed)  # as keras.utils.set_random_seed, keeping a reused model's traced functions
+    ops_of.reseed(seed)  # as keras.utils.set_random_seed (on TensorFlow keeping a reused model's traced functions)
     callbacks = []
     if report is not None:
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: report(

@@ -30,7 +30,7 @@ from ooc_ray.diffusion.pretrain import generator_base
 from ooc_ray.errors import StageError
 from ooc_ray.feature_cache import weights_on_cluster
 from ooc_ray.fields import to_dict, with_values
-from ooc_ray.gpu import require_tf_gpu, require_torch_cuda
+from ooc_ray.gpu import require_keras_gpu, require_torch_cuda
 from ooc_ray.io import atomic_write_text, write_parquet
 from ooc_ray.logs import note, relevel
 from ooc_ray.paths import ExperimentPaths
@@ -45,11 +45,11 @@ from ooc_ray.variants import refuse_axes
 
 def _check_gpus(cfg: ExperimentConfig) -> None:
     """In a Ray worker: the GPUs this trial was given work (LoRA training and sampling on torch, the probe's
-    features on TensorFlow)."""
+    features on classify.backend's framework)."""
     if cfg.search.gpus_per_trial > 0:
         request = f"search trial: search.gpus_per_trial={cfg.search.gpus_per_trial:g}"
         require_torch_cuda(request)
-        require_tf_gpu(request)
+        require_keras_gpu(cfg.classify.backend, request)
 
 
 def _checked_final_row(point: dict, cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel,

@@ -1,0 +1,29 @@
+"""classify.backend: jax. Seeds set as keras.utils.set_random_seed sets them, without TensorFlow; NumPy feeds
+(ooc_ray.backend.array_feed). Keras's fit and predict compile their own steps with jax.jit; the frozen backbone
+and the augmentation run eagerly (the augmentation sets its layers' seed states, which a jitted call cannot)."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from keras.src.backend.common import global_state
+
+from ooc_ray.backend.array_feed import image_batches, test_images, train_data
+
+__all__ = ["compiled", "image_batches", "reseed", "setup", "test_images", "train_data"]
+
+
+def reseed(seed: int) -> None:
+    """Keras's, Python's and NumPy's global seeds (Keras's random layers and initialisers on JAX draw from them)."""
+    global_state.set_global_attribute("global_random_seed", seed)  # keras.src.utils.rng_utils.GLOBAL_RANDOM_SEED
+    global_state.set_global_attribute("global_seed_generator", None)  # recreated from the seed on first use
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def setup(cpus: float | None = None) -> None:
+    """Nothing to set: XLA fixes its CPU threads when JAX starts (XLA_FLAGS), not per trial."""
+
+
+def compiled(fn):
+    return fn
