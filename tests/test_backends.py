@@ -52,11 +52,17 @@ def test_every_strategy_trains_and_a_reused_model_is_a_fresh_one_to_the_bit(runs
     assert found[backend]["loss_weighted_zero_is_real_only"] and found[backend]["replace_zero_is_real_only"]
 
 
+# Pooled feature sizes, as TensorFlow's builds give them (measured, Keras 3.15).
+FEATURES = {"EfficientNetB0": 1280, "EfficientNetB1": 1280, "EfficientNetB2": 1408, "EfficientNetB3": 1536,
+            "EfficientNetB4": 1792, "EfficientNetB5": 2048, "EfficientNetB6": 2304, "EfficientNetB7": 2560,
+            "EfficientNetV2B0": 1280, "EfficientNetV2B1": 1280, "EfficientNetV2B2": 1408, "EfficientNetV2B3": 1536,
+            "EfficientNetV2S": 1280, "ConvNeXtTiny": 768, "ConvNeXtSmall": 768, "ResNet50V2": 2048,
+            "DenseNet121": 1024, "SmallCNN": 128}
+
+
 @pytest.mark.parametrize("backend", OTHERS)
 def test_every_backbone_builds_and_pools_on_each_framework(runs, backend):
-    found = runs[1]
-    assert found[backend]["backbones"] == found["tensorflow"]["backbones"]  # names, feature sizes
-    assert all(finite for _, finite in found[backend]["backbones"].values()) and len(found[backend]["backbones"]) == 18
+    assert runs[1][backend]["backbones"] == {name: [[2, size], True] for name, size in FEATURES.items()}
 
 
 @pytest.mark.parametrize("backend", OTHERS)

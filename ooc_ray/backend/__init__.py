@@ -26,17 +26,16 @@ BACKENDS = ("tensorflow", "torch", "jax")
 def use_backend(backend: str) -> None:
     """Make Keras, when this process imports it, run on `backend`; ModelError naming the node when Keras already
     runs on another framework here, or when `backend`'s framework is not installed."""
-    keras = sys.modules.get("keras")
-    if keras is not None:
-        running = keras.backend.backend()
-        if running != backend:
-            raise ModelError(f"classify.backend={backend}: this process (node {node_name()}, pid {os.getpid()}) "
-                             f"already runs Keras on {running}, and Keras picks its framework once per process")
-        return
     if importlib.util.find_spec(backend) is None:
         raise ModelError(f"classify.backend={backend}: {backend} is not installed on node {node_name()} "
                          f"(docs/gpu.md, section One CUDA framework, says how to install each)")
-    os.environ["KERAS_BACKEND"] = backend
+    keras = sys.modules.get("keras")
+    if keras is None:
+        os.environ["KERAS_BACKEND"] = backend
+    elif keras.backend.backend() != backend:
+        raise ModelError(f"classify.backend={backend}: this process (node {node_name()}, pid {os.getpid()}) "
+                         f"already runs Keras on {keras.backend.backend()}, and Keras picks its framework once "
+                         "per process")
 
 
 def keras_side(module: str, backend: str | None = None):
