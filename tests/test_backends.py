@@ -137,7 +137,7 @@ def test_a_grid_over_frameworks_runs_each_in_workers_of_its_own(tmp_path):
     own (runtime_env), one Tune experiment per framework (its trial actors keep one Keras), rows saying which."""
     cfg = tiny_experiment(tmp_path, name="grid", **{**CLASSIFY_TESTS, "data.demo.per_class": [8, 6, 4],
                                                     "classify.ratios": [0.0], "classify.synthetic_only": False,
-                                                    "classify.augment": [],
+                                                    "classify.augment": [], "classify.weights": "calibrated",
                                                     "axes": {"classify.backend": ["tensorflow", "torch"]}})
     paths, _, _ = demo_experiment(cfg)
     rows = run_classify(cfg, paths)
@@ -145,6 +145,10 @@ def test_a_grid_over_frameworks_runs_each_in_workers_of_its_own(tmp_path):
     assert rows["trial_key"].nunique() == 4
     tf_rows, torch_rows = (rows[rows["backend"] == b].sort_values("fold") for b in ("tensorflow", "torch"))
     assert tf_rows["n_test"].tolist() == torch_rows["n_test"].tolist()  # one plan, two frameworks
+    # "calibrated" weights are computed on each framework (a Ray task of each), so they are two identities
+    assert tf_rows["weights"].nunique() == torch_rows["weights"].nunique() == 1
+    assert tf_rows["weights"].iloc[0] != torch_rows["weights"].iloc[0]
+    assert len(list(paths.models.glob("calibrated-*.weights.h5"))) == 2
     assert len([d for d in paths.features.iterdir() if d.is_dir()]) == 2  # a feature cache each
     experiments = sorted(p.name.rsplit("-", 1)[-1] for p in paths.ray_storage.glob("classify-*"))
     assert len(experiments) == 2 and "torch" in experiments

@@ -200,7 +200,7 @@ class _Weights:
         self.cfg, self.paths, self.manifest, self.known = cfg, paths, manifest, {}
 
     def __call__(self, cc: ClassifyConfig):
-        key = (cc.backbone, cc.weights, cc.input_size)
+        key = (cc.backbone, cc.weights, cc.input_size, cc.backend)  # "calibrated" is calibrated on the framework
         if key not in self.known:
             self.known[key] = weights_on_cluster(self.cfg, cc, self.paths.models, self.manifest)
         return self.known[key]
