@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ooc_ray.networks import build_backbone, framework
+from ooc_ray.backend import keras_side
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.diffusion.base import resolve_base
 from ooc_ray.logs import note
@@ -24,10 +24,12 @@ def run_fetch(cfg: ExperimentConfig, paths: ExperimentPaths) -> list[str]:
     for name in dict.fromkeys(c.generator.base for c in configs):
         base = resolve_base(name, paths.models)
         fetched.append(f"generator.base {name}: {base.path} ({base.identity})")
-    for backbone, size in dict.fromkeys((c.classify.backbone, c.classify.input_size) for c in configs
-                                        if c.classify.weights == "imagenet"):
-        framework().setup()
-        build_backbone(backbone, "imagenet", size)
+    for backbone, size, backend in dict.fromkeys((c.classify.backbone, c.classify.input_size, c.classify.backend)
+                                                 for c in configs if c.classify.weights == "imagenet"):
+        # On the experiment's framework: a node without TensorFlow fetches too (the weights files are the same).
+        networks = keras_side("ooc_ray.networks", backend)
+        networks.framework().setup()
+        networks.build_backbone(backbone, "imagenet", size)
         keras_home = os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras"))
         fetched.append(f"classify.weights imagenet for {backbone}: under {keras_home}/models")
     for line in fetched:

@@ -1,6 +1,6 @@
 """classify.backend: the classifier on TensorFlow, torch and JAX. Keras picks its framework once per process, so
 each framework's trials run in a process of their own (tests/backend_trials.py); JAX's only where it is installed
-(it is not in the test install: ~75 s of jit compiling here). ~60 s on 2 cores."""
+(it is not in the test install: ~75 s of jit compiling here). ~80 s on 2 cores without JAX."""
 import dataclasses
 import importlib.util
 import json

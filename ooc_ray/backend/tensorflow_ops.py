@@ -21,6 +21,9 @@ from ooc_ray.errors import ModelError
 from ooc_ray.images import load_image
 
 
+MAX_STEPS_PER_EXECUTION = None  # Keras's TensorFlow trainer runs any number of steps per graph call
+
+
 def reseed(seed: int) -> None:
     """keras.utils.set_random_seed(seed) without its clearing of TensorFlow's kernel caches. tf.random.set_seed
     clears them (TFE_ContextClearCaches) to restart stateful random kernels; a trial's traced functions use only

@@ -11,7 +11,8 @@ from keras.src.backend.common import global_state
 
 from ooc_ray.backend.array_feed import image_batches, test_images, train_data
 
-__all__ = ["compiled", "image_batches", "reseed", "setup", "test_images", "train_data"]
+__all__ = ["MAX_STEPS_PER_EXECUTION", "compiled", "image_batches", "reseed", "setup", "test_images", "train_data"]
+MAX_STEPS_PER_EXECUTION = 1  # Keras's torch trainer refuses more
 
 
 def reseed(seed: int) -> None:

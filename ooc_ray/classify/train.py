@@ -153,9 +153,8 @@ def fresh_head(n_features: int, n_classes: int, cc: ClassifyConfig, seed: int):
     the head takes (features, synthetic flag)."""
     split = cc.mixing == "split_bn"
     build = build_split_head if split else build_head
-    # Measured on TensorFlow's tf.data feed. Keras's torch trainer refuses more than one step per call, and on JAX
-    # a generator feed is read 64 batches at a time, past an epoch's end.
-    steps = HEAD_STEPS_PER_EXECUTION if keras.backend.backend() == "tensorflow" else 1
+    limit = framework().MAX_STEPS_PER_EXECUTION  # HEAD_STEPS_PER_EXECUTION was measured on TensorFlow
+    steps = HEAD_STEPS_PER_EXECUTION if limit is None else min(limit, HEAD_STEPS_PER_EXECUTION)
     return reuse_compiled(("head", n_features, n_classes, cc.dropout, cc.lr, split),
                           lambda: build(n_features, n_classes, cc.dropout, seed), seed, cc.lr, steps)
 
