@@ -18,6 +18,7 @@ from helpers import make_manifest, write_unlabeled
 from scipy import stats
 
 from ooc_ray.backbones import backbone_weights
+from ooc_ray.cli import main
 from ooc_ray.data import load_manifest, run_data
 from ooc_ray.diffusion.base import resolve_base
 from ooc_ray.errors import ConfigError
@@ -251,7 +252,7 @@ def search_command(path, *extra) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_search_from_bad_settings_killed_and_resumed_finds_the_good_region_and_beats_its_start(tmp_path):
+def test_a_search_from_bad_settings_killed_and_resumed_finds_the_good_region_and_beats_its_start(tmp_path, capsys):
     path = tmp_path / "bad_start.yaml"
     path.write_text(yaml.safe_dump(bad_start_experiment(tmp_path)))
     out = tmp_path / "results" / "bad_start" / "search"
@@ -266,9 +267,11 @@ def test_a_search_from_bad_settings_killed_and_resumed_finds_the_good_region_and
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first = {p.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*.parquet")}
-    # Run again as before: refused, naming --resume; then resumed to its end.
-    again = subprocess.run(search_command(path), env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1 and "unfinished search of this config" in again.stderr and "--resume" in again.stderr
+    # Run again as before: refused, naming --resume (the CLI in this process: a subprocess would pay ~6 s of
+    # imports and a Ray start to print one line); then resumed to its end.
+    assert main(["search", str(path), "-q"]) == 1
+    refused = capsys.readouterr().err
+    assert "unfinished search of this config" in refused and "--resume" in refused
     resumed = subprocess.run(search_command(path, "--resume"), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = pd.read_parquet(out / "results.parquet")
