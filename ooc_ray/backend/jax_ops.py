@@ -3,12 +3,8 @@
 and the augmentation run eagerly (the augmentation sets its layers' seed states, which a jitted call cannot)."""
 from __future__ import annotations
 
-import random
-
-import numpy as np
-from keras.src.backend.common import global_state
-
 from ooc_ray.backend.array_feed import image_batches, test_images, train_data
+from ooc_ray.backend.keras_seeds import seed_keras_python_numpy
 
 __all__ = ["MAX_STEPS_PER_EXECUTION", "compiled", "image_batches", "reseed", "setup", "test_images", "train_data"]
 MAX_STEPS_PER_EXECUTION = 1  # a generator feed would be read that many batches at a time, past an epoch's end
@@ -16,10 +12,7 @@ MAX_STEPS_PER_EXECUTION = 1  # a generator feed would be read that many batches 
 
 def reseed(seed: int) -> None:
     """Keras's, Python's and NumPy's global seeds (Keras's random layers and initialisers on JAX draw from them)."""
-    global_state.set_global_attribute("global_random_seed", seed)  # keras.src.utils.rng_utils.GLOBAL_RANDOM_SEED
-    global_state.set_global_attribute("global_seed_generator", None)  # recreated from the seed on first use
-    random.seed(seed)
-    np.random.seed(seed)
+    seed_keras_python_numpy(seed)
 
 
 def setup(cpus: float | None = None) -> None:

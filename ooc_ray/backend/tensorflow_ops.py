@@ -13,10 +13,10 @@ import random
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.backend.common import global_state
 from tensorflow.python.eager import context as tf_context
 
 from ooc_ray.backend.feed import RANDOM_BITS, SYNTHETIC_STREAM, REPLACE_STREAM, TrainFeed
+from ooc_ray.backend.keras_seeds import seed_keras_python_numpy
 from ooc_ray.errors import ModelError
 from ooc_ray.images import load_image
 
@@ -31,10 +31,7 @@ def reseed(seed: int) -> None:
     function a process traced), so the clear only made a reused model re-instantiate each traced function on its
     next call: 1.1 s of a reused 1-epoch B0 trial's 1.4 s. Python's, NumPy's, Keras's and TensorFlow's global seeds
     and TensorFlow's operation-seed stream are set exactly as set_random_seed sets them."""
-    global_state.set_global_attribute("global_random_seed", seed)  # keras.src.utils.rng_utils.GLOBAL_RANDOM_SEED
-    global_state.set_global_attribute("global_seed_generator", None)  # recreated from the seed on first use
-    random.seed(seed)
-    np.random.seed(seed)
+    seed_keras_python_numpy(seed)
     ctx = tf_context.context()
     ctx._seed, ctx._rng = seed, random.Random(seed)  # context._set_global_seed's two assignments, without its clear
     # Private attributes: check that TensorFlow still draws its operation seeds from this stream, then restart it.

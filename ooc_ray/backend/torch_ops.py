@@ -3,13 +3,11 @@ seeds and threads set on torch, inference under no_grad, NumPy feeds (ooc_ray.ba
 from __future__ import annotations
 
 import functools
-import random
 
-import numpy as np
 import torch
-from keras.src.backend.common import global_state
 
 from ooc_ray.backend.array_feed import image_batches, test_images, train_data
+from ooc_ray.backend.keras_seeds import seed_keras_python_numpy
 
 __all__ = ["MAX_STEPS_PER_EXECUTION", "compiled", "image_batches", "reseed", "setup", "test_images", "train_data"]
 MAX_STEPS_PER_EXECUTION = 1  # Keras's torch trainer refuses more
@@ -18,10 +16,7 @@ MAX_STEPS_PER_EXECUTION = 1  # Keras's torch trainer refuses more
 def reseed(seed: int) -> None:
     """What keras.utils.set_random_seed sets on the torch backend (Keras's, Python's, NumPy's and torch's global
     seeds), without its tf.random.set_seed: that would import TensorFlow wherever it is installed."""
-    global_state.set_global_attribute("global_random_seed", seed)  # keras.src.utils.rng_utils.GLOBAL_RANDOM_SEED
-    global_state.set_global_attribute("global_seed_generator", None)  # recreated from the seed on first use
-    random.seed(seed)
-    np.random.seed(seed)
+    seed_keras_python_numpy(seed)
     torch.manual_seed(seed)
 
 
