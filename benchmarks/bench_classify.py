@@ -48,7 +48,7 @@ from helpers import demo_experiment  # noqa: E402
 
 from ooc_ray.backbones import BackboneWeights  # noqa: E402
 from ooc_ray.networks import build_backbone, frozen  # noqa: E402
-from ooc_ray.backend.tensorflow_ops import _shuffled_indices, image_batches, image_map, setup as setup_tf  # noqa: E402,E501
+from ooc_ray.backend.tensorflow_ops import _shuffled_indices, image_batch_map, image_batches, setup as setup_tf  # noqa: E402,E501
 from ooc_ray.classify import run_classify  # noqa: E402
 from ooc_ray.classify.model import build_exact_model, build_head, compile_model  # noqa: E402
 from ooc_ray.classify.train import HEAD_STEPS_PER_EXECUTION  # noqa: E402
@@ -99,10 +99,10 @@ def unit_costs(cfg, manifest: pd.DataFrame, synthetic: pd.DataFrame) -> dict:
 
     keras.utils.set_random_seed(0)
     model = compile_model(build_exact_model(cc, weights, 3, 0), cc.lr)
-    load = image_map(paths, cc.input_size)
+    load = image_batch_map(paths, cc.input_size)  # decoded a batch at a time, as trials are
     y = tf.constant(labels)
-    ds = (_shuffled_indices(len(paths), 0).map(lambda i: (load(i), tf.gather(y, i)), num_parallel_calls=tf.data.AUTOTUNE)
-          .batch(cc.batch_size).prefetch(tf.data.AUTOTUNE))
+    ds = (_shuffled_indices(len(paths), 0).batch(cc.batch_size)
+          .map(lambda i: (load(i), tf.gather(y, i)), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
     _, first = timed(model.fit, ds, epochs=1, verbose=0, shuffle=False)
     _, steady = timed(model.fit, ds, epochs=3, verbose=0, shuffle=False)
     out["exact_s_per_img_epoch"] = steady / 3 / len(paths)

@@ -21,8 +21,12 @@ VIEW_STREAM = 3  # cached mode's view draws: a stream apart from the shuffles an
 _LOADERS = 4  # threads decoding a batch's images (PIL releases the GIL while it decodes and resizes)
 
 
+def _image(path: str, size: int) -> np.ndarray:
+    return np.asarray(load_image(path, size), np.float32)
+
+
 def _load(paths: list[str], size: int, pool: ThreadPoolExecutor) -> np.ndarray:
-    return np.stack(list(pool.map(lambda p: np.asarray(load_image(p, size), np.float32), paths)))
+    return np.stack(list(pool.map(lambda p: _image(p, size), paths)))
 
 
 def image_batches(paths, size: int, batch_size: int):
@@ -46,7 +50,7 @@ class _TestImages(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         paths = self.paths[index * self.batch_size:(index + 1) * self.batch_size]
-        x = np.stack([np.asarray(load_image(p, self.size), np.float32) for p in paths])
+        x = np.stack([_image(p, self.size) for p in paths])
         return ((x, np.zeros((len(x), 1), np.float32)),) if self.split else (x,)
 
 

@@ -2,9 +2,9 @@
 pipelines every result before classify.backend was computed with, unchanged (the same shuffles, draws and
 batches, so trial keys and numbers stay what they were).
 
-Images: a tf.data pipeline over row indices; each element is decoded and resized by PIL in a py_function
-(JPG/PNG, grey or RGB, 16-bit microscopy: ooc_ray.images.load_image), so only a batch of resized images is in
-memory at once, never the 2048x1536 originals.
+Images: a tf.data pipeline over row indices, batched; each batch is decoded and resized by PIL in one
+py_function (image_batch_map; JPG/PNG, grey or RGB, 16-bit microscopy: ooc_ray.images.load_image), for training,
+evaluation and features alike, so only batches of resized images are in memory, never the 2048x1536 originals.
 """
 from __future__ import annotations
 
@@ -84,24 +84,25 @@ def compiled(fn):
     return tf.function(fn, reduce_retracing=True)
 
 
-def image_map(paths, size: int):
-    """tf.data map fn: row index (int64 scalar) -> float32 image (size, size, 3) in 0..255."""
+def image_batch_map(paths, size: int):
+    """tf.data map fn: a batch of row indices -> float32 images (batch, size, size, 3) in 0..255, decoded in one
+    py_function."""
     table = [str(p) for p in paths]
 
-    def _load(i):
-        return np.asarray(load_image(table[int(i)], size), dtype=np.uint8)
+    def _load(rows):
+        return np.stack([np.asarray(load_image(table[int(i)], size), dtype=np.uint8) for i in rows.numpy()])
 
-    def fn(i):
-        img = tf.py_function(_load, [i], tf.uint8)
-        return tf.cast(tf.ensure_shape(img, (size, size, 3)), tf.float32)
+    def fn(rows):
+        images = tf.py_function(_load, [rows], tf.uint8)
+        return tf.cast(tf.ensure_shape(images, (None, size, size, 3)), tf.float32)
 
     return fn
 
 
 def image_batches(paths, size: int, batch_size: int):
     """Images of `paths` in order, batched (evaluation and feature extraction)."""
-    ds = tf.data.Dataset.range(len(paths)).map(image_map(paths, size), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.range(len(paths)).batch(batch_size)
+    return ds.map(image_batch_map(paths, size), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def test_images(paths, size: int, batch_size: int, split: bool):
@@ -156,21 +157,6 @@ class _Streams:
         return self._of(self.feed.synthetic_rows, self.seed + SYNTHETIC_STREAM).repeat()
 
 
-def _image_batch_map(paths, size: int):
-    """tf.data map fn: a batch of row indices -> float32 images (batch, size, size, 3) in 0..255, decoded in one
-    py_function."""
-    table = [str(p) for p in paths]
-
-    def _load(rows):
-        return np.stack([np.asarray(load_image(table[int(i)], size), dtype=np.uint8) for i in rows.numpy()])
-
-    def fn(rows):
-        images = tf.py_function(_load, [rows], tf.uint8)
-        return tf.cast(tf.ensure_shape(images, (None, size, size, 3)), tf.float32)
-
-    return fn
-
-
 def _train_images(feed: TrainFeed, streams: _Streams):
     """Exact mode. Images are decoded after the index streams are batched and paired, never before: a parallel
     map on loss_weighted's endless synthetic stream read ahead past the end of an epoch, a timing-dependent
@@ -179,7 +165,7 @@ def _train_images(feed: TrainFeed, streams: _Streams):
     a reused-model trial then differed from its fresh twin in epoch 2). The images and their order are those
     of every other trial."""
     flag, y = tf.constant(feed.synthetic.astype(np.float32)[:, None]), tf.constant(feed.y)
-    load = _image_batch_map(feed.paths, feed.input_size)
+    load = image_batch_map(feed.paths, feed.input_size)
 
     def rows(i):
         return ((load(i), tf.gather(flag, i)) if feed.split else load(i)), tf.gather(y, i)
