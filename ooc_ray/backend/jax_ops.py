@@ -16,7 +16,10 @@ def reseed(seed: int) -> None:
 
 
 def setup(cpus: float | None = None) -> None:
-    """Nothing to set: XLA fixes its CPU threads when JAX starts (XLA_FLAGS), not per trial."""
+    """Nothing to set. XLA sizes its CPU thread pool from the process's CPU affinity when JAX first computes, and
+    (JAX 0.10.2, measured) ignores XLA_FLAGS' intra_op_parallelism_threads and xla_cpu_multi_thread_eigen=false:
+    a trial cannot be held to its CPUs short of pinning it to cores, which Ray does not hand out. What that costs
+    is small: two concurrent B0 trials on 2 cores took 43.2 s each unpinned vs 41.3 s pinned (docs/gpu.md)."""
 
 
 def compiled(fn):
