@@ -51,19 +51,26 @@ def umask() -> int:
     return old
 
 
+def _plain_mode(path: Path, mask: int) -> None:
+    """Give `path` the mode a plain open() or mkdir would under `mask` (0644 / 0755 under umask 0022), keeping
+    an executable bit: mkstemp makes 0600 files, mkdtemp 0700 folders, and safetensors 0.8 writes its files 0600
+    (the LoRAs and model weights were unreadable to colleagues on shared lab storage)."""
+    executable = path.is_dir() or path.stat().st_mode & 0o111
+    path.chmod((0o777 if executable else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; fsync it and rename it over `path` only if the block finishes. The file
-    gets the mode a plain open() would (0644 under umask 0022), not mkstemp's 0600: results on shared lab
-    storage are for colleagues to read."""
+    """Yield a temp path beside `path`; fsync it and rename it over `path` only if the block finishes, with the
+    mode a plain open() would give it (_plain_mode), whatever wrote it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~umask())
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        _plain_mode(tmp, umask())
         _fsync_path(tmp)
         os.replace(tmp, path)  # atomic on POSIX within one file system
         _fsync_path(path.parent)
@@ -73,14 +80,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; fsync its files and move it to `path` only if the block finishes. The
-    folder gets the mode a plain mkdir would (0755 under umask 0022), not mkdtemp's 0700."""
+    """Yield a temp folder beside `path`; fsync its files and move it to `path` only if the block finishes, it
+    and everything in it with the modes a plain mkdir and open() would give them (_plain_mode)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o777 & ~umask())
     try:
         yield tmp
+        mask = umask()
+        for item in [tmp, *tmp.rglob("*")]:
+            if not item.is_symlink():
+                _plain_mode(item, mask)
         _fsync_tree(tmp)
         if path.exists():
             shutil.rmtree(path)

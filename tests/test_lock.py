@@ -101,19 +101,25 @@ def test_a_folder_interrupted_inside_atomic_dir_leaves_the_old_folder(tmp_path):
 
 @pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
 def test_results_take_the_umask_not_mkstemps_0600(tmp_path, repo, mask, file_mode, dir_mode):
-    """The data stage run through the CLI under a umask, then a folder made by atomic_dir in a process under the
-    same umask: every file and folder a colleague on shared storage reads has the umask's mode."""
+    """The data stage run through the CLI under a umask, then a folder made by atomic_dir (holding a file that
+    safetensors writes 0600, as the LoRAs' and models' are) and a file by atomic_path in a process under the same
+    umask: every file and folder a colleague on shared storage reads has the umask's mode."""
     import subprocess
     import sys
 
     out = tmp_path / "results"
-    script = (f"import os, sys; os.umask({mask}); from ooc_ray.cli import main; from ooc_ray.io import atomic_dir\n"
-              f"with atomic_dir('{out}/made_by_atomic_dir') as tmp: (tmp / 'file.txt').write_text('x')\n"
+    script = (f"import os, sys; os.umask({mask}); from ooc_ray.cli import main; from ooc_ray.io import atomic_dir, "
+              "atomic_path\nimport numpy as np; from safetensors.numpy import save_file\n"
+              f"with atomic_dir('{out}/made_by_atomic_dir') as tmp:\n"
+              "    (tmp / 'file.txt').write_text('x'); (tmp / 'sub').mkdir()\n"
+              "    save_file({'w': np.zeros(2)}, str(tmp / 'sub' / 'lora.safetensors'))\n"
+              f"with atomic_path('{out}/weights.safetensors') as tmp: save_file({{'w': np.zeros(2)}}, str(tmp))\n"
               f"sys.exit(main(['data', '{repo}/experiments/demo.yaml', '--tiny', '-o', 'results_dir={out}']))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     modes = {p.relative_to(out): p.stat().st_mode & 0o777 for p in out.rglob("*") if ".lock" not in p.name}
     assert len([p for p in modes if p.suffix == ".parquet"]) >= 2  # manifest.parquet and folds.parquet
+    assert len([p for p in modes if p.suffix == ".safetensors"]) == 2
     wrong = {str(p): oct(m) for p, m in modes.items() if m != (dir_mode if (out / p).is_dir() else file_mode)}
     assert not wrong, wrong
 
