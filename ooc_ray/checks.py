@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from ooc_ray.config import (EFFICIENTNET_BLOCKS, EFFICIENTNETS, SPECIAL_WEIGHTS, ClassifyConfig, ExperimentConfig,
-                            GeneratorConfig)
+                            GeneratorConfig, confirmation_folds)
 from ooc_ray.errors import ConfigError
 
-SINGULAR = {"controls": "control", "weights": "LoRA weight", "ratios": "ratio", "classes": "class",
-            "augment": "augmentation"}  # for "a ratio is listed twice"
+SINGULAR = {"controls": "a control", "weights": "a LoRA weight", "ratios": "a ratio", "classes": "a class",
+            "augment": "an augmentation"}  # for "a ratio is listed twice"
+INT64_LIMIT = 2**63  # integers are stored in Parquet and NumPy as int64
 
 
 # ---------------------------------------------------------------------------------------------- types
+
+
+def _shown(value: Any) -> str:
+    """A value as an error shows it: its repr, cut at 60 characters (10**400 has 401 digits)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:50] + f"... ({len(text)} characters)"
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
@@ -39,33 +47,37 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(f"{key}: union types are not supported in configs")
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+            raise ConfigError(f"{key}: expected true/false, got {_shown(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_shown(value)}")
+        if abs(value) >= INT64_LIMIT:
+            raise ConfigError(f"{key}: expected an integer of at most 19 digits (int64), got {_shown(value)}")
         return value
     if hint is float:
         # YAML reads "5e-4" (no dot) as a string: accept numeric strings for floats only.
         try:
             number = float(value) if not isinstance(value, bool) else None
+        except OverflowError:  # an integer past a float's range (10**400)
+            number = math.inf
         except (TypeError, ValueError):
             number = None
         if number is None:
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_shown(value)}")
         if not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {_shown(value)}")
         return number
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_shown(value)}")
         return value
     raise ConfigError(f"{key}: unsupported type {hint}")
 
 
 def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{key}: expected a list, got {value!r}")
+        raise ConfigError(f"{key}: expected a list, got {_shown(value)}")
     if len(args) == 2 and args[1] is Ellipsis:
         return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if len(value) != len(args):
@@ -73,16 +85,32 @@ def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
     return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
 
 
-def build(cls: type, raw: dict, prefix: str = "") -> Any:
+def build(cls: type, raw: dict, prefix: str = "", found: list[str] | None = None) -> Any:
+    """`cls` from a mapping, every value coerced. With `found`, every unknown key and every value of the wrong type
+    in it and its sections is added there, and the field keeps its default (so the others' bounds can still be
+    checked); without, they raise together."""
+    collect = [] if found is None else found
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    where = prefix.rstrip(".") or "top level"
+    not_names = [k for k in raw if not isinstance(k, str)]
+    if not_names:
+        collect.append(f"{where}: keys are field names, got {', '.join(map(_shown, not_names))}")
+    unknown = sorted(k for k in raw if isinstance(k, str) and k not in names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s): {', '.join(prefix + u for u in unknown)} "
-            f"(allowed under '{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(names))})"
-        )
-    kwargs = {k: coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+        collect.append(f"unknown config key(s): {', '.join(prefix + u for u in unknown)} "
+                       f"(allowed under '{where}': {', '.join(sorted(names))})")
+    kwargs = {}
+    for k, v in raw.items():
+        if k not in names or not isinstance(k, str):
+            continue
+        try:
+            kwargs[k] = (build(hints[k], v, f"{prefix}{k}.", collect)
+                         if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) else coerce(v, hints[k], prefix + k))
+        except ConfigError as exc:
+            collect.append(str(exc))
+    if found is None:
+        raise_problems(collect)
     return cls(**kwargs)
 
 
@@ -109,8 +137,8 @@ def bound_problems(cfg: Any, prefix: str = "") -> list[str]:
             problems.append(f"{key}: {rule}, got {shown!r}")
         if bounds.get("unique") and len(set(values)) != len(values):
             twice = sorted({repr(v) for v in values if values.count(v) > 1})
-            noun = SINGULAR.get(f.name, "value")
-            problems.append(f"{key}: a {noun} is listed twice ({', '.join(twice)} in {list(value)})")
+            noun = SINGULAR.get(f.name, "a value")
+            problems.append(f"{key}: {noun} is listed twice ({', '.join(twice)} in {list(value)})")
     return problems
 
 
@@ -119,23 +147,40 @@ def _inside(v: float, bounds: dict) -> bool:
             and v <= bounds.get("le", math.inf) and v < bounds.get("lt", math.inf))
 
 
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _range_text(bounds: dict) -> str:
     """'in (0, 1]' for two bounds, '>= 1' for one."""
     low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
     high = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
     if low and high:
-        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+        return f"in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
     if low:
-        return f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
-    return f"{'<=' if high[0] == ']' else '<'} {high[1]:g}"
+        return f"{'>=' if low[0] == '[' else '>'} {_number(low[1])}"
+    return f"{'<=' if high[0] == ']' else '<'} {_number(high[1])}"
+
+
+PROMPT_FIELDS = ("label", "group")  # what a prompt template may name: protocol fills them with str.format
+
+
+def _placeholders(template: str) -> list[str]:
+    """The placeholders of a prompt template as written ("{label}"); ValueError for a brace left open."""
+    return ["{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            for _, name, spec, conversion in string.Formatter().parse(template) if name is not None]
 
 
 def _prompt_problem(key: str, template: str) -> list[str]:
+    """A template whose placeholders are other than {label} and {group} as they are: str.format would raise, or
+    write an attribute, an item or a formatted value of the label into every prompt ({label.upper})."""
+    allowed = [f"{{{name}}}" for name in PROMPT_FIELDS]
     try:
-        template.format(label="label", group="group")
-    except (KeyError, IndexError, ValueError) as exc:
+        bad = [p for p in _placeholders(template) if p not in allowed]
+    except ValueError as exc:
         return [f"{key}: {template!r} has a bad placeholder ({exc}); use {{label}} and {{group}}"]
-    return []
+    return [f"{key}: {template!r} has placeholder(s) {', '.join(bad)}; use {{label}} and {{group}} as they are"] \
+        if bad else []
 
 
 def _backbone_problems(cc: ClassifyConfig) -> list[str]:
@@ -182,9 +227,13 @@ def _search_problems(cfg: ExperimentConfig) -> list[str]:
     s, n = cfg.search, cfg.folds.k * cfg.folds.repeats
     found = [f"search.{name}: fold {f} does not exist (folds.k x folds.repeats = {n}: folds 0..{n - 1})"
              for name in ("folds", "confirm_folds") for f in getattr(s, name) if f >= n]
-    if set(s.folds) & set(s.confirm_folds):
-        found.append(f"search.folds / search.confirm_folds: {sorted(set(s.folds) & set(s.confirm_folds))} in both; "
-                     "the confirmation needs folds the search never scored on")
+    confirm = s.confirm_folds or (confirmation_folds(list(range(n))) if s.confirm else ())
+    if set(s.folds) & set(confirm):
+        named = "search.confirm_folds" if s.confirm_folds else "the default confirmation folds (the last third)"
+        found.append(f"search.folds / {named}: {sorted(set(s.folds) & set(confirm))} in both; the confirmation "
+                     "needs folds the search never scored on")
+    if s.confirm_folds and not s.confirm:
+        found.append("search.confirm_folds: set, but search.confirm is false, so nothing is confirmed on them")
     if s.confirm_folds and not s.folds and len(s.confirm_folds) >= n:
         found.append("search.confirm_folds: every fold; none is left for the search to score on")
     if s.scheduler != "none" and s.report_every == 0:
@@ -199,9 +248,35 @@ def problems(cfg: ExperimentConfig) -> list[str]:
     found = bound_problems(cfg)
     checks = [
         (bool(s.weights), "sample.weights: need at least one LoRA weight"),
+        (bool(cc.ratios), "classify.ratios: need at least one ratio (0.0: real only, the baseline of every arm)"),
+        (not cc.controls or any(r > 0 for r in cc.ratios),
+         "classify.controls: each control matches an arm of ratio > 0, and classify.ratios has none"),
+        (gc.resolution % 8 == 0 and s.resolution % 8 == 0,
+         f"generator.resolution / sample.resolution: {gc.resolution} / {s.resolution}: each must be a multiple of "
+         "8 (diffusers' Stable Diffusion pipelines refuse other sizes)"),
+        (not s.negative_prompt or s.cfg > 1,
+         f"sample.negative_prompt: only classifier-free guidance uses it, and sample.cfg {s.cfg:g} (<= 1) runs "
+         "none; set sample.cfg above 1 or remove it"),
+        (gc.text_encoder_lr > 0 or gc.text_encoder_modules == "attention",
+         f"generator.text_encoder_modules: {gc.text_encoder_modules}, but generator.text_encoder_lr is 0 (no "
+         "text-encoder LoRA); set a learning rate or remove it"),
+        (bool(cfg.data.group_column) or not gc.per_group,
+         "generator.per_group: one LoRA per group needs data.group_column (the CSV column naming each image's group)"),
+        (bool(cfg.data.group_column) or cfg.folds.strategy != "group",
+         "folds.strategy: group needs data.group_column (the CSV column naming each image's group)"),
+        (gc.scope == "class" or "{label}" in gc.prompt,
+         f"generator.prompt: {gc.prompt!r} has no {{label}}; with generator.scope: dataset one LoRA learns every "
+         "class, and only the label in its captions tells them apart"),
+        (cfg.quality.filter_min_confidence == 0 or cfg.quality.enabled,
+         "quality.filter_min_confidence: the filter reads the quality stage's scores, and quality.enabled is false"),
         (s.clip_sample == 0.0 or s.sampler == "ddim",
          f"sample.clip_sample: {s.sampler} cannot clip its predicted latent; use sample.sampler: ddim"),
-        (bool(cfg.name) and "/" not in cfg.name, f"name: {cfg.name!r} must be a non-empty folder name"),
+        (cfg.name.strip() == cfg.name and cfg.name not in ("", ".", "..") and not {"/", "\0"} & set(cfg.name),
+         f"name: {cfg.name!r} must be a folder name (not empty, '.' or '..'; no '/' and no spaces around it)"),
+        (bool(cfg.results_dir.strip()), "results_dir: empty; name the folder every experiment's results go into"),
+        (bool(cfg.data.source.strip()), "data.source: empty; use demo, a folder of class folders or a CSV"),
+        (all(c.strip() for c in cfg.data.classes), f"data.classes: an empty class name in {list(cfg.data.classes)}"),
+        (bool(gc.base.strip()), "generator.base: empty; use a hub id, a local folder or tiny"),
         (len(cfg.data.demo.per_class) == 3, "data.demo.per_class: need 3 counts (good, acceptable, bad)"),
         (gc.scope == "class" or not gc.per_group,
          "generator.scope: one LoRA per dataset has no group to train per; use per_group: false or scope: class"),

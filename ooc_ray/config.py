@@ -9,6 +9,7 @@ resource (never enters a key), presentation (how the report reads results).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,6 +33,9 @@ KerasBackend = Literal["tensorflow", "torch", "jax"]
 # Matched controls (ooc_ray.protocol): real only for as many steps as each ratio's arm, and real + classic
 # augmentations of real images at each ratio's count.
 Control = Literal["real_steps", "real_augmented"]
+# Every seed: numpy's legacy generator and scikit-learn take 0 <= seed < 2**32, and the stages add small offsets
+# (repeat r: + 1000 r, a trial: + its fold, the feeds' streams: + 1 to 7), so seeds stay below 2**31.
+SEED = {"ge": 0, "lt": 2**31}
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class DemoDataConfig:
     per_class: tuple[int, ...] = input_((30, 14, 8), ge=1)  # good/acceptable/bad, roughly the paper's 500/212/110 shape
     size: int = input_(64, ge=16)  # pixels per side the demo images are drawn at
     groups: int = input_(3, ge=1)  # fake "cell lines", written to the CSV's group column
-    seed: int = input_(0)  # the demo set's random seed
+    seed: int = input_(0, **SEED)  # the demo set's random seed
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class FoldsConfig:
     k: int = grid(5, ge=2)  # folds of the k-fold cross-validation (the paper: 5)
-    seed: int = grid(42)  # the shuffle seed of the fold assignment
+    seed: int = grid(42, **SEED)  # the shuffle seed of the fold assignment
     # Repeated k-fold CV: R independent partitions (repeat r shuffled with seed + 1000 r); every stage runs per
     # (repeat, fold), and the report's tests pair all R x k folds (ooc_ray.comparisons).
     repeats: int = grid(1, ge=1)
@@ -82,7 +86,7 @@ class PretrainConfig:
     # images); else a folder (searched recursively) or a CSV with a `file` column of unlabeled images.
     source: str = input_("")
     demo_images: int = input_(300, ge=1)  # how many unlabeled demo images source: demo draws
-    demo_seed: int = input_(1)  # the seed those images are drawn with (not the labelled set's)
+    demo_seed: int = input_(1, **SEED)  # the seed those images are drawn with (not the labelled set's)
     caption: str = result("a microscopy image of cells", _BASE)  # one class-agnostic caption for every image
     vae_steps: int = result(0, _BASE, ge=0)  # the tiny base needs > 0 (its VAE is trained first, then frozen); a real base 0
     unet_steps: int = result(500, _BASE, ge=1)  # UNet training steps (the base's noise prediction)
@@ -92,7 +96,7 @@ class PretrainConfig:
     # Share of steps that see the empty caption, so the base also learns the unconditional prediction that
     # classifier-free guidance (sample.cfg) subtracts; SD v1 trained with 10 %.
     caption_dropout: float = result(0.1, _BASE, ge=0, lt=1)
-    seed: int = result(0, _BASE)  # seeds the tiny base's initial weights, the noise and the timesteps
+    seed: int = result(0, _BASE, **SEED)  # seeds the tiny base's initial weights, the noise and the timesteps
     # The pretraining runs as one Ray task with these (never on a head node that offers no CPU for work).
     cpus: float = resource(1.0, gt=0)  # its torch threads too
     gpus: float = resource(0.0, ge=0)  # GPUs of the pretraining task (0 on CPU)
@@ -117,7 +121,7 @@ class GeneratorConfig:
     text_encoder_lr: float = result(1e-4, _LORA, ge=0)  # 0 disables the text-encoder LoRA
     rank: int = result(8, _LORA, ge=1)  # the LoRA's rank (the paper: 8)
     alpha: float = result(8.0, _LORA, gt=0)  # the LoRA's alpha: its update is scaled by alpha / rank
-    seed: int = result(0, _LORA)  # seeds the LoRA's initial weights, the noise and the timesteps of training
+    seed: int = result(0, _LORA, **SEED)  # seeds the LoRA's initial weights, the noise and the timesteps of training
     prompt: str = grid("a microscopy image of {label} organ on chip cells")  # each LoRA's key holds its prompt
     # The prompt of a per-group LoRA (generator.per_group).
     group_prompt: str = grid("a microscopy image of {label} {group} cells")
@@ -167,7 +171,7 @@ class SampleConfig:
     batch_size: int = resource(4, ge=1)
     actors: int = resource(0, ge=0)  # 0: one per GPU, or 1 on CPU
     gpus_per_actor: float = resource(0.0, ge=0)  # GPUs per sampling actor (each holds one loaded pipeline)
-    seed: int = result(1234, _IMAGE)  # base seed; each image's seed is derived from it and recorded
+    seed: int = result(1234, _IMAGE, **SEED)  # base seed; each image's seed is derived from it and recorded
     # Independent pools for the same settings: replicate r samples with seed + REPLICATE_SEED_STEP x r (replicate
     # 0 is the pool of `seed`), and runs its own trials, so the report can tell generator randomness from the
     # classifier's.
@@ -220,7 +224,7 @@ class ClassifyConfig:
     gpus_per_trial: float = resource(0.0, ge=0)  # GPUs per exact-mode trial and per feature-extraction task
     max_failures: int = resource(2, ge=0)  # times Tune restarts a trial that failed or lost its node
     max_concurrent: int = resource(0, ge=0)  # 0: as many as resources allow
-    seed: int = result(0, _FEATURES_TRIAL)  # seeds the classifier's weights, shuffling and augmentation
+    seed: int = result(0, _FEATURES_TRIAL, **SEED)  # seeds the classifier's weights, shuffling and augmentation
     # How synthetic images enter a real + synthetic arm: "concat" (one shuffled set, the paper's), "loss_weighted"
     # (a real and a synthetic batch per step, loss (1 - w) real + w synthetic, w = synthetic_loss_weight;
     # DataDream: 0.2), "replace" (real-only epochs, each sample swapped for a synthetic image of its class with
@@ -281,6 +285,11 @@ SEARCH_SPACE = (
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 
 
+def confirmation_folds(fold_ids: list[int]) -> list[int]:
+    """search.confirm_folds' default: the last ceil(n / 3) of the n folds (one at k = 3, two at k = 4 to 6)."""
+    return fold_ids[-math.ceil(len(fold_ids) / 3):]
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Ray Tune + Optuna search over LoRA and sampling settings (experiments/lora_search.yaml)."""
@@ -310,7 +319,7 @@ class SearchConfig:
     report_every: int = grid(5, ge=0)  # LoRA epochs between a trial's reports; 0: one report, at its end
     reduction_factor: int = grid(3, ge=2)  # ASHA: about 1 in this many trials goes on at each rung
     time_budget_s: float = grid(0.0, ge=0)  # stop proposing trials after this many seconds (0: num_samples decides)
-    seed: int = result(0, _SEARCH)  # Optuna's sampler seed
+    seed: int = result(0, _SEARCH, **SEED)  # Optuna's sampler seed
     # After the search, compare the best point with the config's own settings (generator.*, the first of
     # sample.weights) on the confirmation folds: 2 trials per confirmation fold.
     confirm: bool = grid(True)
@@ -357,8 +366,8 @@ class TrackingConfig:
 class ReportConfig:
     # Equivalence margin on the tested metric: an arm is "equivalent" to real only when the corrected t's 90 % CI
     # of the difference lies inside +-margin (two one-sided tests at 5 %), so "no benefit" can be a result; also
-    # the Bayesian correlated t-test's region of practical equivalence.
-    equivalence_margin: float = presentation(0.02, gt=0)
+    # the Bayesian correlated t-test's region of practical equivalence. Below 1, as every metric lies in [0, 1].
+    equivalence_margin: float = presentation(0.02, gt=0, lt=1)
     # The metric every arm is tested on: accuracy (the paper's headline), balanced_accuracy (macro recall) or
     # f1_macro; with imbalanced classes (the paper's 500/212/110) accuracy rewards the majority class.
     metric: Literal["accuracy", "balanced_accuracy", "f1_macro"] = presentation("accuracy")

@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
-from ooc_ray.checks import build, coerce, problems, raise_problems
+from ooc_ray.checks import bound_problems, build, coerce, problems, raise_problems
 from ooc_ray.config import DISTRIBUTIONS, TINY, ExperimentConfig
 from ooc_ray.roles import INPUT, RESOURCE, RESULT
 from ooc_ray.errors import ConfigError
-from ooc_ray.fields import field_of, with_values
+from ooc_ray.fields import field_of, value_of, with_values
 from ooc_ray.variants import variants
 
 # Where an axis may vary a field: what makes or uses synthetic images. Data and folds stay fixed, so every
@@ -33,6 +33,8 @@ EXTENDS = "extends"
 
 
 def _axis_field(dotted: str, where: str) -> tuple[dict, Any]:
+    if not isinstance(dotted, str):
+        raise ConfigError(f"{where}: {dotted!r} is not a field's dotted name, e.g. sample.cfg")
     try:
         f, hint = field_of(dotted)
     except KeyError as exc:
@@ -60,16 +62,37 @@ def parse_axes(raw: Any) -> tuple:
     changes the synthetic images or the trials."""
     if not isinstance(raw, dict):
         raise ConfigError("axes: expected a mapping of config fields to lists of values, e.g. sample.cfg: [2, 7]")
-    out = []
+    out, found = [], []
     for dotted, values in raw.items():
-        hint = _varied_field(dotted, "axes")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"axes.{dotted}: expected a non-empty list of values, got {values!r}")
-        coerced = tuple(coerce(v, hint, f"axes.{dotted}[{i}]") for i, v in enumerate(values))
-        if len(set(map(repr, coerced))) != len(coerced):
-            raise ConfigError(f"axes.{dotted}: values repeat ({list(values)})")
-        out.append((dotted, coerced))
+        try:
+            out.append(_axis(dotted, values))
+        except ConfigError as exc:  # every bad axis named at once
+            found.append(str(exc))
+    raise_problems(found)
     return tuple(out)
+
+
+def _axis(dotted: str, values: Any) -> tuple[str, tuple]:
+    hint = _varied_field(dotted, "axes")
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"axes.{dotted}: expected a non-empty list of values, got {values!r}")
+    coerced = tuple(coerce(v, hint, f"axes.{dotted}[{i}]") for i, v in enumerate(values))
+    if len(set(map(repr, coerced))) != len(coerced):
+        raise ConfigError(f"axes.{dotted}: values repeat ({list(values)})")
+    return dotted, coerced
+
+
+def _inert(dotted: str, cfgs: list[ExperimentConfig], where: str) -> list[str]:
+    """A field that matters only at another value of a sibling (only_if: sample.strength under img2img) and has
+    that value in none of `cfgs`: each value would give the same numbers."""
+    only_if = field_of(dotted)[0].metadata.get("only_if")
+    if not only_if:
+        return []
+    sibling = dotted.rsplit(".", 1)[0] + "." + only_if[0]
+    if any(value_of(c, sibling) == only_if[1] for c in cfgs):
+        return []
+    return [f"{where}.{dotted}: matters only when {sibling} is {only_if[1]}, which it is nowhere here; every value "
+            "would give the same numbers"]
 
 
 # The search trains its LoRAs on one base built before the trials, with split fold, and scores with a linear probe
@@ -113,6 +136,7 @@ def _space_dimension(dotted: str, spec: Any, cfg: ExperimentConfig) -> tuple:
                           f"got {spec!r}")
     kind, values = next(iter(spec.items()))
     values = _space_values(dotted, kind, values, hint)
+    raise_problems(_inert(dotted, [cfg], "search.space"))
     known = problems(cfg)
     found = [f"search.space.{dotted} = {value}: {p}" for value in values  # each choice and each end of a range
              for p in problems(with_values(cfg, {dotted: value})) if p not in known]
@@ -148,12 +172,17 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
     if isinstance(raw.get("search"), dict) and "space" in raw["search"]:
         raw["search"] = dict(raw["search"])
         space_raw = raw["search"].pop("space")
-    cfg = build(ExperimentConfig, raw)
+    found: list[str] = []
+    cfg = build(ExperimentConfig, raw, found=found)
+    if found:  # wrong types and unknown keys, with the bounds of every other field (combinations need them all)
+        raise_problems(found + bound_problems(cfg))
     raise_problems(problems(cfg))
     if space_raw is not None:
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=parse_space(space_raw, cfg)))
     if axes_raw is not None:
         cfg = dataclasses.replace(cfg, axes=parse_axes(axes_raw))
+        each = [variant.cfg for variant in variants(cfg)]
+        raise_problems([p for dotted, _ in cfg.axes for p in _inert(dotted, each, "axes")])
         for variant in variants(cfg):
             raise_problems(problems(variant.cfg), f"axes ({variant.label}): ")
     return cfg
@@ -226,11 +255,19 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), t
             raise ConfigError(f"{path}: no `tiny:` mapping (dotted overrides for tiny mode; {{}} for none)")
         for key, value in {**TINY, **tiny_overrides}.items():
             set_dotted(raw, key, value)
+    found = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
+            found.append(f"override {item!r}: expected key=value")
+            continue
         key, value = item.split("=", 1)
-        set_dotted(raw, key.strip(), yaml.safe_load(value))
+        try:
+            set_dotted(raw, key.strip(), yaml.safe_load(value))
+        except yaml.YAMLError as exc:
+            found.append(f"override {item!r}: the value is not YAML ({str(exc).splitlines()[0]})")
+        except ConfigError as exc:
+            found.append(str(exc))
+    raise_problems(found)
     try:
         return from_dict(raw)
     except ConfigError as exc:

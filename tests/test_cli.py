@@ -36,6 +36,18 @@ def test_cli_config_error_names_key(tmp_path, capsys):
     assert "data.sorce" in capsys.readouterr().err
 
 
+def test_cli_overrides_that_are_not_yaml_and_values_past_a_float_are_one_line_errors(tmp_path, capsys):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"generator: {{unet_lr: {10**400}}}\n")  # YAML reads it as an int no float can hold
+    assert main(["plan", str(cfg), "-o", "classify.epochs=[", "-o", "classify.lr"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "override 'classify.epochs=[': the value is not YAML" in err and "override 'classify.lr'" in err
+    assert main(["plan", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "generator.unet_lr: expected a finite number, got 10000000000" in err
+
+
 def test_cli_data_error_is_one_line(tmp_path, capsys):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(f"results_dir: {tmp_path}\ndata:\n  source: {tmp_path / 'nowhere'}\n")

@@ -121,6 +121,57 @@ def test_bad_values_name_the_key(raw, key):
         from_dict(raw)
 
 
+@pytest.mark.parametrize("raw, message", [
+    ({"generator": {"unet_lr": 10**400}}, r"generator.unet_lr: expected a finite number, got 10+\.\.\. \(401 characters"),
+    ({"classify": {"epochs": 10**400}}, "classify.epochs: expected an integer of at most 19 digits"),
+    ({"generator": {"prompt": "{label.x} cells"}}, r"generator.prompt: .* placeholder\(s\) \{label.x\}"),
+    ({"generator": {"prompt": "{label[a]} cells"}}, r"generator.prompt: .* placeholder\(s\) \{label\[a\]\}"),
+    ({"generator": {"group_prompt": "{label!r} {group:>9}"}}, r"generator.group_prompt: .*\{label!r\}, \{group:>9\}"),
+    ({1: 2}, "top level: keys are field names, got 1"),
+    ({"classify": {True: 1}}, "classify: keys are field names, got True"),
+    ({"search": {"space": {1: {"choice": [1]}}}}, "search.space: 1 is not a field's dotted name"),
+    ({"name": ".."}, "name: '..' must be a folder name"),
+    ({"name": " x"}, "name: ' x' must be a folder name"),
+    ({"results_dir": " "}, "results_dir: empty"),
+    ({"data": {"source": ""}}, "data.source: empty"),
+    ({"data": {"classes": ["good", ""]}}, "data.classes: an empty class name"),
+    ({"generator": {"base": ""}}, "generator.base: empty"),
+    ({"folds": {"seed": -1}}, r"folds.seed: must be in \[0, 2147483648\), got -1"),
+    ({"sample": {"seed": 2**32}}, r"sample.seed: must be in \[0, 2147483648\), got 4294967296"),
+    ({"sample": {"resolution": 20}}, "generator.resolution / sample.resolution: 512 / 20: each must be a multiple of 8"),
+    ({"classify": {"ratios": []}}, "classify.ratios: need at least one ratio"),
+    ({"classify": {"ratios": [0.0], "controls": ["real_steps"]}},
+     "classify.controls: each control matches an arm of ratio > 0"),
+    ({"folds": {"k": 3}, "search": {"folds": [0, 1, 2]}},
+     r"search.folds / the default confirmation folds \(the last third\): \[2\] in both"),
+    ({"search": {"confirm": False, "confirm_folds": [4]}}, "search.confirm_folds: set, but search.confirm is false"),
+    ({"generator": {"per_group": True}}, "generator.per_group: one LoRA per group needs data.group_column"),
+    ({"folds": {"strategy": "group"}}, "folds.strategy: group needs data.group_column"),
+    ({"generator": {"scope": "dataset", "prompt": "cells"}}, "generator.prompt: 'cells' has no {label}"),
+    ({"report": {"equivalence_margin": 5}}, r"report.equivalence_margin: must be in \(0, 1\), got 5.0"),
+    ({"quality": {"enabled": False, "filter_min_confidence": 0.5}}, "quality.filter_min_confidence: the filter reads"),
+    ({"sample": {"cfg": 1.0, "negative_prompt": "blurry"}}, "sample.negative_prompt: only classifier-free guidance"),
+    ({"generator": {"text_encoder_lr": 0, "text_encoder_modules": "attention+mlp"}},
+     r"generator.text_encoder_modules: attention\+mlp, but generator.text_encoder_lr is 0"),
+    ({"search": {"space": {"sample.strength": {"uniform": [0.3, 0.6]}}}},
+     "search.space.sample.strength: matters only when sample.mode is img2img"),
+    ({"classify": {"augment": ["flip", "flip"]}}, "classify.augment: an augmentation is listed twice"),
+])
+def test_values_that_cannot_mean_anything_are_refused_in_one_line_naming_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        from_dict(raw)
+    assert "\n" not in str(caught.value)
+
+
+def test_wrong_types_unknown_keys_and_bounds_are_named_at_once():
+    """A wrong type no longer hides the problems after it: every section's types and every field's bounds."""
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"classify": {"epochs": "x", "lr": -1}, "sample": {"cfg": "y"}, "folds": {"k": 1}, "generatr": {}})
+    text = str(caught.value)
+    assert all(key in text for key in ("classify.epochs", "classify.lr", "sample.cfg", "folds.k", "generatr"))
+    assert "(5 problems)" in text
+
+
 def test_floats_accept_yaml_exponent_strings(tmp_path):
     # PyYAML reads 5e-4 (no dot) as a string; configs written that way must still work.
     path = tmp_path / "x.yaml"
@@ -208,7 +259,12 @@ def test_axes_expand_to_validated_variants(tmp_path):
     ({"sample.cfg": []}, "axes.sample.cfg: expected a non-empty list"),
     ({"sample.cfg": [2, 2.0]}, "axes.sample.cfg: values repeat"),
     ({"sample.cfg": ["high"]}, r"axes.sample.cfg\[0\]: expected a number"),
-    ({"sample.strength": [0.5, 1.5]}, r"axes \(sample.strength = 1.5\): sample.strength: must be in \(0, 1\]"),
+    ({"sample.mode": ["img2img"], "sample.strength": [0.5, 1.5]},
+     r"axes \(sample.mode = img2img, sample.strength = 1.5\): sample.strength: must be in \(0, 1\]"),
+    ({"sample.strength": [0.3, 0.6]}, "axes.sample.strength: matters only when sample.mode is img2img, which it is "
+                                      "nowhere here"),
+    ({"classify.feature_views": [2, 4]}, "axes.classify.feature_views: matters only when classify.mode is cached"),
+    ({1: [2], "sample.cfgg": [1]}, r"axes: 1 is not a field's dotted name.*axes.sample.cfgg: no such config field"),
     ({"classify.mixing": ["split_bn"]}, "split_bn builds SmallCNN with split BatchNorm layers"),
     ({"classify.mixing": ["blend"]}, r"axes.classify.mixing\[0\]: 'blend' is not one of"),
 ])
@@ -298,11 +354,10 @@ def test_every_bad_value_is_named_at_once(tmp_path):
 
 def test_every_numeric_field_declares_its_bounds():
     """A number without a declared range is a number nobody checked: every int and float field says where it
-    may lie, except seeds and the ones listed here with the reason."""
+    may lie (seeds too: config.SEED)."""
     import dataclasses
     import typing
 
-    unbounded_on_purpose = {"seed", "demo_seed", "fold", "weight"}  # any integer seed; search fold checked on data
     missing = []
 
     def walk(cls, prefix=""):
@@ -310,8 +365,7 @@ def test_every_numeric_field_declares_its_bounds():
         for f in dataclasses.fields(cls):
             if f.metadata.get("role") == "section":
                 walk(f.default_factory, f"{prefix}{f.name}.")
-            elif hints[f.name] in (int, float) and f.name not in unbounded_on_purpose \
-                    and not f.metadata.get("bounds"):
+            elif hints[f.name] in (int, float) and not f.metadata.get("bounds"):
                 missing.append(prefix + f.name)
 
     walk(ExperimentConfig)

@@ -3,12 +3,11 @@ as a point, and which folds the search scores on and which it leaves for the con
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pandas as pd
 from ray import tune
 
-from ooc_ray.config import ExperimentConfig
+from ooc_ray.config import ExperimentConfig, confirmation_folds
 from ooc_ray.fields import value_of, with_values
 from ooc_ray.folds import fold_ids
 
@@ -63,7 +62,7 @@ def max_epochs(cfg: ExperimentConfig) -> int:
 def split_folds(cfg: ExperimentConfig, manifest: pd.DataFrame) -> tuple[list[int], list[int]]:
     """(the folds every trial trains and scores on, the confirmation folds the search never scores on)."""
     ids = fold_ids(manifest)
-    confirm = list(cfg.search.confirm_folds) or ids[-math.ceil(len(ids) / 3):]
+    confirm = list(cfg.search.confirm_folds) or confirmation_folds(ids)
     return list(cfg.search.folds) or [f for f in ids if f not in confirm], confirm
 
 
