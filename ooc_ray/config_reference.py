@@ -93,7 +93,7 @@ def render() -> str:
            "Generated from `ooc_ray/config.py` by `python -m ooc_ray.config_reference`; do not edit by hand. "
            "Every field of an experiment file, its default, the bounds the loader checks, its role in the keys "
            "(which results a change re-makes) and the comment beside it in the code. How configs compose "
-           "(`extends`, `--tiny`, `-o`, `axes`): [configuration](configuration.md).", ""]
+           "(`extends`, `--tiny`, `-o`): [configuration](configuration.md); `axes`: [grid axes](grid.md).", ""]
     section = None
     for name, default, bounds, role, comment in reference_rows():
         top = name.split(".")[0] if "." in name else "(top level)"

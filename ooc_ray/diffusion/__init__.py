@@ -1,1 +1,2 @@
-"""Stable Diffusion bases and LoRA files (torch and diffusers load inside the functions that need them)."""
+"""Stable Diffusion bases and their identity (base), LoRA files (lora_files, torch-free) and their writing (lora),
+and domain pretraining of a base (pretrain)."""
