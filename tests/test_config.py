@@ -140,6 +140,7 @@ def test_bad_values_name_the_key(raw, key):
     ({"sample": {"seed": 2**32}}, r"sample.seed: must be in \[0, 2147483648\), got 4294967296"),
     ({"sample": {"resolution": 20}}, "generator.resolution / sample.resolution: 512 / 20: each must be a multiple of 8"),
     ({"classify": {"ratios": []}}, "classify.ratios: need at least one ratio"),
+    ({"classify": {"ratios": [0.0, 1e300]}}, r"classify.ratios: must be in \[0, 100\], got \[0.0, 1e\+300\]"),
     ({"classify": {"ratios": [0.0], "controls": ["real_steps"]}},
      "classify.controls: each control matches an arm of ratio > 0"),
     ({"folds": {"k": 3}, "search": {"folds": [0, 1, 2]}},
@@ -331,7 +332,7 @@ def test_the_cpu_examples_hold_only_their_differences(repo):
     ("classify.batch_size=0", "classify.batch_size: need at least 1, got 0"),
     ("sample.steps=0", "sample.steps: need at least 1, got 0"),
     ("sample.weights=[1.0, 1.0]", r"sample.weights: a LoRA weight is listed twice \(1.0 in \[1.0, 1.0\]\)"),
-    ("classify.ratios=[0.0, -0.5]", r"classify.ratios: need at least 0, got \[0.0, -0.5\]"),
+    ("classify.ratios=[0.0, -0.5]", r"classify.ratios: must be in \[0, 100\], got \[0.0, -0.5\]"),
     ("classify.dropout=1.0", r"classify.dropout: must be in \[0, 1\), got 1.0"),
     ("generator.unet_lr=.inf", "generator.unet_lr: expected a finite number"),
 ])
