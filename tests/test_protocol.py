@@ -238,7 +238,8 @@ def test_pool_sizes():
     alls = pool_sizes(m, from_dict({"generator": {"split": "all"}, "classify": {"ratios": [1.0]}}))
     assert alls.to_dict("records") == [{"fold": ALL_FOLDS, "label": "bad", "n_train": 7, "n_pool": 7},
                                        {"fold": ALL_FOLDS, "label": "good", "n_train": 20, "n_pool": 20}]
-    grp = pool_sizes(m, from_dict({"generator": {"per_group": True}, "classify": {"ratios": [1.0]}}))
+    grp = pool_sizes(m, from_dict({"data": {"group_column": "cell_line"}, "generator": {"per_group": True},
+                                   "classify": {"ratios": [1.0]}}))
     assert list(grp.columns) == ["fold", "label", "group", "n_train", "n_pool"]
     assert grp.groupby(["fold", "label"]).n_train.sum().to_dict() == n_train
 
