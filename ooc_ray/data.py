@@ -7,6 +7,7 @@ corrupt file, and a file replaced in place (same path, new bytes) is never mista
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +29,20 @@ MANIFEST_COLUMNS = ["id", "path", "label", "label_index", "group", "sha256", "si
                     "file"]
 _FACTS = ["size", "width", "height", "mode"]
 SHOWN_PROBLEMS = 10  # bad files named in the one error (with the count of all): a line stays readable
+# CSV cells read as text (keep_default_na=False) that a spreadsheet or pandas wrote for a missing value: a label
+# "NaN" would otherwise become a class of its own.
+MISSING_TEXT = {"", "nan", "NaN", "NA", "N/A", "n/a", "null", "NULL", "None", "none"}
+
+
+def _listed(problems: list[str]) -> str:
+    """The first SHOWN_PROBLEMS of `problems`, and how many more."""
+    more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    return "; ".join(problems[:SHOWN_PROBLEMS]) + more
+
+
+def _visible(path: Path, root: Path) -> bool:
+    """No part of `path` below `root` is hidden: '.thumbs/', '.DS_Store', macOS's '._x.png' are not images."""
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def _scan_folders(root: Path) -> list[dict]:
@@ -36,7 +51,9 @@ def _scan_folders(root: Path) -> list[dict]:
     if not class_dirs:
         raise DataError(f"{root}: no class folders found (expected one sub-folder of images per class)")
     for class_dir in class_dirs:
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        # A link whose target is gone stays listed (is_symlink), so the scan names it instead of dropping it.
+        files = sorted(p for p in class_dir.rglob("*") if (p.is_file() or p.is_symlink()) and _visible(p, class_dir)
+                       and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"{class_dir}: class '{class_dir.name}' has no images")
         rows += [{"path": p, "rel": p.relative_to(root).as_posix(), "label": class_dir.name, "group": ""}
@@ -55,11 +72,12 @@ def _scan_csv(csv_path: Path, group_column: str) -> list[dict]:
     if group_column and group_column not in table.columns:
         raise DataError(f"{csv_path}: data.group_column '{group_column}' is not a column; found {list(table.columns)}")
     rows = []
-    empty = [line for line, rec in enumerate(table.to_dict("records"), start=2)  # line 1 is the header
-             if not rec["file"] or not rec["label"]]
+    needed = ("file", "label", group_column) if group_column else ("file", "label")
+    empty = [f"line {line}: {column} {rec[column]!r}" if rec[column] else f"line {line}: no {column}"
+             for line, rec in enumerate(table.to_dict("records"), start=2)  # line 1 is the header
+             for column in needed if rec[column].strip() in MISSING_TEXT]
     if empty:
-        raise DataError(f"{csv_path}: empty file or label on {len(empty)} line(s): "
-                        f"{', '.join(map(str, empty[:SHOWN_PROBLEMS]))}{' ...' if len(empty) > SHOWN_PROBLEMS else ''}")
+        raise DataError(f"{csv_path}: {len(empty)} empty or missing value(s): {_listed(empty)}")
     for rec in table.to_dict("records"):
         path = Path(rec["file"])
         path = path if path.is_absolute() else csv_path.parent / path
@@ -75,9 +93,11 @@ def inspect_image(path: Path, data: bytes) -> dict:
     try:
         with Image.open(path) as img:
             img.load()  # .open() only reads the header; .load() decodes every pixel
-            mode, (width, height) = img.mode, img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            mode, (width, height), frames = img.mode, img.size, getattr(img, "n_frames", 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: unreadable or corrupt image ({exc})") from None
+    if frames > 1:  # a TIFF stack or an animation: every stage would read its first frame only
+        raise DataError(f"{path}: {frames} frames (a stack); one image per file: split it")
     if mode not in SUPPORTED_MODES:
         raise DataError(f"{path}: unsupported image mode {mode!r} (supported: {sorted(SUPPORTED_MODES)})")
     return {"size": len(data), "width": width, "height": height, "mode": mode}
@@ -97,8 +117,23 @@ def _list_images(source: Path, group_column: str) -> list[dict]:
     return rows
 
 
+def _label_problems(source: Path, labels: set[str]) -> None:
+    """Labels a typo or an export made apart: spaces around one, or two that differ only in case or in how their
+    Unicode is composed ('Good' and 'good'), would each become a class of their own."""
+    spaced = sorted(label for label in labels if label != label.strip())
+    alike: dict[str, list[str]] = {}
+    for label in sorted(labels):
+        alike.setdefault(unicodedata.normalize("NFC", label).strip().casefold(), []).append(label)
+    twins = [names for names in alike.values() if len(names) > 1]
+    found = ([f"label(s) with spaces around them: {spaced}"] if spaced else []) + \
+        [f"labels that differ only in case, spaces or Unicode form: {names}" for names in twins]
+    if found:
+        raise DataError(f"{source}: {'; '.join(found)} (each would be a class of its own)")
+
+
 def _class_order(source: Path, rows: list[dict], classes: tuple[str, ...]) -> list[str]:
     found = sorted({r["label"] for r in rows})
+    _label_problems(source, set(found))
     order = found
     if classes:
         unknown = sorted(set(found) - set(classes))
@@ -126,9 +161,13 @@ def scan(source: str | Path, classes: tuple[str, ...] = (), group_column: str = 
     known = known or {}
     records, problems = [], []
     for row in rows:
-        path = row["path"].resolve()
+        try:
+            path = row["path"].resolve()
+        except (OSError, RuntimeError) as exc:  # a symbolic-link loop
+            problems.append(f"{row['path']}: {exc}")
+            continue
         if not path.is_file():
-            problems.append(f"{path}: file not found")
+            problems.append(f"{row['path']}: file not found" + (f" (a link to {path})" if path != row["path"] else ""))
             continue
         data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
@@ -143,17 +182,25 @@ def scan(source: str | Path, classes: tuple[str, ...] = (), group_column: str = 
         records.append({"id": rel_hash, "path": str(path), "file": row["rel"], "label": row["label"],
                         "group": row["group"], "sha256": sha, **{k: facts[k] for k in _FACTS}})
     if problems:  # every bad file at once (the first SHOWN_PROBLEMS named), not one per run
-        shown = "; ".join(problems[:SHOWN_PROBLEMS])
-        more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
-        raise DataError(f"{source}: {len(problems)} of {len(rows)} images cannot be used: {shown}{more}")
+        raise DataError(f"{source}: {len(problems)} of {len(rows)} images cannot be used: {_listed(problems)}")
     df = pd.DataFrame(records)
-    dup_paths = df["path"][df["path"].duplicated()]
-    if len(dup_paths):
-        raise DataError(f"{source}: file listed twice: {dup_paths.iloc[0]}")
+    _refuse_copies(source, df)
     df["label_index"] = df["label"].map({c: i for i, c in enumerate(order)}).astype(int)
-    if group_column and (df["group"] == "").any():
-        raise DataError(f"{source}: empty group for {df.loc[df['group'] == '', 'path'].iloc[0]}")
     return df[MANIFEST_COLUMNS]
+
+
+def _refuse_copies(source: Path, df: pd.DataFrame) -> None:
+    """A file listed twice, or the same bytes under two names: k-fold would put one copy in training and its twin
+    in the held-out fold (inflating accuracy), and the same bytes under two labels cannot both be right. Every
+    set is named (the first SHOWN_PROBLEMS) in one error."""
+    twice = [f"{path} as {', '.join(rows['file'])}" for path, rows in df.groupby("path", sort=True) if len(rows) > 1]
+    copies = [f"{', '.join(f'{f} ({label})' for f, label in zip(rows['file'], rows['label']))}"
+              for _, rows in df.drop_duplicates("path").groupby("sha256", sort=False) if len(rows) > 1]
+    found = ([f"{len(twice)} file(s) listed twice: {_listed(twice)}"] if twice else []) + \
+        ([f"{len(copies)} set(s) of byte-identical images (a copy in training and its twin held out inflate "
+          f"accuracy; keep one of each): {_listed(copies)}"] if copies else [])
+    if found:
+        raise DataError(f"{source}: {' | '.join(found)}")
 
 
 def class_names(manifest: pd.DataFrame) -> list[str]:

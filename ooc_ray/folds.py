@@ -111,8 +111,8 @@ def _check_class_sizes(manifest: pd.DataFrame, k: int) -> None:
     counts = manifest["label"].value_counts()
     too_small = counts[counts < k]
     if len(too_small):
-        raise DataError(f"class '{too_small.index[0]}' has {int(too_small.iloc[0])} images, fewer than "
-                        f"folds.k={k}: every held-out fold needs each class")
+        named = ", ".join(f"'{label}' has {int(n)}" for label, n in too_small.items())
+        raise DataError(f"classes with fewer images than folds.k={k} (every held-out fold needs each class): {named}")
 
 
 def assign_folds(manifest: pd.DataFrame, cfg: FoldsConfig) -> pd.DataFrame:

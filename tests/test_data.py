@@ -17,14 +17,14 @@ from ooc_ray.paths import ExperimentPaths
 
 @pytest.fixture
 def tree(tmp_path):
-    """A folder-per-class tree with mixed modes and sizes: grey 64x48, RGB 80x60, 16-bit grey."""
+    """A folder-per-class tree with mixed modes and sizes: grey 64x48, RGB 80x60, 16-bit grey; no two alike."""
     root = tmp_path / "images"
-    for label in ("good", "bad"):
+    for shade, label in enumerate(("good", "bad")):
         (root / label).mkdir(parents=True)
         for i in range(6):
-            Image.new("L", (64, 48), 40 * i).save(root / label / f"g{i}.png")
-        Image.new("RGB", (80, 60), (10, 200, 30)).save(root / label / "rgb.jpg")
-        Image.new("I;16", (32, 32), 4000).save(root / label / "deep.png")
+            Image.new("L", (64, 48), 40 * i + shade).save(root / label / f"g{i}.png")
+        Image.new("RGB", (80, 60), (10, 200, 30 + 100 * shade)).save(root / label / "rgb.jpg")
+        Image.new("I;16", (32, 32), 4000 + shade).save(root / label / "deep.png")
     return root
 
 
@@ -88,8 +88,52 @@ def test_every_bad_file_is_named_in_one_error_up_to_a_cap_with_the_count(tree, t
 def test_csv_lines_with_an_empty_file_or_label_are_named_together(tmp_path):
     csv = tmp_path / "set.csv"
     csv.write_text("file,label\na.png,good\n,good\nb.png,\nc.png,bad\n")
-    with pytest.raises(DataError, match=r"empty file or label on 2 line\(s\): 3, 4$"):
+    with pytest.raises(DataError, match=r"2 empty or missing value\(s\): line 3: no file; line 4: no label$"):
         scan(csv)
+    # What a spreadsheet or pandas writes for a missing value is no label either, nor an empty group
+    csv.write_text("file,label,well\na.png,good,w1\nb.png,NaN,w1\nc.png,bad,\nd.png,bad,N/A\n")
+    with pytest.raises(DataError, match=r"3 empty or missing value\(s\): line 3: label 'NaN'; line 4: no well; "
+                                       r"line 5: well 'N/A'$"):
+        scan(csv, group_column="well")
+
+
+def test_copies_of_an_image_are_refused_naming_every_set(tree):
+    """The same bytes twice would put one copy in training and its twin in the held-out fold; under two labels
+    they cannot both be right. Every set is named, with its labels."""
+    shutil.copy(tree / "good" / "g1.png", tree / "good" / "g1 copy.png")
+    shutil.copy(tree / "good" / "g2.png", tree / "bad" / "from_good.png")
+    with pytest.raises(DataError) as caught:
+        scan(tree)
+    message = str(caught.value)
+    assert "2 set(s) of byte-identical images" in message and len(message.splitlines()) == 1
+    assert "good/g1 copy.png (good), good/g1.png (good)" in message
+    assert "bad/from_good.png (bad), good/g2.png (good)" in message
+
+
+def test_hidden_files_are_skipped_at_any_depth_and_a_broken_link_is_named(tree):
+    (tree / "good" / ".thumbs").mkdir()
+    shutil.copy(tree / "good" / "g1.png", tree / "good" / ".thumbs" / "g1.png")  # a hidden copy: not listed
+    (tree / "good" / "._g1.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata, not an image
+    assert len(scan(tree)) == 16
+    (tree / "bad" / "moved.png").symlink_to(tree / "bad" / "gone.png")
+    with pytest.raises(DataError, match=r"1 of 17 images cannot be used: .*bad/moved.png: file not found \(a link to "):
+        scan(tree)
+
+
+def test_a_stack_a_decompression_bomb_and_labels_apart_only_by_case_are_refused(tree):
+    frames = [Image.new("L", (16, 16), v) for v in (1, 2, 3)]
+    frames[0].save(tree / "good" / "stack.tif", save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match=r"stack.tif: 3 frames \(a stack\); one image per file"):
+        scan(tree)
+    (tree / "good" / "stack.tif").unlink()
+    Image.new("L", (20000, 10000), 0).save(tree / "good" / "huge.png")  # 2e8 pixels: past Pillow's bomb limit
+    with pytest.raises(DataError, match=r"huge.png: unreadable or corrupt image \(Image size \(200000000 pixels\)"):
+        scan(tree)
+    (tree / "good" / "huge.png").unlink()
+    (tree / "Good").mkdir()
+    Image.new("L", (8, 8), 99).save(tree / "Good" / "x.png")
+    with pytest.raises(DataError, match=r"labels that differ only in case, spaces or Unicode form: \['Good', 'good'\]"):
+        scan(tree)
 
 
 def test_not_an_image_named(tree):
@@ -168,7 +212,7 @@ def test_group_folds_errors():
     no_groups = m.assign(group="")
     with pytest.raises(DataError, match="group"):
         assign_folds(no_groups, FoldsConfig(k=3, strategy="group"))
-    with pytest.raises(DataError, match="fewer than folds.k"):
+    with pytest.raises(DataError, match=r"fewer images than folds.k=20 .*: 'acceptable' has \d+, 'bad' has \d+$"):
         assign_folds(m, FoldsConfig(k=20, strategy="stratified"))
 
 
@@ -260,7 +304,7 @@ def test_bytes_replaced_in_place_are_seen_even_with_the_same_size_and_mtime(tmp_
     first = run_data(cfg, paths).set_index("id")
     target = tree / "good" / "g1.png"
     st = target.stat()
-    Image.new("L", (64, 48), 41).save(target)  # was 40: same dimensions, other pixels
+    Image.new("L", (64, 48), 42).save(target)  # was 40: same dimensions, other pixels (41 is bad/g1.png)
     assert target.stat().st_size == st.st_size  # the old stat fingerprint could not tell the difference
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     second = run_data(cfg, paths).set_index("id")
