@@ -105,8 +105,8 @@ def build(cls: type, raw: dict, prefix: str = "", found: list[str] | None = None
         if k not in names or not isinstance(k, str):
             continue
         try:
-            kwargs[k] = (build(hints[k], v, f"{prefix}{k}.", collect)
-                         if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) else coerce(v, hints[k], prefix + k))
+            section = dataclasses.is_dataclass(hints[k]) and isinstance(v, dict)
+            kwargs[k] = build(hints[k], v, f"{prefix}{k}.", collect) if section else coerce(v, hints[k], prefix + k)
         except ConfigError as exc:
             collect.append(str(exc))
     if found is None:

@@ -110,3 +110,8 @@ def progress_shown() -> bool:
 def note(message: str) -> None:
     """A line for the person at the terminal (what was re-used, re-made or skipped, and why)."""
     LOGGER.info(message)
+
+
+def warn(message: str) -> None:
+    """A line the person must see even under -q: a result shown with less than was planned."""
+    LOGGER.warning(message)

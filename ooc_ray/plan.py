@@ -26,6 +26,7 @@ from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import grid_points, plan_loras, pool_sizes
 from ooc_ray.sample import plan_pools
 from ooc_ray.trainsets import plan_grid
+from ooc_ray.trial_files import trial_problem
 from ooc_ray.variants import each_variant
 
 # Seconds per unit where this results folder has recorded none, on CPU (the tiny demo, 2 cores): a LoRA, an
@@ -70,7 +71,7 @@ def unit_costs(paths: ExperimentPaths) -> tuple[dict[str, float], str]:
             costs["image"] = float(render.median())
             seen.append(f"{len(render)} images")
     trials = [float(pd.read_parquet(p, columns=["duration_s"])["duration_s"].iloc[0])
-              for p in paths.trials.glob("*.parquet")]
+              for p in paths.trials.glob("*.parquet") if not trial_problem(paths, p.stem)]
     if trials:
         costs["trial"] = statistics.median(trials)
         seen.append(f"{len(trials)} trials")
@@ -126,7 +127,7 @@ def _count_trials(c: Count, cfg: ExperimentConfig, paths: ExperimentPaths, vpath
     fresh = [t for t in planned if t.key not in c.keys]
     c.keys |= {t.key for t in fresh}
     c.planned += len(fresh)
-    c.reused += sum(not parquet_problem(paths.trial(t.key)) for t in fresh)
+    c.reused += sum(not trial_problem(paths, t.key) for t in fresh)  # as classify decides what to run again
 
 
 def plan_counts(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame) -> dict[str, Count]:

@@ -11,8 +11,10 @@ import pandas as pd
 import yaml
 
 from ooc_ray.config import ExperimentConfig
+from ooc_ray.errors import LockError
 from ooc_ray.lock import current_holder
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.trial_files import trial_problem
 
 LAST_RUNS = 3  # commands shown, newest first
 
@@ -22,7 +24,10 @@ def _ago(seconds: float) -> str:
 
 
 def lock_line(paths: ExperimentPaths) -> str:
-    found = current_holder(paths.lock)
+    try:
+        found = current_holder(paths.lock)
+    except LockError as exc:  # the other lines still help: status is what one runs to find out what is wrong
+        return f"lock: {exc}"
     if found is None:
         return "lock: free (no run is writing)"
     holder, alive, age = found
@@ -57,7 +62,10 @@ def stage_lines(paths: ExperimentPaths) -> list[str]:
     rows = sum(n for n in (_rows(t) for t in tables) if n)
     lines.append(f"sample: {pngs} images on disk; synthetic tables list {rows}")
     trials = sorted(paths.trials.glob("*.parquet")) if paths.trials.is_dir() else []
-    lines.append(f"classify: {len(trials)} trials finished")
+    damaged = [t for t in trials if trial_problem(paths, t.stem)]
+    lines.append(f"classify: {len(trials) - len(damaged)} trials finished"
+                 + (f"; {len(damaged)} damaged or not their trial's, e.g. {damaged[0].name} (classify runs them "
+                    "again)" if damaged else ""))
     report = paths.report / "report.md"
     if report.exists():
         newest = max((t.stat().st_mtime for t in trials), default=0.0)

@@ -389,3 +389,20 @@ def test_repeats_that_cannot_differ_are_refused_and_duplicates_drawn_again():
     for table in (drawn, plain):
         held = {frozenset(table.loc[table[c] == f, "id"]) for c in columns for f in range(5)}
         assert len(set(held_out_signatures(six.merge(table, on="id")).values())) == len(held)
+
+
+def test_a_stage_refuses_images_changed_since_the_data_stage(tmp_path, tree):
+    """A stage run on its own (finetune, report) after an image changed would key its results by the recorded
+    bytes and read the new ones, and report and plan would show the old trials as current: load_manifest hashes
+    every image again and names what changed."""
+    cfg = from_dict({"name": "t", "results_dir": str(tmp_path / "out"), "data": {"source": str(tree)},
+                     "folds": {"k": 2}})
+    paths = ExperimentPaths.of(cfg)
+    run_data(cfg, paths)
+    assert len(load_manifest(paths)) == 16
+    Image.new("L", (64, 48), 43).save(tree / "good" / "g1.png")
+    with pytest.raises(DataError, match=r"manifest.parquet: 1 image\(s\) changed or gone since `ooc-ray data` ran, "
+                                        r"e.g. .*good/g1.png; run `ooc-ray run`"):
+        load_manifest(paths)
+    run_data(cfg, paths)
+    assert len(load_manifest(paths)) == 16

@@ -1,6 +1,7 @@
 """Report numbers against hand-computed ones on a fixed trial table; report.html read back and opened in a
 headless browser."""
 import base64
+import dataclasses
 import html
 import json
 import math
@@ -188,7 +189,8 @@ def test_run_report_writes_everything(tmp_path, trials):
     # a trial file of other data under a current key (a copied folder, a bug): refused, never mixed
     key = next(iter(planned.values()))
     pd.DataFrame([{**trials.iloc[0], "trial_key": key, "data_digest": "0" * 64}]).to_parquet(paths.trial(key))
-    with pytest.raises(DataError, match="trials of different data"):
+    with pytest.raises(DataError, match=r"trials of data 000000000000, \w{12} would share one table with the "
+                                       r"manifest's \(\w{12}\); run `ooc-ray run`"):
         run_report(cfg, paths)
 
 
@@ -495,10 +497,10 @@ def test_report_on_results_it_cannot_write_is_one_line_and_out_writes_elsewhere(
     assert paths.report.read_text() == "not a folder"
 
 
-def test_a_report_prints_only_its_own_lines_quiet_prints_nothing_and_verbose_shows_the_libraries(tmp_path, trials):
+def test_a_report_prints_only_its_own_lines_quiet_prints_only_warnings_and_verbose_shows_the_libraries(tmp_path, trials):
     """The CLI in a fresh process (the libraries' notices come once per process, some from C++ at import): by
-    default every line is ooc-ray's; -q prints nothing (a report imports neither torch nor TensorFlow: -v adds
-    nothing here, see test_logs_levels)."""
+    default every line is ooc-ray's; -q prints only warnings (a report imports neither torch nor TensorFlow: -v
+    adds nothing here, see test_logs_levels)."""
     import subprocess
     import sys
 
@@ -517,7 +519,9 @@ def test_a_report_prints_only_its_own_lines_quiet_prints_nothing_and_verbose_sho
         assert proc.returncode == 0, proc.stderr[-2000:]
         lines[flag] = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert lines[""] and all(line.startswith("[ooc-ray] ") for line in lines[""]), lines[""]
-    assert lines["-q"] == []
+    # -q: only the warning that the tables leave out the 3 planned trials this fixture never ran
+    assert lines["-q"] == ["[ooc-ray] report: 3 of 15 planned trials have not run; the tables leave them out "
+                           "(`ooc-ray classify` runs them)"]
 
 
 @pytest.mark.parametrize("verbosity", [-1, 0, 1])
@@ -545,3 +549,60 @@ def test_logs_levels_hide_the_libraries_below_verbose(verbosity, capfd, caplog):
         logs.configure(logs.VERBOSE)  # the test process's own default: nothing hidden
         logging.getLogger("ooc_ray").setLevel(logging.INFO)
         logging.captureWarnings(False)
+
+
+def test_a_trial_summary_that_is_not_its_own_or_cannot_be_a_result_is_refused_by_report_plan_and_status(
+        tmp_path, trials):
+    """A summary holding another trial's row (a copied file) or an accuracy outside [0, 1] (a hand edit) was
+    averaged into the table, or broke it with a traceback: now report names each, classify runs it again, and
+    plan and status count it as not finished."""
+    from ooc_ray.errors import DataError
+    from ooc_ray.report import run_report
+    from ooc_ray.status import stage_lines
+    from ooc_ray.trial_files import summary_problem
+
+    cfg, paths, planned, _ = write_report(tmp_path, trials)
+    one, other = sorted(paths.trial(key) for key in planned.values())[:2]
+    shutil.copy(other, one)
+    row = pd.read_parquet(other).assign(accuracy=1.5)
+    row.to_parquet(other)
+    with pytest.raises(DataError) as caught:
+        run_report(cfg, paths)
+    message = str(caught.value)
+    assert message.startswith("2 trial summaries damaged or not their trial's: ") and len(message.splitlines()) == 1
+    assert f"{one}: holds ['{other.stem}'], not trial {one.stem} alone" in message
+    assert f"{other}: accuracy 1.5 outside [0, 1]" in message
+    row.assign(accuracy=float("nan")).to_parquet(other)
+    assert summary_problem(paths, other.stem) == f"{other}: accuracy nan outside [0, 1]"
+    paths.history.mkdir(parents=True, exist_ok=True)
+    files = sorted(paths.trials.glob("*.parquet"))
+    for f in files:  # the fixture writes summaries and predictions: a trial's history too
+        pd.DataFrame({"trial_key": [f.stem], "epoch": [1]}).to_parquet(paths.trial_history(f.stem))
+    # the 2, and the fixture's old.parquet, which holds trial "other-config" and has no predictions
+    assert f"classify: {len(files) - 3} trials finished; 3 damaged or not their trial's, e.g. " in \
+        "\n".join(stage_lines(paths))
+
+
+def test_a_report_that_fails_half_way_leaves_the_last_one_whole_and_out_keeps_the_users_files(
+        tmp_path, trials, monkeypatch):
+    """Files are written into a staging folder and published whole: a failure in the middle (here, the confusion
+    plot) leaves report/ as the last report left it (tables were rewritten before). With --out, only files an
+    earlier report wrote there are removed, never the user's own that merely look like report files."""
+    from ooc_ray.report import plots, run_report
+
+    cfg, paths, _, _ = write_report(tmp_path, trials)
+    run_report(cfg, paths)
+    before = {p.name: p.read_bytes() for p in paths.report.iterdir()}
+    monkeypatch.setattr(plots, "plot_confusions", lambda *a: (_ for _ in ()).throw(RuntimeError("plot failed")))
+    (paths.trial(sorted(paths.trials.glob("*.parquet"))[0].stem)).unlink()  # a table would change
+    with pytest.raises(RuntimeError, match="plot failed"):
+        run_report(cfg, paths)
+    assert {p.name: p.read_bytes() for p in paths.report.iterdir()} == before  # no staging folder left either
+    monkeypatch.undo()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "table_main.tex").write_text("my thesis table")
+    (mine / "axis_notes.png").write_bytes(b"my figure")
+    run_report(cfg, dataclasses.replace(paths, report_dir=mine))
+    assert (mine / "table_main.tex").read_text() == "my thesis table" and (mine / "axis_notes.png").exists()
+    assert (mine / "report.md").exists()

@@ -19,7 +19,8 @@ from ray import tune
 
 from ooc_ray import keys
 from ooc_ray.classic import write_missing
-from ooc_ray.classify.trials import TrialContext, trial_outputs, trial_problem
+from ooc_ray.classify.trials import TrialContext
+from ooc_ray.trial_files import trial_outputs, trial_problem
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.fields import to_dict
 from ooc_ray.data import class_names, load_manifest

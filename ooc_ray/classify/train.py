@@ -18,7 +18,8 @@ from ooc_ray.backbones import BackboneWeights
 from ooc_ray.backend.feed import TrainFeed
 from ooc_ray.networks import framework
 from ooc_ray.classify.metrics import compute_metrics
-from ooc_ray.classify.trials import TrialContext, trial_outputs
+from ooc_ray.classify.trials import TrialContext
+from ooc_ray.trial_files import trial_outputs
 from ooc_ray.classify.model import LossWeighted, build_exact_model, build_head, build_split_head, compile_model
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.errors import StageError

@@ -6,7 +6,10 @@ ooc_ray.report.tables, their rendering ooc_ray.report.render, the statistics ooc
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -21,12 +24,13 @@ from ooc_ray.diffusion.lora_files import read_metadata
 from ooc_ray.errors import DataError, MissingInputError
 from ooc_ray.folds import held_out_signatures, uses_groups
 from ooc_ray.io import atomic_path, atomic_write_text, parquet_problem
-from ooc_ray.logs import note
+from ooc_ray.logs import note, warn
 from ooc_ray.measure_validity import measure_validity, usefulness_pairs
 from ooc_ray.real_equivalence import FRACTION, equivalence_table, size_curves
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import PlannedTrial, safe_name, with_arms
 from ooc_ray.trainsets import plan_grid
+from ooc_ray.trial_files import summary_problem
 from ooc_ray.variants import Variant
 from ooc_ray.report import plots, render
 from ooc_ray.report.tables import (add_costs, apply_family, design_sensitivity, overlap_ratio, reference_values,
@@ -39,11 +43,23 @@ REPORT_OUTPUTS = ("table_*.csv", "table_*.md", "table_*.tex", "*accuracy_vs_rati
                   "real_equivalence.csv", "real_size.png")
 
 
-def remove_stale(out: Path, written: set[str]) -> list[Path]:
-    """Delete the REPORT_OUTPUTS files in `out` that this run did not write (`written`: file names), so that a
-    glob of report/ never mixes this config's tables with an earlier config's; returns them. By name, not by
-    time: on shared storage the file server's clock is not this node's."""
-    stale = sorted({f for pattern in REPORT_OUTPUTS for f in out.glob(pattern) if f.name not in written})
+INDEX = ".ooc-ray-report.json"  # the names of the files the last report wrote into its folder
+
+
+def publish(staging: Path, out: Path, own_folder: bool) -> list[Path]:
+    """Move every file of a report written whole into `staging` to `out` (a failure before this left `out` as it
+    was), then delete the files an earlier report wrote there that this one did not, so a glob of report/ never
+    mixes this config's tables with an earlier config's. An earlier report's files are the ones its index names,
+    and in results/<name>/report (`own_folder`) also every REPORT_OUTPUTS match: a folder given with --out may
+    hold the user's own files. By name, not by time: on shared storage the file server's clock is not this
+    node's. Returns the files deleted."""
+    written = sorted(f.name for f in staging.iterdir())
+    earlier = _indexed(out) | ({f.name for pattern in REPORT_OUTPUTS for f in out.glob(pattern)} if own_folder
+                               else set())
+    for name in written:
+        os.replace(staging / name, out / name)
+    atomic_write_text(out / INDEX, json.dumps(written, indent=1))
+    stale = sorted(out / name for name in earlier - set(written) if (out / name).is_file())
     for f in stale:
         f.unlink()
     if stale:
@@ -51,17 +67,37 @@ def remove_stale(out: Path, written: set[str]) -> list[Path]:
     return stale
 
 
+def _indexed(out: Path) -> set[str]:
+    """The file names the index in `out` lists (plain names only: it never points outside the folder)."""
+    try:
+        names = json.loads((out / INDEX).read_text())
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as exc:
+        note(f"report: {out / INDEX} is unreadable ({exc}); no earlier report file is removed")
+        return set()
+    return {n for n in names if isinstance(n, str) and n == Path(n).name and n not in (".", "..")} \
+        if isinstance(names, list) else set()
+
+
 def finished_trials(paths: ExperimentPaths, planned: list[PlannedTrial], manifest: pd.DataFrame) -> pd.DataFrame:
     """The summary rows of the `planned` trials that have finished (trials/ keeps every config's trials: a changed
-    setting or changed data adds files, never overwrites); empty when none has. Read-only: builds nothing."""
-    files = [paths.trial(t.key) for t in planned if not parquet_problem(paths.trial(t.key))]
+    setting or changed data adds files, never overwrites); empty when none has. A trial whose summary is damaged
+    or not its own (trial_files) is an error naming every one: a table never silently drops or misreads it.
+    Read-only: builds nothing."""
+    problems = {t.key: summary_problem(paths, t.key) for t in planned}
+    damaged = [p for p in problems.values() if p and p != "missing"]
+    if damaged:
+        raise DataError(f"{len(damaged)} trial summaries damaged or not their trial's: {'; '.join(damaged[:3])}"
+                        f"{' ...' if len(damaged) > 3 else ''}; `ooc-ray classify` runs them again")
+    files = [paths.trial(key) for key, problem in problems.items() if not problem]
     if not files:
         return pd.DataFrame()
     trials = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    digests = sorted(set(trials["data_digest"]))
-    if digests != [keys.data_digest(manifest)]:  # cannot happen through the keys; refuse rather than mix
-        raise DataError(f"{paths.trials}: trials of different data ({', '.join(d[:12] for d in digests)}) "
-                        "would share one table; re-run `ooc-ray classify`")
+    digests, now = sorted(set(trials["data_digest"])), keys.data_digest(manifest)
+    if digests != [now]:  # cannot happen through the keys; refuse rather than mix
+        raise DataError(f"{paths.trials}: trials of data {', '.join(d[:12] for d in digests)} would share one table "
+                        f"with the manifest's ({now[:12]}); run `ooc-ray run`, which re-makes what the data feeds")
     return trials
 
 
@@ -157,70 +193,72 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
                             if not trials.empty], ignore_index=True)
     real = everything[[arm.is_real for arm in with_arms(everything)["arm_"]]].drop_duplicates("trial_key")
     ratio = overlap_ratio(real) if len(real) else math.nan
-    out = paths.report
-    out.mkdir(parents=True, exist_ok=True)
-    naive = naive_baseline(manifest)
-    body, combined, written = [], [], {"replicates.md"} if cfg.sample.replicates > 1 else set()
-    pairs = []  # (pool's quality measures, its arms' accuracy changes) of every variant: measure validity
-    for variant, vpaths, trials, tables, synthetic in done:
-        heading = "##" if not variant.point else "###"
-        if variant.point:
-            body += [f"## {variant.label}", ""]
-        if not tables:
-            body += ["No trial of this variant has finished yet.", ""]
-            continue
-        prefix = f"{variant.tag}__" if variant.tag else ""
-        sensitivity = {w: design_sensitivity(t, cfg.folds.k, cfg.folds.repeats, ratio) for w, t in tables.items()}
-        references = {w: reference_values(t, reference) for w, t in tables.items()}
-        body += render.write_tables(tables, out, sensitivity, references, prefix)
-        written |= {f"table_{render.table_name(prefix, w)}.{ext}" for w in tables for ext in ("csv", "md", "tex")}
-        written |= {f"{prefix}{name}.png" for name in ("accuracy_vs_ratio", "confusion_matrices", "real_vs_synthetic")}
-        plots.plot_metric_vs_ratio(tables, naive["overall"], out / f"{prefix}accuracy_vs_ratio.png")
-        plots.plot_confusions(trials, out / f"{prefix}confusion_matrices.png")
-        body += [f"![accuracy vs ratio]({prefix}accuracy_vs_ratio.png)", "",
-                 f"![confusion]({prefix}confusion_matrices.png)", ""]
-        if synthetic is not None and len(synthetic):
-            plots.image_grid(manifest, synthetic, out / f"{prefix}real_vs_synthetic.png")
-            body += [f"![real vs synthetic]({prefix}real_vs_synthetic.png)", "", plots.GRID_CAPTION, ""]
-        if not parquet_problem(vpaths.quality):
-            quality = pd.read_parquet(vpaths.quality)
-            body += render.quality_section(summarise_quality(quality), variant.cfg, heading)
-            pairs.append(usefulness_pairs(trials, quality, rc.metric).assign(variant=variant.tag))
-        point = {name: format_value(value) for name, value in variant.point}
-        combined += [table.assign(variant=variant.tag, **point) for table in tables.values()]
-    with atomic_path(out / "summary.csv") as tmp:
-        pd.concat(combined, ignore_index=True).to_csv(tmp, index=False)
-    extra = []
-    for name, values in cfg.axes:
-        file = f"axis_{safe_name(name)}.png"
-        written.add(file)
-        plots.plot_axis(everything, name, values, out / file)
-        extra += [f"![accuracy against {name}]({file})", ""]
-    if FRACTION in dict(cfg.axes):
-        written |= {"real_equivalence.csv", "real_size.png"}
-        others = [name for name, _ in cfg.axes if name != FRACTION] + (["replicate"] if cfg.sample.replicates > 1
-                                                                         else [])
-        extra += real_size_section(everything, others, rc.metric, out)
-    if pairs:
-        validity = measure_validity(pd.concat(pairs, ignore_index=True))
-        with atomic_path(out / "measure_validity.csv") as tmp:
-            validity.to_csv(tmp, index=False)
-        written.add("measure_validity.csv")
-        extra += render.validity_section(validity, rc.metric)
-    if cfg.sample.replicates > 1:
-        axes = [name for name, _ in cfg.axes]
-        table = render.replicate_display(replicate_table(everything, axes, real, rc.metric, signatures), axes,
-                                         rc.metric)
-        atomic_write_text(out / "replicates.md", render.to_markdown(table) + "\n")
-        extra += ["## Generator randomness (generation replicates)", "", render.REPLICATES_NOTE, "",
-                  render.to_markdown(table), ""]
-    facts = {"naive": naive, "n_trials": everything["trial_key"].nunique(), "n_planned": n_planned,
-             "n_test": resolution(everything), "family": family, "grouped": grouped}
-    lines = (render.header(cfg, manifest, facts) + render.axes_lines(cfg) + ["", render.TESTS_NOTE, ""]
-             + (extra if cfg.axes else []) + body + ([] if cfg.axes else extra))
-    text = "\n".join(lines)
-    atomic_write_text(out / "report.html", render.html_report(text, out, f"ooc-ray report: {cfg.name}"))
-    report = atomic_write_text(out / "report.md", text)
-    remove_stale(out, written)
+    paths.report.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".report-", dir=paths.report) as staging:
+        out = Path(staging)  # every file of the report is written here, then published whole
+        naive = naive_baseline(manifest)
+        body, combined = [], []
+        pairs = []  # (pool's quality measures, its arms' accuracy changes) of every variant: measure validity
+        for variant, vpaths, trials, tables, synthetic in done:
+            heading = "##" if not variant.point else "###"
+            if variant.point:
+                body += [f"## {variant.label}", ""]
+            if not tables:
+                body += ["No trial of this variant has finished yet.", ""]
+                continue
+            prefix = f"{variant.tag}__" if variant.tag else ""
+            sensitivity = {w: design_sensitivity(t, cfg.folds.k, cfg.folds.repeats, ratio)
+                           for w, t in tables.items()}
+            references = {w: reference_values(t, reference) for w, t in tables.items()}
+            body += render.write_tables(tables, out, sensitivity, references, prefix)
+            plots.plot_metric_vs_ratio(tables, naive["overall"], out / f"{prefix}accuracy_vs_ratio.png")
+            plots.plot_confusions(trials, out / f"{prefix}confusion_matrices.png")
+            body += [f"![accuracy vs ratio]({prefix}accuracy_vs_ratio.png)", "",
+                     f"![confusion]({prefix}confusion_matrices.png)", ""]
+            if synthetic is not None and len(synthetic):
+                plots.image_grid(manifest, synthetic, out / f"{prefix}real_vs_synthetic.png")
+                body += [f"![real vs synthetic]({prefix}real_vs_synthetic.png)", "", plots.GRID_CAPTION, ""]
+            if not parquet_problem(vpaths.quality):
+                quality = pd.read_parquet(vpaths.quality)
+                body += render.quality_section(summarise_quality(quality), variant.cfg, heading)
+                pairs.append(usefulness_pairs(trials, quality, rc.metric).assign(variant=variant.tag))
+            point = {name: format_value(value) for name, value in variant.point}
+            combined += [table.assign(variant=variant.tag, **point) for table in tables.values()]
+        with atomic_path(out / "summary.csv") as tmp:
+            pd.concat(combined, ignore_index=True).to_csv(tmp, index=False)
+        extra = []
+        for name, values in cfg.axes:
+            file = f"axis_{safe_name(name)}.png"
+            plots.plot_axis(everything, name, values, out / file)
+            extra += [f"![accuracy against {name}]({file})", ""]
+        if FRACTION in dict(cfg.axes):
+            others = [name for name, _ in cfg.axes if name != FRACTION] + (
+                ["replicate"] if cfg.sample.replicates > 1 else [])
+            extra += real_size_section(everything, others, rc.metric, out)
+        if pairs:
+            validity = measure_validity(pd.concat(pairs, ignore_index=True))
+            with atomic_path(out / "measure_validity.csv") as tmp:
+                validity.to_csv(tmp, index=False)
+            extra += render.validity_section(validity, rc.metric)
+        if cfg.sample.replicates > 1:
+            axes = [name for name, _ in cfg.axes]
+            table = render.replicate_display(replicate_table(everything, axes, real, rc.metric, signatures), axes,
+                                             rc.metric)
+            atomic_write_text(out / "replicates.md", render.to_markdown(table) + "\n")
+            extra += ["## Generator randomness (generation replicates)", "", render.REPLICATES_NOTE, "",
+                      render.to_markdown(table), ""]
+        facts = {"naive": naive, "n_trials": everything["trial_key"].nunique(), "n_planned": n_planned,
+                 "n_test": resolution(everything), "family": family, "grouped": grouped}
+        if facts["n_trials"] < n_planned:
+            warn(f"report: {n_planned - facts['n_trials']} of {n_planned} planned trials have not run; the tables "
+                 "leave them out (`ooc-ray classify` runs them)")
+        lines = (render.header(cfg, manifest, facts) + render.axes_lines(cfg) + ["", render.TESTS_NOTE, ""]
+                 + (extra if cfg.axes else []) + body + ([] if cfg.axes else extra))
+        text = "\n".join(lines)
+        atomic_write_text(out / "report.html", render.html_report(text, out, f"ooc-ray report: {cfg.name}"))
+        atomic_write_text(out / "report.md", text)
+        publish(out, paths.report, own_folder=paths.report_dir is None)
+    report = paths.report / "report.md"
     note(f"report: {report} (and report.html beside it: one file, images embedded)")
     return report
+
