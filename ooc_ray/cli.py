@@ -154,7 +154,8 @@ def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths,
         if name not in QUIET_STAGES:
             note(f"{name} done in {time.perf_counter() - start:.1f} s")
     if not set(stages) <= QUIET_STAGES:
-        note(f"outputs in {paths.root}")
+        # report alone writes only its report folder, which --out may put outside the results
+        note(f"outputs in {paths.report if stages == ('report',) else paths.root}")
     return 0, ""
 
 

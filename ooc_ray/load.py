@@ -199,12 +199,16 @@ def set_dotted(raw: dict, dotted: str, value: Any) -> None:
 
 
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file (name an experiment YAML in it)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:  # a binary file given by mistake
+        raise ConfigError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return raw
@@ -255,18 +259,22 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), t
             raise ConfigError(f"{path}: no `tiny:` mapping (dotted overrides for tiny mode; {{}} for none)")
         for key, value in {**TINY, **tiny_overrides}.items():
             set_dotted(raw, key, value)
-    found = []
+    found, given = [], {}  # given: key -> its values as typed, to name a key given twice
     for item in overrides:
         if "=" not in item:
             found.append(f"override {item!r}: expected key=value")
             continue
         key, value = item.split("=", 1)
+        given.setdefault(key.strip(), []).append(value)
         try:
             set_dotted(raw, key.strip(), yaml.safe_load(value))
         except yaml.YAMLError as exc:
             found.append(f"override {item!r}: the value is not YAML ({str(exc).splitlines()[0]})")
         except ConfigError as exc:
             found.append(str(exc))
+    # The last value would win, silently: which one was meant is the user's to say.
+    found += [f"override {key}: given {len(values)} times ({', '.join(map(repr, values))}); give it once"
+              for key, values in given.items() if len(values) > 1]
     raise_problems(found)
     try:
         return from_dict(raw)

@@ -5,6 +5,8 @@ A second ooc-ray command that would write into a folder another live process is 
 that name. A lock whose holder is gone is taken over: on the same host when its pid no longer runs (or runs
 another program: the pid's start time is recorded), on another host when its heartbeat (the file's mtime,
 touched every HEARTBEAT_S by the holder) is older than STALE_S, e.g. a node that died on a shared file system.
+A lock file that is not a holder as RunLock writes it (it writes atomically, so no crash leaves half of one) is
+named as unreadable, never taken over: see _read.
 """
 from __future__ import annotations
 
@@ -35,9 +37,9 @@ def _start_time(pid: int) -> str:
 
 
 def _alive(holder: dict, mtime: float) -> bool:
-    if holder.get("host") != socket.gethostname():
+    if holder["host"] != socket.gethostname():
         return time.time() - mtime < STALE_S
-    pid = int(holder.get("pid", -1))
+    pid = holder["pid"]
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -48,13 +50,50 @@ def _alive(holder: dict, mtime: float) -> bool:
     return not started or started == _start_time(pid)  # else the pid was reused by another program
 
 
-def current_holder(path: str | Path) -> tuple[dict, bool, float] | None:
-    """(holder, whether it is alive, seconds since its heartbeat) of the lock at `path`, or None when free."""
-    path = Path(path)
+def _problem(holder: object) -> str:
+    """What keeps `holder` (a lock file's parsed JSON) from being a holder as RunLock writes it; '' if nothing."""
+    if not isinstance(holder, dict):
+        return "not a JSON object"
+    if not isinstance(holder.get("host"), str):
+        return f"host {holder.get('host')!r} is not a host name"
+    pid = holder.get("pid")
+    if type(pid) is not int or not 0 < pid < 2**31:  # 0 and -1 would make os.kill signal a group or every process
+        return f"pid {pid!r} is not a process id"
+    for key in ("started", "command", "since"):
+        if not isinstance(holder.get(key, ""), str):
+            return f"{key} {holder[key]!r} is not text"
+    return ""
+
+
+def _read(path: Path) -> tuple[dict, float] | None:
+    """(holder, mtime: its heartbeat) of the lock at `path`, None when there is none.
+
+    A file that is not a holder as RunLock writes it is a LockError, never taken over: it names no holder, so
+    whether a run still writes these results cannot be told, and taking it over could put two writers in one
+    folder. RunLock writes atomically, so no crash of ours leaves one; the user decides."""
     try:
-        holder, mtime = json.loads(path.read_text() or "{}"), path.stat().st_mtime
-    except (FileNotFoundError, json.JSONDecodeError):
+        text, mtime = path.read_bytes(), path.stat().st_mtime
+    except FileNotFoundError:
         return None
+    try:
+        holder = json.loads(text)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        holder, problem = None, "empty" if not text.strip() else "not JSON"
+    else:
+        problem = _problem(holder)
+    if problem:
+        raise LockError(f"{path}: the results lock is unreadable ({problem}), so whether a run writes here cannot "
+                        "be told; if no ooc-ray run uses these results, delete it and run again")
+    return holder, mtime
+
+
+def current_holder(path: str | Path) -> tuple[dict, bool, float] | None:
+    """(holder, whether it is alive, seconds since its heartbeat) of the lock at `path`, or None when free;
+    LockError naming the file when it is unreadable."""
+    found = _read(Path(path))
+    if found is None:
+        return None
+    holder, mtime = found
     return holder, _alive(holder, mtime), time.time() - mtime
 
 
@@ -72,15 +111,23 @@ class RunLock:
                 "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     def _try_create(self) -> bool:
+        # Written whole to a file of our own, then hard-linked to the lock's name: the link either makes the lock
+        # with all its content or fails because one exists, so no reader and no crash ever sees half a lock
+        # (O_EXCL then write left an empty file when killed in between). Links are atomic on NFS too.
+        tmp = self.path.with_name(f"{self.path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self._holder(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        return True
+            with open(tmp, "w") as fh:
+                json.dump(self._holder(), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                # NFS: a link retried after its reply was lost says "exists" although it made the lock
+                return os.stat(tmp).st_nlink == 2
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,11 +136,10 @@ class RunLock:
                 self._thread = threading.Thread(target=self._beat, daemon=True, name="ooc-ray-lock")
                 self._thread.start()
                 return self
-            try:
-                holder, mtime = json.loads(self.path.read_text() or "{}"), self.path.stat().st_mtime
-            except (FileNotFoundError, json.JSONDecodeError):
-                time.sleep(0.2)  # being written or removed right now
-                continue
+            found = _read(self.path)  # LockError when unreadable
+            if found is None:
+                continue  # removed since: try again
+            holder, mtime = found
             if _alive(holder, mtime):
                 raise LockError(
                     f"{self.path.parent} is being written by another ooc-ray run: host {holder.get('host')}, "
@@ -116,10 +162,11 @@ class RunLock:
         if self._thread is not None:
             self._thread.join(timeout=1)
         try:
-            if json.loads(self.path.read_text()).get("pid") == os.getpid():
-                self.path.unlink()
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+            found = _read(self.path)
+        except LockError:
+            return  # not the lock we wrote: left for the user to look at
+        if found is not None and found[0]["pid"] == os.getpid():
+            self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

@@ -228,3 +228,66 @@ def test_file_progress_counts_items_as_they_are_written(tmp_path, capsys):
         writer.join()
     assert progress.bar.n == 4 and progress.bar.total == 5
     assert "sample:  80%" in capsys.readouterr().err
+
+
+UNREADABLE = {  # a lock file's content -> why it is unreadable
+    json.dumps({"host": socket.gethostname(), "pid": "abc", "command": "ooc-ray run x", "since": "then"}):
+        "pid 'abc' is not a process id",
+    "[1, 2]": "not a JSON object",
+    "garbage{": "not JSON",
+    "": "empty",
+}
+
+
+@pytest.mark.parametrize("content", UNREADABLE, ids=["pid abc", "a list", "not JSON", "empty"])
+def test_an_unreadable_lock_is_named_by_status_and_writers_at_once_and_left_in_place(tmp_path, capsys, content):
+    """No traceback, no "lock: free", no retries nor a wait for a heartbeat: it names no holder, so the user is told
+    how to clear it, and the lock stays (taking it over could put two writers in one folder)."""
+    config = data_config(tmp_path)
+    lock = tmp_path / "exp" / ".ooc-ray.lock"
+    lock.parent.mkdir()
+    lock.write_text(content)
+    message = (f"{lock}: the results lock is unreadable ({UNREADABLE[content]}), so whether a run writes here "
+               "cannot be told; if no ooc-ray run uses these results, delete it and run again")
+    assert main(["status", config]) == 0  # its other lines still show: status is how one finds out what is wrong
+    out, err = capsys.readouterr()
+    assert f"lock: {message}\n" in out and "lock: free" not in out and err == ""
+    start = time.perf_counter()
+    assert main(["data", config]) == 1
+    assert time.perf_counter() - start < 5
+    assert capsys.readouterr().err == f"[ooc-ray] {message}\n"
+    assert lock.read_text() == content and sorted(p.name for p in lock.parent.iterdir()) == [".ooc-ray.lock"]
+    lock.unlink()  # what the message says to do
+    assert main(["data", config]) == 0
+
+
+def test_an_override_given_twice_is_named_with_both_values_beside_the_other_bad_overrides(tmp_path, capsys):
+    cfg = data_config(tmp_path)
+    assert main(["plan", cfg, "-o", "classify.epochs=5", "-o", "classify.lr", "-o", " classify.epochs=20"]) == 2
+    assert capsys.readouterr().err == ("config error: override 'classify.lr': expected key=value; override "
+                                       "classify.epochs: given 2 times ('5', '20'); give it once (2 problems)\n")
+
+
+def test_a_config_path_that_is_a_folder_or_not_text_is_named_as_such(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"config error: {tmp_path}: is a directory, not a config file (name an " \
+                                      "experiment YAML in it)\n"
+    binary = tmp_path / "exp.yaml"
+    binary.write_bytes(b"name: x\xff\n")
+    assert main(["plan", str(binary)]) == 2
+    assert capsys.readouterr().err == f"config error: {binary}: not a text file (invalid start byte at byte 7)\n"
+
+
+def test_report_names_the_folder_it_wrote_into_out_included(tmp_path, capsys):
+    from test_report import example_trials, write_report
+
+    from ooc_ray.fields import to_dict
+
+    cfg, paths, _, _ = write_report(tmp_path, example_trials())
+    config = tmp_path / "r.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert main(["report", str(config)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"[ooc-ray] outputs in {paths.root / 'report'}"
+    assert main(["report", str(config), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"[ooc-ray] outputs in {tmp_path / 'elsewhere'}"
+    assert (tmp_path / "elsewhere" / "report.md").exists()

@@ -147,3 +147,20 @@ def test_a_claim_held_elsewhere_is_refused_without_waiting_and_a_file_system_wit
         with lock.claim(path, wait=True) as held:
             assert held  # the work goes on unclaimed
     assert caplog.text.count("no file locks here (No locks available)") == 1
+
+
+def test_a_lock_write_that_dies_half_way_leaves_no_lock(tmp_path, monkeypatch):
+    """json.dump fails on the last value after writing the others: the lock is made whole or not at all (a half
+    lock would be unreadable, and an unreadable lock stops every later command until the user deletes it)."""
+    path = tmp_path / ".ooc-ray.lock"
+    monkeypatch.setattr(RunLock, "_holder", lambda self: {"host": socket.gethostname(), "pid": os.getpid(),
+                                                          "since": object()})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        RunLock(path, "me").acquire()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    held = RunLock(path, "me").acquire()
+    assert json.loads(path.read_text())["command"] == "me" and list(tmp_path.iterdir()) == [path]
+    path.write_text("garbage{")  # damaged while held: release() leaves it to the user
+    held.release()
+    assert path.read_text() == "garbage{"
