@@ -12,6 +12,7 @@ import yaml
 
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.errors import LockError
+from ooc_ray.io import parquet_problem
 from ooc_ray.lock import current_holder
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.trial_files import trial_problem
@@ -47,8 +48,10 @@ def _rows(path: Path) -> int | None:
 def stage_lines(paths: ExperimentPaths) -> list[str]:
     root = paths.root
     lines = []
-    manifest = _rows(paths.manifest)
-    lines.append(f"data: {manifest} images in manifest.parquet" if manifest is not None else "data: not run")
+    problem = parquet_problem(paths.manifest)
+    lines.append("data: not run" if problem == "missing" else
+                 f"data: {paths.manifest} is {problem}: run `ooc-ray data`" if problem else
+                 f"data: {_rows(paths.manifest)} images in manifest.parquet")
     pretrained = paths.models / "pretrained"  # diffusion.pretrain.pretrained_dir: one folder per key
     # Not a pretraining still being written (io.atomic_dir's hidden .<key>.*.tmp folder beside it).
     bases = sorted(p.name for p in pretrained.iterdir() if p.is_dir() and not p.name.startswith(".")

@@ -169,6 +169,10 @@ def test_status_reads_the_lock_each_stages_files_and_the_last_commands(tmp_path,
         holder.wait()
     assert main(["status", config]) == 0
     assert f"lock: left by a run that is gone (host {socket.gethostname()}, pid {holder.pid}" in capsys.readouterr().out
+    manifest = out / "manifest.parquet"
+    manifest.write_bytes(manifest.read_bytes()[:100])  # a damaged manifest is not "not run"
+    assert main(["status", config]) == 0
+    assert f"data: {manifest} is unreadable Parquet (" in capsys.readouterr().out
 
 
 def test_lock_of_a_dead_node_is_stale_after_its_heartbeat(tmp_path, monkeypatch):
