@@ -232,8 +232,6 @@ def _search_problems(cfg: ExperimentConfig) -> list[str]:
         named = "search.confirm_folds" if s.confirm_folds else "the default confirmation folds (the last third)"
         found.append(f"search.folds / {named}: {sorted(set(s.folds) & set(confirm))} in both; the confirmation "
                      "needs folds the search never scored on")
-    if s.confirm_folds and not s.confirm:
-        found.append("search.confirm_folds: set, but search.confirm is false, so nothing is confirmed on them")
     if s.confirm_folds and not s.folds and len(s.confirm_folds) >= n:
         found.append("search.confirm_folds: every fold; none is left for the search to score on")
     if s.scheduler != "none" and s.report_every == 0:
@@ -254,12 +252,6 @@ def problems(cfg: ExperimentConfig) -> list[str]:
         (gc.resolution % 8 == 0 and s.resolution % 8 == 0,
          f"generator.resolution / sample.resolution: {gc.resolution} / {s.resolution}: each must be a multiple of "
          "8 (diffusers' Stable Diffusion pipelines refuse other sizes)"),
-        (not s.negative_prompt or s.cfg > 1,
-         f"sample.negative_prompt: only classifier-free guidance uses it, and sample.cfg {s.cfg:g} (<= 1) runs "
-         "none; set sample.cfg above 1 or remove it"),
-        (gc.text_encoder_lr > 0 or gc.text_encoder_modules == "attention",
-         f"generator.text_encoder_modules: {gc.text_encoder_modules}, but generator.text_encoder_lr is 0 (no "
-         "text-encoder LoRA); set a learning rate or remove it"),
         (bool(cfg.data.group_column) or not gc.per_group,
          "generator.per_group: one LoRA per group needs data.group_column (the CSV column naming each image's group)"),
         (bool(cfg.data.group_column) or cfg.folds.strategy != "group",

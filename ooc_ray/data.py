@@ -29,9 +29,9 @@ MANIFEST_COLUMNS = ["id", "path", "label", "label_index", "group", "sha256", "si
                     "file"]
 _FACTS = ["size", "width", "height", "mode"]
 SHOWN_PROBLEMS = 10  # bad files named in the one error (with the count of all): a line stays readable
-# CSV cells read as text (keep_default_na=False) that a spreadsheet or pandas wrote for a missing value: a label
-# "NaN" would otherwise become a class of its own.
-MISSING_TEXT = {"", "nan", "NaN", "NA", "N/A", "n/a", "null", "NULL", "None", "none"}
+# CSV cells read as text (keep_default_na=False) that stand for no value: empty, or what str() of pandas' missing
+# float writes ("nan"), which would otherwise become a class of its own. Not "none" or "NA": real labels can be.
+MISSING_TEXT = {"", "nan", "NaN"}
 
 
 def _listed(problems: list[str]) -> str:
@@ -40,7 +40,7 @@ def _listed(problems: list[str]) -> str:
     return "; ".join(problems[:SHOWN_PROBLEMS]) + more
 
 
-def _visible(path: Path, root: Path) -> bool:
+def visible(path: Path, root: Path) -> bool:
     """No part of `path` below `root` is hidden: '.thumbs/', '.DS_Store', macOS's '._x.png' are not images."""
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
@@ -52,7 +52,7 @@ def _scan_folders(root: Path) -> list[dict]:
         raise DataError(f"{root}: no class folders found (expected one sub-folder of images per class)")
     for class_dir in class_dirs:
         # A link whose target is gone stays listed (is_symlink), so the scan names it instead of dropping it.
-        files = sorted(p for p in class_dir.rglob("*") if (p.is_file() or p.is_symlink()) and _visible(p, class_dir)
+        files = sorted(p for p in class_dir.rglob("*") if (p.is_file() or p.is_symlink()) and visible(p, class_dir)
                        and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(f"{class_dir}: class '{class_dir.name}' has no images")
@@ -93,14 +93,21 @@ def inspect_image(path: Path, data: bytes) -> dict:
     try:
         with Image.open(path) as img:
             img.load()  # .open() only reads the header; .load() decodes every pixel
-            mode, (width, height), frames = img.mode, img.size, getattr(img, "n_frames", 1)
+            mode, (width, height) = img.mode, img.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: unreadable or corrupt image ({exc})") from None
-    if frames > 1:  # a TIFF stack or an animation: every stage would read its first frame only
-        raise DataError(f"{path}: {frames} frames (a stack); one image per file: split it")
     if mode not in SUPPORTED_MODES:
         raise DataError(f"{path}: unsupported image mode {mode!r} (supported: {sorted(SUPPORTED_MODES)})")
     return {"size": len(data), "width": width, "height": height, "mode": mode}
+
+
+def _one_frame(path: Path) -> None:
+    """A TIFF stack or an animated PNG: every stage would read its first frame only. Counting frames reads
+    headers, not pixels."""
+    with Image.open(path) as img:
+        frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        raise DataError(f"{path}: {frames} frames (a stack); one image per file: split it")
 
 
 def _list_images(source: Path, group_column: str) -> list[dict]:
@@ -173,6 +180,7 @@ def scan(source: str | Path, classes: tuple[str, ...] = (), group_column: str = 
         sha = hashlib.sha256(data).hexdigest()
         try:
             facts = known.get(sha) or inspect_image(path, data)
+            _one_frame(path)  # also for bytes known from a manifest written before stacks were refused
         except DataError as exc:
             problems.append(str(exc))
             continue
@@ -246,8 +254,9 @@ def run_data(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
 
 
 def load_manifest(paths: ExperimentPaths) -> pd.DataFrame:
-    """The manifest with its `fold` column, every image's bytes checked against it (hashed again: the 2,400 PBC
-    images, 39 MB, took 0.05 s here, so a few hundred MB take under a second); errors name the file to re-make."""
+    """The manifest with its `fold` column, every image's bytes checked against it once per process (hashed
+    again: the 2,400 PBC images, 39 MB, took 0.05 s here, warm in the page cache; large TIFF sets on NFS take
+    longer); errors name the file to re-make."""
     for path in (paths.manifest, paths.folds):
         problem = parquet_problem(path)
         if problem:
@@ -258,11 +267,27 @@ def load_manifest(paths: ExperimentPaths) -> pd.DataFrame:
     if merged[columns].isna().any(axis=None) or len(folds) != len(manifest):
         raise DataError(f"{paths.folds} does not match {paths.manifest}: re-run `ooc-ray data`")
     merged[columns] = merged[columns].astype(int)
-    changed = [path for path, sha in zip(merged["path"], merged["sha256"]) if _sha256_or_gone(path) != sha]
-    if changed:  # a stage would key its results by the recorded bytes and read the new ones
-        raise DataError(f"{paths.manifest}: {len(changed)} image(s) changed or gone since `ooc-ray data` ran, e.g. "
-                        f"{changed[0]}; run `ooc-ray run` (or `ooc-ray data` first)")
+    _check_bytes(paths.manifest, merged)
     return merged
+
+
+# Manifests whose images this process has hashed (path, mtime, size of the manifest): a command's later stages
+# (`run` loads it up to 7 times) and a search worker's later trials do not hash a large set again.
+_CHECKED: set[tuple] = set()
+
+
+def _check_bytes(manifest_path: Path, manifest: pd.DataFrame) -> None:
+    """Every image's bytes as the manifest recorded them: a stage would key its results by the recorded bytes and
+    read the new ones. Once per manifest per process (the data stage itself hashes every image at each run)."""
+    stat = manifest_path.stat()
+    signature = (str(manifest_path), stat.st_mtime_ns, stat.st_size)
+    if signature in _CHECKED:
+        return
+    changed = [path for path, sha in zip(manifest["path"], manifest["sha256"]) if _sha256_or_gone(path) != sha]
+    if changed:
+        raise DataError(f"{manifest_path}: {len(changed)} image(s) changed or gone since `ooc-ray data` ran, e.g. "
+                        f"{changed[0]}; run `ooc-ray run` (or `ooc-ray data` first)")
+    _CHECKED.add(signature)
 
 
 def _sha256_or_gone(path: str) -> str:

@@ -136,7 +136,6 @@ def _space_dimension(dotted: str, spec: Any, cfg: ExperimentConfig) -> tuple:
                           f"got {spec!r}")
     kind, values = next(iter(spec.items()))
     values = _space_values(dotted, kind, values, hint)
-    raise_problems(_inert(dotted, [cfg], "search.space"))
     known = problems(cfg)
     found = [f"search.space.{dotted} = {value}: {p}" for value in values  # each choice and each end of a range
              for p in problems(with_values(cfg, {dotted: value})) if p not in known]
@@ -157,6 +156,9 @@ def parse_space(raw: Any, cfg: ExperimentConfig) -> tuple:
             out.append(_space_dimension(dotted, spec, cfg))
         except ConfigError as exc:  # every bad dimension named at once
             found.append(str(exc))
+    # A dimension its mode ignores, unless another dimension varies that mode: each point of the space's modes
+    points = [with_values(cfg, {name: value}) for name, kind, values in out if kind == "choice" for value in values]
+    found += [p for name, _, _ in out for p in _inert(name, [cfg, *points], "search.space")]
     raise_problems(found)
     return tuple(out)
 

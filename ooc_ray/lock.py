@@ -11,6 +11,7 @@ named as unreadable, never taken over: see _read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -18,11 +19,15 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ooc_ray.errors import LockError
 from ooc_ray.logs import note
+
+# What os.link raises where a file system has no hard links: the lock is then created exclusively instead.
+NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 HEARTBEAT_S = 30.0
 STALE_S = 180.0  # six missed heartbeats: NFS attribute caches hold mtimes for up to 60 s
@@ -113,8 +118,9 @@ class RunLock:
     def _try_create(self) -> bool:
         # Written whole to a file of our own, then hard-linked to the lock's name: the link either makes the lock
         # with all its content or fails because one exists, so no reader and no crash ever sees half a lock
-        # (O_EXCL then write left an empty file when killed in between). Links are atomic on NFS too.
-        tmp = self.path.with_name(f"{self.path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+        # (O_EXCL then write left an empty file when killed in between). Links are atomic on NFS too. The temp
+        # name is unique (uuid): two containers can share a host name and a pid.
+        tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "w") as fh:
                 json.dump(self._holder(), fh)
@@ -124,10 +130,30 @@ class RunLock:
                 os.link(tmp, self.path)
             except FileExistsError:
                 # NFS: a link retried after its reply was lost says "exists" although it made the lock
-                return os.stat(tmp).st_nlink == 2
+                with contextlib.suppress(FileNotFoundError):  # removed since: not ours, look again
+                    return os.stat(tmp).st_ino == os.stat(self.path).st_ino
+                return False
+            except OSError as exc:
+                if exc.errno not in NO_HARD_LINKS:
+                    raise
+                return self._create_exclusive()
             return True
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _create_exclusive(self) -> bool:
+        """Where the file system has no hard links (FAT, SMB without unix extensions, FUSE object stores): create
+        the lock exclusively, then write it; a crash in between leaves an empty lock, which is then named as
+        unreadable (never taken over)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self._holder(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from ooc_ray.config import DemoDataConfig, ExperimentConfig
-from ooc_ray.data import IMAGE_SUFFIXES, load_manifest
+from ooc_ray.data import IMAGE_SUFFIXES, load_manifest, visible
 from ooc_ray.demo_data import CLASSES, write_demo_dataset
 from ooc_ray.diffusion.base import device_and_dtype, load_pipeline, resolve_base
 from ooc_ray.diffusion.pretrain import (METADATA_FILE, pretrain, pretrain_key, pretrain_steps, pretrained_dir,
@@ -50,7 +50,8 @@ def _listed(source: Path) -> dict[str, Path]:
     """id -> file: a folder's images by their path inside it, a CSV's by its `file` entry as written (so
     moving the images with their folder or CSV keeps every id, hence the pretraining key)."""
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in source.rglob("*") if p.is_file() and visible(p, source)
+                       and p.suffix.lower() in IMAGE_SUFFIXES)
         return {f.relative_to(source).as_posix(): f for f in files}
     if source.is_file() and source.suffix.lower() == ".csv":
         table = pd.read_csv(source)

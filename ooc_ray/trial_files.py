@@ -31,6 +31,8 @@ def summary_problem(paths: ExperimentPaths, key: str) -> str:
     if problem:
         return f"{path}: {problem}"
     summary = pd.read_parquet(path)
+    if "trial_key" not in summary:
+        return f"{path}: no trial_key column"
     if len(summary) != 1 or summary["trial_key"].iloc[0] != key:
         return f"{path}: holds {sorted(set(summary['trial_key']))[:2]}, not trial {key} alone"
     bad = [f"{m} {summary[m].iloc[0]}" for m in METRICS if m in summary and not 0 <= summary[m].iloc[0] <= 1]

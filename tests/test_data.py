@@ -1,4 +1,5 @@
 """Data stage: scanning, validation errors that name the file, manifests on generated and real data."""
+import hashlib
 import shutil
 
 import pandas as pd
@@ -90,10 +91,10 @@ def test_csv_lines_with_an_empty_file_or_label_are_named_together(tmp_path):
     csv.write_text("file,label\na.png,good\n,good\nb.png,\nc.png,bad\n")
     with pytest.raises(DataError, match=r"2 empty or missing value\(s\): line 3: no file; line 4: no label$"):
         scan(csv)
-    # What a spreadsheet or pandas writes for a missing value is no label either, nor an empty group
-    csv.write_text("file,label,well\na.png,good,w1\nb.png,NaN,w1\nc.png,bad,\nd.png,bad,N/A\n")
+    # What str() of pandas' missing float writes is no label either, nor an empty group ("none" can be a label)
+    csv.write_text("file,label,well\na.png,good,w1\nb.png,NaN,w1\nc.png,bad,\nd.png,none,nan\n")
     with pytest.raises(DataError, match=r"3 empty or missing value\(s\): line 3: label 'NaN'; line 4: no well; "
-                                       r"line 5: well 'N/A'$"):
+                                       r"line 5: well 'nan'$"):
         scan(csv, group_column="well")
 
 
@@ -125,6 +126,10 @@ def test_a_stack_a_decompression_bomb_and_labels_apart_only_by_case_are_refused(
     frames[0].save(tree / "good" / "stack.tif", save_all=True, append_images=frames[1:])
     with pytest.raises(DataError, match=r"stack.tif: 3 frames \(a stack\); one image per file"):
         scan(tree)
+    known = {hashlib.sha256((tree / "good" / "stack.tif").read_bytes()).hexdigest():  # from an older manifest
+             {"size": 0, "width": 16, "height": 16, "mode": "L"}}
+    with pytest.raises(DataError, match=r"stack.tif: 3 frames"):
+        scan(tree, known=known)
     (tree / "good" / "stack.tif").unlink()
     Image.new("L", (20000, 10000), 0).save(tree / "good" / "huge.png")  # 2e8 pixels: past Pillow's bomb limit
     with pytest.raises(DataError, match=r"huge.png: unreadable or corrupt image \(Image size \(200000000 pixels\)"):
@@ -391,16 +396,19 @@ def test_repeats_that_cannot_differ_are_refused_and_duplicates_drawn_again():
         assert len(set(held_out_signatures(six.merge(table, on="id")).values())) == len(held)
 
 
-def test_a_stage_refuses_images_changed_since_the_data_stage(tmp_path, tree):
+def test_a_stage_refuses_images_changed_since_the_data_stage(tmp_path, tree, monkeypatch):
     """A stage run on its own (finetune, report) after an image changed would key its results by the recorded
     bytes and read the new ones, and report and plan would show the old trials as current: load_manifest hashes
-    every image again and names what changed."""
+    every image again, once per process, and names what changed."""
+    from ooc_ray import data
+
     cfg = from_dict({"name": "t", "results_dir": str(tmp_path / "out"), "data": {"source": str(tree)},
                      "folds": {"k": 2}})
     paths = ExperimentPaths.of(cfg)
     run_data(cfg, paths)
     assert len(load_manifest(paths)) == 16
     Image.new("L", (64, 48), 43).save(tree / "good" / "g1.png")
+    monkeypatch.setattr(data, "_CHECKED", set())  # the next command: a new process, which has hashed nothing
     with pytest.raises(DataError, match=r"manifest.parquet: 1 image\(s\) changed or gone since `ooc-ray data` ran, "
                                         r"e.g. .*good/g1.png; run `ooc-ray run`"):
         load_manifest(paths)

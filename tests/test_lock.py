@@ -164,3 +164,22 @@ def test_a_lock_write_that_dies_half_way_leaves_no_lock(tmp_path, monkeypatch):
     path.write_text("garbage{")  # damaged while held: release() leaves it to the user
     held.release()
     assert path.read_text() == "garbage{"
+
+
+def test_where_a_file_system_has_no_hard_links_the_lock_is_created_exclusively(tmp_path, monkeypatch):
+    """FAT, SMB without unix extensions and FUSE object stores refuse os.link (EPERM, ENOTSUP): the lock is then
+    made with O_EXCL, whole, and a second writer is still refused."""
+    import errno
+    import os
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / ".ooc-ray.lock"
+    with RunLock(path, "ooc-ray run x"):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".ooc-ray.lock"]  # no temp file left
+        with pytest.raises(LockError, match="being written by another ooc-ray run"):
+            RunLock(path, "ooc-ray run y").acquire()
+    assert not path.exists()

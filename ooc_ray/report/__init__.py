@@ -24,6 +24,7 @@ from ooc_ray.diffusion.lora_files import read_metadata
 from ooc_ray.errors import DataError, MissingInputError
 from ooc_ray.folds import held_out_signatures, uses_groups
 from ooc_ray.io import atomic_path, atomic_write_text, parquet_problem
+from ooc_ray.lock import claim
 from ooc_ray.logs import note, warn
 from ooc_ray.measure_validity import measure_validity, usefulness_pairs
 from ooc_ray.real_equivalence import FRACTION, equivalence_table, size_curves
@@ -44,6 +45,7 @@ REPORT_OUTPUTS = ("table_*.csv", "table_*.md", "table_*.tex", "*accuracy_vs_rati
 
 
 INDEX = ".ooc-ray-report.json"  # the names of the files the last report wrote into its folder
+PUBLISHING = ".ooc-ray-report.claim"  # held while a report moves its files in
 
 
 def publish(staging: Path, out: Path, own_folder: bool) -> list[Path]:
@@ -54,14 +56,15 @@ def publish(staging: Path, out: Path, own_folder: bool) -> list[Path]:
     hold the user's own files. By name, not by time: on shared storage the file server's clock is not this
     node's. Returns the files deleted."""
     written = sorted(f.name for f in staging.iterdir())
-    earlier = _indexed(out) | ({f.name for pattern in REPORT_OUTPUTS for f in out.glob(pattern)} if own_folder
-                               else set())
-    for name in written:
-        os.replace(staging / name, out / name)
-    atomic_write_text(out / INDEX, json.dumps(written, indent=1))
-    stale = sorted(out / name for name in earlier - set(written) if (out / name).is_file())
-    for f in stale:
-        f.unlink()
+    with claim(out / PUBLISHING, wait=True):  # report takes no run lock: two reports publish one after the other
+        earlier = _indexed(out) | ({f.name for pattern in REPORT_OUTPUTS for f in out.glob(pattern)} if own_folder
+                                   else set())
+        for name in written:
+            os.replace(staging / name, out / name)
+        atomic_write_text(out / INDEX, json.dumps(written, indent=1))
+        stale = sorted(out / name for name in earlier - set(written) if (out / name).is_file())
+        for f in stale:
+            f.unlink()
     if stale:
         note(f"report: removed {len(stale)} file(s) of an earlier config from {out}, e.g. {stale[0].name}")
     return stale
