@@ -146,7 +146,11 @@ def _class_order(source: Path, rows: list[dict], classes: tuple[str, ...]) -> li
         unknown = sorted(set(found) - set(classes))
         if unknown:
             example = next(r["path"] for r in rows if r["label"] in unknown)
-            raise DataError(f"{source}: unknown label(s) {unknown} (e.g. {example}); data.classes = {list(classes)}")
+            # 'café' typed in a config and 'café' in a macOS folder name look alike, as different code points
+            points = "" if all(n.isascii() for n in [*unknown, *classes]) else \
+                f" (as code points: {ascii(unknown)} and {ascii(list(classes))})"
+            raise DataError(f"{source}: unknown label(s) {unknown} (e.g. {example}); data.classes = {list(classes)}"
+                            + points)
         empty = [c for c in classes if c not in found]
         if empty:
             raise DataError(f"{source}: class(es) {empty} in data.classes have no images")

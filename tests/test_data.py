@@ -171,6 +171,9 @@ def test_empty_class_named(tree):
 def test_unknown_label_named(tree):
     with pytest.raises(DataError, match=r"unknown label.*bad"):
         scan(tree, classes=("good",))
+    (tree / "bad").rename(tree / "cafe\u0301")  # decomposed, as macOS names folders; the config's is composed
+    with pytest.raises(DataError, match=r"as code points: \['cafe\\u0301'\] and \['good', 'caf\\xe9'\]"):
+        scan(tree, classes=("good", "caf\u00e9"))
 
 
 def test_csv_source_with_groups_and_errors(tree, tmp_path):
