@@ -183,9 +183,9 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=parse_space(space_raw, cfg)))
     if axes_raw is not None:
         cfg = dataclasses.replace(cfg, axes=parse_axes(axes_raw))
-        each = [variant.cfg for variant in variants(cfg)]
-        raise_problems([p for dotted, _ in cfg.axes for p in _inert(dotted, each, "axes")])
-        for variant in variants(cfg):
+        each = list(variants(cfg))
+        raise_problems([p for dotted, _ in cfg.axes for p in _inert(dotted, [v.cfg for v in each], "axes")])
+        for variant in each:
             raise_problems(problems(variant.cfg), f"axes ({variant.label}): ")
     return cfg
 

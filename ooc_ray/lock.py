@@ -123,9 +123,7 @@ class RunLock:
         tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "w") as fh:
-                json.dump(self._holder(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
+                self._write_holder(fh)
             try:
                 os.link(tmp, self.path)
             except FileExistsError:
@@ -150,10 +148,13 @@ class RunLock:
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as fh:
-            json.dump(self._holder(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            self._write_holder(fh)
         return True
+
+    def _write_holder(self, fh) -> None:
+        json.dump(self._holder(), fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,10 @@ def trial_problem(paths: ExperimentPaths, key: str) -> str:
     """'' when the trial's summary is its own (summary_problem) and its history and predictions are whole too,
     else what is wrong ('missing' when never run): classify runs the trial again unless it is ''."""
     problem = summary_problem(paths, key)
-    for path in trial_outputs(paths, key)[:2]:
-        problem = problem or (f"{path}: {parquet_problem(path)}" if parquet_problem(path) else "")
-    return problem
+    if problem:
+        return problem
+    for path in trial_outputs(paths, key)[:2]:  # history, predictions
+        problem = parquet_problem(path)
+        if problem:
+            return f"{path}: {problem}"
+    return ""
