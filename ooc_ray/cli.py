@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.fields import to_dict
 from ooc_ray.load import load_config
-from ooc_ray.errors import ConfigError, OocRayError
+from ooc_ray.errors import ConfigError, OocRayError, one_line
 from ooc_ray.io import atomic_write_text
 from ooc_ray import logs
 from ooc_ray.logs import note
@@ -122,14 +122,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _message(exc: BaseException) -> str:
-    # An error raised inside a Ray task arrives wrapped (RayTaskError, with the remote traceback): show the cause.
-    exc = getattr(exc, "cause", None) or exc
-    if isinstance(exc, OSError) and exc.filename:  # a read-only or full results folder, a path that is a file
-        return f"{exc.filename}: {exc.strerror or exc}"
-    return str(exc).strip().splitlines()[0]
-
-
 def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths, **options) -> tuple[int, str]:
     """Run `stages` in order (`options`: a single stage's own flags); (exit code, the one-line error or "")."""
     # No ETA: stages differ in length by orders of magnitude, so an average per stage predicts nothing.
@@ -148,7 +140,7 @@ def _run(stages: tuple[str, ...], cfg: ExperimentConfig, paths: ExperimentPaths,
             print(f"[ooc-ray] {error}", file=sys.stderr)
             return 1, error
         except (OocRayError, OSError) as exc:
-            error = f"{name} failed: {_message(exc)}"
+            error = f"{name} failed: {one_line(exc)}"
             print(f"[ooc-ray] {error}", file=sys.stderr)
             return 1, error
         if name not in QUIET_STAGES:
@@ -183,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lock = RunLock(paths.lock, command_line()).acquire()
     except (OocRayError, OSError) as exc:
-        print(f"[ooc-ray] {_message(exc)}", file=sys.stderr)
+        print(f"[ooc-ray] {one_line(exc)}", file=sys.stderr)
         return 1
     try:
         resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -40,3 +40,12 @@ class LockError(OocRayError, RuntimeError):
 
 class StageError(OocRayError, RuntimeError):
     """A stage ran but could not finish its work (trials failed, images missing after sampling)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """What a user is shown of `exc`: the cause of an error raised inside a Ray task or trial (which arrives
+    wrapped, with the remote traceback), its first line; an OSError as its file and reason."""
+    exc = getattr(exc, "cause", None) or exc
+    if isinstance(exc, OSError) and exc.filename:  # a read-only or full results folder, a path that is a file
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc).strip().splitlines()[0]

@@ -13,6 +13,7 @@ from keras import ops
 
 from ooc_ray.backbones import BackboneWeights
 from ooc_ray.config import ClassifyConfig
+from ooc_ray.errors import StageError
 from ooc_ray.feature_cache import CHUNK, FeatureCache, n_views
 from ooc_ray.gpu import require_keras_gpu
 from ooc_ray.networks import build_augmentation, build_backbone, framework, frozen
@@ -83,7 +84,12 @@ def extract_features(cc: ClassifyConfig, weights: BackboneWeights, images: pd.Da
         seeds = image_seeds(part.index, cc.seed)
         rows = [extractor(batch, seeds[i * cc.batch_size:(i + 1) * cc.batch_size])
                 for i, batch in enumerate(image_batches(part["path"].tolist(), cc.input_size, cc.batch_size))]
-        cache.write_part(part.index.tolist(), np.concatenate(rows))
+        feats = np.concatenate(rows)
+        broken = part["path"][~np.isfinite(feats).all(axis=(1, 2))]
+        if len(broken):  # cached for good, they would train and score every later trial on NaN
+            raise StageError(f"features: {cc.backbone} ({weights.identity}) gave NaN/inf features for {len(broken)} "
+                             f"image(s), e.g. {broken.iloc[0]}; nothing cached for them: check classify.weights")
+        cache.write_part(part.index.tolist(), feats)
     return len(todo)
 
 

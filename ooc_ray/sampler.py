@@ -19,6 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import pandas as pd
 import ray
 import torch
@@ -117,7 +118,17 @@ class SampleWorker:
             kwargs["strength"] = float(first.strength)
         else:
             kwargs["height"] = kwargs["width"] = self.resolution
-        return self.pipe(**kwargs).images
+        # As floats first: a NaN or inf pixel would otherwise be cast to a black PNG without a word (the classic
+        # failure of an fp16 VAE; also an overflowing LoRA weight), and the classifier would train on it.
+        arrays = self.pipe(**kwargs, output_type="np").images
+        broken = [row for row, array in zip(rows.itertuples(index=False), arrays) if not np.isfinite(array).all()]
+        if broken:
+            raise StageError(
+                f"sample: {len(broken)} of {len(rows)} images of LoRA {first.lora_key} at weight {first.weight:g} "
+                f"came out NaN/inf on {self.pipe.device} {str(self.pipe.dtype).removeprefix('torch.')} (e.g. "
+                f"{broken[0].id}, seed {broken[0].seed}); nothing written for them: a LoRA weight or LoRA too "
+                "large, or an fp16 overflow")
+        return self.pipe.numpy_to_pil(arrays)  # what output_type="pil" returns, to the bit
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         """Render the planned batch and write its missing PNGs; (id, render_s, node_id, node_host) of each written."""

@@ -164,3 +164,17 @@ def test_exact_mode_through_tune(tmp_path):
     assert row["classes"].tolist() == ["good", "acceptable", "bad"] and len(row["per_class_recall"]) == 3
     assert rows.dtypes["fold"] == np.int64 and rows.dtypes["weight"] == np.float64
     assert not paths.features.exists()  # exact mode caches nothing
+
+
+def test_a_trial_that_fails_in_tune_is_named_with_its_own_error(tmp_path):
+    """A trial raising inside its Tune worker: the stage's error names the trial and says why in the trial's own
+    words (here an lr that overflows the head: run_trial refuses its NaN), not only "see the Tune error files"."""
+    from ooc_ray.errors import StageError
+
+    cfg = classify_cfg(tmp_path, lr=1e38, max_failures=0, epochs=2, ratios=[0.0], synthetic_only=False)
+    paths, _, _ = demo_experiment(cfg)
+    with pytest.raises(StageError, match=r"2 classifier trial\(s\) did not finish, e\.g\. classify: trial [\w-]+ "
+                                         r"\(fold \d, real\): its (loss became nan at epoch \d|predictions are "
+                                         r"NaN/inf); nothing written \(lower classify\.lr=1e\+38\?\); see the Tune"):
+        run_classify(cfg, paths)
+    assert not list(paths.trials.glob("*.parquet"))

@@ -402,3 +402,54 @@ def traced_op_types() -> set[str]:
 
     ctx = context.context()
     return {node.op for name in ctx.list_function_names() for node in ctx.get_function_def(name).node_def}
+
+
+def test_a_trial_whose_loss_turns_nan_fails_naming_it_and_writes_nothing(tiny, tmp_path):
+    """Keras trains on through a NaN loss, and argmax of NaN probabilities is class 0 for every image: the trial
+    would have reported class 0's share of the held-out images as its accuracy. An lr that overflows the head
+    (1e38: float32 tops out at 3.4e38) fails the trial naming it and the epoch; none of its files is written.
+    The same trial at lr 0.05 trains (the data is not what fails)."""
+    from ooc_ray.errors import StageError
+    from ooc_ray.paths import ExperimentPaths
+    from ooc_ray.trial_files import trial_outputs
+
+    root, _, manifest, synthetic, _ = tiny
+    weights = BackboneWeights(None, "none")
+    rng = np.random.default_rng(0)
+    cache = FeatureCache(tmp_path / "cache")
+    cache.write_part(manifest["sha256"].tolist(), rng.normal(0, 1, (len(manifest), 1, 8)).astype(np.float32))
+    ctx = TrialContext(("good", "acceptable", "bad"), weights, keys.data_digest(manifest), str(tmp_path / "cache"))
+    for lr, paths in ((1e38, ExperimentPaths(tmp_path / "overflow")), (0.05, ExperimentPaths(tmp_path / "fine"))):
+        cfg = tiny_cfg(root, mode="cached", weights="none", epochs=3, lr=lr)
+        trial = next(t for t in plan_trials(cfg, manifest, synthetic, weights.identity)
+                     if t.spec.ratio == 0 and t.spec.fold == 1)
+        if lr == 1e38:
+            with pytest.raises(StageError, match=rf"classify: trial {trial.key} \(fold 1, real\): its loss became "
+                                                 r"nan at epoch \d; nothing written \(lower classify.lr=1e\+38\?\)"):
+                run_trial(cfg, paths, trial, ctx)
+            assert not any(p.exists() for p in trial_outputs(paths, trial.key))
+        else:
+            assert np.isfinite(run_trial(cfg, paths, trial, ctx)["accuracy"])
+
+
+def test_a_backbone_giving_nan_features_fails_naming_an_image_and_caches_nothing(tiny, tmp_path):
+    """A weights file with a NaN kernel (a broken download, an fp16 overflow when it was made): its features
+    would be cached for good and every later trial would train and score on them. Extraction fails naming the
+    backbone and an image; no part of the cache is written. The file's NaN-free original extracts (the images
+    are not what fails)."""
+    from ooc_ray.errors import StageError
+
+    _, _, manifest, _, path = tiny
+    model = build_backbone("EfficientNetB0", path, 32)
+    kernel = next(v for v in model.weights if len(v.shape) == 4)
+    kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+    broken = str(tmp_path / "nan.weights.h5")
+    model.save_weights(broken)
+    cc = tiny_cfg(tmp_path, weights=broken).classify
+    images = manifest[["path", "sha256"]].iloc[:3]
+    with pytest.raises(StageError, match=r"features: EfficientNetB0 \(file-nan\) gave NaN/inf features for 3 "
+                                         r"image\(s\), e\.g\. (\S+); nothing cached for them") as failed:
+        extract_features(cc, BackboneWeights(broken, "file-nan"), images, tmp_path / "broken")
+    assert str(failed.value).split("e.g. ")[1].split(";")[0] in set(images["path"])
+    assert not list((tmp_path / "broken").glob("part-*"))
+    assert extract_features(cc, BackboneWeights(path, "file-test"), images, tmp_path / "fine") == 3

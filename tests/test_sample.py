@@ -358,3 +358,19 @@ def test_cpu_sampling_actors_share_the_largest_nodes_cores():
     assert cpus_per_cpu_actor(FakeRay(2.0), 2) == 1
     assert cpus_per_cpu_actor(FakeRay(2.0), 3) == 1
     assert cpus_per_cpu_actor(FakeRay(4.0, 16.0, dead=(64.0,)), 3) == 5
+
+
+def test_an_image_that_comes_out_nan_fails_the_stage_naming_its_lora_and_nothing_is_written(tmp_path, trained):
+    """A LoRA weight so large that the UNet overflows gives NaN pixels, which the PIL conversion would cast to a
+    black PNG (as an fp16 VAE does on a GPU): the stage stops, naming the LoRA, weight and image, and writes none
+    of that batch. The same pools at weight 1.0 render finite images (the check is not what fails)."""
+    from ooc_ray.errors import StageError
+    from ooc_ray.sample import sample_pools
+
+    cfg, paths, manifest = experiment(tmp_path, trained, sample={"weights": [1e30]})
+    with pytest.raises(StageError, match=r"sample: \d of \d images of LoRA \w+ at weight 1e\+30 came out NaN/inf "
+                                         r"on cpu float32 \(e\.g\. \S+, seed \d+\); nothing written"):
+        sample_pools(cfg, paths, manifest, use_ray=False)
+    assert not list(paths.synthetic.rglob("*.png"))
+    fine, fine_paths, _ = experiment(tmp_path / "fine", trained, sample={"weights": [1.0]})
+    assert len(sample_pools(fine, fine_paths, manifest, use_ray=False)) == (2 + 1) * 2

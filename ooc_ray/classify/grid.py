@@ -24,7 +24,7 @@ from ooc_ray.trial_files import trial_outputs, trial_problem
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.fields import to_dict
 from ooc_ray.data import class_names, load_manifest
-from ooc_ray.errors import StageError
+from ooc_ray.errors import StageError, one_line
 from ooc_ray.backend import keras_side
 from ooc_ray.feature_cache import cache_dir, ensure_features, weights_on_cluster
 from ooc_ray.logs import note
@@ -82,9 +82,9 @@ def trial_params(cfg: ExperimentConfig, trial: PlannedTrial, ctx: TrialContext) 
 
 
 def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, GridTrial], pending: list[str],
-              backend: str) -> None:
+              backend: str) -> dict[str, str]:
     """One Tune experiment: the pending trials of one classify.backend (a reused trial actor keeps its Keras,
-    which runs on one framework for the life of the process)."""
+    which runs on one framework for the life of the process). Returns the errors of trials that failed, by key."""
     cc = cfg.classify  # resources: an axis cannot vary them (load.parse_axes)
     # Cached-mode trials train only the head (~0.1 ms per image-epoch on one CPU core, measured at 1280
     # features): GPUs are for the feature extraction, and the trials run on CPUs, many at a time.
@@ -119,16 +119,21 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, G
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=cc.max_failures)),
         )
-    tuner.fit()
+    return {result.config["trial_key"]: one_line(result.error) for result in tuner.fit() if result.error}
 
 
-def collect(paths: ExperimentPaths, planned: list[PlannedTrial]) -> pd.DataFrame:
-    """The summary rows of `planned`, in grid order; error naming the trials that have none."""
+def collect(paths: ExperimentPaths, planned: list[PlannedTrial], errors: dict[str, str] | None = None) -> pd.DataFrame:
+    """The summary rows of `planned`, in grid order; error naming the trials that have none (and the first
+    one's own error, from `errors`, when Tune reported it)."""
     missing = [t.key for t in planned if trial_problem(paths, t.key)]
     if missing:
+        errors = errors or {}
+        first = next((key for key in missing if key in errors), missing[0])
+        said = errors.get(first, first)
+        said = said if first in said else f"{first}: {said}"  # run_trial's own errors name their trial
         raise StageError(
-            f"{len(missing)} classifier trial(s) did not finish, e.g. {missing[0]}; see the Tune error files "
-            f"under the classify-* folder of the Ray storage path, fix, and re-run (finished trials are kept)")
+            f"{len(missing)} classifier trial(s) did not finish, e.g. {said}; see the Tune error files under the "
+            f"classify-* folder of the Ray storage path, fix, and re-run (finished trials are kept)")
     rows = pd.concat([pd.read_parquet(paths.trial(t.key)) for t in planned], ignore_index=True)
     if "backend" not in rows.columns or rows["backend"].isna().any():
         # Rows written before classify.backend existed (their keys are unchanged): TensorFlow ran them all.
@@ -243,6 +248,7 @@ def run_classify(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     if empty:  # train.trial_mixing: nothing to weight or swap
         note(f"classify: {len(empty)} trial(s) of a mixing arm draw no synthetic image (round(r x n_train) = 0), "
              f"e.g. {empty[0]}: they train as concat, and their rows' `mixing` says so")
+    errors: dict[str, str] = {}  # a failed trial's own error, by key
     if pending:
         init_ray(cfg)
         _write_augmented(manifest, pending)
@@ -265,6 +271,6 @@ def run_classify(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
             trials[key] = GridTrial(vcfg, trial, contexts[group])
         with FileProgress([paths.trial(t.key) for t in pending], "classify", "trial"):
             for backend in dict.fromkeys(trials[t.key].cfg.classify.backend for t in pending):
-                _run_tune(cfg, paths, trials, [t.key for t in pending if trials[t.key].cfg.classify.backend == backend],
-                          backend)
-    return collect(paths, planned)
+                errors.update(_run_tune(cfg, paths, trials, [t.key for t in pending
+                                                             if trials[t.key].cfg.classify.backend == backend], backend))
+    return collect(paths, planned, errors)

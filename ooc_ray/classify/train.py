@@ -234,6 +234,14 @@ def run_trial(cfg: ExperimentConfig, paths: ExperimentPaths, trial: PlannedTrial
             {"epoch": epoch + 1, "loss": float(logs["loss"]), "train_accuracy": float(logs["accuracy"])})))
     fit = fit_cached if cc.mode == "cached" else fit_exact
     probs, history = fit(cc, trial, ctx, seed, callbacks)
+    losses = np.asarray(history.history["loss"], dtype=float)
+    if not (np.isfinite(losses).all() and np.isfinite(probs).all()):
+        # Keras trains on through a NaN loss, and argmax of NaN probabilities is class 0 for every image: the
+        # trial would report the share of that class as its accuracy.
+        bad = np.flatnonzero(~np.isfinite(losses))
+        when = f"its loss became {losses[bad[0]]} at epoch {bad[0] + 1}" if len(bad) else "its predictions are NaN/inf"
+        raise StageError(f"classify: trial {trial.key} (fold {trial.spec.fold}, {trial.spec.arm}): {when}; nothing "
+                         f"written (lower classify.lr={cc.lr:g}?)")
     metrics = compute_metrics(trial.test["label_index"], probs.argmax(axis=1), len(ctx.classes))
     row = _summary(cfg, trial, ctx, metrics, time.perf_counter() - start)
     _write(paths, trial, ctx, probs, history, row)

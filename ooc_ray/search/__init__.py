@@ -27,12 +27,12 @@ from ooc_ray.config import ExperimentConfig
 from ooc_ray.data import run_data
 from ooc_ray.diffusion.base import BaseModel
 from ooc_ray.diffusion.pretrain import generator_base
-from ooc_ray.errors import StageError
+from ooc_ray.errors import StageError, one_line
 from ooc_ray.feature_cache import weights_on_cluster
 from ooc_ray.fields import to_dict, with_values
 from ooc_ray.gpu import require_keras_gpu, require_torch_cuda
 from ooc_ray.io import atomic_write_text, write_parquet
-from ooc_ray.logs import note, relevel
+from ooc_ray.logs import note, relevel, warn
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.pretrain import run_pretrain
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
@@ -172,8 +172,12 @@ def _search_trials(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseMode
         {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
     grid = _tuner(cfg, paths, trainable, f"lora_search_{run_key}", unfinished).fit()
     found = sorted({r.metrics["search_key"] for r in grid if r.metrics and "search_key" in r.metrics})
+    failed = [one_line(r.error) for r in grid if r.error]
     if not found:
-        raise StageError(f"search: no trial finished; see the Tune error files under {tune_storage(cfg, paths)}")
+        raise StageError(f"search: no trial finished (e.g. {failed[0] if failed else 'none said why'}); see the "
+                         f"Tune error files under {tune_storage(cfg, paths)}")
+    if failed:  # a point whose training fails is not ranked: say so, or the search looks whole
+        warn(f"search: {len(failed)} trial(s) failed and are not ranked, e.g. {failed[0]}")
     atomic_write_text(_finished_record(paths, run_key), json.dumps({"trials": found}))
     return found
 
