@@ -20,6 +20,7 @@ from ooc_ray.folds import assign_folds
 from ooc_ray.io import parquet_problem, sha256_file, write_parquet
 from ooc_ray.logs import note
 from ooc_ray.keys import fold_columns
+from ooc_ray.near_copies import image_signatures, near_copy_pairs
 from ooc_ray.paths import ExperimentPaths
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
@@ -215,6 +216,24 @@ def _refuse_copies(source: Path, df: pd.DataFrame) -> None:
         raise DataError(f"{source}: {' | '.join(found)}")
 
 
+def _refuse_split_near_copies(source: Path, manifest: pd.DataFrame, folds: pd.DataFrame, cache: Path) -> None:
+    """One picture saved twice (re-encoded, resized: ooc_ray.near_copies) under two labels, or in two folds of any
+    repeat, where one is held out while its twin trains: every such pair named in one error. Twins in one fold
+    never meet across the split and are left alone."""
+    columns = fold_columns(folds)
+    split = []
+    for i, j in near_copy_pairs(image_signatures(manifest["path"].tolist(), manifest["sha256"].tolist(), cache)):
+        a, b = manifest.iloc[i], manifest.iloc[j]
+        if a["label"] != b["label"]:
+            split.append(" ~ ".join(sorted(f"{row['file']} ({row['label']})" for row in (a, b))))
+        elif (folds[columns].iloc[i] != folds[columns].iloc[j]).any():
+            split.append(" ~ ".join(sorted((a["file"], b["file"]))))
+    if split:
+        raise DataError(f"{source}: {len(split)} pair(s) of near-identical images (one picture re-encoded or resized) "
+                        f"fall in different folds or classes, so one would be held out while its twin trains: "
+                        f"{_listed(split)}; keep one of each, or give each pair one data.group_column value")
+
+
 def class_names(manifest: pd.DataFrame) -> list[str]:
     pairs = manifest[["label_index", "label"]].drop_duplicates().sort_values("label_index")
     return pairs["label"].tolist()
@@ -249,6 +268,7 @@ def run_data(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     source = resolve_source(cfg.data, paths)
     manifest = scan(source, cfg.data.classes, cfg.data.group_column, known=_known_facts(paths))
     folds = assign_folds(manifest, cfg.folds)
+    _refuse_split_near_copies(source, manifest, folds, paths.image_signatures)
     # Manifest first, folds second: load_manifest refuses a pair that does not match (a kill in between).
     changed = _write_if_changed(manifest, paths.manifest)
     changed = _write_if_changed(folds, paths.folds) or changed

@@ -61,6 +61,14 @@ class ExperimentPaths:
         return self.root / "folds.parquet"
 
     @property
+    def image_signatures(self) -> Path:
+        return self.root / "image_signatures.npz"  # the data stage's near-copy signatures, by sha256 (a cache)
+
+    @property
+    def pretrain_signatures(self) -> Path:
+        return self.root / "pretrain_signatures.npz"  # the same of the unlabeled pretraining images
+
+    @property
     def models(self) -> Path:
         return self.root / "models"  # built bases (tiny SD) and classifier weights
 

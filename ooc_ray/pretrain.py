@@ -5,8 +5,9 @@ Runs after `data` (it needs the labelled images to refuse them) and before `fine
   models/pretrained/<key>/           the pretrained pipeline (diffusers folder) + ooc_ray_pretrain.json
 and does nothing when generator.pretrain.source is "". Leakage rule: an image that any fold holds out must never
 shape the generator, or every fold's synthetic images carry its test images; the stage refuses any pretraining
-image whose bytes equal a labelled image's (a renamed copy included). It cannot see a re-encoded or cropped copy:
-keep the unlabeled images from other wells, chips or days than the labelled ones (docs/pipeline.md: Pretraining).
+image whose bytes equal a labelled image's (a renamed copy included) or that is one re-encoded or resized
+(ooc_ray.near_copies). It cannot see a cropped copy or another frame of the same field: keep the unlabeled images
+from other wells, chips or days than the labelled ones (docs/pipeline.md: Pretraining).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ooc_ray.diffusion.pretrain import (METADATA_FILE, pretrain, pretrain_key, p
 from ooc_ray.errors import DataError, MissingInputError, ModelError
 from ooc_ray.io import atomic_dir, sha256_file, write_parquet
 from ooc_ray.logs import note
+from ooc_ray.near_copies import image_signatures, near_copy_pairs
 from ooc_ray.keys import config_slice
 from ooc_ray.gpu import require_torch_cuda
 from ooc_ray.paths import ExperimentPaths
@@ -79,8 +81,9 @@ def unlabeled_images(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFr
                          "sha256": [sha256_file(f) for f in files.values()]}, columns=IMAGE_COLUMNS)
 
 
-def refuse_labelled(images: pd.DataFrame, manifest: pd.DataFrame) -> None:
-    """Raise, naming the first one, when a pretraining image is byte-identical to a labelled image."""
+def refuse_labelled(images: pd.DataFrame, manifest: pd.DataFrame, paths: ExperimentPaths) -> None:
+    """Raise, naming the first one, when a pretraining image is a labelled image: the same bytes, or the same
+    picture re-encoded or resized (ooc_ray.near_copies)."""
     shared = images[images["sha256"].isin(set(manifest["sha256"]))]
     if len(shared):
         first = shared.iloc[0]
@@ -88,6 +91,14 @@ def refuse_labelled(images: pd.DataFrame, manifest: pd.DataFrame) -> None:
         raise DataError(f"generator.pretrain.source: {len(shared)} image(s) are also labelled images (e.g. "
                         f"{first['path']} = {label_id}); pretraining on them leaks held-out images into every "
                         "fold's synthetic images")
+    pairs = near_copy_pairs(
+        image_signatures(images["path"].tolist(), images["sha256"].tolist(), paths.pretrain_signatures),
+        image_signatures(manifest["path"].tolist(), manifest["sha256"].tolist(), paths.image_signatures))
+    if pairs:
+        i, j = pairs[0]
+        raise DataError(f"generator.pretrain.source: {len({i for i, _ in pairs})} image(s) are labelled images "
+                        f"re-encoded or resized (e.g. {images['path'].iloc[i]} ~ {manifest['file'].iloc[j]}); "
+                        "pretraining on them leaks held-out images into every fold's synthetic images")
 
 
 def run_pretrain(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None | list[Path | None]:
@@ -112,7 +123,7 @@ def pretrain_base(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None:
         return None
     manifest = load_manifest(paths)
     images = unlabeled_images(cfg, paths)
-    refuse_labelled(images, manifest)
+    refuse_labelled(images, manifest, paths)
     write_parquet(images, paths.pretrain_images)
     base = resolve_base(cfg.generator.base, paths.models)
     key = pretrain_key(cfg, base.identity, images)

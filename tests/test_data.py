@@ -1,6 +1,7 @@
 """Data stage: scanning, validation errors that name the file, manifests on generated and real data."""
 import hashlib
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -323,20 +324,29 @@ def test_bytes_replaced_in_place_are_seen_even_with_the_same_size_and_mtime(tmp_
 
 
 def test_only_new_bytes_are_decoded(tmp_path, tree, monkeypatch):
+    """Checked once per content: a decode (inspect_image) and a near-copy signature (kept by sha256 in
+    image_signatures.npz, made again when it is damaged)."""
     import ooc_ray.data as data
+    import ooc_ray.near_copies as near_copies
 
     cfg = from_dict({"name": "t", "results_dir": str(tmp_path / "out"), "data": {"source": str(tree)},
                      "folds": {"k": 2}})
     paths = ExperimentPaths.of(cfg)
     run_data(cfg, paths)
-    decoded = []
-    real = data.inspect_image
+    decoded, signed = [], []
+    real, real_signatures = data.inspect_image, near_copies.signatures
     monkeypatch.setattr(data, "inspect_image", lambda path, raw: decoded.append(path.name) or real(path, raw))
+    monkeypatch.setattr(near_copies, "signatures", lambda path: signed.append(Path(path).name) or real_signatures(path))
     run_data(cfg, paths)
-    assert decoded == []  # every sha256 was decoded and checked before
+    assert decoded == [] and signed == []  # every sha256 was decoded and checked before
     Image.new("L", (64, 48), 99).save(tree / "bad" / "fresh.png")
     run_data(cfg, paths)
-    assert decoded == ["fresh.png"]
+    assert decoded == ["fresh.png"] and signed == ["fresh.png"]
+    paths.image_signatures.write_bytes(paths.image_signatures.read_bytes()[:200])
+    run_data(cfg, paths)
+    assert decoded == ["fresh.png"] and len(signed) == 1 + 17
+    run_data(cfg, paths)
+    assert len(signed) == 1 + 17
 
 
 def test_repeated_folds_are_independent_partitions_and_repeat_0_is_plain_k_fold():
@@ -417,3 +427,52 @@ def test_a_stage_refuses_images_changed_since_the_data_stage(tmp_path, tree, mon
         load_manifest(paths)
     run_data(cfg, paths)
     assert len(load_manifest(paths)) == 16
+
+
+def test_near_copies_split_across_folds_or_classes_are_refused_and_grouped_ones_kept(shared_pbc, tmp_path):
+    """Real PBC crops with some saved again: as quality-50 JPEGs, at half size (PNG), and one JPEG under another
+    class. The data stage names every pair that k-fold splits (checked against the folds it would draw) and the
+    one under two labels; the same copies each given their original's group pass (a group stays in one fold).
+    The 2,400 distinct PBC images hold no pair (test_real_pbc_manifest runs the same check over them)."""
+    originals = []  # copied in, so that the CSV's names (the images' ids, so their folds) are the same every run
+    for label in ("eosinophil", "lymphocyte", "platelet"):
+        (tmp_path / label).mkdir()
+        originals.append([Path(shutil.copy(p, tmp_path / label)) for p in sorted((shared_pbc / label).glob("*.jpg"))[:8]])
+    rows = [(p.relative_to(tmp_path), p.parent.name, f"g{p.stem}") for files in originals for p in files]
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for n, original in enumerate(files[n] for files in originals for n in (0, 1)):
+        image = Image.open(original)
+        copy = copies / (f"{original.stem}_q50.jpg" if n % 2 == 0 else f"{original.stem}_half.png")
+        if n % 2 == 0:
+            image.save(copy, quality=50)
+        else:
+            image.resize((image.width // 2, image.height // 2), Image.LANCZOS).save(copy)
+        rows.append((copy.relative_to(tmp_path), original.parent.name, f"g{original.stem}"))
+    mislabelled = copies / f"{originals[0][2].stem}_as_platelet.jpg"
+    Image.open(originals[0][2]).save(mislabelled, quality=90)
+    csv = tmp_path / "labels.csv"
+
+    def run(with_rows, group_column=""):
+        csv.write_text("file,label,patient\n" + "".join(f"{f},{label},{g}\n" for f, label, g in with_rows))
+        cfg = from_dict({"name": "t", "results_dir": str(tmp_path / "out"), "folds": {"k": 3},
+                         "data": {"source": str(csv), "group_column": group_column}})
+        return cfg, lambda: run_data(cfg, ExperimentPaths.of(cfg))
+
+    cfg, stage = run(rows + [(mislabelled.relative_to(tmp_path), "platelet", "gx")])
+    manifest = scan(csv)
+    fold = dict(zip(manifest["file"], assign_folds(manifest, cfg.folds)["fold"]))
+    original_of = {f: next(o for o in fold if Path(o).stem == Path(f).stem.rsplit("_", 1)[0])
+                   for f in fold if f.endswith(("_q50.jpg", "_half.png"))}
+    split = [" ~ ".join(sorted(pair)) for pair in original_of.items() if fold[pair[0]] != fold[pair[1]]]
+    assert 0 < len(split) < 6  # these 6 copies in 3 folds: some split from their original, some not
+    with pytest.raises(DataError) as caught:
+        stage()
+    message = str(caught.value)
+    assert f"{len(split) + 1} pair(s) of near-identical images" in message and len(message.splitlines()) == 1
+    assert message.count(" ~ ") == len(split) + 1 and all(pair in message for pair in split)
+    assert " ~ ".join(sorted([f"{originals[0][2].relative_to(tmp_path)} (eosinophil)",
+                              f"{mislabelled.relative_to(tmp_path)} (platelet)"])) in message
+    assert not (tmp_path / "out" / "t" / "manifest.parquet").exists()
+    _, grouped = run(rows, group_column="patient")
+    assert len(grouped()) == 24 + 6

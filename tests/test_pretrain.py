@@ -99,6 +99,13 @@ def test_pretraining_refuses_labelled_images(tmp_path):
                                         + manifest["id"].iloc[5]):
         run_pretrain(cfg, paths)
     assert not (paths.models / "pretrained").exists()
+    # The same picture saved again as a JPEG: other bytes, still a held-out image the generator would learn.
+    (source / "renamed_copy.png").unlink()
+    Image.open(manifest["path"].iloc[6]).save(source / "resaved.jpg", quality=95)
+    with pytest.raises(DataError, match=r"1 image\(s\) are labelled images re-encoded or resized \(e.g. "
+                                        rf".*resaved.jpg ~ {manifest['file'].iloc[6]}\); pretraining on them leaks"):
+        run_pretrain(cfg, paths)
+    assert not (paths.models / "pretrained").exists()
 
 
 def _cas(synthetic: pd.DataFrame, real: pd.DataFrame, weight: float) -> float:
