@@ -129,7 +129,16 @@ def check_lora_search(out: Path) -> None:
     assert best["confirm"]["gain_mean"] == pytest.approx(gain)
     assert best["confirm"]["best_better_folds"] == int(gain > 0)
     assert best["confirm"]["verdict"] == "undefined (fewer than 2 paired folds)"  # one confirmation fold at k = 2
-    assert (out / "search" / "best.yaml").exists()
+    # Images per LoRA, in the search (its subsets) and in the grid best.yaml runs (each fold's training images),
+    # counted here from the manifest and folds: best.yaml says how many times the search's steps the grid takes.
+    manifest = pd.read_parquet(out / "manifest.parquet").merge(pd.read_parquet(out / "folds.parquet"), on="id")
+    per_fold = [manifest[manifest["fold"] != f].groupby("label").size() for f in sorted(manifest["fold"].unique())]
+    grid = [int(min(s.min() for s in per_fold)), int(max(s.max() for s in per_fold))]
+    searched = [int(per_fold[0].clip(upper=cfg_images_per_class(out)).min()),
+                int(per_fold[0].clip(upper=cfg_images_per_class(out)).max())]
+    assert best["lora_images"] == {"search": searched, "grid": grid}
+    said = f"# the search trained each LoRA on {searched[0]}-{searched[1]} images (search.images_per_class)"
+    assert (said in (out / "search" / "best.yaml").read_text()) == (grid[1] > searched[1])
     space = {name for name in results.columns if name.startswith(("generator.", "sample."))}  # the point's columns
     assert space == {"generator.unet_lr", "generator.rank", "generator.epochs"}
     check_schema_page(out, {"search/trials/<search_key>.parquet": "search/trials",
@@ -147,6 +156,12 @@ def check_lora_search(out: Path) -> None:
         assert int(run.data.params["generator.rank"]) == results.loc[row.Index, "generator.rank"]
         assert {"epochs_trained", "score", "cas", "kid"} <= set(run.data.metrics)  # score_se: NaN with one fold, not logged
         assert [f.path for f in client.list_artifacts(run.info.run_id, "trials")] == [f"trials/{row.search_key}.parquet"]
+
+
+def cfg_images_per_class(out: Path) -> int:
+    import yaml
+
+    return yaml.safe_load((out / "config.yaml").read_text())["search"]["images_per_class"]
 
 
 def check_pipeline(out: Path) -> None:

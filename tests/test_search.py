@@ -2,6 +2,7 @@
 comparison, and a search that starts from bad settings, is killed, resumed with --resume and must end in the good
 region and beat its start on folds it never scored (the plain Tune + Optuna loop also runs in test_experiments.py,
 as `ooc-ray search experiments/lora_search.yaml --tiny`)."""
+import dataclasses
 import json
 import math
 import os
@@ -22,12 +23,13 @@ from ooc_ray.cli import main
 from ooc_ray.data import load_manifest, run_data
 from ooc_ray.diffusion.base import resolve_base
 from ooc_ray.errors import ConfigError
-from ooc_ray.fields import to_dict
+from ooc_ray.fields import to_dict, with_value
+from ooc_ray.folds import train_rows
 from ooc_ray.load import from_dict, load_config
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.search.confirm import compare
 from ooc_ray.search.space import default_point, point_config, split_folds, tune_space
-from ooc_ray.search.trial import fold_part, trial_reports
+from ooc_ray.search.trial import fold_part, plan_part_loras, trial_reports
 
 POINT = {"generator.unet_lr": 1e-3, "generator.rank": 2, "generator.epochs": 2}
 
@@ -96,12 +98,21 @@ def test_a_space_becomes_tune_distributions_and_round_trips_through_the_saved_co
 
 
 def test_folds_parts_come_from_training_images_only(experiment):
-    cfg, paths, _, _ = experiment
+    """A part's subset: search.images_per_class of each class of the fold's training images (of their
+    classify.real_fraction), never a held-out one; its LoRAs train on that whole subset (the fraction taken
+    once: plan_loras alone would take it again)."""
+    cfg, paths, _, base = experiment
     manifest = load_manifest(paths)
-    for fold in (0, 1):
-        part = fold_part(manifest, fold, cfg.search)
-        assert part.subset.groupby("label").size().le(3).all() and set(part.subset["label"]) == set(manifest["label"])
-        assert not set(part.subset["id"]) & set(part.test["id"]) and (part.test["fold"] == fold).all()
+    for fraction in (1.0, 0.5):
+        fcfg = with_value(with_value(cfg, "classify.real_fraction", fraction), "search.images_per_class", 4)
+        parts = [fold_part(manifest, fold, fcfg.search, fraction) for fold in (0, 1)]
+        for fold, part, jobs in zip((0, 1), parts, plan_part_loras(fcfg, parts, base)):
+            train = train_rows(manifest, fold, fraction)
+            assert set(part.subset["id"]) <= set(train["id"]) and set(part.subset["label"]) == set(manifest["label"])
+            assert (part.subset.groupby("label").size() == train.groupby("label").size().clip(upper=4)).all()
+            assert not set(part.subset["id"]) & set(part.test["id"]) and (part.test["fold"] == fold).all()
+            assert {job.label: set(job.image_ids) for job in jobs} == {
+                label: set(rows["id"]) for label, rows in part.subset.groupby("label")}
 
 
 def test_a_trial_on_two_folds_reports_at_checkpoints_that_are_the_loras_of_their_epochs(experiment):
@@ -297,3 +308,28 @@ def test_a_search_from_bad_settings_killed_and_resumed_finds_the_good_region_and
     applied = load_config(out / "best.yaml", [])
     assert applied.sample.weights == (pytest.approx(best["point"]["sample.weights"]),)
     assert applied.generator == from_dict(bad_start_experiment(tmp_path)).generator
+
+
+def test_best_yaml_says_when_its_loras_train_on_more_images_than_the_search_scored(experiment, tmp_path):
+    """The search trains each LoRA on search.images_per_class images per class; the grid best.yaml runs trains
+    on each fold's whole training set, so the same epochs and repeats take more optimizer steps there. Both
+    counts (here from the manifest and folds) are in best.json, and best.yaml's header gives the ratio."""
+    from ooc_ray.search import lora_images, write_best_yaml
+
+    cfg, paths, _, base = experiment
+    manifest = load_manifest(paths)
+    per_fold = [manifest[manifest["fold"] != f].groupby("label").size() for f in sorted(manifest["fold"].unique())]
+    grid = [int(min(s.min() for s in per_fold)), int(max(s.max() for s in per_fold))]
+    two = with_value(cfg, "search.images_per_class", 2)
+    counted = lora_images(two, POINT, manifest, base, [0])
+    assert counted == {"search": [2, 2], "grid": grid} and grid[0] > 2
+    out = write_best_yaml(two, dataclasses.replace(paths, root=tmp_path), POINT,
+                          {"objective": "cas", "score": 0.5, "folds": [0], "lora_images": counted})
+    assert (f"# the search trained each LoRA on 2-2 images (search.images_per_class); this config trains them on "
+            f"{grid[0]}-{grid[1]}, so its generator.epochs and repeats give {grid[0] / 2:.1f}-{grid[1] / 2:.1f}x the "
+            "optimizer steps the search scored") in out.read_text()
+    same = lora_images(with_value(cfg, "search.images_per_class", 1000), POINT, manifest, base, [0])
+    assert same["search"][1] == int(per_fold[0].max())
+    out = write_best_yaml(two, dataclasses.replace(paths, root=tmp_path), POINT,
+                          {"objective": "cas", "score": 0.5, "folds": [0], "lora_images": same})
+    assert ("images (search.images_per_class)" in out.read_text()) == (grid[1] > same["search"][1])

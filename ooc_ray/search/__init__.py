@@ -37,8 +37,11 @@ from ooc_ray.paths import ExperimentPaths
 from ooc_ray.pretrain import run_pretrain
 from ooc_ray.raycluster import init_ray, require_resources, tune_storage
 from ooc_ray.search.confirm import confirm
-from ooc_ray.search.space import default_point, describe, max_epochs, outside, point_of, split_folds, tune_space
-from ooc_ray.search.trial import OBJECTIVE_MODE, REPORTED, better_sign, final_row, trial_reports
+from ooc_ray.protocol import plan_loras
+from ooc_ray.search.space import (default_point, describe, max_epochs, outside, point_config, point_of, split_folds,
+                                   tune_space)
+from ooc_ray.search.trial import (OBJECTIVE_MODE, REPORTED, better_sign, final_row, fold_part, plan_part_loras,
+                                   trial_reports)
 from ooc_ray.tracking import tracker, with_callbacks
 from ooc_ray.variants import refuse_axes
 
@@ -158,6 +161,11 @@ def write_best_yaml(cfg: ExperimentConfig, paths: ExperimentPaths, point: dict, 
                       f"(gain {checked['gain_mean']:+.4f} over the settings it replaces)")
     elif checked:
         header.append(f"# {checked['verdict']}")
+    searched, grid = summary["lora_images"]["search"], summary["lora_images"]["grid"]
+    if grid[1] > searched[1]:
+        header.append(f"# the search trained each LoRA on {searched[0]}-{searched[1]} images (search.images_per_class); "
+                      f"this config trains them on {grid[0]}-{grid[1]}, so its generator.epochs and repeats give "
+                      f"{grid[0] / searched[1]:.1f}-{grid[1] / searched[1]:.1f}x the optimizer steps the search scored")
     text = "\n".join(header) + "\n" + yaml.safe_dump(to_dict(with_values(cfg, point)), sort_keys=False)
     atomic_write_text(paths.search / "best.yaml", text)
     return paths.search / "best.yaml"
@@ -201,6 +209,18 @@ def _summary(results: pd.DataFrame, cfg: ExperimentConfig) -> tuple[dict, dict]:
          f"({scores.min():.4f}..{scores.max():.4f}), {summary['stopped_early']} stopped early")
     summary["lead_over_own"] = _lead_over_own(complete, best, cfg)
     return point, summary
+
+
+def lora_images(cfg: ExperimentConfig, point: dict, manifest: pd.DataFrame, base: BaseModel, folds: list[int]
+                ) -> dict[str, list[int]]:
+    """The fewest and most training images of a LoRA at `point`: in the search (at most search.images_per_class
+    per class of the search's folds) and in the grid that best.yaml runs (each fold's training images): epochs
+    and repeats count passes over them, so the grid's LoRAs take that many times the search's optimizer steps."""
+    pcfg = point_config(cfg, point)
+    parts = [fold_part(manifest, fold, cfg.search, cfg.classify.real_fraction) for fold in folds]
+    searched = [len(job.image_ids) for jobs in plan_part_loras(pcfg, parts, base) for job in jobs]
+    grid = [len(job.image_ids) for job in plan_loras(pcfg, manifest, base.identity)]
+    return {"search": [min(searched), max(searched)], "grid": [min(grid), max(grid)]}
 
 
 def _lead_over_own(complete: pd.DataFrame, best: dict, cfg: ExperimentConfig) -> dict | None:
@@ -262,6 +282,7 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths, resume: bool = Fal
     results = _results(paths, found, s.objective)
     write_parquet(results, paths.search / "results.parquet")
     point, summary = _summary(results, cfg)
+    summary["lora_images"] = lora_images(cfg, point, manifest, base, folds)
     if s.confirm:
         summary["confirm"] = _confirmed(cfg, paths, base, weights, point, confirm_folds)
     atomic_write_text(paths.search / "best.json", json.dumps(summary, indent=2, default=str))
