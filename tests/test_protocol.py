@@ -511,3 +511,26 @@ def test_the_quality_key_holds_the_real_fraction_its_reference_images_come_from(
     cfgs = [from_dict({})] + [from_dict({"classify": {"real_fraction": f}}) for f in (1.0, 0.5)]
     default, one, half = (keys.quality_key(c, "features", m, synthetic, 3) for c in cfgs)
     assert default == one != half  # the same pools scored against other real images: another table
+
+
+def test_a_classic_copy_of_a_non_square_image_keeps_its_shape_and_shows_only_its_pixels(monkeypatch):
+    """A 400x300 field (the paper's 4:3, scaled down): with the small rotation, crop and jitter held at identity,
+    every copy is the image flipped or turned half way, 400x300, each pixel one of the original's (version 1
+    made copies square: 400x400 with a quarter mirror padding, or turned to 300x300 with a quarter cut away).
+    With the whole recipe, copies stay 400x300."""
+    import numpy as np
+    from PIL import Image
+
+    import ooc_ray.classic as classic
+    from ooc_ray.classic import augment, augmented_identity
+
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    half_turns = [pixels, pixels[::-1], pixels[:, ::-1], pixels[::-1, ::-1]]  # flips and the half turn
+    for name, identity in (("MAX_ROTATION_DEGREES", 0.0), ("CROP_RANGE", (1.0, 1.0)), ("JITTER_RANGE", (1.0, 1.0))):
+        monkeypatch.setattr(classic, name, identity)
+    for copy in range(8):
+        out = np.asarray(augment(image, augmented_identity("ab" * 32, copy)))
+        assert out.shape == (300, 400, 3) and any(np.array_equal(out, v) for v in half_turns), copy
+    monkeypatch.undo()
+    assert all(augment(image, augmented_identity("cd" * 32, c)).size == (400, 300) for c in range(8))
