@@ -153,6 +153,15 @@ def test_bad_values_name_the_key(raw, key):
     ({"search": {"space": {"sample.strength": {"uniform": [0.3, 0.6]}}}},
      "search.space.sample.strength: matters only when sample.mode is img2img"),
     ({"classify": {"augment": ["flip", "flip"]}}, "classify.augment: an augmentation is listed twice"),
+    # diffusers guides only above 1: cfg 0 and 0.5 sample as 1 does, and a negative prompt is then never read.
+    ({"sample": {"cfg": 0.5}}, r"sample.cfg: need at least 1, got 0.5"),
+    ({"sample": {"cfg": 1.0, "negative_prompt": "blurry"}},
+     "sample.negative_prompt: used only by classifier-free guidance, which sample.cfg 1 turns off"),
+    ({"axes": {"sample.steps": [2, 4]}, "sample": {"cfg": 1.0, "negative_prompt": "blurry"}},
+     "axes: sample.negative_prompt: used only by classifier-free guidance"),
+    ({"search": {"space": {"sample.steps": {"randint": [2, 4]}}}, "sample": {"cfg": 1.0, "negative_prompt": "blurry"}},
+     "sample.negative_prompt: used only by classifier-free guidance"),
+    ({"search": {"space": {"sample.cfg": {"uniform": [0.5, 3.0]}}}}, r"search.space.sample.cfg = 0.5: sample.cfg: need at least 1"),
 ])
 def test_values_that_cannot_mean_anything_are_refused_in_one_line_naming_the_key(raw, message):
     with pytest.raises(ConfigError, match=message) as caught:
