@@ -102,13 +102,29 @@ def inspect_image(path: Path, data: bytes) -> dict:
     return {"size": len(data), "width": width, "height": height, "mode": mode}
 
 
+def _raw_mode(img: Image.Image) -> str:
+    """How the file stores its pixels (Pillow's raw mode: 'RGB;16B', 'I;16S'), from its header."""
+    if not img.tile:
+        return img.mode
+    args = img.tile[0].args
+    return args[0] if isinstance(args, tuple) else str(args)
+
+
 def _one_frame(path: Path) -> None:
-    """A TIFF stack or an animated PNG: every stage would read its first frame only. Counting frames reads
-    headers, not pixels."""
+    """What every stage would misread, from the headers (no pixel decoded), also for bytes a manifest knew:
+    a TIFF stack or an animated PNG (its first frame only), 16-bit colour (Pillow keeps the high byte of each
+    channel: a 12-bit camera's frame comes out nearly black) and signed integer grey (negative pixels would wrap
+    round to bright ones)."""
     with Image.open(path) as img:
-        frames = getattr(img, "n_frames", 1)
+        frames, raw = getattr(img, "n_frames", 1), _raw_mode(img)
     if frames > 1:
         raise DataError(f"{path}: {frames} frames (a stack); one image per file: split it")
+    if raw.startswith(("RGB;16", "RGBA;16")):
+        raise DataError(f"{path}: 16 bits per colour channel ({raw}), which Pillow reads as their high 8 bits; "
+                        "save it as 8-bit colour or 16-bit grey")
+    if raw.startswith("I;") and raw.endswith("S"):  # I;16S, I;16BS, I;32S, I;32BS
+        raise DataError(f"{path}: signed integer pixels ({raw}): negative values cannot be shown as grey levels; "
+                        "shift them to 0 and above (unsigned) and save again")
 
 
 def _list_images(source: Path, group_column: str) -> list[dict]:
@@ -274,6 +290,10 @@ def run_data(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     changed = _write_if_changed(folds, paths.folds) or changed
     note(f"data: {len(manifest)} images in {manifest['label'].nunique()} classes from {source}"
          f"{'' if changed else ' (unchanged)'}")
+    deep = int(manifest["mode"].str.startswith("I").sum())
+    if deep:
+        note(f"data: {deep} of them 16-bit grey, each scaled to 8 bits by its own maximum: brightness differences "
+             "between images are not kept (docs/limits.md)")
     return manifest.merge(folds, on="id", validate="one_to_one")
 
 

@@ -476,3 +476,39 @@ def test_near_copies_split_across_folds_or_classes_are_refused_and_grouped_ones_
     assert not (tmp_path / "out" / "t" / "manifest.parquet").exists()
     _, grouped = run(rows, group_column="patient")
     assert len(grouped()) == 24 + 6
+
+
+def _png_rgb16(path: Path, pixels) -> None:
+    """A 16-bit-per-channel colour PNG (a colour microscope camera's), written by hand: Pillow writes none."""
+    import struct
+    import zlib
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_and_signed_pixels_are_refused_by_their_headers(tree):
+    """Pillow reads 16-bit colour as its high bytes (a 12-bit camera's frame, values up to 4000, came out with a
+    maximum of 15) and a signed image's negative pixels would wrap round to bright ones: both named at once,
+    from the headers; load_image refuses negative pixels it is given anyway."""
+    import numpy as np
+
+    cells = np.random.default_rng(0).integers(200, 4000, (16, 16, 3)).astype(np.uint16)
+    _png_rgb16(tree / "good" / "colour16.png", cells)
+    assert Image.open(tree / "good" / "colour16.png").mode == "RGB"  # what the mode check alone let through
+    signed = np.full((16, 16), -50, np.int32)
+    signed[4:8, 4:8] = 3000
+    Image.fromarray(signed).save(tree / "bad" / "signed.tif")
+    with pytest.raises(DataError) as caught:
+        scan(tree)
+    message = str(caught.value)
+    assert "2 of 18 images cannot be used" in message and len(message.splitlines()) == 1
+    assert "colour16.png: 16 bits per colour channel (RGB;16B), which Pillow reads as their high 8 bits" in message
+    assert "signed.tif: signed integer pixels (I;32S)" in message
+    with pytest.raises(DataError, match=r"signed.tif: negative pixel values \(down to -50\); save it unsigned"):
+        load_image(tree / "bad" / "signed.tif")
