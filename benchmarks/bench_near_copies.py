@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from ooc_ray.config import DemoDataConfig  # noqa: E402
 from ooc_ray.demo_data import write_demo_dataset  # noqa: E402
-from ooc_ray.near_copies import (DETAIL_MIN, THUMBNAIL_MIN, image_signatures, near_copy_pairs,  # noqa: E402
-                                 signatures)
+from ooc_ray.near_copies import (DETAIL_MIN, THUMBNAIL_MIN, comparable, image_signatures,  # noqa: E402
+                                 near_copy_pairs, signatures)
 
 SAVES = {"jpeg q50": lambda im: _jpeg(im, 50), "jpeg q90": lambda im: _jpeg(im, 90),
          "half size": lambda im: im.resize((max(im.width // 2, 8), max(im.height // 2, 8)), Image.LANCZOS)}
@@ -41,7 +41,8 @@ def _jpeg(image: Image.Image, quality: int) -> Image.Image:
 
 
 def separation(name: str, files: list[Path], n_copies: int) -> None:
-    thumbnails, details = (np.stack(parts) for parts in zip(*(signatures(f) for f in files)))
+    raw = tuple(np.stack(parts) for parts in zip(*(signatures(f) for f in files)))
+    (thumbnails, details), = comparable(raw)
     for label, vectors in (("thumbnail", thumbnails), ("detail", details)):
         closest = vectors @ vectors.T
         np.fill_diagonal(closest, -1)
@@ -55,8 +56,9 @@ def separation(name: str, files: list[Path], n_copies: int) -> None:
             for k in rng.choice(len(files), min(n_copies, len(files)), replace=False):
                 copy = Path(scratch) / "copy.png"
                 save(Image.open(files[k])).save(copy)
-                thumbnail, detail = signatures(copy)
-                lowest = [min(lowest[0], float(thumbnail @ thumbnails[k])), min(lowest[1], float(detail @ details[k]))]
+                # The copy beside the set, its shared pattern taken from both (as the data stage would see it).
+                (set_t, set_d), (copy_t, copy_d) = comparable(raw, tuple(v[None] for v in signatures(copy)))
+                lowest = [min(lowest[0], float(copy_t[0] @ set_t[k])), min(lowest[1], float(copy_d[0] @ set_d[k]))]
             print(f"{name}, copies as {save_name}: lowest thumbnail {lowest[0]:.4f}, detail {lowest[1]:.4f}")
 
 

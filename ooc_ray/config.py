@@ -55,6 +55,10 @@ class DataConfig:
     source: str = input_("demo")
     classes: tuple[str, ...] = grid((), unique=True)  # empty: every folder/label found; else the allowed labels, in this order
     group_column: str = grid("")  # CSV column holding cell line / well / patient; "" = no groups
+    # Near copies (one picture re-encoded or resized: ooc_ray.near_copies) under two labels or in two folds, or
+    # among the pretraining images: "refuse" stops the data (or pretrain) stage naming every pair; "allow" names
+    # them in a warning and goes on, for distinct images the check mistakes for copies. Changes no number.
+    near_copies: Literal["refuse", "allow"] = resource("refuse")
     demo: DemoDataConfig = section(DemoDataConfig)
 
 

@@ -18,7 +18,7 @@ from ooc_ray.demo_data import write_demo_dataset
 from ooc_ray.errors import DataError, MissingInputError
 from ooc_ray.folds import assign_folds
 from ooc_ray.io import parquet_problem, sha256_file, write_parquet
-from ooc_ray.logs import note
+from ooc_ray.logs import note, warn
 from ooc_ray.keys import fold_columns
 from ooc_ray.near_copies import image_signatures, near_copy_pairs
 from ooc_ray.paths import ExperimentPaths
@@ -95,10 +95,13 @@ def inspect_image(path: Path, data: bytes) -> dict:
         with Image.open(path) as img:
             img.load()  # .open() only reads the header; .load() decodes every pixel
             mode, (width, height) = img.mode, img.size
+            lowest = img.getextrema()[0] if mode in ("I", "F") else 0
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: unreadable or corrupt image ({exc})") from None
     if mode not in SUPPORTED_MODES:
         raise DataError(f"{path}: unsupported image mode {mode!r} (supported: {sorted(SUPPORTED_MODES)})")
+    if lowest < 0:  # a signed file (a background-subtracted export): grey levels start at 0
+        raise DataError(f"{path}: negative pixel values (down to {lowest:g}); shift them to 0 and above and save")
     return {"size": len(data), "width": width, "height": height, "mode": mode}
 
 
@@ -112,19 +115,16 @@ def _raw_mode(img: Image.Image) -> str:
 
 def _one_frame(path: Path) -> None:
     """What every stage would misread, from the headers (no pixel decoded), also for bytes a manifest knew:
-    a TIFF stack or an animated PNG (its first frame only), 16-bit colour (Pillow keeps the high byte of each
-    channel: a 12-bit camera's frame comes out nearly black) and signed integer grey (negative pixels would wrap
-    round to bright ones)."""
+    a TIFF stack or an animated PNG (its first frame only), and 16 bits per channel other than plain grey
+    (colour, grey with alpha: Pillow keeps the high byte of each, and a 12-bit camera's frame comes out nearly
+    black). Negative pixels are refused where images are decoded (inspect_image, images.load_image)."""
     with Image.open(path) as img:
         frames, raw = getattr(img, "n_frames", 1), _raw_mode(img)
     if frames > 1:
         raise DataError(f"{path}: {frames} frames (a stack); one image per file: split it")
-    if raw.startswith(("RGB;16", "RGBA;16")):
-        raise DataError(f"{path}: 16 bits per colour channel ({raw}), which Pillow reads as their high 8 bits; "
-                        "save it as 8-bit colour or 16-bit grey")
-    if raw.startswith("I;") and raw.endswith("S"):  # I;16S, I;16BS, I;32S, I;32BS
-        raise DataError(f"{path}: signed integer pixels ({raw}): negative values cannot be shown as grey levels; "
-                        "shift them to 0 and above (unsigned) and save again")
+    if ";16" in raw and not raw.startswith("I;"):  # RGB;16B, RGBA;16L, RGBX;16L, RGBa;16L, LA;16B, ...
+        raise DataError(f"{path}: 16 bits per channel ({raw}), which Pillow reads as their high 8 bits; save it as "
+                        "8-bit colour or 16-bit grey without alpha")
 
 
 def _list_images(source: Path, group_column: str) -> list[dict]:
@@ -232,22 +232,35 @@ def _refuse_copies(source: Path, df: pd.DataFrame) -> None:
         raise DataError(f"{source}: {' | '.join(found)}")
 
 
-def _refuse_split_near_copies(source: Path, manifest: pd.DataFrame, folds: pd.DataFrame, cache: Path) -> None:
+def _refuse_split_near_copies(cfg: DataConfig, source: Path, manifest: pd.DataFrame, folds: pd.DataFrame,
+                              cache: Path) -> None:
     """One picture saved twice (re-encoded, resized: ooc_ray.near_copies) under two labels, or in two folds of any
-    repeat, where one is held out while its twin trains: every such pair named in one error. Twins in one fold
-    never meet across the split and are left alone."""
+    repeat, where one is held out while its twin trains: every such pair named in one error (in a warning with
+    data.near_copies: allow). Twins in one fold never meet across the split and are left alone."""
     columns = fold_columns(folds)
-    split = []
+    relabelled, split = [], []
     for i, j in near_copy_pairs(image_signatures(manifest["path"].tolist(), manifest["sha256"].tolist(), cache)):
         a, b = manifest.iloc[i], manifest.iloc[j]
         if a["label"] != b["label"]:
-            split.append(" ~ ".join(sorted(f"{row['file']} ({row['label']})" for row in (a, b))))
+            relabelled.append(" ~ ".join(sorted(f"{row['file']} ({row['label']})" for row in (a, b))))
         elif (folds[columns].iloc[i] != folds[columns].iloc[j]).any():
             split.append(" ~ ".join(sorted((a["file"], b["file"]))))
-    if split:
-        raise DataError(f"{source}: {len(split)} pair(s) of near-identical images (one picture re-encoded or resized) "
-                        f"fall in different folds or classes, so one would be held out while its twin trains: "
-                        f"{_listed(split)}; keep one of each, or give each pair one data.group_column value")
+    found = ([f"{len(relabelled)} picture(s) under two labels (one image re-encoded or resized): "
+              f"{_listed(relabelled)}; correct the label or keep one"] if relabelled else []) + \
+        ([f"{len(split)} pair(s) of near-identical images (one picture re-encoded or resized) in different folds, "
+          f"so one would be held out while its twin trains: {_listed(split)}; keep one of each, or give each pair "
+          "one data.group_column value"] if split else [])
+    report_near_copies(cfg, f"{source}: {' | '.join(found)}" if found else "")
+
+
+def report_near_copies(cfg: DataConfig, message: str) -> None:
+    """Stop on the near copies `message` names, or with data.near_copies: allow say it and go on."""
+    if not message:
+        return
+    if cfg.near_copies == "allow":
+        warn(f"{message} (data.near_copies: allow: going on)")
+        return
+    raise DataError(f"{message} (if they are distinct images, set data.near_copies: allow)")
 
 
 def class_names(manifest: pd.DataFrame) -> list[str]:
@@ -284,7 +297,7 @@ def run_data(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
     source = resolve_source(cfg.data, paths)
     manifest = scan(source, cfg.data.classes, cfg.data.group_column, known=_known_facts(paths))
     folds = assign_folds(manifest, cfg.folds)
-    _refuse_split_near_copies(source, manifest, folds, paths.image_signatures)
+    _refuse_split_near_copies(cfg.data, source, manifest, folds, paths.image_signatures)
     # Manifest first, folds second: load_manifest refuses a pair that does not match (a kill in between).
     changed = _write_if_changed(manifest, paths.manifest)
     changed = _write_if_changed(folds, paths.folds) or changed

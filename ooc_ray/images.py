@@ -22,8 +22,9 @@ def load_image(path: str | Path, size: int | None = None) -> Image.Image:
             if img.mode.startswith("I"):
                 # 16-bit microscopy: scale the full range to 8 bits instead of clipping at 255.
                 arr = np.asarray(img, dtype=np.float64)
-                if arr.min() < 0:  # the data stage refuses signed files by their header; a cast would wrap these
-                    raise DataError(f"{path}: negative pixel values (down to {arr.min():g}); save it unsigned")
+                if arr.min() < 0:  # the data stage refuses these (new bytes); a cast to 8 bits would wrap them
+                    raise DataError(f"{path}: negative pixel values (down to {arr.min():g}); shift them to 0 and "
+                                    "above and save")
                 top = max(float(arr.max()), 1.0)
                 img = Image.fromarray((arr * (255.0 / top)).astype("uint8"), mode="L")
             rgb = img.convert("RGB")

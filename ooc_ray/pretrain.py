@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ooc_ray.config import DemoDataConfig, ExperimentConfig
-from ooc_ray.data import IMAGE_SUFFIXES, load_manifest, visible
+from ooc_ray.config import DataConfig, DemoDataConfig, ExperimentConfig
+from ooc_ray.data import IMAGE_SUFFIXES, load_manifest, report_near_copies, visible
 from ooc_ray.demo_data import CLASSES, write_demo_dataset
 from ooc_ray.diffusion.base import device_and_dtype, load_pipeline, resolve_base
 from ooc_ray.diffusion.pretrain import (METADATA_FILE, pretrain, pretrain_key, pretrain_steps, pretrained_dir,
@@ -81,9 +81,9 @@ def unlabeled_images(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFr
                          "sha256": [sha256_file(f) for f in files.values()]}, columns=IMAGE_COLUMNS)
 
 
-def refuse_labelled(images: pd.DataFrame, manifest: pd.DataFrame, paths: ExperimentPaths) -> None:
+def refuse_labelled(images: pd.DataFrame, manifest: pd.DataFrame, paths: ExperimentPaths, data: DataConfig) -> None:
     """Raise, naming the first one, when a pretraining image is a labelled image: the same bytes, or the same
-    picture re-encoded or resized (ooc_ray.near_copies)."""
+    picture re-encoded or resized (ooc_ray.near_copies; data.near_copies: allow lets those go with a warning)."""
     shared = images[images["sha256"].isin(set(manifest["sha256"]))]
     if len(shared):
         first = shared.iloc[0]
@@ -96,9 +96,10 @@ def refuse_labelled(images: pd.DataFrame, manifest: pd.DataFrame, paths: Experim
         image_signatures(manifest["path"].tolist(), manifest["sha256"].tolist(), paths.image_signatures))
     if pairs:
         i, j = pairs[0]
-        raise DataError(f"generator.pretrain.source: {len({i for i, _ in pairs})} image(s) are labelled images "
-                        f"re-encoded or resized (e.g. {images['path'].iloc[i]} ~ {manifest['file'].iloc[j]}); "
-                        "pretraining on them leaks held-out images into every fold's synthetic images")
+        report_near_copies(data, f"generator.pretrain.source: {len({i for i, _ in pairs})} image(s) are labelled "
+                                 f"images re-encoded or resized (e.g. {images['path'].iloc[i]} ~ "
+                                 f"{manifest['file'].iloc[j]}); pretraining on them leaks held-out images into every "
+                                 "fold's synthetic images")
 
 
 def run_pretrain(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None | list[Path | None]:
@@ -123,7 +124,7 @@ def pretrain_base(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None:
         return None
     manifest = load_manifest(paths)
     images = unlabeled_images(cfg, paths)
-    refuse_labelled(images, manifest, paths)
+    refuse_labelled(images, manifest, paths, cfg.data)
     write_parquet(images, paths.pretrain_images)
     base = resolve_base(cfg.generator.base, paths.models)
     key = pretrain_key(cfg, base.identity, images)

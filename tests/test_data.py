@@ -437,7 +437,8 @@ def test_near_copies_split_across_folds_or_classes_are_refused_and_grouped_ones_
     originals = []  # copied in, so that the CSV's names (the images' ids, so their folds) are the same every run
     for label in ("eosinophil", "lymphocyte", "platelet"):
         (tmp_path / label).mkdir()
-        originals.append([Path(shutil.copy(p, tmp_path / label)) for p in sorted((shared_pbc / label).glob("*.jpg"))[:8]])
+        first_eight = sorted((shared_pbc / label).glob("*.jpg"))[:8]
+        originals.append([Path(shutil.copy(p, tmp_path / label)) for p in first_eight])
     rows = [(p.relative_to(tmp_path), p.parent.name, f"g{p.stem}") for files in originals for p in files]
     copies = tmp_path / "copies"
     copies.mkdir()
@@ -453,29 +454,39 @@ def test_near_copies_split_across_folds_or_classes_are_refused_and_grouped_ones_
     Image.open(originals[0][2]).save(mislabelled, quality=90)
     csv = tmp_path / "labels.csv"
 
-    def run(with_rows, group_column=""):
+    def run(with_rows, group_column="", near_copies="refuse", seed=0):
         csv.write_text("file,label,patient\n" + "".join(f"{f},{label},{g}\n" for f, label, g in with_rows))
-        cfg = from_dict({"name": "t", "results_dir": str(tmp_path / "out"), "folds": {"k": 3},
-                         "data": {"source": str(csv), "group_column": group_column}})
+        cfg = from_dict({"name": "t", "results_dir": str(tmp_path / "out"), "folds": {"k": 3, "repeats": 2, "seed": seed},
+                         "data": {"source": str(csv), "group_column": group_column, "near_copies": near_copies}})
         return cfg, lambda: run_data(cfg, ExperimentPaths.of(cfg))
 
-    cfg, stage = run(rows + [(mislabelled.relative_to(tmp_path), "platelet", "gx")])
+    with_mislabelled = rows + [(mislabelled.relative_to(tmp_path), "platelet", "gx")]
+    run(with_mislabelled)
     manifest = scan(csv)
-    fold = dict(zip(manifest["file"], assign_folds(manifest, cfg.folds)["fold"]))
-    original_of = {f: next(o for o in fold if Path(o).stem == Path(f).stem.rsplit("_", 1)[0])
-                   for f in fold if f.endswith(("_q50.jpg", "_half.png"))}
-    split = [" ~ ".join(sorted(pair)) for pair in original_of.items() if fold[pair[0]] != fold[pair[1]]]
-    assert 0 < len(split) < 6  # these 6 copies in 3 folds: some split from their original, some not
+    original_of = {f: next(o for o in manifest["file"] if Path(o).stem == Path(f).stem.rsplit("_", 1)[0])
+                   for f in manifest["file"] if f.endswith(("_q50.jpg", "_half.png"))}
+    for seed in range(20):  # folds where some copy is with its original in both repeats, some only in the first
+        folds = assign_folds(manifest, FoldsConfig(k=3, repeats=2, seed=seed)).set_index(manifest["file"])
+        apart = {" ~ ".join(sorted(pair)): tuple(bool(folds.loc[pair[0], c] != folds.loc[pair[1], c])
+                                                 for c in ("fold", "fold_r1")) for pair in original_of.items()}
+        if {(False, False), (False, True)} <= set(apart.values()):
+            break
+    split = [pair for pair, where in apart.items() if any(where)]
+    cfg, stage = run(with_mislabelled, seed=seed)
     with pytest.raises(DataError) as caught:
         stage()
     message = str(caught.value)
-    assert f"{len(split) + 1} pair(s) of near-identical images" in message and len(message.splitlines()) == 1
+    assert len(message.splitlines()) == 1 and message.endswith("(if they are distinct images, set data.near_copies: allow)")
+    assert "1 picture(s) under two labels (one image re-encoded or resized): " + " ~ ".join(sorted(
+        [f"{originals[0][2].relative_to(tmp_path)} (eosinophil)", f"{mislabelled.relative_to(tmp_path)} (platelet)"]))\
+        + "; correct the label or keep one" in message
+    assert f"{len(split)} pair(s) of near-identical images (one picture re-encoded or resized) in different folds" in message
     assert message.count(" ~ ") == len(split) + 1 and all(pair in message for pair in split)
-    assert " ~ ".join(sorted([f"{originals[0][2].relative_to(tmp_path)} (eosinophil)",
-                              f"{mislabelled.relative_to(tmp_path)} (platelet)"])) in message
     assert not (tmp_path / "out" / "t" / "manifest.parquet").exists()
-    _, grouped = run(rows, group_column="patient")
+    _, grouped = run(rows, group_column="patient", seed=seed)
     assert len(grouped()) == 24 + 6
+    _, allowed = run(with_mislabelled, near_copies="allow", seed=seed)
+    assert len(allowed()) == 24 + 7  # named in a warning (logs.warn), and the stage goes on
 
 
 def _png_rgb16(path: Path, pixels) -> None:
@@ -492,10 +503,12 @@ def _png_rgb16(path: Path, pixels) -> None:
                      + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
-def test_16_bit_colour_and_signed_pixels_are_refused_by_their_headers(tree):
-    """Pillow reads 16-bit colour as its high bytes (a 12-bit camera's frame, values up to 4000, came out with a
-    maximum of 15) and a signed image's negative pixels would wrap round to bright ones: both named at once,
-    from the headers; load_image refuses negative pixels it is given anyway."""
+def test_16_bit_colour_and_negative_pixels_are_refused_and_unsigned_deep_grey_kept(tree):
+    """Pillow reads 16 bits per channel of colour (or of grey with alpha) as their high bytes: a 12-bit camera's
+    frame, values up to 4000, came out with a maximum of 15; and negative pixels would wrap round to bright ones
+    in the cast to 8 bits. Both are named at once (the first from the header), and load_image refuses negative
+    pixels it is given anyway. A 32-bit integer TIFF (Pillow writes mode I as signed) with no negative pixel is
+    an image like any 16-bit grey one."""
     import numpy as np
 
     cells = np.random.default_rng(0).integers(200, 4000, (16, 16, 3)).astype(np.uint16)
@@ -508,7 +521,48 @@ def test_16_bit_colour_and_signed_pixels_are_refused_by_their_headers(tree):
         scan(tree)
     message = str(caught.value)
     assert "2 of 18 images cannot be used" in message and len(message.splitlines()) == 1
-    assert "colour16.png: 16 bits per colour channel (RGB;16B), which Pillow reads as their high 8 bits" in message
-    assert "signed.tif: signed integer pixels (I;32S)" in message
-    with pytest.raises(DataError, match=r"signed.tif: negative pixel values \(down to -50\); save it unsigned"):
+    assert "colour16.png: 16 bits per channel (RGB;16B), which Pillow reads as their high 8 bits" in message
+    assert r"signed.tif: negative pixel values (down to -50)" in message
+    with pytest.raises(DataError, match=r"signed.tif: negative pixel values \(down to -50\); shift them to 0"):
         load_image(tree / "bad" / "signed.tif")
+    (tree / "good" / "colour16.png").unlink()
+    Image.fromarray(np.clip(signed, 0, None)).save(tree / "bad" / "signed.tif")  # the same file type, no negative
+    assert scan(tree).set_index("file").loc["bad/signed.tif", "mode"] == "I"
+    assert np.asarray(load_image(tree / "bad" / "signed.tif"))[6, 6, 0] == 255
+
+
+def test_distinct_fields_sharing_a_scale_bar_and_stamp_are_not_near_copies_and_a_resaved_one_is(tmp_path):
+    """Sparse fields of one microscope agree mostly in what they share: a burned-in scale bar and time stamp (and
+    vignetting, dust): most pairs of their raw signatures pass both thresholds. Less the set's shared pattern, distinct fields
+    are no pair and a JPEG re-save of one is exactly one (the truth is known: the files are drawn here)."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    from ooc_ray.near_copies import DETAIL_MIN, THUMBNAIL_MIN, image_signatures, near_copy_pairs
+
+    height, width = 240, 320
+    yy, xx = np.mgrid[0:height, 0:width]
+    paths = []
+    for k in range(8):
+        rng = np.random.default_rng(k)
+        field = 8 + 30 * np.exp(-((yy - height / 2) ** 2 + (xx - width / 2) ** 2) / 2e5) + rng.normal(0, 2, yy.shape)
+        for _ in range(3):  # three faint cells
+            cy, cx, size = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(4, 10)
+            field += 30 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * size ** 2))
+        image = Image.fromarray(np.clip(field, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle([width - 100, height - 20, width - 20, height - 14], fill=255)
+        draw.text((10, 10), "t=00:15:00  20x  100 um", fill=255)
+        image.save(tmp_path / f"field{k}.png")
+        paths.append(str(tmp_path / f"field{k}.png"))
+    Image.open(paths[3]).save(tmp_path / "field3_again.jpg", quality=90)
+    digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+    thumbnails, details = image_signatures(paths, digests, tmp_path / "signatures.npz")
+    upper = np.triu_indices(8, 1)
+    # Their raw signatures: what a plain correlation at the thresholds would call copies.
+    plainly = ((thumbnails @ thumbnails.T)[upper] >= THUMBNAIL_MIN) & ((details @ details.T)[upper] >= DETAIL_MIN)
+    assert plainly.sum() >= 10, plainly.sum()
+    assert near_copy_pairs((thumbnails, details)) == []
+    again = paths + [str(tmp_path / "field3_again.jpg")]
+    digests.append(hashlib.sha256((tmp_path / "field3_again.jpg").read_bytes()).hexdigest())
+    assert near_copy_pairs(image_signatures(again, digests, tmp_path / "signatures.npz")) == [(3, 8)]
