@@ -169,4 +169,8 @@ def search_run_key(cfg: Any, base_id: str, weights_id: str, manifest: pd.DataFra
     definition = {f.name: canonical(getattr(cfg.search, f.name)) for f in dataclasses.fields(cfg.search)
                   if f.metadata.get("role") != RESOURCE}
     slices = [config_slice(cfg, artifact) for artifact in ("lora", "image", "features", "search")]
-    return digest("search-run", definition, slices, base_id, weights_id, data_digest(manifest))
+    # Below 1 the fraction picks each trial's LoRA images, and searches before 2026-12-06 took it twice (8 images
+    # where search.images_per_class said 16 at 0.5): such a search, finished, must not be re-used. At 1 nothing
+    # differed, so those keys stand.
+    fraction = [] if cfg.classify.real_fraction == 1 else ["real_fraction taken once", cfg.classify.real_fraction]
+    return digest("search-run", definition, slices, base_id, weights_id, data_digest(manifest), *fraction)

@@ -18,6 +18,7 @@ import yaml
 from helpers import make_manifest, write_unlabeled
 from scipy import stats
 
+from ooc_ray import keys
 from ooc_ray.backbones import backbone_weights
 from ooc_ray.cli import main
 from ooc_ray.data import load_manifest, run_data
@@ -113,6 +114,11 @@ def test_folds_parts_come_from_training_images_only(experiment):
             assert not set(part.subset["id"]) & set(part.test["id"]) and (part.test["fold"] == fold).all()
             assert {job.label: set(job.image_ids) for job in jobs} == {
                 label: set(rows["id"]) for label, rows in part.subset.groupby("label")}
+    # A finished search is re-used by its run key: searches at other fractions (whose LoRAs saw other images),
+    # and those from before the fraction was taken once, are not this one.
+    run_keys = {fraction: keys.search_run_key(with_value(cfg, "classify.real_fraction", fraction), base.identity, "w",
+                                              manifest) for fraction in (1.0, 0.5, 0.25)}
+    assert len(set(run_keys.values())) == 3
 
 
 def test_a_trial_on_two_folds_reports_at_checkpoints_that_are_the_loras_of_their_epochs(experiment):

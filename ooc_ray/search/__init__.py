@@ -163,8 +163,8 @@ def write_best_yaml(cfg: ExperimentConfig, paths: ExperimentPaths, point: dict, 
         header.append(f"# {checked['verdict']}")
     searched, grid = summary["lora_images"]["search"], summary["lora_images"]["grid"]
     if grid[1] > searched[1]:
-        header.append(f"# the search trained each LoRA on {searched[0]}-{searched[1]} images (search.images_per_class); "
-                      f"this config trains them on {grid[0]}-{grid[1]}, so its generator.epochs and repeats give "
+        header.append(f"# the search trained each LoRA on {searched[0]}-{searched[1]} images "
+                      f"(search.images_per_class); this config trains them on {grid[0]}-{grid[1]}, so its generator.epochs and repeats give "
                       f"{grid[0] / searched[1]:.1f}-{grid[1] / searched[1]:.1f}x the optimizer steps the search scored")
     text = "\n".join(header) + "\n" + yaml.safe_dump(to_dict(with_values(cfg, point)), sort_keys=False)
     atomic_write_text(paths.search / "best.yaml", text)
