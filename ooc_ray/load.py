@@ -95,12 +95,16 @@ def _inert(dotted: str, cfgs: list[ExperimentConfig], where: str) -> list[str]:
             "would give the same numbers"]
 
 
-def _unguided_negative_prompt(cfgs: list[ExperimentConfig], where: str) -> list[str]:
-    """A negative prompt where no config of `cfgs` (the file's, its variants or the search's range ends) guides:
-    diffusers reads it only in classifier-free guidance, at sample.cfg > 1."""
+def _unguided_negative_prompt(cfg: ExperimentConfig) -> list[str]:
+    """A negative prompt where nothing guides: diffusers reads it only in classifier-free guidance, at
+    sample.cfg > 1. Judged over the file's variants (or the file) with each value of each search dimension
+    applied (a choice, a range end), so that any of them that guides makes it legitimate."""
+    bases = [variant.cfg for variant in variants(cfg)] if cfg.axes else [cfg]
+    cfgs = bases + [with_values(base, {name: value}) for base in bases for name, _, values in cfg.search.space
+                    for value in values]
     if any(c.sample.negative_prompt for c in cfgs) and all(c.sample.cfg <= 1 for c in cfgs):
-        return [f"{where}sample.negative_prompt: used only by classifier-free guidance, which sample.cfg 1 turns "
-                "off (diffusers guides above 1); set sample.cfg above 1 or remove the negative prompt"]
+        return ["sample.negative_prompt: used only by classifier-free guidance, which sample.cfg 1 turns off "
+                "(diffusers guides above 1) in every variant and search point; set sample.cfg above 1 or remove it"]
     return []
 
 
@@ -168,8 +172,6 @@ def parse_space(raw: Any, cfg: ExperimentConfig) -> tuple:
     # A dimension its mode ignores, unless another dimension varies that mode: each point of the space's modes
     points = [with_values(cfg, {name: value}) for name, kind, values in out if kind == "choice" for value in values]
     found += [p for name, _, _ in out for p in _inert(name, [cfg, *points], "search.space")]
-    ends = [with_values(cfg, {name: value}) for name, _, values in out if name == "sample.cfg" for value in values]
-    found += _unguided_negative_prompt([cfg, *ends], "")
     raise_problems(found)
     return tuple(out)
 
@@ -190,17 +192,15 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
     if found:  # wrong types and unknown keys, with the bounds of every other field (combinations need them all)
         raise_problems(found + bound_problems(cfg))
     raise_problems(problems(cfg))
-    if space_raw is None and axes_raw is None:
-        raise_problems(_unguided_negative_prompt([cfg], ""))
     if space_raw is not None:
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=parse_space(space_raw, cfg)))
     if axes_raw is not None:
         cfg = dataclasses.replace(cfg, axes=parse_axes(axes_raw))
         each = list(variants(cfg))
-        raise_problems([p for dotted, _ in cfg.axes for p in _inert(dotted, [v.cfg for v in each], "axes")]
-                       + _unguided_negative_prompt([v.cfg for v in each], "axes: "))
+        raise_problems([p for dotted, _ in cfg.axes for p in _inert(dotted, [v.cfg for v in each], "axes")])
         for variant in each:
             raise_problems(problems(variant.cfg), f"axes ({variant.label}): ")
+    raise_problems(_unguided_negative_prompt(cfg))
     return cfg
 
 

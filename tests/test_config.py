@@ -158,10 +158,13 @@ def test_bad_values_name_the_key(raw, key):
     ({"sample": {"cfg": 1.0, "negative_prompt": "blurry"}},
      "sample.negative_prompt: used only by classifier-free guidance, which sample.cfg 1 turns off"),
     ({"axes": {"sample.steps": [2, 4]}, "sample": {"cfg": 1.0, "negative_prompt": "blurry"}},
-     "axes: sample.negative_prompt: used only by classifier-free guidance"),
+     "sample.negative_prompt: used only by classifier-free guidance"),
+    ({"search": {"space": {"sample.negative_prompt": {"choice": ["", "blurry"]}}}, "sample": {"cfg": 1.0}},
+     "sample.negative_prompt: used only by classifier-free guidance"),
     ({"search": {"space": {"sample.steps": {"randint": [2, 4]}}}, "sample": {"cfg": 1.0, "negative_prompt": "blurry"}},
      "sample.negative_prompt: used only by classifier-free guidance"),
-    ({"search": {"space": {"sample.cfg": {"uniform": [0.5, 3.0]}}}}, r"search.space.sample.cfg = 0.5: sample.cfg: need at least 1"),
+    ({"search": {"space": {"sample.cfg": {"uniform": [0.5, 3.0]}}}},
+     r"search.space.sample.cfg = 0.5: sample.cfg: need at least 1"),
 ])
 def test_values_that_cannot_mean_anything_are_refused_in_one_line_naming_the_key(raw, message):
     with pytest.raises(ConfigError, match=message) as caught:
@@ -181,6 +184,10 @@ def test_what_an_axis_or_search_space_varies_is_judged_per_variant_and_point():
                      "sample": {"negative_prompt": "blurry"}, "generator": {"text_encoder_modules": "attention+mlp"},
                      "search": {"confirm": False, "confirm_folds": [4]}})
     assert len(cfg.axes) == 2
+    # Guidance from an axis or from the search, whichever the other one varies: the negative prompt is read.
+    for varied in ({"axes": {"sample.cfg": [1.0, 7.0]}, "search": {"space": {"sample.steps": {"randint": [2, 4]}}}},
+                   {"axes": {"sample.steps": [2, 4]}, "search": {"space": {"sample.cfg": {"uniform": [1.0, 3.0]}}}}):
+        assert from_dict({**varied, "sample": {"cfg": 1.0, "negative_prompt": "blurry"}}).sample.negative_prompt
 
 
 def test_wrong_types_unknown_keys_and_bounds_are_named_at_once():
