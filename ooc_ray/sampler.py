@@ -118,14 +118,15 @@ class SampleWorker:
             kwargs["strength"] = float(first.strength)
         else:
             kwargs["height"] = kwargs["width"] = self.resolution
-        # As floats first: a NaN or inf pixel would otherwise be cast to a black PNG without a word (the classic
-        # failure of an fp16 VAE; also an overflowing LoRA weight), and the classifier would train on it.
+        # As floats first: a NaN pixel would otherwise be cast to a black PNG without a word (the classic failure
+        # of an fp16 VAE; also an overflowing LoRA weight), and the classifier would train on it. (Infinities do
+        # not get here: diffusers' postprocessing clamps them to 0 and 1.)
         arrays = self.pipe(**kwargs, output_type="np").images
-        broken = [row for row, array in zip(rows.itertuples(index=False), arrays) if not np.isfinite(array).all()]
+        broken = [row for row, array in zip(rows.itertuples(index=False), arrays) if np.isnan(array).any()]
         if broken:
             raise StageError(
                 f"sample: {len(broken)} of {len(rows)} images of LoRA {first.lora_key} at weight {first.weight:g} "
-                f"came out NaN/inf on {self.pipe.device} {str(self.pipe.dtype).removeprefix('torch.')} (e.g. "
+                f"came out NaN on {self.pipe.device} {str(self.pipe.dtype).removeprefix('torch.')} (e.g. "
                 f"{broken[0].id}, seed {broken[0].seed}); nothing written for them: a LoRA weight or LoRA too "
                 "large, or an fp16 overflow")
         return self.pipe.numpy_to_pil(arrays)  # what output_type="pil" returns, to the bit
