@@ -3,8 +3,9 @@ real_augmented), so that a synthetic arm is compared with extra images made the 
 
 Copy c of a real image is a pure function of that image's bytes and c: a seeded draw of a horizontal and a
 vertical flip, a 90-degree turn (180 degrees for a non-square image), a small rotation (up to 15 degrees,
-reflected edges), a crop of 80-100 % of each side resized back, and brightness and contrast factors in [0.8, 1.2] (the transforms of torchvision's and Keras's
-standard pipelines, done here with PIL so that no framework's random state is involved). Its identity, which
+reflected edges), a crop of 80-100 % of each side resized back, and brightness and contrast factors in
+[0.8, 1.2] (the transforms of torchvision's and Keras's standard pipelines, done here with PIL so that no
+framework's random state is involved). Its identity, which
 trial keys and feature caches hold in place of a file digest, is sha256(source digest, c, AUGMENTATION_VERSION):
 a new recipe bumps the version, so no key can describe images of the old recipe.
 """

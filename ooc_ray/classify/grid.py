@@ -271,6 +271,6 @@ def run_classify(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
             trials[key] = GridTrial(vcfg, trial, contexts[group])
         with FileProgress([paths.trial(t.key) for t in pending], "classify", "trial"):
             for backend in dict.fromkeys(trials[t.key].cfg.classify.backend for t in pending):
-                errors.update(_run_tune(cfg, paths, trials, [t.key for t in pending
-                                                             if trials[t.key].cfg.classify.backend == backend], backend))
+                keys_of = [t.key for t in pending if trials[t.key].cfg.classify.backend == backend]
+                errors.update(_run_tune(cfg, paths, trials, keys_of, backend))
     return collect(paths, planned, errors)
