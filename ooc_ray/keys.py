@@ -163,6 +163,21 @@ def search_trial_key(cfg: Any, point: dict, lora_keys: list[str], test: pd.DataF
                   features, table_digest(test, LABELLED_COLUMNS))
 
 
+def settings_digest(cfg: Any) -> str:
+    """Every setting of a config but its resources (where and how fast work runs): what a report was made with,
+    so that `ooc-ray status` can tell a report of the current settings from one of earlier settings."""
+    def settings(section: Any) -> dict:
+        out = {}
+        for f in dataclasses.fields(section):
+            value, role = getattr(section, f.name), f.metadata.get("role")
+            if role == "section":
+                out[f.name] = settings(value)
+            elif role != RESOURCE:
+                out[f.name] = canonical(value)
+        return out
+    return digest("settings", settings(cfg))
+
+
 def search_run_key(cfg: Any, base_id: str, weights_id: str, manifest: pd.DataFrame) -> str:
     """One LoRA search (its Ray Tune experiment, which a re-run restores): everything but resources of the
     search section (the space, the objective, the budget), what its trials compute with, and the data."""

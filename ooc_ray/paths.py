@@ -7,6 +7,9 @@ from pathlib import Path
 from ooc_ray.config import ExperimentConfig
 
 
+REPORT_INDEX = ".ooc-ray-report.json"  # in a report's folder: what the last report wrote there, and its settings
+
+
 @dataclass(frozen=True)
 class ExperimentPaths:
     root: Path
@@ -139,6 +142,11 @@ class ExperimentPaths:
     @property
     def report(self) -> Path:
         return self.report_dir or self.root / "report"
+
+    @property
+    def report_index(self) -> Path:
+        """What the last report wrote into its folder: {"files": [names], "settings": keys.settings_digest}."""
+        return self.report / REPORT_INDEX
 
     @property
     def mlflow(self) -> Path:

@@ -4,12 +4,14 @@ stage's progress shows), whether the report is older than the newest trial, and 
 outcome (runs/)."""
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from ooc_ray import keys
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.errors import LockError
 from ooc_ray.io import parquet_problem
@@ -45,7 +47,7 @@ def _rows(path: Path) -> int | None:
         return None
 
 
-def stage_lines(paths: ExperimentPaths) -> list[str]:
+def stage_lines(cfg: ExperimentConfig, paths: ExperimentPaths) -> list[str]:
     root = paths.root
     lines = []
     problem = parquet_problem(paths.manifest)
@@ -74,10 +76,21 @@ def stage_lines(paths: ExperimentPaths) -> list[str]:
         newest = max((t.stat().st_mtime for t in trials), default=0.0)
         written = datetime.fromtimestamp(report.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
         stale = "; older than the newest trial: run `ooc-ray report`" if newest > report.stat().st_mtime else ""
-        lines.append(f"report: written {written}{stale}")
+        lines.append(f"report: written {written}{stale}{_settings_note(cfg, paths)}")
     else:
         lines.append("report: not written")
     return lines
+
+
+def _settings_note(cfg: ExperimentConfig, paths: ExperimentPaths) -> str:
+    """Whether the report was made with this config's settings (resources aside), from its index."""
+    try:
+        made_with = json.loads(paths.report_index.read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):  # missing, unreadable, or a list from before settings were kept
+        return "; with settings it does not record: run `ooc-ray report` to be sure it is this config's"
+    if made_with != keys.settings_digest(cfg):
+        return "; with other settings than this config's (one changed since): run `ooc-ray report`"
+    return ""
 
 
 def run_lines(paths: ExperimentPaths) -> list[str]:
@@ -104,7 +117,7 @@ def run_status(cfg: ExperimentConfig, paths: ExperimentPaths) -> list[str]:
         lines = [f"{cfg.name}: {paths.root} does not exist yet (nothing has run)"]
     else:
         lines = [f"{cfg.name}: {paths.root} (at {datetime.now(timezone.utc).isoformat(timespec='seconds')})",
-                 lock_line(paths), *stage_lines(paths), *run_lines(paths)]
+                 lock_line(paths), *stage_lines(cfg, paths), *run_lines(paths)]
     for line in lines:
         print(line)
     return lines

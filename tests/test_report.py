@@ -580,7 +580,7 @@ def test_a_trial_summary_that_is_not_its_own_or_cannot_be_a_result_is_refused_by
         pd.DataFrame({"trial_key": [f.stem], "epoch": [1]}).to_parquet(paths.trial_history(f.stem))
     # the 2, and the fixture's old.parquet, which holds trial "other-config" and has no predictions
     assert f"classify: {len(files) - 3} trials finished; 3 damaged or not their trial's, e.g. " in \
-        "\n".join(stage_lines(paths))
+        "\n".join(stage_lines(cfg, paths))
 
 
 def test_a_report_that_fails_half_way_leaves_the_last_one_whole_and_out_keeps_the_users_files(
@@ -606,3 +606,31 @@ def test_a_report_that_fails_half_way_leaves_the_last_one_whole_and_out_keeps_th
     run_report(cfg, dataclasses.replace(paths, report_dir=mine))
     assert (mine / "table_main.tex").read_text() == "my thesis table" and (mine / "axis_notes.png").exists()
     assert (mine / "report.md").exists()
+
+
+def test_status_tells_a_report_of_this_configs_settings_from_one_of_earlier_settings(tmp_path, trials):
+    """The report's index records the settings it was made with (every field but resources): status says when
+    the config has changed since (a margin of the report itself, a setting that feeds the trials), not when only
+    a resource has (more CPUs change no number), and that an index from before settings were kept cannot say."""
+    import json
+
+    from ooc_ray.fields import with_value
+    from ooc_ray.report import run_report
+    from ooc_ray.status import stage_lines
+
+    cfg, paths, _, _ = write_report(tmp_path, trials)
+    run_report(cfg, paths)
+
+    def report_line(config):
+        return next(line for line in stage_lines(config, paths) if line.startswith("report: "))
+    assert report_line(cfg).startswith("report: written ") and "settings" not in report_line(cfg)
+    assert "settings" not in report_line(with_value(cfg, "ray.num_cpus", 7))
+    for changed in (with_value(cfg, "report.equivalence_margin", 0.05), with_value(cfg, "classify.epochs", 3)):
+        assert report_line(changed).endswith("; with other settings than this config's (one changed since): run "
+                                             "`ooc-ray report`")
+    index = json.loads(paths.report_index.read_text())
+    assert sorted(index) == ["files", "settings"] and "report.md" in index["files"]
+    paths.report_index.write_text(json.dumps(index["files"]))  # as reports wrote it before
+    assert report_line(cfg).endswith("; with settings it does not record: run `ooc-ray report` to be sure it is "
+                                     "this config's")
+    assert dataclasses.replace(cfg) == cfg

@@ -28,7 +28,7 @@ from ooc_ray.lock import claim
 from ooc_ray.logs import note, warn
 from ooc_ray.measure_validity import measure_validity, usefulness_pairs
 from ooc_ray.real_equivalence import FRACTION, equivalence_table, size_curves
-from ooc_ray.paths import ExperimentPaths
+from ooc_ray.paths import REPORT_INDEX, ExperimentPaths
 from ooc_ray.protocol import PlannedTrial, safe_name, with_arms
 from ooc_ray.trainsets import plan_grid
 from ooc_ray.trial_files import summary_problem
@@ -44,24 +44,24 @@ REPORT_OUTPUTS = ("table_*.csv", "table_*.md", "table_*.tex", "*accuracy_vs_rati
                   "real_equivalence.csv", "real_size.png")
 
 
-INDEX = ".ooc-ray-report.json"  # the names of the files the last report wrote into its folder
+INDEX = REPORT_INDEX  # the files the last report wrote into its folder, and its settings (paths.report_index)
 PUBLISHING = ".ooc-ray-report.claim"  # held while a report moves its files in
 
 
-def publish(staging: Path, out: Path, own_folder: bool) -> list[Path]:
+def publish(staging: Path, out: Path, own_folder: bool, settings: str) -> list[Path]:
     """Move every file of a report written whole into `staging` to `out` (a failure before this left `out` as it
     was), then delete the files an earlier report wrote there that this one did not, so a glob of report/ never
     mixes this config's tables with an earlier config's. An earlier report's files are the ones its index names,
     and in results/<name>/report (`own_folder`) also every REPORT_OUTPUTS match: a folder given with --out may
     hold the user's own files. By name, not by time: on shared storage the file server's clock is not this
-    node's. Returns the files deleted."""
+    node's. The index also records `settings` (keys.settings_digest of the config). Returns the files deleted."""
     written = sorted(f.name for f in staging.iterdir())
     with claim(out / PUBLISHING, wait=True):  # report takes no run lock: two reports publish one after the other
         earlier = _indexed(out) | ({f.name for pattern in REPORT_OUTPUTS for f in out.glob(pattern)} if own_folder
                                    else set())
         for name in written:
             os.replace(staging / name, out / name)
-        atomic_write_text(out / INDEX, json.dumps(written, indent=1))
+        atomic_write_text(out / INDEX, json.dumps({"files": written, "settings": settings}, indent=1))
         stale = sorted(out / name for name in earlier - set(written) if (out / name).is_file())
         for f in stale:
             f.unlink()
@@ -79,6 +79,8 @@ def _indexed(out: Path) -> set[str]:
     except (OSError, ValueError) as exc:
         note(f"report: {out / INDEX} is unreadable ({exc}); no earlier report file is removed")
         return set()
+    if isinstance(names, dict):  # {"files": [...], "settings": ...}; a plain list before settings were kept
+        names = names.get("files")
     return {n for n in names if isinstance(n, str) and n == Path(n).name and n not in (".", "..")} \
         if isinstance(names, list) else set()
 
@@ -260,7 +262,7 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
         text = "\n".join(lines)
         atomic_write_text(out / "report.html", render.html_report(text, out, f"ooc-ray report: {cfg.name}"))
         atomic_write_text(out / "report.md", text)
-        publish(out, paths.report, own_folder=paths.report_dir is None)
+        publish(out, paths.report, own_folder=paths.report_dir is None, settings=keys.settings_digest(cfg))
     report = paths.report / "report.md"
     note(f"report: {report} (and report.html beside it: one file, images embedded)")
     return report
