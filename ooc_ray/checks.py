@@ -270,6 +270,9 @@ def problems(cfg: ExperimentConfig) -> list[str]:
         (all(c.strip() for c in cfg.data.classes), f"data.classes: an empty class name in {list(cfg.data.classes)}"),
         (bool(gc.base.strip()), "generator.base: empty; use a hub id, a local folder or tiny"),
         (len(cfg.data.demo.per_class) == 3, "data.demo.per_class: need 3 counts (good, acceptable, bad)"),
+        (cfg.data.source != "demo" or min(cfg.data.demo.per_class, default=cfg.folds.k) >= cfg.folds.k,
+         f"data.demo.per_class: {list(cfg.data.demo.per_class)} has a class of fewer images than folds.k="
+         f"{cfg.folds.k} (every held-out fold needs each class)"),
         (gc.scope == "class" or not gc.per_group,
          "generator.scope: one LoRA per dataset has no group to train per; use per_group: false or scope: class"),
         (cc.mixing != "split_bn" or cc.backbone != "SmallCNN" or cc.weights == "none",

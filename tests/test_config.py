@@ -135,6 +135,8 @@ def test_bad_values_name_the_key(raw, key):
     ({"results_dir": " "}, "results_dir: empty"),
     ({"data": {"source": ""}}, "data.source: empty"),
     ({"data": {"classes": ["good", ""]}}, "data.classes: an empty class name"),
+    ({"data": {"demo": {"per_class": [30, 14, 2]}}, "folds": {"k": 3}},
+     r"data.demo.per_class: \[30, 14, 2\] has a class of fewer images than folds.k=3"),
     ({"generator": {"base": ""}}, "generator.base: empty"),
     ({"folds": {"seed": -1}}, r"folds.seed: must be in \[0, 2147483648\), got -1"),
     ({"sample": {"seed": 2**32}}, r"sample.seed: must be in \[0, 2147483648\), got 4294967296"),
