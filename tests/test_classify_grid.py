@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -178,3 +179,26 @@ def test_a_trial_that_fails_in_tune_is_named_with_its_own_error(tmp_path):
                                          r"NaN/inf); nothing written \(lower classify\.lr=1e\+38\?\); see the Tune"):
         run_classify(cfg, paths)
     assert not list(paths.trials.glob("*.parquet"))
+
+
+def test_a_seed_axis_over_calibrated_weights_gives_each_seed_its_own_weights(tmp_path):
+    """"calibrated" weights are computed with classify.seed: the classify stage resolves them per seed, as the
+    report plans them (each seed's trials were keyed with the first seed's weights, and the report then found
+    none of the other seeds' trials)."""
+    import types
+
+    from helpers import make_manifest
+
+    from ooc_ray.backbones import backbone_weights
+    from ooc_ray.classify.grid import _Weights
+    from ooc_ray.config import ExperimentConfig
+
+    manifest = make_manifest((6, 4), k=2)
+    cfg = ExperimentConfig()
+    ccs = [dataclasses.replace(cfg.classify, backbone="EfficientNetB0", weights="calibrated", seed=s) for s in (0, 1)]
+    for cc in ccs:  # both calibrated files in place, so nothing is built
+        Path(backbone_weights(cc, tmp_path, manifest).value).touch()
+    resolve = _Weights(cfg, types.SimpleNamespace(models=tmp_path), manifest)
+    identities = [resolve(cc).identity for cc in ccs]
+    assert identities == [backbone_weights(cc, tmp_path, manifest).identity for cc in ccs]
+    assert identities[0] != identities[1]

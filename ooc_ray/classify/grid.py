@@ -206,7 +206,9 @@ class _Weights:
         self.cfg, self.paths, self.manifest, self.known = cfg, paths, manifest, {}
 
     def __call__(self, cc: ClassifyConfig):
-        key = (cc.backbone, cc.weights, cc.input_size, cc.backend)  # "calibrated" is calibrated on the framework
+        # Every setting backbone_weights reads: "calibrated" is computed with the backbone, the input size, the
+        # seed (a classify.seed axis: one set per seed) and on the framework.
+        key = (cc.backbone, cc.weights, cc.input_size, cc.backend, cc.seed)
         if key not in self.known:
             self.known[key] = weights_on_cluster(self.cfg, cc, self.paths.models, self.manifest)
         return self.known[key]
