@@ -55,7 +55,7 @@ def pool_measures(quality: pd.DataFrame) -> pd.DataFrame:
 
 
 def usefulness_pairs(trials: pd.DataFrame, quality: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One variant's pairs: per trial of an arm with synthetic images, its fold, weight, arm name, mixing, the
+    """One variant's pairs: per trial of an arm with synthetic images, its key, fold, weight, arm name, mixing, the
     change of `metric` (report.metric) over real only on its fold (`change`), and its pool's measures."""
     metric = METRIC_COLUMNS[metric]
     trials = with_arms(trials)
@@ -63,13 +63,17 @@ def usefulness_pairs(trials: pd.DataFrame, quality: pd.DataFrame, metric: str) -
     arms = trials[[a.needs_synthetic for a in trials["arm_"]]]
     arms = arms[arms["fold"].isin(base.index)]
     pairs = arms.assign(arm=[a.name for a in arms["arm_"]], change=arms[metric] - arms["fold"].map(base))
-    return pairs[["fold", "weight", "arm", "mixing", "change"]].merge(pool_measures(quality), on=["fold", "weight"])
+    return pairs[["trial_key", "fold", "weight", "arm", "mixing", "change"]].merge(pool_measures(quality),
+                                                                                   on=["fold", "weight"])
 
 
 def measure_validity(pairs: pd.DataFrame) -> pd.DataFrame:
     """Per arm (name and mixing) and measure: n pairs, rho, its interval, the direction that means better and a
     verdict: "predicts" (interval on the side of better), "misleads" (on the other side), "no evidence" (it holds
-    0) or "not estimable"."""
+    0) or "not estimable". A trial shared by several variants (synthetic only under a mixing axis: it mixes
+    nothing) is one observation, however many variants list it: counted once per variant, 10 pools made n = 40
+    and a rho of 0.44 "predicts" (interval [0.14, 0.67] instead of [-0.28, 0.85])."""
+    pairs = pairs.drop_duplicates("trial_key")
     rows = []
     for (arm, mixing), group in pairs.groupby(["arm", "mixing"], sort=True):
         for measure, direction in MEASURE_DIRECTION.items():

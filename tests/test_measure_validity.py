@@ -38,7 +38,7 @@ def test_interval_covers_the_population_rank_correlation_in_simulation():
 
 def trial_table(rows):
     frame = pd.DataFrame(rows, columns=["fold", "weight", "ratio", "synthetic_only", "control", "accuracy"])
-    return frame.assign(mixing="concat")
+    return frame.assign(mixing="concat", trial_key=[f"t{i}" for i in range(len(frame))])
 
 
 def test_pools_pair_with_their_folds_accuracy_change_and_the_verdicts_follow():
@@ -73,3 +73,22 @@ def test_pools_pair_with_their_folds_accuracy_change_and_the_verdicts_follow():
     assert table.loc["kid", "verdict"] == "misleads" and table.loc["kid", "better"] == "lower"
     assert table.loc["coverage", "verdict"] == "not estimable"
     assert table.loc["vendi", "verdict"] == "no evidence" and (table["n"] == 16).all()
+
+
+def test_a_trial_listed_by_several_variants_is_one_observation():
+    """Under a classify.mixing axis every variant lists the shared synthetic-only trials (they mix nothing): the
+    report concatenates each variant's pairs, and four variants must not make 10 pools into 40 observations
+    (the same rho with an interval half as wide turned "no evidence" into "predicts")."""
+    rng = np.random.default_rng(3)
+    trials, quality = [], []
+    for f in range(5):
+        trials.append((f, np.nan, 0.0, False, "", 0.7))
+        for w in (1.0, 0.8):
+            precision = rng.uniform(0.2, 0.9)
+            trials.append((f, w, 1.0, True, "", 0.5 + 0.1 * precision + rng.normal(0, 0.2)))
+            quality.append({"fold": f, "weight": w, "label": "a", "precision": precision})
+    pairs = usefulness_pairs(trial_table(trials), pd.DataFrame(quality), "accuracy")
+    alone = measure_validity(pairs)
+    listed_four_times = measure_validity(pd.concat([pairs.assign(variant=m) for m in "abcd"], ignore_index=True))
+    pd.testing.assert_frame_equal(listed_four_times, alone)
+    assert (alone["n"] == 10).all()
