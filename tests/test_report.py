@@ -634,3 +634,31 @@ def test_status_tells_a_report_of_this_configs_settings_from_one_of_earlier_sett
     assert report_line(cfg).endswith("; with settings it does not record: run `ooc-ray report` to be sure it is "
                                      "this config's")
     assert dataclasses.replace(cfg) == cfg
+
+
+def test_the_replicate_table_compares_each_arm_with_real_only_at_its_own_axis_values():
+    """Replicates under a classify.real_fraction axis: real only scores 0.30 at 25 % and 0.86 at 100 %, the arm
+    +0.20 and -0.02 over it (known, to within 0.01 of noise). Pooled over both fractions, real only (0.58) gave
+    each arm's difference the wrong sign; per fraction, the pooled differences are the truth."""
+    from ooc_ray.report.tables import replicate_table
+
+    rng = np.random.default_rng(0)
+    real_acc, gain, n_train = {0.25: 0.30, 1.0: 0.86}, {0.25: 0.20, 1.0: -0.02}, {0.25: 7, 1.0: 29}
+    variants = []
+    for fraction in (0.25, 1.0):
+        for replicate in (0, 1, 2):
+            rows = []
+            for fold in range(3):
+                common = {"fold": fold, "control": "", "mixing": "concat", "n_test": 15,
+                          "n_train_real": n_train[fraction]}
+                rows.append({**common, "trial_key": f"real-{fraction}-{fold}", "weight": np.nan, "ratio": 0.0,
+                             "synthetic_only": False, "accuracy": real_acc[fraction] + 0.01 * fold})
+                rows.append({**common, "trial_key": f"arm-{fraction}-{replicate}-{fold}", "weight": 1.0, "ratio": 1.0,
+                             "synthetic_only": False, "accuracy": real_acc[fraction] + 0.01 * fold + gain[fraction]
+                             + rng.normal(0, 0.01)})
+            variants.append(pd.DataFrame(rows).assign(**{"classify.real_fraction": fraction, "replicate": replicate}))
+    table = replicate_table(pd.concat(variants, ignore_index=True), ["classify.real_fraction"])
+    arms = table[table["arm"] != "real only"].set_index("classify.real_fraction")
+    for fraction in (0.25, 1.0):
+        assert arms.loc[fraction, "pooled_diff"] == pytest.approx(gain[fraction], abs=0.02)
+        assert arms.loc[fraction, "pooled_ci_low"] < gain[fraction] < arms.loc[fraction, "pooled_ci_high"]

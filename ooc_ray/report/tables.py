@@ -193,19 +193,25 @@ def add_costs(tables: dict[float, pd.DataFrame], trials: pd.DataFrame, planned: 
         table["cost_total_s"] = table["cost_lora_s"] + table["cost_sampling_s"] + table["cost_trials_s"]
 
 
-def replicate_table(trials: pd.DataFrame, axes: list[str], real: pd.DataFrame, metric: str = "accuracy",
+def replicate_table(trials: pd.DataFrame, axes: list[str], metric: str = "accuracy",
                     signatures: dict | None = None) -> pd.DataFrame:
     """Generator randomness against the folds', per arm (and other axes' values): the replicate x fold table of
-    the tested metric decomposed two ways (comparisons.replicate_components), and the arm against real only
-    pooled over the replicates (comparisons.pooled_replicates_t). `real`: the real-only trials."""
+    the tested metric decomposed two ways (comparisons.replicate_components), and the arm against the real-only
+    trials of its own axes' values pooled over the replicates (comparisons.pooled_replicates_t). `trials`: every
+    variant's, with its axes' values as columns (a trial shared by variants is listed once per variant)."""
     column = METRIC_COLUMNS[metric]
-    ratio = overlap_ratio(real) if len(real) else math.nan
-    real_by_fold = real.groupby(real["fold"].map(signatures) if signatures else real["fold"])[column].mean()
     trials = with_arms(trials)
+    is_real = np.array([a.is_real for a in trials["arm_"]])
     rows = []
     for point, group in trials.groupby([*axes, "arm_"], sort=False):
         values = dict(zip([*axes, "arm_"], point if isinstance(point, tuple) else (point,)))
         arm = values["arm_"]
+        # Real only at this point of the other axes (a real_fraction axis: 0.30 at 25 %, 0.86 at 100 % in a
+        # review's case; pooled over both, each arm's difference came out with the wrong sign).
+        here = is_real & np.logical_and.reduce([trials[a].to_numpy() == values[a] for a in axes], initial=True)
+        real = trials[here].drop_duplicates("trial_key")
+        ratio = overlap_ratio(real) if len(real) else math.nan
+        real_by_fold = real.groupby(real["fold"].map(signatures) if signatures else real["fold"])[column].mean()
         folds = group["fold"].map(signatures) if signatures else group["fold"]
         table = group.assign(fold_=folds).pivot_table(index="replicate", columns="fold_", values=column,
                                                       aggfunc="mean").sort_index()
