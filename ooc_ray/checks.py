@@ -246,6 +246,9 @@ def problems(cfg: ExperimentConfig) -> list[str]:
     found = bound_problems(cfg)
     checks = [
         (bool(s.weights), "sample.weights: need at least one LoRA weight"),
+        (len({f"{w:g}" for w in s.weights}) == len(s.weights),
+         f"sample.weights: {list(s.weights)} has weights alike to 6 significant digits, which would share one arm "
+         "name and table; make them differ there"),
         (bool(cc.ratios), "classify.ratios: need at least one ratio (0.0: real only, the baseline of every arm)"),
         (not cc.controls or any(r > 0 for r in cc.ratios),
          "classify.controls: each control matches an arm of ratio > 0, and classify.ratios has none"),

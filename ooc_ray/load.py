@@ -197,6 +197,12 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
     if axes_raw is not None:
         cfg = dataclasses.replace(cfg, axes=parse_axes(axes_raw))
         each = list(variants(cfg))
+        tags: dict[str, str] = {}
+        for variant in each:  # each variant's tables live in variants/<tag>/
+            if variant.tag in tags:
+                raise ConfigError(f"axes: the variants {tags[variant.tag]} and {variant.label} would share the folder "
+                                  f"variants/{variant.tag}/; make their values differ in letters or digits")
+            tags[variant.tag] = variant.label
         raise_problems([p for dotted, _ in cfg.axes for p in _inert(dotted, [v.cfg for v in each], "axes")])
         for variant in each:
             raise_problems(problems(variant.cfg), f"axes ({variant.label}): ")

@@ -75,6 +75,20 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
 
 
+def label_name(label: str) -> str:
+    """A class label as a folder and id part: safe_name, and where that changed the label, a digest of the label
+    too ("CD4+" and "CD4-" would both be "CD4": one data-set LoRA's two classes drawn into one folder)."""
+    name = safe_name(label)
+    return name if name == label else f"{name}-{keys.digest(label, length=6)}"
+
+
+def weight_name(weight: float) -> str:
+    """A LoRA weight as a folder and id part: its short form where that is exact (1, 0.8), else every digit
+    (0.7000001 and 0.7000004 are both "0.7" in short form: a search's two points drawn into one folder)."""
+    short = f"{weight:g}"
+    return short if float(short) == weight else repr(float(weight))
+
+
 def lora_prompt(gcfg: GeneratorConfig, label: str, group: str) -> str:
     return (gcfg.group_prompt if gcfg.per_group else gcfg.prompt).format(label=label, group=group)
 

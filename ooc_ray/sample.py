@@ -31,7 +31,7 @@ from ooc_ray.io import image_problem, parquet_problem, sha256_file, write_parque
 from ooc_ray.logs import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
-from ooc_ray.protocol import LoraJob, plan_loras, pool_sizes, safe_name
+from ooc_ray.protocol import LoraJob, label_name, plan_loras, pool_sizes, weight_name
 from ooc_ray.sampler import (FAIL_AFTER_ENV, SampleWorker, logged_renders, release_actors, render_logs,
                              render_with_ray)
 from ooc_ray.variants import each_variant, per_variant
@@ -66,15 +66,15 @@ def _pool_rows(cfg: ExperimentConfig, base: BaseModel, lora, label: str, n: int,
     out_size = s.output_size or s.resolution
     whole = lora.label == ""
     prompt = lora.prompt.format(label=label, group="") if whole else lora.prompt
-    stem = f"{lora.lora_key}-{safe_name(label)}" if whole else lora.lora_key  # ids, folders and seeds per class
+    stem = f"{lora.lora_key}-{label_name(label)}" if whole else lora.lora_key  # ids, folders and seeds per class
     rows = []
     for weight in s.weights:
-        folder = root / lora.lora_key / f"s{pkey}" / f"w{weight:g}"
-        folder = folder / safe_name(label) if whole else folder
+        folder = root / lora.lora_key / f"s{pkey}" / f"w{weight_name(weight)}"
+        folder = folder / label_name(label) if whole else folder
         for i in range(n):
             start = init.iloc[i % len(init)] if img2img else None  # this LoRA's own training images, in id order
             rows.append({
-                "id": f"{stem}-s{pkey}-w{weight:g}-{i:05d}", "path": str(folder / f"{i:05d}.png"),
+                "id": f"{stem}-s{pkey}-w{weight_name(weight)}-{i:05d}", "path": str(folder / f"{i:05d}.png"),
                 "sha256": "", "label": label, "group": lora.group, "fold": int(lora.fold),
                 "lora_key": lora.lora_key, "lora_sha256": lora.sha256, "weight": float(weight), "index": i,
                 "prompt": prompt, "negative_prompt": s.negative_prompt,

@@ -135,6 +135,10 @@ def test_bad_values_name_the_key(raw, key):
     ({"results_dir": " "}, "results_dir: empty"),
     ({"data": {"source": ""}}, "data.source: empty"),
     ({"data": {"classes": ["good", ""]}}, "data.classes: an empty class name"),
+    ({"sample": {"weights": [0.7000001, 0.7000004]}}, r"sample.weights: \[0.7000001, 0.7000004\] has weights alike"),
+    ({"axes": {"sample.negative_prompt": ["blurry, dark", "blurry; dark"]}, "sample": {"cfg": 2.0}},
+     r"axes: the variants sample.negative_prompt = blurry, dark and sample.negative_prompt = blurry; dark would "
+     r"share the folder variants/sample.negative_prompt=blurry--dark/"),
     ({"data": {"demo": {"per_class": [30, 14, 2]}}, "folds": {"k": 3}},
      r"data.demo.per_class: \[30, 14, 2\] has a class of fewer images than folds.k=3"),
     ({"generator": {"base": ""}}, "generator.base: empty"),

@@ -534,3 +534,27 @@ def test_a_classic_copy_of_a_non_square_image_keeps_its_shape_and_shows_only_its
         assert out.shape == (300, 400, 3) and any(np.array_equal(out, v) for v in half_turns), copy
     monkeypatch.undo()
     assert all(augment(image, augmented_identity("cd" * 32, c)).size == (400, 300) for c in range(8))
+
+
+def test_a_data_set_loras_classes_and_a_searchs_weights_never_share_a_folder_or_an_id(tmp_path):
+    """Folders and ids of pool images name a class and a weight in a folder-safe form: "CD4+" and "CD4-" (one
+    data-set LoRA draws both) were both "CD4", and 0.7000001 and 0.7000004 (two search points) both "0.7", so
+    one class's or point's rows pointed at the other's images. Safe labels and short weights keep their names."""
+    import dataclasses
+    import types
+
+    from ooc_ray.sample import plan_images
+
+    cfg = from_dict({})
+    lora = {"lora_key": "fold0_dataset_k", "label": "", "group": "", "fold": 0, "sha256": "s", "weights_sha256": "w",
+            "prompt": "a microscopy image of {label} cells", "dir": "d", "file": "f"}
+    base = types.SimpleNamespace(identity="base")
+    labels = ["CD4+", "CD4-", "good"]
+    for weights in ((1.0, 0.8), (0.7000001, 0.7000004)):
+        plan = plan_images(dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, weights=weights)), base,
+                           pd.DataFrame([lora]), {("fold0_dataset_k", label): 2 for label in labels},
+                           {("fold0_dataset_k", label): pd.DataFrame() for label in labels}, tmp_path)
+        assert plan["path"].is_unique and plan["id"].is_unique and len(plan) == 2 * 3 * 2
+    folders = {Path(p).parent.name for p in plan["path"]}
+    assert "good" in folders and len(folders) == 3
+    assert {Path(p).parent.parent.name for p in plan["path"]} == {"w0.7000001", "w0.7000004"}
