@@ -159,8 +159,11 @@ def quality_key(cfg: Any, features: str, manifest: pd.DataFrame, synthetic: pd.D
 def search_trial_key(cfg: Any, point: dict, lora_keys: list[str], test: pd.DataFrame, features: str) -> str:
     """One LoRA-search trial: its point (LoRA settings, weight), its LoRAs (which hold their images), sampling
     and scoring settings, and the held-out images it is scored on."""
+    # The LoRA weight it samples with: the point's, else the config's first (sample.weights is a grid field, in
+    # no slice: a search without it in its space keyed weights 1.0 and 0.5 alike).
+    weight = [] if "sample.weights" in point else ["weight", cfg.sample.weights[0]]
     return digest("search", point, list(lora_keys), config_slice(cfg, "image"), config_slice(cfg, "search"),
-                  features, table_digest(test, LABELLED_COLUMNS))
+                  features, table_digest(test, LABELLED_COLUMNS), *weight)
 
 
 def settings_digest(cfg: Any) -> str:
@@ -188,4 +191,6 @@ def search_run_key(cfg: Any, base_id: str, weights_id: str, manifest: pd.DataFra
     # where search.images_per_class said 16 at 0.5): such a search, finished, must not be re-used. At 1 nothing
     # differed, so those keys stand.
     fraction = [] if cfg.classify.real_fraction == 1 else ["real_fraction taken once", cfg.classify.real_fraction]
-    return digest("search-run", definition, slices, base_id, weights_id, data_digest(manifest), *fraction)
+    # The weight the trials sample with where the space does not vary it (search_trial_key).
+    weight = [] if any(name == "sample.weights" for name, _, _ in cfg.search.space) else ["weight", cfg.sample.weights[0]]
+    return digest("search-run", definition, slices, base_id, weights_id, data_digest(manifest), *fraction, *weight)

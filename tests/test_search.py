@@ -119,6 +119,15 @@ def test_folds_parts_come_from_training_images_only(experiment):
     run_keys = {fraction: keys.search_run_key(with_value(cfg, "classify.real_fraction", fraction), base.identity, "w",
                                               manifest) for fraction in (1.0, 0.5, 0.25)}
     assert len(set(run_keys.values())) == 3
+    # The space (rank, lr, epochs) holds no weight: the weight its trials sample with keys the search and each
+    # trial (weights 1.0 and 0.5 were keyed alike, and a finished search at the other weight was re-used).
+    assert "sample.weights" not in {name for name, _, _ in cfg.search.space}
+    at_half = with_value(cfg, "sample.weights", (0.5,))
+    assert keys.search_run_key(at_half, base.identity, "w", manifest) != keys.search_run_key(cfg, base.identity, "w",
+                                                                                             manifest)
+    test = manifest[manifest["fold"] == 0]
+    assert keys.search_trial_key(point_config(at_half, POINT), POINT, ["l"], test, "f") != \
+        keys.search_trial_key(point_config(cfg, POINT), POINT, ["l"], test, "f")
 
 
 def test_a_trial_on_two_folds_reports_at_checkpoints_that_are_the_loras_of_their_epochs(experiment):
