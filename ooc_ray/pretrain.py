@@ -1,7 +1,7 @@
 """Pretrain stage: domain-pretrain the generator base on unlabeled images (generator.pretrain), once per content.
 
 Runs after `data` (it needs the labelled images to refuse them) and before `finetune`. Writes
-  pretrain_images.parquet            the unlabeled images it read: id, path, sha256
+  pretrain_images.parquet            the unlabeled images it read: id, path, sha256, source_key (one list per source)
   models/pretrained/<key>/           the pretrained pipeline (diffusers folder) + ooc_ray_pretrain.json
 and does nothing when generator.pretrain.source is "". Leakage rule: an image that any fold holds out must never
 shape the generator, or every fold's synthetic images carry its test images; the stage refuses any pretraining
@@ -21,9 +21,9 @@ from ooc_ray.data import IMAGE_SUFFIXES, load_manifest, report_near_copies, visi
 from ooc_ray.demo_data import CLASSES, write_demo_dataset
 from ooc_ray.diffusion.base import device_and_dtype, load_pipeline, resolve_base
 from ooc_ray.diffusion.pretrain import (METADATA_FILE, pretrain, pretrain_key, pretrain_steps, pretrained_dir,
-                                        save_pretrained)
+                                        save_pretrained, source_key)
 from ooc_ray.errors import DataError, MissingInputError, ModelError
-from ooc_ray.io import atomic_dir, sha256_file, write_parquet
+from ooc_ray.io import atomic_dir, parquet_problem, sha256_file, write_parquet
 from ooc_ray.logs import note
 from ooc_ray.near_copies import image_signatures, near_copy_pairs
 from ooc_ray.keys import config_slice
@@ -102,6 +102,18 @@ def refuse_labelled(images: pd.DataFrame, manifest: pd.DataFrame, paths: Experim
                                  "fold's synthetic images")
 
 
+def record_images(cfg: ExperimentConfig, paths: ExperimentPaths, images: pd.DataFrame) -> None:
+    """pretrain_images.parquet: these images as the rows of cfg's source (diffusion.pretrain.source_key), beside
+    the other sources' rows (a pretrain axis: one list per value)."""
+    key = source_key(cfg)
+    problem = parquet_problem(paths.pretrain_images)
+    old = pd.read_parquet(paths.pretrain_images) if not problem else pd.DataFrame()
+    others = old[old["source_key"] != key] if "source_key" in old.columns else old.iloc[:0]
+    table = pd.concat([others, images.assign(source_key=key)], ignore_index=True)
+    if problem or not table.equals(old):
+        write_parquet(table, paths.pretrain_images)
+
+
 def run_pretrain(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None | list[Path | None]:
     """Every distinct pretraining the variants of the axes ask for (a generator.pretrain axis: one base per
     value), each once. Returns the pretrained folder (None without pretraining), or with several distinct
@@ -125,7 +137,7 @@ def pretrain_base(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None:
     manifest = load_manifest(paths)
     images = unlabeled_images(cfg, paths)
     refuse_labelled(images, manifest, paths, cfg.data)
-    write_parquet(images, paths.pretrain_images)
+    record_images(cfg, paths, images)
     base = resolve_base(cfg.generator.base, paths.models)
     key = pretrain_key(cfg, base.identity, images)
     folder = pretrained_dir(paths, key)

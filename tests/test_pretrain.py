@@ -164,3 +164,32 @@ def _as_dict(section) -> dict:
     from ooc_ray.fields import to_dict
 
     return to_dict(section)
+
+
+def test_each_pretraining_source_keeps_its_own_image_list(tmp_path):
+    """pretrain_images.parquet is one file for every source an axis may name: each source's rows are its own, so
+    a variant never reads another's list (the last variant's list used to serve them all, and a source changed
+    since the last pretraining was read as the old one's). A source never listed, or a table from before
+    sources were told apart, names what to run."""
+    from ooc_ray.diffusion.pretrain import pretrain_images_of
+    from ooc_ray.errors import MissingInputError
+    from ooc_ray.fields import with_value
+    from ooc_ray.pretrain import record_images, unlabeled_images
+
+    cfg, paths, _, _ = pretrained_experiment(tmp_path)
+    other = with_value(cfg, "generator.pretrain.source", str(write_unlabeled(tmp_path / "wells_b", 5, seed=8)))
+    with pytest.raises(MissingInputError, match="run `ooc-ray pretrain` first"):
+        pretrain_images_of(cfg, paths)
+    lists = {}
+    for config in (cfg, other):
+        lists[config.generator.pretrain.source] = unlabeled_images(config, paths)
+        record_images(config, paths, lists[config.generator.pretrain.source])
+    for config in (cfg, other):
+        pd.testing.assert_frame_equal(pretrain_images_of(config, paths), lists[config.generator.pretrain.source])
+    assert len(pd.read_parquet(paths.pretrain_images)) == 8 + 5
+    never = with_value(cfg, "generator.pretrain.source", str(tmp_path / "wells_c"))
+    with pytest.raises(MissingInputError, match="lists no images of generator.pretrain.source .*wells_c"):
+        pretrain_images_of(never, paths)
+    pd.read_parquet(paths.pretrain_images).drop(columns="source_key").to_parquet(paths.pretrain_images)
+    with pytest.raises(MissingInputError, match="run `ooc-ray pretrain` first"):
+        pretrain_images_of(cfg, paths)

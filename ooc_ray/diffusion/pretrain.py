@@ -51,6 +51,31 @@ def pretrain_key(cfg: ExperimentConfig, base_id: str, images: pd.DataFrame) -> s
                        base_id, keys.table_digest(images, keys.IMAGE_COLUMNS))
 
 
+def source_key(cfg: ExperimentConfig) -> str:
+    """Which unlabeled images generator.pretrain names: its source, and for "demo" how they are drawn. Rows of
+    pretrain_images.parquet carry it, so each source (an axis may vary it) keeps its own list."""
+    pcfg, demo = cfg.generator.pretrain, cfg.data.demo
+    drawn = [pcfg.demo_images, pcfg.demo_seed, demo.size, demo.groups] if pcfg.source == "demo" else []
+    return keys.digest("pretrain-source", str(Path(pcfg.source).expanduser()) if pcfg.source != "demo" else "demo",
+                       *drawn, length=16)
+
+
+def pretrain_images_of(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
+    """The images `ooc-ray pretrain` last listed for cfg's generator.pretrain source (id, path, sha256); an error
+    naming what to run where it has not listed them (another source, another draw of the demo's, or a table
+    from before sources were told apart)."""
+    problem = parquet_problem(paths.pretrain_images)
+    if problem:
+        raise MissingInputError(f"{paths.pretrain_images}: {problem}; run `ooc-ray pretrain` first")
+    table = pd.read_parquet(paths.pretrain_images)
+    mine = table[table["source_key"] == source_key(cfg)] if "source_key" in table.columns else table.iloc[:0]
+    if mine.empty:
+        raise MissingInputError(f"{paths.pretrain_images} lists no images of generator.pretrain.source "
+                                f"{cfg.generator.pretrain.source!r} as configured (another source or draw); run "
+                                "`ooc-ray pretrain` first")
+    return mine.drop(columns="source_key").reset_index(drop=True)
+
+
 def pretrained_dir(paths: ExperimentPaths, key: str) -> Path:
     return paths.models / "pretrained" / key
 
@@ -61,10 +86,7 @@ def generator_base(cfg: ExperimentConfig, paths: ExperimentPaths) -> BaseModel:
     base = resolve_base(cfg.generator.base, paths.models)
     if not cfg.generator.pretrain.source:
         return base
-    problem = parquet_problem(paths.pretrain_images)
-    if problem:
-        raise MissingInputError(f"{paths.pretrain_images}: {problem}; run `ooc-ray pretrain` first")
-    images = pd.read_parquet(paths.pretrain_images)
+    images = pretrain_images_of(cfg, paths)
     folder = pretrained_dir(paths, pretrain_key(cfg, base.identity, images))
     if not (folder / METADATA_FILE).is_file():
         raise MissingInputError(f"pretrained base {folder} missing (generator.pretrain settings or images "
