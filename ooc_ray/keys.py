@@ -181,6 +181,14 @@ def settings_digest(cfg: Any) -> str:
     return digest("settings", settings(cfg))
 
 
+def sample_settings(cfg: Any) -> str:
+    """What a synthetic table was sampled with: every generator and sampling setting but resources, the share of
+    real images its LoRAs learn from, the group column. The sample stage writes it into each row, and classify,
+    quality and report refuse a table of other settings (one sampled before a setting changed)."""
+    return digest("sample-settings", settings_digest(cfg.generator), settings_digest(cfg.sample),
+                  cfg.classify.real_fraction, cfg.data.group_column, length=16)
+
+
 def search_run_key(cfg: Any, base_id: str, weights_id: str, manifest: pd.DataFrame) -> str:
     """One LoRA search (its Ray Tune experiment, which a re-run restores): everything but resources of the
     search section (the space, the objective, the budget), what its trials compute with, and the data."""

@@ -20,10 +20,11 @@ from ooc_ray.config import ExperimentConfig
 from ooc_ray.data import class_names, load_manifest
 from ooc_ray.feature_cache import cache_dir, clean_view, embed, weights_on_cluster
 from ooc_ray.folds import ALL_FOLDS, fold_ids, held_out_rows, train_rows
-from ooc_ray.io import parquet_problem, read_parquet, write_parquet
+from ooc_ray.io import parquet_problem, write_parquet
 from ooc_ray.logs import note
 from ooc_ray.measures import class_quality, kid_to_control, lora_effect
 from ooc_ray.paths import ExperimentPaths
+from ooc_ray.trainsets import current_synthetic
 from ooc_ray.variants import each_variant, per_variant
 
 TABLE_VERSION = 3  # part of the key: bump when a measure or column changes, so older tables are not re-used
@@ -98,7 +99,7 @@ def quality_tables(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.D
     """One variant's quality.parquet (fold, weight, label, KID, CAS, memorisation) and synthetic_scores.parquet
     (per image), re-used while their key (settings, features, images, pools) is unchanged."""
     weights = weights_on_cluster(cfg, cfg.classify, paths.models, manifest)
-    synthetic = read_parquet(paths.synthetic_table)
+    synthetic = current_synthetic(cfg, paths)
     key = keys.quality_key(cfg, features_identity(cfg, weights, paths, manifest), manifest, synthetic,
                            TABLE_VERSION)
     problems = [f"{p} ({parquet_problem(p)})" for p in (paths.quality, paths.synthetic_scores) if parquet_problem(p)]

@@ -42,6 +42,7 @@ TABLE_COLUMNS = [
     "negative_prompt", "seed", "sampler", "clip_sample", "steps", "cfg", "strength", "mode", "init_image_id",
     "base_model", "width", "height", "sample_key", "render_s", "node_id", "node_host",
 ]
+SYNTHETIC_COLUMNS = TABLE_COLUMNS + ["sample_settings"]  # synthetic.parquet: the pools' rows, the settings they hold
 RENDERED_COLUMNS = ["id", "render_s", "node_id", "node_host"]  # what the workers report of each image written
 # Columns the workers need but analysts do not.
 _WORK_COLUMNS = ["lora_dir", "lora_file", "init_path"]
@@ -193,6 +194,14 @@ def consolidate(plan: pd.DataFrame, rendered: pd.DataFrame | None = None) -> pd.
     table = plan[TABLE_COLUMNS].reset_index(drop=True)
     recorded = _recorded(plan)
     table["sha256"] = [recorded.get(p) or sha256_file(p) for p in table["path"]]
+    # An image its pool recorded, lost and rendered again, must come back as the same bytes: trial keys and the
+    # feature cache name it by the recorded sha256. Another device, thread count or library renders otherwise.
+    again = [p for i, p in zip(table["id"], table["path"]) if p in recorded and i in now.index]
+    changed = [p for p in again if sha256_file(p) != recorded[p]]
+    if changed:
+        raise StageError(f"{len(changed)} image(s) rendered again came out other than their {POOL_FILE} records, e.g. "
+                         f"{changed[0]}: sampling here does not reproduce the pool (another device, thread count or "
+                         f"library version); delete {Path(changed[0]).parent} to sample that pool whole here")
     # What the pool's record says first: a lost image rendered again keeps the cost (and node) of its first
     # rendering, so the table agrees with pool.parquet. Pools from before a column existed give NaN or "".
     for column, missing_value in (("render_s", float("nan")), ("node_id", ""), ("node_host", "")):
@@ -264,7 +273,7 @@ def sample_pools(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.Dat
         made = int(plan["id"].isin(rendered["id"]).sum())
         where = f"{variant.label}: " if variant.point else ""
         note(f"sample: {where}{len(plan)} images planned, {len(plan) - made} re-used, {made} rendered")
-        tables.append(consolidate(plan, rendered))
+        tables.append(consolidate(plan, rendered).assign(sample_settings=keys.sample_settings(variant.cfg)))
         write_parquet(tables[-1], vpaths.synthetic_table)
     return per_variant(cfg, tables)
 

@@ -217,15 +217,27 @@ def usable_synthetic(synthetic: pd.DataFrame, scores: pd.DataFrame | None, min_s
     return synthetic[synthetic["id"].isin(keep)].reset_index(drop=True)
 
 
+def current_synthetic(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
+    """synthetic.parquet, if it was sampled with cfg's settings (keys.sample_settings); else an error naming the
+    file and what to run: a table from before a generator or sampling setting changed would be trained on,
+    scored and reported under the new settings."""
+    problem = parquet_problem(paths.synthetic_table)
+    if problem:
+        raise MissingInputError(f"{paths.synthetic_table}: {problem}; run the sample stage first")
+    synthetic = pd.read_parquet(paths.synthetic_table)
+    if "sample_settings" not in synthetic.columns or (synthetic["sample_settings"] != keys.sample_settings(cfg)).any():
+        raise MissingInputError(f"{paths.synthetic_table} was sampled with other generator or sample settings than "
+                                "this config's (or before they were recorded): run `ooc-ray sample` (it re-uses "
+                                "every image that is still current), or `ooc-ray run`")
+    return synthetic
+
+
 def draw_table(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame | None:
     """The synthetic images the grid's trials may draw from (synthetic.parquet less what the quality filter
     drops), or None when the grid has no synthetic arm."""
     if not any(spec.needs_synthetic for spec in grid_points(cfg, [0])):
         return None
-    problem = parquet_problem(paths.synthetic_table)
-    if problem:
-        raise MissingInputError(f"{paths.synthetic_table}: {problem}; run the sample stage first")
-    synthetic = pd.read_parquet(paths.synthetic_table)
+    synthetic = current_synthetic(cfg, paths)
     if cfg.quality.filter_min_confidence <= 0:
         return synthetic
     if parquet_problem(paths.synthetic_scores):

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ooc_ray import keys
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.load import load_config
 from ooc_ray.data import MANIFEST_COLUMNS
@@ -148,7 +149,7 @@ def demo_experiment(cfg: ExperimentConfig) -> tuple[ExperimentPaths, pd.DataFram
     paths = ExperimentPaths.of(cfg)
     manifest = run_data(cfg, paths)
     synthetic = fake_synthetic(manifest, cfg.sample.weights, cfg.generator.split, root=paths.root,
-                               size=cfg.data.demo.size)
+                               size=cfg.data.demo.size).assign(sample_settings=keys.sample_settings(cfg))
     write_parquet(synthetic, paths.synthetic_table)
     return paths, manifest, synthetic
 

@@ -68,6 +68,7 @@ def test_class_quality_known_answers():
 
 
 def test_classify_drops_low_confidence_synthetic_images(tmp_path):
+    from ooc_ray import keys
     from ooc_ray.errors import MissingInputError, TrainsetError
     from ooc_ray.paths import ExperimentPaths
     from ooc_ray.trainsets import draw_table
@@ -78,7 +79,7 @@ def test_classify_drops_low_confidence_synthetic_images(tmp_path):
         cfg = from_dict({"results_dir": str(tmp_path), "quality": {"filter_min_confidence": threshold}})
         paths = ExperimentPaths.of(cfg)
         paths.root.mkdir(parents=True, exist_ok=True)
-        synthetic.to_parquet(paths.synthetic_table)
+        synthetic.assign(sample_settings=keys.sample_settings(cfg)).to_parquet(paths.synthetic_table)
         if threshold:
             with pytest.raises(MissingInputError, match="quality stage"):
                 draw_table(cfg, paths)

@@ -135,7 +135,7 @@ def write_report(tmp_path, trials):
                      "classify": {"ratios": [0.0, 0.5], "synthetic_only": True}})
     paths = ExperimentPaths.of(cfg)
     m = run_data(cfg, paths)
-    synthetic = fake_synthetic(m, (1.0, 0.8), root=paths.root)
+    synthetic = fake_synthetic(m, (1.0, 0.8), root=paths.root).assign(sample_settings=keys.sample_settings(cfg))
     write_parquet(synthetic, paths.synthetic_table)
     planned = {(t.spec.fold, -1.0 if t.spec.weight is None else t.spec.weight, t.spec.ratio, t.spec.synthetic_only):
                t.key for t in plan_trials(cfg, m, synthetic, "imagenet")}

@@ -93,12 +93,12 @@ def test_image_seed_is_stable_and_distinct():
 
 
 def test_sample_provenance_and_reproducibility(tmp_path, trained):
-    from ooc_ray.sample import TABLE_COLUMNS, image_seed, sample_pools
+    from ooc_ray.sample import SYNTHETIC_COLUMNS, image_seed, sample_pools
 
     cfg, paths, manifest = experiment(tmp_path, trained)
     table = sample_pools(cfg, paths, manifest, use_ray=False)
     # pools: fold 0 trains on 2 good + 1 bad, fold 1 the same; x 2 weights
-    assert len(table) == (2 + 1) * 2 * 2 and list(table.columns) == TABLE_COLUMNS
+    assert len(table) == (2 + 1) * 2 * 2 and list(table.columns) == SYNTHETIC_COLUMNS
     assert not table.duplicated(["lora_key", "weight", "index"]).any() and table.id.is_unique
     assert table["sha256"].str.len().eq(64).all() and table["sha256"].is_unique
     assert pd.read_parquet(paths.synthetic_table).equals(table)
@@ -229,7 +229,8 @@ def test_resources_reuse_new_settings_add_and_old_provenance_stays(tmp_path, tra
     assert len(pools) == 4 * 2  # 4 LoRAs x 2 weights
     stamps = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in pools}
     pd.testing.assert_frame_equal(pd.concat([pd.read_parquet(p) for p in pools]).sort_values("id", ignore_index=True),
-                                  table.sort_values("id", ignore_index=True), check_dtype=False)
+                                  table.drop(columns="sample_settings").sort_values("id", ignore_index=True),
+                                  check_dtype=False)
 
     bigger = tiny_cfg(tmp_path, sample={"batch_size": 3, "actors": 2})
     assert sample_pools(bigger, paths, manifest, use_ray=False).equals(table)
@@ -374,3 +375,32 @@ def test_an_image_that_comes_out_nan_fails_the_stage_naming_its_lora_and_nothing
     assert not list(paths.synthetic.rglob("*.png"))
     fine, fine_paths, _ = experiment(tmp_path / "fine", trained, sample={"weights": [1.0]})
     assert len(sample_pools(fine, fine_paths, manifest, use_ray=False)) == (2 + 1) * 2
+
+
+def test_a_table_of_other_settings_is_refused_and_a_rerender_that_differs_from_its_record_too(tmp_path, trained):
+    """synthetic.parquet carries the settings it was sampled with: the readers (classify, quality, report, through
+    trainsets.current_synthetic) refuse it once a sampling or generator setting changed (classify and report
+    used to train on and report the old pools under the new settings), not after a classifier setting changed.
+    An image lost and rendered again must match its pool.parquet record, which trial keys name it by."""
+    from ooc_ray.errors import MissingInputError, StageError
+    from ooc_ray.fields import with_value
+    from ooc_ray.sample import POOL_FILE, sample_pools
+    from ooc_ray.trainsets import current_synthetic
+
+    cfg, paths, manifest = experiment(tmp_path, trained)
+    table = sample_pools(cfg, paths, manifest, use_ray=False)
+    assert current_synthetic(cfg, paths).equals(table)
+    assert current_synthetic(with_value(cfg, "classify.epochs", 9), paths).equals(table)
+    for dotted, value in (("sample.steps", 3), ("generator.rank", 8), ("sample.weights", (1.0,))):
+        with pytest.raises(MissingInputError, match="synthetic.parquet was sampled with other generator or sample "
+                                                    "settings than this config's"):
+            current_synthetic(with_value(cfg, dotted, value), paths)
+    image = Path(table["path"].iloc[0])
+    pool = image.parent / POOL_FILE
+    record = pd.read_parquet(pool)
+    record.loc[record["path"] == str(image), "sha256"] = "0" * 64  # as another node's rendering would have left it
+    record.to_parquet(pool)
+    image.unlink()
+    with pytest.raises(StageError, match=rf"1 image\(s\) rendered again came out other than their pool.parquet "
+                                         rf"records, e.g. {image}: sampling here does not reproduce the pool"):
+        sample_pools(cfg, paths, manifest, use_ray=False)
