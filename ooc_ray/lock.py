@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ooc_ray.errors import LockError
-from ooc_ray.logs import note
+from ooc_ray.logs import note, warn
 
 # What os.link raises where a file system has no hard links: the lock is then created exclusively instead.
 NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -172,17 +172,38 @@ class RunLock:
                     f"{self.path.parent} is being written by another ooc-ray run: host {holder.get('host')}, "
                     f"pid {holder.get('pid')}, `{holder.get('command')}`, since {holder.get('since')}; wait for "
                     f"it, or stop it (a lock left by a killed run is taken over automatically)")
+            self._take_over(holder, mtime)
+        raise LockError(f"{self.path}: could not take the results lock (another run keeps starting)")
+
+    def _take_over(self, holder: dict, mtime: float) -> None:
+        """Remove the lock of a run judged gone, if it is still that lock. One starter at a time (a claim beside
+        it): two that found the same stale lock removed it one after the other, the second removing the lock the
+        first had just taken, and both ran."""
+        with claim(self.path.with_name(self.path.name + ".takeover"), wait=True):
+            try:
+                again = _read(self.path)
+            except LockError:
+                return  # replaced by something unreadable meanwhile: the next look names it
+            if again != (holder, mtime):
+                return  # taken over (or refreshed) meanwhile: look again
             note(f"taking over the lock of a run that is gone (host {holder.get('host')}, pid "
                  f"{holder.get('pid')}, since {holder.get('since')})")
             self.path.unlink(missing_ok=True)
-        raise LockError(f"{self.path}: could not take the results lock (another run keeps starting)")
 
     def _beat(self) -> None:
+        me = (socket.gethostname(), os.getpid())
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                os.utime(self.path)
-            except FileNotFoundError:
+                found = _read(self.path)
+            except LockError:
                 return
+            if found is None or (found[0].get("host"), found[0].get("pid")) != me:
+                # Taken over after a pause longer than STALE_S (a suspended machine): never keep another run's
+                # lock alive, and say so, since two runs now write these results.
+                warn(f"{self.path}: this run's lock was taken over by another run while it was paused; stop one "
+                     "of the two runs (their results folder has two writers)")
+                return
+            os.utime(self.path)
 
     def release(self) -> None:
         self._stop.set()

@@ -183,3 +183,33 @@ def test_where_a_file_system_has_no_hard_links_the_lock_is_created_exclusively(t
         with pytest.raises(LockError, match="being written by another ooc-ray run"):
             RunLock(path, "ooc-ray run y").acquire()
     assert not path.exists()
+
+
+def test_two_starters_finding_one_stale_lock_do_not_both_take_it(tmp_path, monkeypatch, capsys):
+    """A and B both read the lock of a run that is gone. B takes it over first; A, removing "the stale lock" a
+    moment later, must find it replaced and leave B's lock alone (A removed B's lock and both ran). A holder
+    whose lock was taken over while it was paused stops its heartbeat (it kept the other run's lock alive) and
+    says two runs write the folder."""
+    path = tmp_path / ".ooc-ray.lock"
+    gone = {"host": "gpu-node-7", "pid": 4242, "started": "9", "command": "ooc-ray run old", "since": "then"}
+    path.write_text(json.dumps(gone))
+    old = time.time() - lock_module.STALE_S - 60
+    os.utime(path, (old, old))
+    seen_by_a = lock_module._read(path)
+    b = RunLock(path, "ooc-ray run b").acquire()
+    try:
+        RunLock(path, "ooc-ray run a")._take_over(*seen_by_a)
+        assert json.loads(path.read_text())["command"] == "ooc-ray run b"
+        with pytest.raises(LockError, match="ooc-ray run b"):
+            RunLock(path, "ooc-ray run a").acquire()
+    finally:
+        b.release()
+    monkeypatch.setattr(lock_module, "HEARTBEAT_S", 0.05)
+    paused = RunLock(path, "ooc-ray run paused").acquire()
+    path.write_text(json.dumps(gone))  # what a take-over while it was paused leaves
+    os.utime(path, (old, old))
+    paused._thread.join(timeout=5)
+    assert not paused._thread.is_alive() and path.stat().st_mtime == pytest.approx(old)
+    assert "this run's lock was taken over by another run while it was paused" in capsys.readouterr().err
+    paused.release()
+    assert json.loads(path.read_text()) == gone
