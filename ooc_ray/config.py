@@ -29,6 +29,10 @@ Backbone = Literal["SmallCNN", "EfficientNetB0", "EfficientNetB1", "EfficientNet
 Augmentation = Literal["flip", "rotation", "zoom", "contrast", "translation", "brightness"]
 # How a trial's synthetic images enter training (ooc_ray.classify.train; docs/grid.md: mixing strategies).
 Mixing = Literal["concat", "loss_weighted", "replace", "split_bn"]
+# Strategies whose synthetic arm takes as many steps per epoch as real only: loss_weighted pairs each real batch
+# with a synthetic one, replace swaps images within the real set. Their real_steps control would be real only:
+# it is not run under them (protocol.controls_of).
+SAME_STEPS_AS_REAL = ("loss_weighted", "replace")
 KerasBackend = Literal["tensorflow", "torch", "jax"]
 # Matched controls (ooc_ray.protocol): real only for as many steps as each ratio's arm, and real + classic
 # augmentations of real images at each ratio's count.
@@ -247,7 +251,8 @@ class ClassifyConfig:
     replace_probability: float = result(0.5, _TRIAL, only_if=("mixing", "replace"), ge=0, le=1)
     # Matched controls per ratio r > 0 (once per fold, no LoRA weight): "real_steps" trains on real images only
     # for as many steps as the real + r arm (the real set drawn round(r x n_train) times more, per class), so
-    # "synthetic helps" is never "more steps help"; "real_augmented" adds round(r x n_train) classic augmentations
+    # "synthetic helps" is never "more steps help" (under mixing concat and split_bn; loss_weighted and replace
+    # take real only's steps and run no real_steps); "real_augmented" adds round(r x n_train) classic augmentations
     # of real training images (flips, 90-degree turns, small rotation, crop, brightness/contrast) instead of
     # synthetic ones.
     controls: tuple[Control, ...] = grid((), unique=True)

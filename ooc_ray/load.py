@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ooc_ray.checks import bound_problems, build, coerce, problems, raise_problems
-from ooc_ray.config import DISTRIBUTIONS, TINY, ExperimentConfig
+from ooc_ray.config import DISTRIBUTIONS, SAME_STEPS_AS_REAL, TINY, ExperimentConfig
 from ooc_ray.roles import INPUT, RESOURCE, RESULT
 from ooc_ray.errors import ConfigError
 from ooc_ray.fields import field_of, value_of, with_values
@@ -105,6 +105,16 @@ def _unguided_negative_prompt(cfg: ExperimentConfig) -> list[str]:
     if any(c.sample.negative_prompt for c in cfgs) and all(c.sample.cfg <= 1 for c in cfgs):
         return ["sample.negative_prompt: used only by classifier-free guidance, which sample.cfg 1 turns off "
                 "(diffusers guides above 1) in every variant and search point; set sample.cfg above 1 or remove it"]
+    return []
+
+
+def _unmatched_steps_control(cfg: ExperimentConfig) -> list[str]:
+    """real_steps where every variant mixes by loss_weighted or replace: none of them runs it (protocol.controls_of)."""
+    cfgs = [variant.cfg for variant in variants(cfg)] if cfg.axes else [cfg]
+    if "real_steps" in cfg.classify.controls and all(c.classify.mixing in SAME_STEPS_AS_REAL for c in cfgs):
+        return [f"classify.controls: real_steps matches the steps of an arm that adds images (concat, split_bn); "
+                f"under classify.mixing {cfg.classify.mixing} the arm takes real only's steps, so the control would be "
+                "real only again; remove it"]
     return []
 
 
@@ -206,7 +216,7 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
         raise_problems([p for dotted, _ in cfg.axes for p in _inert(dotted, [v.cfg for v in each], "axes")])
         for variant in each:
             raise_problems(problems(variant.cfg), f"axes ({variant.label}): ")
-    raise_problems(_unguided_negative_prompt(cfg))
+    raise_problems(_unguided_negative_prompt(cfg) + _unmatched_steps_control(cfg))
     return cfg
 
 

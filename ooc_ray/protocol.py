@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ooc_ray import keys
-from ooc_ray.config import ExperimentConfig, GeneratorConfig
+from ooc_ray.config import SAME_STEPS_AS_REAL, ClassifyConfig, ExperimentConfig, GeneratorConfig
 from ooc_ray.data import class_names
 from ooc_ray.errors import ConfigError, DataError
 from ooc_ray.folds import ALL_FOLDS, fold_ids, round_half_up, train_rows
@@ -288,8 +288,15 @@ def grid_points(cfg: ExperimentConfig, folds: list[int]) -> list[TrialSpec]:
             specs += [TrialSpec(fold, float(r), float(weight), False) for r in cc.ratios if r > 0]
             if cc.synthetic_only:
                 specs.append(TrialSpec(fold, 1.0, float(weight), True))  # n_train synthetic images, no real
-        specs += [TrialSpec(fold, float(r), None, False, control) for control in cc.controls for r in cc.ratios if r > 0]
+        specs += [TrialSpec(fold, float(r), None, False, control) for control in controls_of(cc) for r in cc.ratios
+                  if r > 0]
     return specs
+
+
+def controls_of(cc: ClassifyConfig) -> tuple[str, ...]:
+    """The matched controls a classify section runs: classify.controls, less real_steps under a strategy whose
+    arm takes real only's steps (its table would show a control of concat's steps beside it)."""
+    return tuple(c for c in cc.controls if not (c == "real_steps" and cc.mixing in SAME_STEPS_AS_REAL))
 
 
 def max_ratio(cfg: ExperimentConfig) -> float:

@@ -135,6 +135,8 @@ def test_bad_values_name_the_key(raw, key):
     ({"results_dir": " "}, "results_dir: empty"),
     ({"data": {"source": ""}}, "data.source: empty"),
     ({"data": {"classes": ["good", ""]}}, "data.classes: an empty class name"),
+    ({"classify": {"mixing": "replace", "ratios": [0.0, 1.0], "controls": ["real_steps"]}},
+     "classify.controls: real_steps matches the steps of an arm that adds images"),
     ({"sample": {"weights": [0.7000001, 0.7000004]}}, r"sample.weights: \[0.7000001, 0.7000004\] has weights alike"),
     ({"axes": {"sample.negative_prompt": ["blurry, dark", "blurry; dark"]}, "sample": {"cfg": 2.0}},
      r"axes: the variants sample.negative_prompt = blurry, dark and sample.negative_prompt = blurry; dark would "
@@ -190,6 +192,9 @@ def test_what_an_axis_or_search_space_varies_is_judged_per_variant_and_point():
                      "sample": {"negative_prompt": "blurry"}, "generator": {"text_encoder_modules": "attention+mlp"},
                      "search": {"confirm": False, "confirm_folds": [4]}})
     assert len(cfg.axes) == 2
+    # real_steps under a mixing axis that includes a strategy adding images: its variants run it.
+    assert from_dict({"axes": {"classify.mixing": ["concat", "replace"]},
+                      "classify": {"ratios": [0.0, 1.0], "controls": ["real_steps"]}}).classify.controls
     # Guidance from an axis or from the search, whichever the other one varies: the negative prompt is read.
     for varied in ({"axes": {"sample.cfg": [1.0, 7.0]}, "search": {"space": {"sample.steps": {"randint": [2, 4]}}}},
                    {"axes": {"sample.steps": [2, 4]}, "search": {"space": {"sample.cfg": {"uniform": [1.0, 3.0]}}}}):

@@ -558,3 +558,17 @@ def test_a_data_set_loras_classes_and_a_searchs_weights_never_share_a_folder_or_
     folders = {Path(p).parent.name for p in plan["path"]}
     assert "good" in folders and len(folders) == 3
     assert {Path(p).parent.parent.name for p in plan["path"]} == {"w0.7000001", "w0.7000004"}
+
+
+def test_a_strategy_that_takes_real_onlys_steps_runs_no_steps_control():
+    """real_steps matches the steps of an arm that adds images to the real set (concat, split_bn); a
+    loss_weighted or replace arm takes real only's steps (measured by a review: 4 per epoch beside the
+    control's 8), so under them (variants of a mixing axis) the control is not planned; real_augmented (as many
+    images) still is. A file whose every variant is such is refused (test_config)."""
+    import dataclasses
+
+    cfg = from_dict({"classify": {"ratios": [0.0, 1.0], "controls": ["real_steps", "real_augmented"]}})
+    for mixing, controls in (("concat", {"real_steps", "real_augmented"}), ("split_bn", {"real_steps", "real_augmented"}),
+                             ("loss_weighted", {"real_augmented"}), ("replace", {"real_augmented"})):
+        variant = dataclasses.replace(cfg, classify=dataclasses.replace(cfg.classify, mixing=mixing))
+        assert {spec.control for spec in grid_points(variant, [0]) if spec.control} == controls, mixing

@@ -128,8 +128,9 @@ TESTS_NOTE = (
     "s**: wall seconds spent on the arm, summed over its folds: the training of every LoRA its trials drew images "
     "from (a LoRA shared by arms counts in each), the sampling of the images they drew, and the trials "
     "themselves; on the devices the config names (CPU where 0). Matched controls: **real only, steps of + r%** "
-    "trains on real images for as many steps as the real + r% arm; **real + r% classic augmentation** adds as "
-    "many classic augmentations of real images.")
+    "trains on real images for as many steps as the real + r% arm (under concat and split_bn: loss_weighted and "
+    "replace take real only's steps, and run no such control); **real + r% classic augmentation** adds as many "
+    "classic augmentations of real images.")
 
 REPLICATES_NOTE = (
     "Generator randomness against the folds', per arm (and other axes' values), on the tested metric. Replicates "
@@ -203,7 +204,8 @@ def header(cfg: ExperimentConfig, manifest: pd.DataFrame, facts: dict) -> list[s
             f"; multiplicity: one Holm family of {facts['family']} comparison{'s' * (facts['family'] != 1)} (every "
             "distinct arm-vs-real-only comparison in this report, each tested once)",
             f"- trials: {n_trials}" + ("" if n_trials == n_planned else f" of {n_planned} planned "
-                                                                       "(the others have not run yet)")]
+                                                                       "(the others have not run yet)"),
+            f"- computed with: {facts['versions']}"]
 
 
 def axes_lines(cfg: ExperimentConfig) -> list[str]:
