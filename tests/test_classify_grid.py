@@ -122,10 +122,7 @@ def test_grid_killed_and_resumed(tmp_path, monkeypatch):
         assert logged["artifacts"] == sorted(f"{d}/{row.trial_key}.parquet" for d in ("history", "predictions",
                                                                                         "trials"))
 
-    # The Tune folder lost and one trial file deleted: only that trial runs again, and gives the same numbers.
-    import shutil
-
-    shutil.rmtree(paths.ray_storage)
+    # One trial file deleted (the finished Tune experiments kept): only that trial runs again, with the same numbers.
     lost = keys[3]
     (paths.trials / f"{lost}.parquet").unlink()
     again = run_classify(cfg, paths)
@@ -202,3 +199,22 @@ def test_a_seed_axis_over_calibrated_weights_gives_each_seed_its_own_weights(tmp
     identities = [resolve(cc).identity for cc in ccs]
     assert identities == [backbone_weights(cc, tmp_path, manifest).identity for cc in ccs]
     assert identities[0] != identities[1]
+
+
+def test_the_files_of_a_trial_another_config_left_without_a_summary_leave_too(tmp_path):
+    """A run killed between a trial's predictions and its summary leaves predictions/ and history/ files without
+    one; once the config changes, they move to superseded/ with the rest of its trials (only summaries did), so a
+    glob of predictions/ reads the current config's alone."""
+    from ooc_ray.classify.grid import _keep_trials_current
+    from ooc_ray.paths import ExperimentPaths
+
+    paths = ExperimentPaths(tmp_path)
+    for folder, key in ((paths.trials, "old-whole"), (paths.history, "old-whole"), (paths.predictions, "old-whole"),
+                        (paths.history, "old-cut"), (paths.predictions, "old-cut")):
+        folder.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"trial_key": [key]}).to_parquet(folder / f"{key}.parquet")
+    _keep_trials_current(paths, [])
+    assert not [f for folder in (paths.trials, paths.history, paths.predictions) for f in folder.glob("*.parquet")]
+    assert sorted(p.relative_to(paths.superseded).as_posix() for p in paths.superseded.rglob("*.parquet")) == [
+        "history/old-cut.parquet", "history/old-whole.parquet", "predictions/old-cut.parquet",
+        "predictions/old-whole.parquet", "trials/old-whole.parquet"]

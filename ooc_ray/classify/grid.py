@@ -95,7 +95,9 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, G
         tune.with_parameters(_tune_trial, paths=paths, trials=trials),
         {k.lower(): v for k, v in resources.items()})
     storage = tune_storage(cfg, paths)
-    name = f"classify-{keys.digest(list(trials))}" + ("" if backend == "tensorflow" else f"-{backend}")
+    # Named by the trials it runs: a later run with other pending trials (one damaged since) is a new experiment,
+    # where restoring the finished one would run nothing (its trials are done to Tune) and fail on every re-run.
+    name = f"classify-{keys.digest(sorted(pending))}" + ("" if backend == "tensorflow" else f"-{backend}")
     exp_path = f"{storage.rstrip('/')}/{name}"
     # Every planned trial's: a restored experiment can re-run one that finished just before a kill.
     params = {key: trial_params(t.cfg, t.trial, t.ctx) for key, t in trials.items()}
@@ -170,7 +172,10 @@ def _keep_trials_current(paths: ExperimentPaths, planned: list[PlannedTrial]) ->
     """trials/ holds exactly this plan's trials, so `read_parquet('trials/*.parquet')` is never stale: others
     move to superseded/, and planned ones found there (a config or data set that came back) move home."""
     keys_planned = {t.key for t in planned}
-    retired = [f.stem for f in paths.trials.glob("*.parquet") if f.stem not in keys_planned]
+    # By every file of a trial: a run killed between a trial's history or predictions and its summary left them
+    # without one, and a glob of predictions/ would read them beside this config's.
+    retired = sorted({f.stem for folder in (paths.trials, paths.history, paths.predictions)
+                      for f in folder.glob("*.parquet") if f.stem not in keys_planned})
     for key in retired:
         _move_trial(paths, key, to_superseded=True)
     back = [k for k in keys_planned if (paths.superseded / "trials" / f"{k}.parquet").exists()
