@@ -338,6 +338,9 @@ def test_cached_training_reads_the_augmented_views_not_the_clean_one(tiny, tmp_p
     row = run_trial(cfg, paths, trial, ctx)
     losses = pd.read_parquet(paths.trial_history(trial.key))["loss"]
     assert np.isfinite(losses).all() and losses.iloc[-1] < losses.iloc[0]
+    import keras
+    import tensorflow as tf
+    assert row["versions"] == f"keras {keras.__version__}, tensorflow {tf.__version__}, numpy {np.__version__}"
     assert row["accuracy"] > 0.5  # three well-separated classes, read at their clean held-out view
 
 

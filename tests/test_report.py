@@ -662,3 +662,23 @@ def test_the_replicate_table_compares_each_arm_with_real_only_at_its_own_axis_va
     for fraction in (0.25, 1.0):
         assert arms.loc[fraction, "pooled_diff"] == pytest.approx(gain[fraction], abs=0.02)
         assert arms.loc[fraction, "pooled_ci_low"] < gain[fraction] < arms.loc[fraction, "pooled_ci_high"]
+
+
+def test_the_header_names_the_libraries_its_trials_ran_with_and_warns_when_they_differ(tmp_path, trials, capsys):
+    """No key holds library versions (an upgrade would re-run everything), so trials of two versions can stand
+    side by side in one table: the header names what every trial ran with, or says they differ, with a warning."""
+    from ooc_ray.report import run_report
+
+    cfg, paths, planned, _ = write_report(tmp_path, trials)
+    files = sorted(f for f in (paths.trial(key) for key in planned.values()) if f.exists())
+    for f in files:
+        pd.read_parquet(f).assign(versions="keras 3.1, tensorflow 2.20, numpy 2.3").to_parquet(f)
+    run_report(cfg, paths)
+    text = (paths.report / "report.md").read_text()
+    assert "- computed with: keras 3.1, tensorflow 2.20, numpy 2.3 (every trial)" in text
+    pd.read_parquet(files[0]).assign(versions="keras 3.2, tensorflow 2.21, numpy 2.3").to_parquet(files[0])
+    run_report(cfg, paths)
+    text = (paths.report / "report.md").read_text()
+    assert (f"- computed with: **different libraries**: keras 3.1, tensorflow 2.20, numpy 2.3: {len(files) - 1} "
+            "trials; keras 3.2, tensorflow 2.21, numpy 2.3: 1 trials") in text
+    assert "report: its trials ran with different libraries" in capsys.readouterr().err

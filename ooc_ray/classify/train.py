@@ -6,6 +6,7 @@ head therefore sees the same numbers in both modes, up to float error from batch
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -176,6 +177,12 @@ def fit_cached(cc: ClassifyConfig, trial: PlannedTrial, ctx: TrialContext, seed:
     return probs, history
 
 
+def library_versions(backend: str) -> str:
+    """The libraries a trial's numbers come from, as its row records them: no key holds them (an upgrade would
+    re-run everything), so the report says which ones its trials ran with, and when they differ."""
+    return f"keras {keras.__version__}, {backend} {sys.modules[backend].__version__}, numpy {np.__version__}"
+
+
 def _summary(cfg: ExperimentConfig, trial: PlannedTrial, ctx: TrialContext, metrics: dict, seconds: float) -> dict:
     cc, spec = cfg.classify, trial.spec
     counts = trial.train["source"].value_counts()
@@ -189,6 +196,7 @@ def _summary(cfg: ExperimentConfig, trial: PlannedTrial, ctx: TrialContext, metr
         **{k: metrics[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")},
         "classes": list(ctx.classes), "per_class_recall": metrics["per_class_recall"],
         "confusion": metrics["confusion"], "mode": cc.mode, "backbone": cc.backbone, "backend": cc.backend,
+        "versions": library_versions(cc.backend),
         "weights": ctx.weights.identity, "input_size": cc.input_size, "epochs": cc.epochs,
         "generator_split": cfg.generator.split, "seed": cc.seed, "data_digest": ctx.data_digest,
         "duration_s": round(seconds, 3), **where(),

@@ -106,6 +106,19 @@ def finished_trials(paths: ExperimentPaths, planned: list[PlannedTrial], manifes
     return trials
 
 
+def versions_line(trials: pd.DataFrame) -> str:
+    """The libraries the trials ran with (their rows' `versions`), one line for the header; a warning when they
+    differ (an upgrade between runs: no key holds versions, so such trials are re-used beside new ones)."""
+    versions = trials["versions"] if "versions" in trials.columns else pd.Series("", index=trials.index)
+    counts = versions.fillna("").replace("", "not recorded (trials from before versions were)").value_counts()
+    if len(counts) == 1:
+        return f"{counts.index[0]} (every trial)"
+    line = "; ".join(f"{name}: {n} trials" for name, n in counts.items())
+    warn(f"report: its trials ran with different libraries ({line}); delete the trials/ files of one set (each "
+         "row's `versions` says which) and run `ooc-ray classify`")
+    return f"**different libraries**: {line}"
+
+
 def planned_grid(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame
                  ) -> list[tuple[Variant, list[PlannedTrial]]]:
     """Every variant with its planned trials, as the classify stage plans them (weights resolved, not built)."""
@@ -254,7 +267,8 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
             extra += ["## Generator randomness (generation replicates)", "", render.REPLICATES_NOTE, "",
                       render.to_markdown(table), ""]
         facts = {"naive": naive, "n_trials": everything["trial_key"].nunique(), "n_planned": n_planned,
-                 "n_test": resolution(everything), "family": family, "grouped": grouped}
+                 "n_test": resolution(everything), "family": family, "grouped": grouped,
+                 "versions": versions_line(everything.drop_duplicates("trial_key"))}
         if facts["n_trials"] < n_planned:
             warn(f"report: {n_planned - facts['n_trials']} of {n_planned} planned trials have not run; the tables "
                  "leave them out (`ooc-ray classify` runs them)")
