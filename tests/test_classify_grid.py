@@ -131,6 +131,8 @@ def test_grid_killed_and_resumed(tmp_path, monkeypatch):
     assert all(final[name] == after[name] for name in after if name != f"{lost}.parquet")
     pd.testing.assert_series_equal(again["accuracy"], rows["accuracy"])
     assert (mlflow_runs(paths)["status"] == "FINISHED").sum() == 6  # the re-made trial is not logged twice
+    (paths.trials / f"{lost}.parquet").unlink()  # the same trial lost again: its finished experiment is not reused
+    assert run_classify(cfg, paths)["trial_key"].tolist() == keys
 
     # A finished trial that a restored Tune experiment runs again reports its recorded epochs (so the MLflow run
     # opened for it has them all), then its result marked skipped.

@@ -95,17 +95,13 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, G
         tune.with_parameters(_tune_trial, paths=paths, trials=trials),
         {k.lower(): v for k, v in resources.items()})
     storage = tune_storage(cfg, paths)
-    # Named by the trials it runs: a later run with other pending trials (one damaged since) is a new experiment,
-    # where restoring the finished one would run nothing (its trials are done to Tune) and fail on every re-run.
-    name = f"classify-{keys.digest(sorted(pending))}" + ("" if backend == "tensorflow" else f"-{backend}")
-    exp_path = f"{storage.rstrip('/')}/{name}"
     # Every planned trial's: a restored experiment can re-run one that finished just before a kill.
     params = {key: trial_params(t.cfg, t.trial, t.ctx) for key, t in trials.items()}
     callbacks = tracker(cfg, paths, "classify", _trial_key, functools.partial(_tracked_params, params),
                         functools.partial(_tracked_files, paths))
-    if tune.Tuner.can_restore(exp_path):
-        # An interrupted run of this same grid: continue it (finished trials are not re-run; errored ones are).
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    name, tuner = _interrupted(storage, pending, backend, trainable)
+    if tuner is not None:
+        # An interrupted run of these trials: continue it (finished trials are not re-run; errored ones are).
         with_callbacks(tuner, callbacks)
     else:
         tuner = tune.Tuner(
@@ -122,6 +118,25 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, G
                                       failure_config=tune.FailureConfig(max_failures=cc.max_failures)),
         )
     return {result.config["trial_key"]: one_line(result.error) for result in tuner.fit() if result.error}
+
+
+def _interrupted(storage: str, pending: list[str], backend: str, trainable) -> tuple[str, object | None]:
+    """(name, restored tuner) of an interrupted Tune experiment of exactly these pending trials, else (a new
+    name, None). Named by the trials it runs; one that ran to its end is never restored (its trials are done to
+    Tune, which would run nothing: a trial damaged since, or these trials' files deleted, failed every re-run),
+    so the next free name is taken instead."""
+    base = f"classify-{keys.digest(sorted(pending))}" + ("" if backend == "tensorflow" else f"-{backend}")
+    attempt = 0
+    while True:
+        name = base + (f"-{attempt}" if attempt else "")
+        path = f"{storage.rstrip('/')}/{name}"
+        if not tune.Tuner.can_restore(path):
+            return name, None
+        restored = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        done = restored.get_results()
+        if done.num_terminated < len(done):
+            return name, restored
+        attempt += 1
 
 
 def collect(paths: ExperimentPaths, planned: list[PlannedTrial], errors: dict[str, str] | None = None) -> pd.DataFrame:
