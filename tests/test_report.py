@@ -681,4 +681,13 @@ def test_the_header_names_the_libraries_its_trials_ran_with_and_warns_when_they_
     text = (paths.report / "report.md").read_text()
     assert (f"- computed with: **different libraries**: keras 3.1, tensorflow 2.20, numpy 2.3: {len(files) - 1} "
             "trials; keras 3.2, tensorflow 2.21, numpy 2.3: 1 trials") in text
-    assert "report: its trials ran with different libraries" in capsys.readouterr().err
+    assert "report: trials of one framework ran with different libraries" in capsys.readouterr().err
+    # Another framework's trials (a classify.backend axis) and trials from before versions were recorded are
+    # no mixture: named, without a warning.
+    pd.read_parquet(files[0]).assign(versions="keras 3.1, torch 2.13, numpy 2.3", backend="torch").to_parquet(files[0])
+    pd.read_parquet(files[1]).drop(columns="versions").to_parquet(files[1])
+    run_report(cfg, paths)
+    text = (paths.report / "report.md").read_text()
+    assert ("- computed with: keras 3.1, tensorflow 2.20, numpy 2.3 | keras 3.1, torch 2.13, numpy 2.3 (1 trials "
+            "from before versions were recorded)") in text
+    assert "different libraries" not in capsys.readouterr().err

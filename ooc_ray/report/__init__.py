@@ -107,16 +107,29 @@ def finished_trials(paths: ExperimentPaths, planned: list[PlannedTrial], manifes
 
 
 def versions_line(trials: pd.DataFrame) -> str:
-    """The libraries the trials ran with (their rows' `versions`), one line for the header; a warning when they
-    differ (an upgrade between runs: no key holds versions, so such trials are re-used beside new ones)."""
+    """The libraries the trials ran with (their rows' `versions`), one line for the header. Per framework (a
+    classify.backend axis runs two stacks by design); within one, different versions are an upgrade between
+    runs (no key holds versions, so its trials are re-used beside new ones): said in bold, with a warning.
+    Trials from before versions were recorded are counted, not taken for another version."""
     versions = trials["versions"] if "versions" in trials.columns else pd.Series("", index=trials.index)
-    counts = versions.fillna("").replace("", "not recorded (trials from before versions were)").value_counts()
-    if len(counts) == 1:
-        return f"{counts.index[0]} (every trial)"
-    line = "; ".join(f"{name}: {n} trials" for name, n in counts.items())
-    warn(f"report: its trials ran with different libraries ({line}); delete the trials/ files of one set (each "
-         "row's `versions` says which) and run `ooc-ray classify`")
-    return f"**different libraries**: {line}"
+    recorded = versions.fillna("")
+    backends = trials["backend"] if "backend" in trials.columns else pd.Series(index=trials.index, dtype=object)
+    parts, mixed = [], []
+    for _, seen in recorded[recorded != ""].groupby(backends.fillna("tensorflow"), sort=True):
+        counts = seen.value_counts()
+        if len(counts) == 1:
+            parts.append(counts.index[0])
+        else:
+            mixed.append("; ".join(f"{name}: {n} trials" for name, n in counts.items()))
+            parts.append(f"**different libraries**: {mixed[-1]}")
+    unrecorded = int((recorded == "").sum())
+    if mixed:
+        warn(f"report: trials of one framework ran with different libraries ({' | '.join(mixed)}); delete the "
+             "trials/ files of one set (each row's `versions` says which) and run `ooc-ray classify`")
+    if not parts:
+        return "not recorded (every trial is from before versions were)"
+    return " | ".join(parts) + (f" ({unrecorded} trials from before versions were recorded)" if unrecorded
+                                else " (every trial)")
 
 
 def planned_grid(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame
