@@ -225,10 +225,14 @@ def current_synthetic(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataF
     if problem:
         raise MissingInputError(f"{paths.synthetic_table}: {problem}; run the sample stage first")
     synthetic = pd.read_parquet(paths.synthetic_table)
-    if "sample_settings" not in synthetic.columns or (synthetic["sample_settings"] != keys.sample_settings(cfg)).any():
+    if "sample_settings" not in synthetic.columns:
+        raise MissingInputError(f"{paths.synthetic_table} was written before its settings were recorded, so whether "
+                                "it is this config's cannot be told: run `ooc-ray sample` once (full install; it "
+                                "re-uses every image)")
+    if (synthetic["sample_settings"] != keys.sample_settings(cfg)).any():
         raise MissingInputError(f"{paths.synthetic_table} was sampled with other generator or sample settings than "
-                                "this config's (or before they were recorded): run `ooc-ray sample` (it re-uses "
-                                "every image that is still current), or `ooc-ray run`")
+                                "this config's: run `ooc-ray sample` (it re-uses every image that is still current), "
+                                "or `ooc-ray run`")
     return synthetic
 
 

@@ -191,5 +191,5 @@ def test_each_pretraining_source_keeps_its_own_image_list(tmp_path):
     with pytest.raises(MissingInputError, match="lists no images of generator.pretrain.source .*wells_c"):
         pretrain_images_of(never, paths)
     pd.read_parquet(paths.pretrain_images).drop(columns="source_key").to_parquet(paths.pretrain_images)
-    with pytest.raises(MissingInputError, match="run `ooc-ray pretrain` first"):
+    with pytest.raises(MissingInputError, match="written before each source kept its own list: run `ooc-ray pretrain`"):
         pretrain_images_of(cfg, paths)

@@ -214,6 +214,8 @@ GOLDEN = textwrap.dedent("""
     print(keys.features_key(cfg.classify, "imagenet", 1))
     print(keys.trial_key(cfg, {"fold": 0, "ratio": 0.5, "weight": 0.8, "synthetic_only": False}, ["good", "bad"],
                          images, images.iloc[:1], "imagenet"))
+    print(keys.search_run_key(cfg, "tiny-abc", "imagenet", images))
+    print(keys.search_trial_key(cfg, {"generator.rank": 8, "sample.weights": 0.8}, ["l1"], images, "f"))
 """)
 
 
@@ -228,6 +230,9 @@ def test_keys_are_golden_in_any_process(hashseed):
         # lora, pool, features, trial. Features and trial changed on purpose with the default augmentation (now the
         # Keras EfficientNet example's: rotation, translation, flip, contrast; was flip, rotation, zoom, contrast).
         "c867ef86787949bd", "efa6896bae766234", "84d4c4c718aebf85", "63c26d9f1d281915",
+        # a search run and trial whose space holds the weight, at real_fraction 1: as before 2026-12-06's keys
+        # took the weight (where no dimension varies it) and a real_fraction below 1 (checked on 7dd4a4d's code)
+        "62f3fb9b5be63f1a", "7c5707b779186d8a",
     ]
 
 

@@ -68,7 +68,10 @@ def pretrain_images_of(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.Data
     if problem:
         raise MissingInputError(f"{paths.pretrain_images}: {problem}; run `ooc-ray pretrain` first")
     table = pd.read_parquet(paths.pretrain_images)
-    mine = table[table["source_key"] == source_key(cfg)] if "source_key" in table.columns else table.iloc[:0]
+    if "source_key" not in table.columns:
+        raise MissingInputError(f"{paths.pretrain_images} was written before each source kept its own list: run "
+                                "`ooc-ray pretrain` once (it re-uses the pretrained base)")
+    mine = table[table["source_key"] == source_key(cfg)]
     if mine.empty:
         raise MissingInputError(f"{paths.pretrain_images} lists no images of generator.pretrain.source "
                                 f"{cfg.generator.pretrain.source!r} as configured (another source or draw); run "
