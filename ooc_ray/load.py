@@ -112,9 +112,10 @@ def _unmatched_steps_control(cfg: ExperimentConfig) -> list[str]:
     """real_steps where every variant mixes by loss_weighted or replace: none of them runs it (protocol.controls_of)."""
     cfgs = [variant.cfg for variant in variants(cfg)] if cfg.axes else [cfg]
     if "real_steps" in cfg.classify.controls and all(c.classify.mixing in SAME_STEPS_AS_REAL for c in cfgs):
+        used = ", ".join(sorted({c.classify.mixing for c in cfgs}))
         return [f"classify.controls: real_steps matches the steps of an arm that adds images (concat, split_bn); "
-                f"under classify.mixing {cfg.classify.mixing} the arm takes real only's steps, so the control would be "
-                "real only again; remove it"]
+                f"under classify.mixing {used} the arm takes real only's steps, so the control would be real only "
+                "again; remove it"]
     return []
 
 

@@ -191,19 +191,23 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
     def _beat(self) -> None:
-        me = (socket.gethostname(), os.getpid())
+        me = self._holder()
+        mine = (me["host"], me["pid"], me["started"])  # two containers may share a host name and a pid
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 found = _read(self.path)
             except LockError:
                 return
-            if found is None or (found[0].get("host"), found[0].get("pid")) != me:
+            if found is None or (found[0].get("host"), found[0].get("pid"), found[0].get("started")) != mine:
                 # Taken over after a pause longer than STALE_S (a suspended machine): never keep another run's
                 # lock alive, and say so, since two runs now write these results.
                 warn(f"{self.path}: this run's lock was taken over by another run while it was paused; stop one "
                      "of the two runs (their results folder has two writers)")
                 return
-            os.utime(self.path)
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:  # released (or taken over) between the look and the touch: look again
+                continue
 
     def release(self) -> None:
         self._stop.set()
