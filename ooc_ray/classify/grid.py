@@ -99,7 +99,7 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, G
     params = {key: trial_params(t.cfg, t.trial, t.ctx) for key, t in trials.items()}
     callbacks = tracker(cfg, paths, "classify", _trial_key, functools.partial(_tracked_params, params),
                         functools.partial(_tracked_files, paths))
-    name, tuner = _interrupted(storage, pending, backend, trainable)
+    name, tuner = _interrupted(storage, list(trials), backend, trainable)
     if tuner is not None:
         # An interrupted run of these trials: continue it (finished trials are not re-run; errored ones are).
         with_callbacks(tuner, callbacks)
@@ -120,12 +120,11 @@ def _run_tune(cfg: ExperimentConfig, paths: ExperimentPaths, trials: dict[str, G
     return {result.config["trial_key"]: one_line(result.error) for result in tuner.fit() if result.error}
 
 
-def _interrupted(storage: str, pending: list[str], backend: str, trainable) -> tuple[str, object | None]:
-    """(name, restored tuner) of an interrupted Tune experiment of exactly these pending trials, else (a new
-    name, None). Named by the trials it runs; one that ran to its end is never restored (its trials are done to
-    Tune, which would run nothing: a trial damaged since, or these trials' files deleted, failed every re-run),
-    so the next free name is taken instead."""
-    base = f"classify-{keys.digest(sorted(pending))}" + ("" if backend == "tensorflow" else f"-{backend}")
+def _interrupted(storage: str, planned: list[str], backend: str, trainable) -> tuple[str, object | None]:
+    """(name, restored tuner) of an interrupted Tune experiment of this grid (named by its planned trials), else
+    (a new name, None). One that ran to its end is never restored (its trials are done to Tune, which would run
+    nothing: a trial damaged since, or trials/ deleted, failed every re-run), so the next free name is taken."""
+    base = f"classify-{keys.digest(planned)}" + ("" if backend == "tensorflow" else f"-{backend}")
     attempt = 0
     while True:
         name = base + (f"-{attempt}" if attempt else "")
