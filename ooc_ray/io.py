@@ -114,10 +114,11 @@ def write_parquet(df: pd.DataFrame | pa.Table, path: str | Path) -> Path:
     return Path(path)
 
 
-def read_parquet(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(f"{path} not found: run the stage that writes it first")
+def read_parquet(path: str | Path, command: str) -> pd.DataFrame:
+    """The table a stage wrote at `path`; missing or damaged, an error naming it and `command`, which writes it."""
+    problem = parquet_problem(path)
+    if problem:
+        raise MissingInputError(f"{path}: {problem}; run `{command}` first")
     return pd.read_parquet(path)
 
 

@@ -21,7 +21,7 @@ from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.data import class_names
 from ooc_ray.errors import MissingInputError, TrainsetError
 from ooc_ray.folds import ALL_FOLDS, fold_ids, held_out_rows, train_rows
-from ooc_ray.io import parquet_problem
+from ooc_ray.io import parquet_problem, read_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.protocol import PlannedTrial, TrialSpec, grid_points, largest_remainder, synthetic_count, trial_config
 from ooc_ray.variants import Variant, each_variant
@@ -221,10 +221,7 @@ def current_synthetic(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataF
     """synthetic.parquet, if it was sampled with cfg's settings (keys.sample_settings); else an error naming the
     file and what to run: a table from before a generator or sampling setting changed would be trained on,
     scored and reported under the new settings."""
-    problem = parquet_problem(paths.synthetic_table)
-    if problem:
-        raise MissingInputError(f"{paths.synthetic_table}: {problem}; run the sample stage first")
-    synthetic = pd.read_parquet(paths.synthetic_table)
+    synthetic = read_parquet(paths.synthetic_table, "ooc-ray sample")
     if "sample_settings" not in synthetic.columns:
         raise MissingInputError(f"{paths.synthetic_table} was written before its settings were recorded, so whether "
                                 "it is this config's cannot be told: run `ooc-ray sample` once (full install; it "

@@ -26,7 +26,7 @@ from ooc_ray.config import ExperimentConfig, PretrainConfig
 from ooc_ray.images import load_image
 from ooc_ray.diffusion.base import TINY, BaseModel, folder_digest, optimizer_step, resolve_base, training_target
 from ooc_ray.errors import MissingInputError
-from ooc_ray.io import parquet_problem
+from ooc_ray.io import read_parquet
 from ooc_ray.paths import ExperimentPaths
 
 StepCallback = Optional[Callable[[int, float], None]]  # (steps done, that step's loss)
@@ -64,10 +64,7 @@ def pretrain_images_of(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.Data
     """The images `ooc-ray pretrain` last listed for cfg's generator.pretrain source (id, path, sha256); an error
     naming what to run where it has not listed them (another source, another draw of the demo's, or a table
     from before sources were told apart)."""
-    problem = parquet_problem(paths.pretrain_images)
-    if problem:
-        raise MissingInputError(f"{paths.pretrain_images}: {problem}; run `ooc-ray pretrain` first")
-    table = pd.read_parquet(paths.pretrain_images)
+    table = read_parquet(paths.pretrain_images, "ooc-ray pretrain")
     if "source_key" not in table.columns:
         raise MissingInputError(f"{paths.pretrain_images} was written before each source kept its own list: run "
                                 "`ooc-ray pretrain` once (it re-uses the pretrained base)")
