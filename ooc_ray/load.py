@@ -95,12 +95,11 @@ def _inert(dotted: str, cfgs: list[ExperimentConfig], where: str) -> list[str]:
             "would give the same numbers"]
 
 
-def _unguided_negative_prompt(cfg: ExperimentConfig) -> list[str]:
+def _unguided_negative_prompt(bases: list[ExperimentConfig], space: tuple) -> list[str]:
     """A negative prompt where nothing guides: diffusers reads it only in classifier-free guidance, at
-    sample.cfg > 1. Judged over the file's variants (or the file) with each value of each search dimension
-    applied (a choice, a range end), so that any of them that guides makes it legitimate."""
-    bases = [variant.cfg for variant in variants(cfg)] if cfg.axes else [cfg]
-    cfgs = bases + [with_values(base, {name: value}) for base in bases for name, _, values in cfg.search.space
+    sample.cfg > 1. Judged over the file's variants (`bases`; the file without axes) with each value of each
+    search dimension applied (a choice, a range end), so that any of them that guides makes it legitimate."""
+    cfgs = bases + [with_values(base, {name: value}) for base in bases for name, _, values in space
                     for value in values]
     if any(c.sample.negative_prompt for c in cfgs) and all(c.sample.cfg <= 1 for c in cfgs):
         return ["sample.negative_prompt: used only by classifier-free guidance, which sample.cfg 1 turns off "
@@ -108,10 +107,10 @@ def _unguided_negative_prompt(cfg: ExperimentConfig) -> list[str]:
     return []
 
 
-def _unmatched_steps_control(cfg: ExperimentConfig) -> list[str]:
-    """real_steps where every variant mixes by loss_weighted or replace: none of them runs it (protocol.controls_of)."""
-    cfgs = [variant.cfg for variant in variants(cfg)] if cfg.axes else [cfg]
-    if "real_steps" in cfg.classify.controls and all(c.classify.mixing in SAME_STEPS_AS_REAL for c in cfgs):
+def _unmatched_steps_control(cfgs: list[ExperimentConfig]) -> list[str]:
+    """real_steps where every variant (`cfgs`) mixes by loss_weighted or replace: none of them runs it
+    (protocol.controls_of)."""
+    if "real_steps" in cfgs[0].classify.controls and all(c.classify.mixing in SAME_STEPS_AS_REAL for c in cfgs):
         used = ", ".join(sorted({c.classify.mixing for c in cfgs}))
         return [f"classify.controls: real_steps matches the steps of an arm that adds images (concat, split_bn); "
                 f"under classify.mixing {used} the arm takes real only's steps, so the control would be real only "
@@ -205,6 +204,7 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
     raise_problems(problems(cfg))
     if space_raw is not None:
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=parse_space(space_raw, cfg)))
+    each = []
     if axes_raw is not None:
         cfg = dataclasses.replace(cfg, axes=parse_axes(axes_raw))
         each = list(variants(cfg))
@@ -217,7 +217,8 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
         raise_problems([p for dotted, _ in cfg.axes for p in _inert(dotted, [v.cfg for v in each], "axes")])
         for variant in each:
             raise_problems(problems(variant.cfg), f"axes ({variant.label}): ")
-    raise_problems(_unguided_negative_prompt(cfg) + _unmatched_steps_control(cfg))
+    configs = [variant.cfg for variant in each] if cfg.axes else [cfg]  # what runs: each variant, or the file
+    raise_problems(_unguided_negative_prompt(configs, cfg.search.space) + _unmatched_steps_control(configs))
     return cfg
 
 
