@@ -32,18 +32,17 @@ from ooc_ray.logs import note
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
 from ooc_ray.protocol import LoraJob, label_name, plan_loras, pool_sizes, weight_name
-from ooc_ray.sampler import (FAIL_AFTER_ENV, SampleWorker, logged_renders, release_actors, render_logs,
-                             render_with_ray)
+from ooc_ray.sampler import (FAIL_AFTER_ENV, RENDERED_COLUMNS, SampleWorker, logged_renders, release_actors,
+                             render_logs, render_with_ray)
 from ooc_ray.variants import each_variant, per_variant
 
 POOL_FILE = "pool.parquet"
 TABLE_COLUMNS = [
     "id", "path", "sha256", "label", "group", "fold", "lora_key", "lora_sha256", "weight", "index", "prompt",
     "negative_prompt", "seed", "sampler", "clip_sample", "steps", "cfg", "strength", "mode", "init_image_id",
-    "base_model", "width", "height", "sample_key", "render_s", "node_id", "node_host",
+    "base_model", "width", "height", "sample_key", "render_s", "node_id", "node_host", "versions",
 ]
 SYNTHETIC_COLUMNS = TABLE_COLUMNS + ["sample_settings"]  # synthetic.parquet: the pools' rows, the settings they hold
-RENDERED_COLUMNS = ["id", "render_s", "node_id", "node_host"]  # what the workers report of each image written
 # Columns the workers need but analysts do not.
 _WORK_COLUMNS = ["lora_dir", "lora_file", "init_path"]
 
@@ -176,10 +175,10 @@ def render(plan: pd.DataFrame, cfg: ExperimentConfig, base: BaseModel, use_ray: 
 
 
 def consolidate(plan: pd.DataFrame, rendered: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The plan's table with every image's sha256, render seconds and node (as recorded in its pool.parquet, else
-    from `rendered`, the images written now, else from the render logs of workers lost or crashed mid-batch);
-    appends new rows to each pool's pool.parquet (rows already recorded are kept as they are, so an older pool's
-    provenance is never overwritten) and removes the logs it has recorded."""
+    """The plan's table with every image's sha256, render seconds, node and libraries (as recorded in its
+    pool.parquet, else from `rendered`, the images written now, else from the render logs of workers lost or
+    crashed mid-batch); appends new rows to each pool's pool.parquet (rows already recorded are kept as they are,
+    so an older pool's provenance is never overwritten) and removes the logs it has recorded."""
     have = plan["path"].map(os.path.exists)
     if not have.all():
         missing = plan.loc[~have, "path"]
@@ -204,7 +203,8 @@ def consolidate(plan: pd.DataFrame, rendered: pd.DataFrame | None = None) -> pd.
                          f"library version); delete {Path(changed[0]).parent} to sample that pool whole here")
     # What the pool's record says first: a lost image rendered again keeps the cost (and node) of its first
     # rendering, so the table agrees with pool.parquet. Pools from before a column existed give NaN or "".
-    for column, missing_value in (("render_s", float("nan")), ("node_id", ""), ("node_host", "")):
+    for column, missing_value in (("render_s", float("nan")), ("node_id", ""), ("node_host", ""),
+                                  ("versions", "")):
         before = _recorded(plan, column)
         fresh = now[column].to_dict() if column in now.columns else {}
         table[column] = [before[p] if p in before else fresh.get(i, missing_value)

@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.images import load_image
-from ooc_ray.diffusion.base import device_and_dtype, load_pipeline
+from ooc_ray.diffusion.base import device_and_dtype, generator_versions, load_pipeline
 from ooc_ray.errors import StageError
 from ooc_ray.gpu import require_torch_cuda
 from ooc_ray.io import atomic_path
@@ -40,6 +40,9 @@ MAX_ADAPTERS = 16  # LoRAs kept loaded per actor (~3 MB each at rank 8 on SD v1.
 # folder, before the image is renamed into place: an actor killed mid-batch never returns its batch's rows, and the
 # batch re-queued skips the PNGs it left, so without the log those images would have no node and no cost.
 RENDER_LOG = ".rendered-{host}-{pid}.jsonl"
+# What a worker reports (and logs) of each image it writes: its cost, node and libraries (diffusers' schedulers
+# have changed between versions: a pool resumed after an upgrade holds two generators' images).
+RENDERED_COLUMNS = ["id", "render_s", "node_id", "node_host", "versions"]
 
 
 def log_rendered(folder: Path, record: dict) -> None:
@@ -54,11 +57,11 @@ def render_logs(folders) -> list[Path]:
 
 
 def logged_renders(folders) -> pd.DataFrame:
-    """Every record of the render logs in `folders` (columns id, render_s, node_id, node_host); a line cut short
-    by a kill is not a record."""
+    """Every record of the render logs in `folders` (RENDERED_COLUMNS; logs from before `versions` was recorded
+    give None there); a line cut short by a kill is not a record."""
     rows = [json.loads(line) for log in render_logs(folders) for line in log.read_text().splitlines()
             if line.endswith("}")]
-    return pd.DataFrame(rows, columns=["id", "render_s", "node_id", "node_host"]).drop_duplicates("id", keep="last")
+    return pd.DataFrame(rows, columns=RENDERED_COLUMNS).drop_duplicates("id", keep="last")
 
 
 class SampleWorker:
@@ -82,6 +85,7 @@ class SampleWorker:
         self.mode, self.resolution = mode, resolution
         self.adapters: OrderedDict[str, None] = OrderedDict()
         self.fail_after, self.written = fail_after, 0
+        self.versions = generator_versions()
 
     def _activate(self, key: str, lora_dir: str, lora_file: str, weight: float) -> None:
         if key in self.adapters:
@@ -132,7 +136,7 @@ class SampleWorker:
         return self.pipe.numpy_to_pil(arrays)  # what output_type="pil" returns, to the bit
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        """Render the planned batch and write its missing PNGs; (id, render_s, node_id, node_host) of each written."""
+        """Render the planned batch and write its missing PNGs; RENDERED_COLUMNS of each written."""
         node = where()
         written = []
         for _, rows in batch.groupby("batch", sort=False):
@@ -144,7 +148,7 @@ class SampleWorker:
                     continue
                 if image.size != (row.width, row.height):
                     image = image.resize((row.width, row.height), resample=3)  # 3 = bicubic
-                record = {"id": row.id, "render_s": each, **node}
+                record = {"id": row.id, "render_s": each, **node, "versions": self.versions}
                 with atomic_path(row.path) as tmp:
                     image.save(tmp, format="PNG")
                     log_rendered(Path(row.path).parent, record)  # before the rename: a PNG in place has its line
@@ -152,7 +156,7 @@ class SampleWorker:
                 self.written += 1
                 if self.fail_after and self.written >= self.fail_after:
                     raise RuntimeError(f"{FAIL_AFTER_ENV}: simulated crash after {self.written} images")
-        return pd.DataFrame(written, columns=["id", "render_s", "node_id", "node_host"])
+        return pd.DataFrame(written, columns=RENDERED_COLUMNS)
 
 
 class SamplingActor:

@@ -338,7 +338,7 @@ def test_cost_per_arm_sums_its_loras_images_and_trials(tmp_path):
     import json
 
     from ooc_ray.protocol import PlannedTrial, TrialSpec
-    from ooc_ray.report import lora_seconds
+    from ooc_ray.report import lora_records
     from ooc_ray.report.tables import add_costs, summary_tables
 
     for key, seconds in (("loraA", 10.0), ("loraB", 20.0), ("loraC", 40.0)):
@@ -363,7 +363,8 @@ def test_cost_per_arm_sums_its_loras_images_and_trials(tmp_path):
                          "n_train_real": 2, "duration_s": seconds})
     trials = pd.DataFrame(rows)
     tables = summary_tables(trials)
-    add_costs(tables, trials, planned, synthetic, lora_seconds(tmp_path, synthetic["lora_key"].unique()))
+    seconds = lora_records(tmp_path, synthetic["lora_key"].unique())["seconds"].to_dict()
+    add_costs(tables, trials, planned, synthetic, seconds)
     table = tables[1.0].set_index("arm")
     assert table.loc["real only", ["cost_lora_s", "cost_sampling_s", "cost_trials_s"]].tolist() == [0.0, 0.0, 6.0]
     # LoRAs A and B (not C, whose images no trial drew), images s0-s3 once each, trials 5 + 6
@@ -675,13 +676,15 @@ def test_the_header_names_the_libraries_its_trials_ran_with_and_warns_when_they_
         pd.read_parquet(f).assign(versions="keras 3.1, tensorflow 2.20, numpy 2.3").to_parquet(f)
     run_report(cfg, paths)
     text = (paths.report / "report.md").read_text()
-    assert "- computed with: keras 3.1, tensorflow 2.20, numpy 2.3 (every trial)" in text
+    # The fixture's pools and LoRAs are from before versions were recorded (no column, no metadata).
+    assert ("- computed with: keras 3.1, tensorflow 2.20, numpy 2.3 (every trial); generator: LoRAs not recorded, "
+            "images not recorded") in text
     pd.read_parquet(files[0]).assign(versions="keras 3.2, tensorflow 2.21, numpy 2.3").to_parquet(files[0])
     run_report(cfg, paths)
     text = (paths.report / "report.md").read_text()
     assert (f"- computed with: **different libraries**: keras 3.1, tensorflow 2.20, numpy 2.3: {len(files) - 1} "
             "trials; keras 3.2, tensorflow 2.21, numpy 2.3: 1 trials") in text
-    assert "report: trials of one framework ran with different libraries" in capsys.readouterr().err
+    assert "report: made with different libraries (trials of one framework: keras 3.1" in capsys.readouterr().err
     # Another framework's trials (a classify.backend axis) and trials from before versions were recorded are
     # no mixture: named, without a warning.
     pd.read_parquet(files[0]).assign(versions="keras 3.1, torch 2.13, numpy 2.3", backend="torch").to_parquet(files[0])
@@ -691,3 +694,35 @@ def test_the_header_names_the_libraries_its_trials_ran_with_and_warns_when_they_
     assert ("- computed with: keras 3.1, tensorflow 2.20, numpy 2.3 | keras 3.1, torch 2.13, numpy 2.3 (1 trials "
             "from before versions were recorded)") in text
     assert "different libraries" not in capsys.readouterr().err
+
+
+def test_the_header_names_the_generators_libraries_and_warns_when_its_loras_or_images_differ(tmp_path, trials,
+                                                                                           capsys):
+    """A pool resumed after an upgrade holds images of two diffusers (whose schedulers have changed between
+    versions), as LoRAs can be of two peft: the header names the libraries of every LoRA (metadata.json) and
+    image (pool rows), and says in bold, with a warning, when either differs among themselves."""
+    from ooc_ray.io import write_parquet
+    from ooc_ray.report import run_report
+
+    cfg, paths, _, _ = write_report(tmp_path, trials)
+    synthetic = pd.read_parquet(paths.synthetic_table)
+    old = "torch 2.12.0, diffusers 0.41.0, peft 0.17.0, transformers 5.0.0"
+    new = "torch 2.13.0, diffusers 0.42.1, peft 0.18.0, transformers 5.23.0"
+    loras = sorted(synthetic["lora_key"].unique())
+    for key in loras:
+        (paths.lora / key).mkdir(parents=True)
+        (paths.lora / key / "metadata.json").write_text(json.dumps({"seconds": 2.0, "versions": new}))
+    write_parquet(synthetic.assign(versions=new), paths.synthetic_table)
+    run_report(cfg, paths)
+    text = (paths.report / "report.md").read_text()
+    assert f"; generator: {new} (every LoRA and image)\n" in text
+    assert "different libraries" not in capsys.readouterr().err
+    # Pools resumed after a downgrade: 3 images of the old stack; one LoRA from before versions were recorded.
+    write_parquet(synthetic.assign(versions=[old] * 3 + [new] * (len(synthetic) - 3)), paths.synthetic_table)
+    (paths.lora / loras[0] / "metadata.json").write_text(json.dumps({"seconds": 2.0}))
+    run_report(cfg, paths)
+    text = (paths.report / "report.md").read_text()
+    assert (f"; generator: LoRAs {new} (1 LoRAs from before versions were recorded), images **different "
+            f"libraries**: {new}: {len(synthetic) - 3} images; {old}: 3 images\n") in text
+    assert f"report: made with different libraries (images: {new}: {len(synthetic) - 3} images; {old}: 3 images)" \
+        in capsys.readouterr().err

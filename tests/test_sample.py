@@ -92,6 +92,16 @@ def test_image_seed_is_stable_and_distinct():
 # ---------------------------------------------------------------------------------------------- in process
 
 
+def generator_stack() -> str:
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    return (f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
+            f"transformers {transformers.__version__}")
+
+
 def test_sample_provenance_and_reproducibility(tmp_path, trained):
     from ooc_ray.sample import SYNTHETIC_COLUMNS, image_seed, sample_pools
 
@@ -112,6 +122,8 @@ def test_sample_provenance_and_reproducibility(tmp_path, trained):
     assert Path(row.path).relative_to(paths.synthetic).parts[0] == row.lora_key
 
     loras = pd.read_parquet(paths.lora / "loras.parquet").set_index("lora_key")
+    # The libraries each image and LoRA was made with (the report's header names them; no key holds them).
+    assert (table["versions"] == generator_stack()).all() and (loras["versions"] == generator_stack()).all()
     group = table[(table.fold == 0) & (table.label == "good")]
     w1, w0 = group[group.weight == 1.0], group[group.weight == 0.0]
     lora = loras.loc[w1.lora_key.iloc[0]]
@@ -205,6 +217,7 @@ def test_ray_sampling_crash_resume_and_determinism(tmp_path, trained, monkeypatc
     # The images the crashed actor wrote before its batch failed (their rows never came back) keep their node and
     # cost from its render log; the logs are gone once pool.parquet records them.
     assert (table["node_id"] != "").all() and table["render_s"].notna().all(), table[["id", "node_id", "render_s"]]
+    assert (table["versions"] == generator_stack()).all(), table["versions"].value_counts()  # ...and libraries
     assert not list(paths.synthetic.rglob(".rendered-*.jsonl"))
 
     lost = table.path.iloc[[0, 5, 11]].tolist()

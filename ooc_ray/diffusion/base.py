@@ -17,6 +17,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import diffusers
@@ -285,6 +286,16 @@ def resolve_base(base: str, models_dir: Path) -> BaseModel:
         raise ModelError(f"generator.base {base!r}: no such folder (and not a hub id of the form owner/name)")
     snapshot = _hub_snapshot(base)
     return BaseModel(str(snapshot), f"hub:{base}@{snapshot.name}")
+
+
+GENERATOR_LIBRARIES = ("torch", "diffusers", "peft", "transformers")
+
+
+def generator_versions() -> str:
+    """The libraries a LoRA or a synthetic image comes from, as its record names them: no key holds them (an
+    upgrade would retrain every LoRA), so a pool resumed after an upgrade can hold two generators' images; the
+    report says which ones its LoRAs and images were made with, and when they differ."""
+    return ", ".join(f"{name} {version(name)}" for name in GENERATOR_LIBRARIES)
 
 
 def device_and_dtype(half: bool = True):

@@ -73,7 +73,7 @@ def lora_problem(lora_dir: Path) -> str:
 
 
 TABLE_COLUMNS = ["lora_key", "fold", "label", "group", "prompt", "dir", "file", "sha256", "weights_sha256",
-                 "kohya_file", "kohya_sha256", "n_images", "final_loss"]
+                 "kohya_file", "kohya_sha256", "n_images", "final_loss", "versions"]
 
 
 def trained_table(jobs, lora_root: Path) -> pd.DataFrame:

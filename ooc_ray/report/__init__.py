@@ -106,30 +106,72 @@ def finished_trials(paths: ExperimentPaths, planned: list[PlannedTrial], manifes
     return trials
 
 
-def versions_line(trials: pd.DataFrame) -> str:
-    """The libraries the trials ran with (their rows' `versions`), one line for the header. Per framework (a
-    classify.backend axis runs two stacks by design); within one, different versions are an upgrade between
-    runs (no key holds versions, so its trials are re-used beside new ones): said in bold, with a warning.
-    Trials from before versions were recorded are counted, not taken for another version."""
-    versions = trials["versions"] if "versions" in trials.columns else pd.Series("", index=trials.index)
-    recorded = versions.fillna("")
+def _stack(recorded: pd.Series, unit: str) -> tuple[str, str]:
+    """(what the items' library strings say, the mixture or ''): one string, or each with its count in bold when
+    they differ. Items from before versions were recorded ("") are left out here and counted by the caller."""
+    counts = recorded[recorded != ""].value_counts()
+    if len(counts) <= 1:
+        return (counts.index[0] if len(counts) else ""), ""
+    mixed = "; ".join(f"{name}: {n} {unit}" for name, n in counts.items())
+    return f"**different libraries**: {mixed}", mixed
+
+
+def _recorded(frame: pd.DataFrame | None, column: str = "versions") -> pd.Series:
+    """frame[column] with "" for what was made before versions were recorded (no column, or None in it)."""
+    if frame is None or column not in frame.columns:
+        return pd.Series("", index=getattr(frame, "index", None), dtype=object)
+    return frame[column].fillna("").astype(str)
+
+
+def versions_line(trials: pd.DataFrame, loras: pd.Series | None = None, images: pd.Series | None = None) -> str:
+    """The libraries the report's numbers come from, one line for the header: the trials' (their rows'
+    `versions`), per framework (a classify.backend axis runs two stacks by design), then the generator's, of its
+    LoRAs (their metadata) and synthetic images (pool rows). No key holds versions (an upgrade would re-run
+    everything), so a run resumed after an upgrade re-uses the old beside the new: different versions within
+    trials of one framework, within the LoRAs or within the images are said in bold, with a warning. What was
+    made before versions were recorded is counted, not taken for another version."""
+    recorded = _recorded(trials)
     backends = trials["backend"] if "backend" in trials.columns else pd.Series(index=trials.index, dtype=object)
     parts, mixed = [], []
     for _, seen in recorded[recorded != ""].groupby(backends.fillna("tensorflow"), sort=True):
-        counts = seen.value_counts()
-        if len(counts) == 1:
-            parts.append(counts.index[0])
-        else:
-            mixed.append("; ".join(f"{name}: {n} trials" for name, n in counts.items()))
-            parts.append(f"**different libraries**: {mixed[-1]}")
+        text, mixture = _stack(seen, "trials")
+        parts.append(text)
+        mixed += [f"trials of one framework: {mixture}"] if mixture else []
     unrecorded = int((recorded == "").sum())
+    if parts:
+        line = " | ".join(parts) + (f" ({unrecorded} trials from before versions were recorded)" if unrecorded
+                                    else " (every trial)")
+    else:
+        line = "not recorded (every trial is from before versions were)"
+    made = {unit: values.fillna("").astype(str) for unit, values in (("LoRAs", loras), ("images", images))
+            if values is not None and len(values)}
+    stacks = {unit: _stack(values, unit) for unit, values in made.items()}
+    mixed += [f"{unit}: {mixture}" for unit, (_, mixture) in stacks.items() if mixture]
     if mixed:
-        warn(f"report: trials of one framework ran with different libraries ({' | '.join(mixed)}); delete the "
-             "trials/ files of one set (each row's `versions` says which) and run `ooc-ray classify`")
-    if not parts:
-        return "not recorded (every trial is from before versions were)"
-    return " | ".join(parts) + (f" ({unrecorded} trials from before versions were recorded)" if unrecorded
-                                else " (every trial)")
+        warn(f"report: made with different libraries ({' | '.join(mixed)}); delete the trials/ files, LoRA folders "
+             "or pool folders of one set (their `versions` say which) and run `ooc-ray run`")
+    if not made:  # real only: no generator
+        return line
+    texts = {}
+    for unit, values in made.items():
+        stack, unrecorded = stacks[unit][0], int((values == "").sum())
+        texts[unit] = (stack + (f" ({unrecorded} {unit} from before versions were recorded)" if unrecorded else "")
+                       if stack else "not recorded")
+    if len(set(texts.values())) == 1 and all(stacks[unit][0] == texts[unit] for unit in made):
+        return line + f"; generator: {texts.popitem()[1]} (every {' and '.join(u.removesuffix('s') for u in made)})"
+    return line + "; generator: " + ", ".join(f"{unit} {text}" for unit, text in texts.items())
+
+
+def generator_made(done: list[tuple], made_loras: list[pd.DataFrame]) -> tuple[pd.Series | None, pd.Series | None]:
+    """The libraries each LoRA and each synthetic image of the report's variants was made with (versions_line),
+    each once (variants share LoRAs and pools); None where the report has none (real only)."""
+    def once(found: list[pd.Series]) -> pd.Series | None:
+        joined = pd.concat(found) if found else None
+        return None if joined is None else joined[~joined.index.duplicated()]
+
+    return (once([records["versions"] for records in made_loras if len(records)]),
+            once([_recorded(synthetic).set_axis(synthetic["id"]) for *_, synthetic in done
+                  if synthetic is not None and len(synthetic)]))
 
 
 def planned_grid(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.DataFrame
@@ -150,13 +192,11 @@ def trial_predictions(paths: ExperimentPaths, trials: pd.DataFrame) -> pd.DataFr
     return pd.concat([pd.read_parquet(f, columns=columns) for f in files], ignore_index=True)
 
 
-def lora_seconds(lora_root: Path, lora_keys) -> dict[str, float]:
-    """Training seconds of each LoRA, from its metadata (NaN where it has none)."""
-    out = {}
-    for key in lora_keys:
-        meta = read_metadata(Path(lora_root) / key)
-        out[key] = float(meta.get("seconds", math.nan)) if meta else math.nan
-    return out
+def lora_records(lora_root: Path, lora_keys) -> pd.DataFrame:
+    """Each LoRA's training seconds and libraries, from its metadata (NaN and "" where it has none), by key."""
+    metas = {key: read_metadata(Path(lora_root) / key) or {} for key in lora_keys}
+    return pd.DataFrame({"seconds": [float(m.get("seconds", math.nan)) for m in metas.values()],
+                         "versions": [m.get("versions") or "" for m in metas.values()]}, index=list(metas))
 
 
 REFERENCE_COLUMNS = ("weight", "ratio", "synthetic_only")
@@ -204,7 +244,8 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
     clusters = manifest.set_index("id")["group"] if grouped else None
     reference = read_reference(rc.reference)
     n_planned = len({t.key for _, planned in grid for t in planned})
-    done = []  # (variant, its paths, trials, tables)
+    done = []  # (variant, its paths, trials, tables, synthetic table)
+    made_loras = []  # lora_records of every variant's LoRAs: the generator's libraries
     for variant, planned in grid:
         vpaths = paths.for_variant(variant.tag)
         trials = finished_trials(paths, planned, manifest)
@@ -215,7 +256,8 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
                                 clusters, signatures, family=False)
         synthetic = None if parquet_problem(vpaths.synthetic_table) else pd.read_parquet(vpaths.synthetic_table)
         loras = synthetic["lora_key"].unique() if synthetic is not None and len(synthetic) else []
-        add_costs(tables, trials, planned, synthetic, lora_seconds(paths.lora, loras))
+        made_loras.append(lora_records(paths.lora, loras))
+        add_costs(tables, trials, planned, synthetic, made_loras[-1]["seconds"].to_dict())
         done.append((variant, vpaths, trials, tables, synthetic))
     if not any(tables for _, _, _, tables, _ in done):
         raise MissingInputError(f"{paths.trials}: no trials of this config on this data; run `ooc-ray classify` first")
@@ -281,7 +323,7 @@ def run_report(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path:
                       render.to_markdown(table), ""]
         facts = {"naive": naive, "n_trials": everything["trial_key"].nunique(), "n_planned": n_planned,
                  "n_test": resolution(everything), "family": family, "grouped": grouped,
-                 "versions": versions_line(everything.drop_duplicates("trial_key"))}
+                 "versions": versions_line(everything.drop_duplicates("trial_key"), *generator_made(done, made_loras))}
         if facts["n_trials"] < n_planned:
             warn(f"report: {n_planned - facts['n_trials']} of {n_planned} planned trials have not run; the tables "
                  "leave them out (`ooc-ray classify` runs them)")
