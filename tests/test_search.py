@@ -202,6 +202,43 @@ def test_trials_at_once_train_a_shared_lora_once_taking_the_unclaimed_ones_first
     assert rows[-1]["complete"] and rows[-1]["folds"] == [0]
 
 
+def test_a_trial_that_fails_is_named_not_ranked_and_said_again_when_the_finished_search_is_reused(
+        experiment, monkeypatch, capsys, tmp_path):
+    """A point whose training fails (a LoRA that diverges, a node's error) is left out of the ranking: through
+    Ray Tune, the search keeps the others, warns with the trial's own error, and says so again each time the
+    finished search is re-used (its record keeps the failures), so the search never looks whole."""
+    import ooc_ray.search as search_module
+    from ray import tune
+
+    from ooc_ray.raycluster import init_ray
+
+    cfg, paths, weights, base = experiment
+    cfg = with_value(cfg, "search.num_samples", 3)
+    doomed = tmp_path / "doomed"  # the point of the first trial to start: it fails there (and at its retry)
+
+    def trainable(params, cfg, paths, base, weights, folds):  # defined here, so Ray ships it by value
+        lr = f"{params['generator.unet_lr']:.9f}"
+        try:
+            with open(doomed, "x") as first:
+                first.write(lr)
+        except FileExistsError:
+            pass
+        if doomed.read_text() == lr:
+            raise ValueError(f"LoRA diverged at unet_lr {lr}")
+        tune.report({"search_key": f"fake-{lr}", "score": 0.5, "score_se": 0.0, "cas": 0.5, "epochs_trained": 1,
+                     "complete": True})
+
+    monkeypatch.setattr(search_module, "_tune_trainable", trainable)
+    init_ray(cfg)
+    found = search_module._search_trials(cfg, paths, base, weights, [0], "fails", None)
+    lr = doomed.read_text()
+    assert len(found) == 2 and f"fake-{lr}" not in found and all(key.startswith("fake-") for key in found)
+    assert f"search: 1 trial(s) failed and are not ranked, e.g. LoRA diverged at unet_lr {lr}" in capsys.readouterr().err
+    assert search_module._finished_trials(paths, "fails") == found
+    assert f"search: 1 trial(s) of it failed and are not ranked, e.g. LoRA diverged at unet_lr {lr}" in \
+        capsys.readouterr().err
+
+
 def test_every_objective_the_config_allows_is_one_a_trial_reports_with_its_direction():
     from typing import get_args, get_type_hints
 

@@ -186,8 +186,18 @@ def _search_trials(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseMode
                          f"Tune error files under {tune_storage(cfg, paths)}")
     if failed:  # a point whose training fails is not ranked: say so, or the search looks whole
         warn(f"search: {len(failed)} trial(s) failed and are not ranked, e.g. {failed[0]}")
-    atomic_write_text(_finished_record(paths, run_key), json.dumps({"trials": found}))
+    atomic_write_text(_finished_record(paths, run_key), json.dumps({"trials": found, "failed": failed}))
     return found
+
+
+def _finished_trials(paths: ExperimentPaths, run_key: str) -> list[str]:
+    """The trials of this search, which ran to its end before; its failed trials are said again (not ranked)."""
+    record = json.loads(_finished_record(paths, run_key).read_text())
+    failed = record.get("failed", [])
+    note(f"search: this search finished before ({len(record['trials'])} trials); re-using its results")
+    if failed:
+        warn(f"search: {len(failed)} trial(s) of it failed and are not ranked, e.g. {failed[0]}")
+    return record["trials"]
 
 
 def _summary(results: pd.DataFrame, cfg: ExperimentConfig) -> tuple[dict, dict]:
@@ -271,8 +281,7 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths, resume: bool = Fal
     run_key = keys.search_run_key(cfg, base.identity, weights.identity, manifest)
     finished = _finished_record(paths, run_key)
     if finished.exists() and not resume:  # a search that ran to its end: its trials, re-used
-        found = json.loads(finished.read_text())["trials"]
-        note(f"search: this search finished before ({len(found)} trials); re-using its results")
+        found = _finished_trials(paths, run_key)
     else:
         unfinished = _unfinished(cfg, paths, f"lora_search_{run_key}", resume)
         init_ray(cfg)
