@@ -230,11 +230,14 @@ def test_a_trial_that_fails_is_named_not_ranked_and_said_again_when_the_finished
 
     monkeypatch.setattr(search_module, "_tune_trainable", trainable)
     init_ray(cfg)
-    found = search_module._search_trials(cfg, paths, base, weights, [0], "fails", None)
+    record = search_module._search_trials(cfg, paths, base, weights, [0], "fails", None)
+    found = record["trials"]
     lr = doomed.read_text()
     assert len(found) == 2 and f"fake-{lr}" not in found and all(key.startswith("fake-") for key in found)
-    assert f"search: 1 trial(s) failed and are not ranked, e.g. LoRA diverged at unet_lr {lr}" in capsys.readouterr().err
-    assert search_module._finished_trials(paths, "fails") == found
+    said = capsys.readouterr().err
+    assert f"search: 1 trial(s) failed and are not ranked, e.g. LoRA diverged at unet_lr {lr}" in said
+    assert record["failed"] == [f"LoRA diverged at unet_lr {lr}"]
+    assert search_module._finished_trials(paths, "fails") == record
     assert f"search: 1 trial(s) of it failed and are not ranked, e.g. LoRA diverged at unet_lr {lr}" in \
         capsys.readouterr().err
 
@@ -344,7 +347,7 @@ def test_a_search_from_bad_settings_killed_and_resumed_finds_the_good_region_and
         assert (out / "trials" / name).stat().st_mtime_ns == stamp
     best = json.loads((out / "best.json").read_text())
     assert best["point"]["sample.weights"] >= 0.5, results[["sample.weights", "score"]]
-    assert best["score"] == results["score"].max() and results["complete"].all()
+    assert best["score"] == results["score"].max() and results["complete"].all() and best["failed"] == []
     # Its lead over the start on the search's folds: the mean of the per-fold differences = the difference of means.
     own = results.loc[results["sample.weights"] == 0.1, "score"].iloc[0]
     assert best["lead_over_own"]["own_score"] == own and best["lead_over_own"]["lead"] == pytest.approx(best["score"] - own)

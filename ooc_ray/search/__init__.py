@@ -172,8 +172,9 @@ def write_best_yaml(cfg: ExperimentConfig, paths: ExperimentPaths, point: dict, 
 
 
 def _search_trials(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel, weights: BackboneWeights,
-                   folds: list[int], run_key: str, unfinished: str | None) -> list[str]:
-    """The keys of this search's trials, from Tune (continuing `unfinished`, a restorable Tune folder)."""
+                   folds: list[int], run_key: str, unfinished: str | None) -> dict:
+    """This search's record: the keys of its trials, from Tune (continuing `unfinished`, a restorable Tune
+    folder), and the errors of those that failed."""
     s = cfg.search
     trainable = tune.with_resources(
         tune.with_parameters(_tune_trainable, cfg=cfg, paths=paths, base=base, weights=weights, folds=folds),
@@ -186,18 +187,18 @@ def _search_trials(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseMode
                          f"Tune error files under {tune_storage(cfg, paths)}")
     if failed:  # a point whose training fails is not ranked: say so, or the search looks whole
         warn(f"search: {len(failed)} trial(s) failed and are not ranked, e.g. {failed[0]}")
-    atomic_write_text(_finished_record(paths, run_key), json.dumps({"trials": found, "failed": failed}))
-    return found
+    record = {"trials": found, "failed": failed}
+    atomic_write_text(_finished_record(paths, run_key), json.dumps(record))
+    return record
 
 
-def _finished_trials(paths: ExperimentPaths, run_key: str) -> list[str]:
-    """The trials of this search, which ran to its end before; its failed trials are said again (not ranked)."""
-    record = json.loads(_finished_record(paths, run_key).read_text())
-    failed = record.get("failed", [])
+def _finished_trials(paths: ExperimentPaths, run_key: str) -> dict:
+    """The record of this search, which ran to its end before; its failed trials are said again (not ranked)."""
+    record = {"failed": [], **json.loads(_finished_record(paths, run_key).read_text())}
     note(f"search: this search finished before ({len(record['trials'])} trials); re-using its results")
-    if failed:
-        warn(f"search: {len(failed)} trial(s) of it failed and are not ranked, e.g. {failed[0]}")
-    return record["trials"]
+    if record["failed"]:
+        warn(f"search: {len(record['failed'])} trial(s) of it failed and are not ranked, e.g. {record['failed'][0]}")
+    return record
 
 
 def _summary(results: pd.DataFrame, cfg: ExperimentConfig) -> tuple[dict, dict]:
@@ -281,17 +282,18 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths, resume: bool = Fal
     run_key = keys.search_run_key(cfg, base.identity, weights.identity, manifest)
     finished = _finished_record(paths, run_key)
     if finished.exists() and not resume:  # a search that ran to its end: its trials, re-used
-        found = _finished_trials(paths, run_key)
+        record = _finished_trials(paths, run_key)
     else:
         unfinished = _unfinished(cfg, paths, f"lora_search_{run_key}", resume)
         init_ray(cfg)
         require_resources(cfg, {"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial}, "search: search.cpus_per_trial="
                           f"{s.cpus_per_trial:g}, search.gpus_per_trial={s.gpus_per_trial:g}")
-        found = _search_trials(cfg, paths, base, weights, folds, run_key, unfinished)
-    results = _results(paths, found, s.objective)
+        record = _search_trials(cfg, paths, base, weights, folds, run_key, unfinished)
+    results = _results(paths, record["trials"], s.objective)
     write_parquet(results, paths.search / "results.parquet")
     point, summary = _summary(results, cfg)
     summary["lora_images"] = lora_images(cfg, point, manifest, base, folds)
+    summary["failed"] = record["failed"]  # the trials not ranked, by their errors
     if s.confirm:
         summary["confirm"] = _confirmed(cfg, paths, base, weights, point, confirm_folds)
     atomic_write_text(paths.search / "best.json", json.dumps(summary, indent=2, default=str))
