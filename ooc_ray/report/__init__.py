@@ -123,13 +123,8 @@ def _recorded(frame: pd.DataFrame | None, column: str = "versions") -> pd.Series
     return frame[column].fillna("").astype(str)
 
 
-def versions_line(trials: pd.DataFrame, loras: pd.Series | None = None, images: pd.Series | None = None) -> str:
-    """The libraries the report's numbers come from, one line for the header: the trials' (their rows'
-    `versions`), per framework (a classify.backend axis runs two stacks by design), then the generator's, of its
-    LoRAs (their metadata) and synthetic images (pool rows). No key holds versions (an upgrade would re-run
-    everything), so a run resumed after an upgrade re-uses the old beside the new: different versions within
-    trials of one framework, within the LoRAs or within the images are said in bold, with a warning. What was
-    made before versions were recorded is counted, not taken for another version."""
+def _classifier_libraries(trials: pd.DataFrame) -> tuple[str, list[str]]:
+    """(the trials' libraries, per framework, with how many are from before versions were recorded; mixtures)."""
     recorded = _recorded(trials)
     backends = trials["backend"] if "backend" in trials.columns else pd.Series(index=trials.index, dtype=object)
     parts, mixed = [], []
@@ -137,29 +132,45 @@ def versions_line(trials: pd.DataFrame, loras: pd.Series | None = None, images: 
         text, mixture = _stack(seen, "trials")
         parts.append(text)
         mixed += [f"trials of one framework: {mixture}"] if mixture else []
+    if not parts:
+        return "not recorded (every trial is from before versions were)", mixed
     unrecorded = int((recorded == "").sum())
-    if parts:
-        line = " | ".join(parts) + (f" ({unrecorded} trials from before versions were recorded)" if unrecorded
-                                    else " (every trial)")
-    else:
-        line = "not recorded (every trial is from before versions were)"
+    return " | ".join(parts) + (f" ({unrecorded} trials from before versions were recorded)" if unrecorded
+                                else " (every trial)"), mixed
+
+
+def _generator_libraries(made: dict[str, pd.Series]) -> tuple[str, list[str]]:
+    """(the libraries of the LoRAs and of the images, one text when they agree; mixtures within each)."""
+    texts, mixed, whole = {}, [], True
+    for unit, values in made.items():
+        stack, mixture = _stack(values, unit)
+        unrecorded = int((values == "").sum())
+        whole = whole and bool(stack) and not unrecorded and not mixture
+        texts[unit] = (stack + (f" ({unrecorded} {unit} from before versions were recorded)" if unrecorded else "")
+                       if stack else "not recorded")
+        mixed += [f"{unit}: {mixture}"] if mixture else []
+    if whole and len(set(texts.values())) == 1:
+        return f"{texts.popitem()[1]} (every {' and '.join(unit.removesuffix('s') for unit in made)})", mixed
+    return ", ".join(f"{unit} {text}" for unit, text in texts.items()), mixed
+
+
+def versions_line(trials: pd.DataFrame, loras: pd.Series | None = None, images: pd.Series | None = None) -> str:
+    """The libraries the report's numbers come from, one line for the header: the trials' (their rows'
+    `versions`), per framework (a classify.backend axis runs two stacks by design), then the generator's, of its
+    LoRAs (their metadata) and synthetic images (pool rows). No key holds versions (an upgrade would re-run
+    everything), so a run resumed after an upgrade re-uses the old beside the new: different versions within
+    trials of one framework, within the LoRAs or within the images are said in bold, with a warning. What was
+    made before versions were recorded is counted, not taken for another version."""
+    line, mixed = _classifier_libraries(trials)
     made = {unit: values.fillna("").astype(str) for unit, values in (("LoRAs", loras), ("images", images))
             if values is not None and len(values)}
-    stacks = {unit: _stack(values, unit) for unit, values in made.items()}
-    mixed += [f"{unit}: {mixture}" for unit, (_, mixture) in stacks.items() if mixture]
+    if made:  # not real only
+        generator, mixtures = _generator_libraries(made)
+        line, mixed = f"{line}; generator: {generator}", mixed + mixtures
     if mixed:
         warn(f"report: made with different libraries ({' | '.join(mixed)}); delete the trials/ files, LoRA folders "
              "or pool folders of one set (their `versions` say which) and run `ooc-ray run`")
-    if not made:  # real only: no generator
-        return line
-    texts = {}
-    for unit, values in made.items():
-        stack, unrecorded = stacks[unit][0], int((values == "").sum())
-        texts[unit] = (stack + (f" ({unrecorded} {unit} from before versions were recorded)" if unrecorded else "")
-                       if stack else "not recorded")
-    if len(set(texts.values())) == 1 and all(stacks[unit][0] == texts[unit] for unit in made):
-        return line + f"; generator: {texts.popitem()[1]} (every {' and '.join(u.removesuffix('s') for u in made)})"
-    return line + "; generator: " + ", ".join(f"{unit} {text}" for unit, text in texts.items())
+    return line
 
 
 def generator_made(done: list[tuple], made_loras: list[pd.DataFrame]) -> tuple[pd.Series | None, pd.Series | None]:
