@@ -92,3 +92,23 @@ def test_a_trial_listed_by_several_variants_is_one_observation():
     listed_four_times = measure_validity(pd.concat([pairs.assign(variant=m) for m in "abcd"], ignore_index=True))
     pd.testing.assert_frame_equal(listed_four_times, alone)
     assert (alone["n"] == 10).all()
+
+
+def test_a_pool_where_a_class_has_no_value_has_none_rather_than_a_mean_over_fewer_classes():
+    """k-NN measures have no value for a class with at most k images in a pool (the demo's 'bad' class in two of
+    three folds). A pool's mean over its other classes is another quantity: here class 'b' sits 0.5 above 'a',
+    so mixing 2-class and 1-class means made the pools line up with the change (rho 1, "predicts") though within
+    each class the measure is noise. Such pools have no value, and the rest are compared like with like."""
+    rng = np.random.default_rng(5)
+    trials, quality = [], []
+    for f in range(10):
+        trials.append((f, np.nan, 0.0, False, "", 0.7))
+        complete = f < 5  # folds 5-9: class b has too few images for the measure
+        trials.append((f, 1.0, 1.0, False, "", 0.7 + (0.1 if complete else -0.1) + rng.normal(0, 0.01)))
+        quality.append({"fold": f, "weight": 1.0, "label": "a", "precision": rng.uniform(0.2, 0.3)})
+        quality.append({"fold": f, "weight": 1.0, "label": "b",
+                        "precision": rng.uniform(0.7, 0.8) if complete else np.nan})
+    pairs = usefulness_pairs(trial_table(trials), pd.DataFrame(quality), "accuracy")
+    assert pairs.set_index("fold")["precision"].isna().to_dict() == {f: f >= 5 for f in range(10)}
+    row = measure_validity(pairs).set_index("measure").loc["precision"]
+    assert row["n"] == 5 and row["verdict"] == "no evidence", row
