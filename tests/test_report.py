@@ -171,7 +171,9 @@ def test_run_report_writes_everything(tmp_path, trials):
     for name in ["table_w1.csv", "table_w1.md", "table_w1.tex", "table_w0.8.md", "summary.csv",
                  "accuracy_vs_ratio.png", "confusion_matrices.png", "real_vs_synthetic.png", "report.html"]:
         assert (paths.report / name).stat().st_size > 0, name
-    assert "\\begin{tabular}" in (paths.report / "table_w1.tex").read_text()
+    tex = (paths.report / "table_w1.tex").read_text()
+    # pdflatex stops at a raw Δ; the table's symbols come as LaTeX commands, and nothing else is outside ASCII
+    assert "\\begin{tabular}" in tex and "$\\Delta$acc vs real" in tex and " $\\pm$ " in tex and tex.isascii()
     assert "Nadeau-Bengio corrected resampled t-test" in text and "Design sensitivity" in text
     assert "| TOST p | verdict |" in text and "**TOST p**: two one-sided" in text
     # The bootstrap CI over the images, checked against the difference counted straight from the files.
@@ -217,6 +219,30 @@ def test_the_report_says_which_quality_measure_predicted_the_accuracy_change(tmp
     assert validity.loc[("real+50%", "kid"), "verdict"] == "not estimable"  # no spread
     assert validity.loc[("synthetic_only", "precision"), "n"] == 3
     assert validity.loc[("synthetic_only", "precision"), "verdict"] == "not estimable"
+
+
+def test_a_quality_cell_without_a_value_in_every_fold_is_empty_not_the_mean_of_the_others(tmp_path, trials):
+    """k-NN measures have no value for a class with at most k images in a fold: the table's "mean over folds"
+    is then left empty (the demo printed fold 0's precision alone as the mean), and the pool's mean over classes
+    is not taken from the other classes (measure validity drops that pool)."""
+    from ooc_ray.io import write_parquet
+    from ooc_ray.report import run_report
+
+    cfg, paths, _, _ = write_report(tmp_path, trials)
+    rows = [{"fold": f, "weight": w, "label": label, "kid": 0.1 * f + i, "precision": 0.2 * i + 0.1 * f}
+            for f in range(3) for w in (1.0, 0.8) for i, label in enumerate(CLASSES)]
+    for row in rows:
+        if row["label"] == CLASSES[2] and row["weight"] == 0.8 and row["fold"] > 0:
+            row["precision"] = np.nan  # too few images of that class in folds 1 and 2
+    write_parquet(pd.DataFrame(rows), paths.quality)
+    text = run_report(cfg, paths).read_text()
+    table = text[text.index("## Synthetic quality per class"):].split("\n\n")[2].splitlines()
+    cells = {tuple(row[:2]): row[2:4] for row in ([c.strip() for c in line.strip("|").split("|")]
+                                                 for line in table[2:])}
+    assert cells[("0.8", CLASSES[2])] == ["2.1", ""]  # kid over 3 folds (2.0, 2.1, 2.2); precision: none
+    assert cells[("0.8", CLASSES[1])] == ["1.1", "0.3"]
+    validity = pd.read_csv(paths.report / "measure_validity.csv").set_index(["arm", "measure"])
+    assert validity.loc[("real+50%", "precision"), "n"] == 4  # pools (1, 0.8) and (2, 0.8) have no mean
 
 
 class PageParts(HTMLParser):
@@ -334,7 +360,8 @@ def test_real_only_grid_has_one_table(trials):
 
 def test_cost_per_arm_sums_its_loras_images_and_trials(tmp_path):
     """An arm's cost: every LoRA its trials drew from (once), the render seconds of the images they drew (once),
-    its trials' seconds; real only costs its trials alone. Counted here by hand from the made-up numbers."""
+    its trials' seconds; real only costs its trials alone, and images drawn at weight 0 (the base's) no LoRA.
+    Counted here by hand from the made-up numbers."""
     import json
 
     from ooc_ray.protocol import PlannedTrial, TrialSpec
@@ -344,9 +371,9 @@ def test_cost_per_arm_sums_its_loras_images_and_trials(tmp_path):
     for key, seconds in (("loraA", 10.0), ("loraB", 20.0), ("loraC", 40.0)):
         (tmp_path / key).mkdir()
         (tmp_path / key / "metadata.json").write_text(json.dumps({"seconds": seconds}))
-    synthetic = pd.DataFrame({"id": [f"s{i}" for i in range(6)], "lora_key": ["loraA", "loraA", "loraB", "loraB",
-                                                                              "loraC", "loraC"],
-                              "render_s": [0.5, 0.5, 0.25, 0.25, 9.0, 9.0]})
+    synthetic = pd.DataFrame({"id": [f"s{i}" for i in range(8)], "lora_key": ["loraA", "loraA", "loraB", "loraB",
+                                                                              "loraC", "loraC", "loraA", "loraB"],
+                              "weight": [1.0] * 6 + [0.0] * 2, "render_s": [0.5, 0.5, 0.25, 0.25, 9.0, 9.0, 0.1, 0.1]})
 
     def trainset(*ids):
         return pd.DataFrame({"id": ["r0", "r1", *ids], "source": ["real", "real"] + ["synthetic"] * len(ids)})
@@ -354,10 +381,11 @@ def test_cost_per_arm_sums_its_loras_images_and_trials(tmp_path):
     planned, rows = [], []
     for fold, drawn in ((0, ("s0", "s1", "s2")), (1, ("s1", "s3"))):  # s1 drawn in both folds: counted once
         for spec, train, seconds in ((TrialSpec(fold, 0.0, None, False), trainset(), 3.0),
-                                     (TrialSpec(fold, 1.0, 1.0, False), trainset(*drawn), 5.0 + fold)):
-            key = f"t{fold}{spec.arm}"
+                                     (TrialSpec(fold, 1.0, 1.0, False), trainset(*drawn), 5.0 + fold),
+                                     (TrialSpec(fold, 1.0, 0.0, False), trainset(f"s{6 + fold}"), 4.0)):
+            key = f"t{fold}{spec.arm}{spec.weight}"
             planned.append(PlannedTrial(spec, key, train, pd.DataFrame()))
-            rows.append({"trial_key": key, "fold": fold, "weight": spec.weight if spec.weight else np.nan,
+            rows.append({"trial_key": key, "fold": fold, "weight": np.nan if spec.weight is None else spec.weight,
                          "ratio": spec.ratio, "synthetic_only": False, "accuracy": 0.5 + 0.1 * fold,
                          "precision_macro": 0.5, "recall_macro": 0.5, "f1_macro": 0.5, "n_test": 4,
                          "n_train_real": 2, "duration_s": seconds})
@@ -370,6 +398,10 @@ def test_cost_per_arm_sums_its_loras_images_and_trials(tmp_path):
     # LoRAs A and B (not C, whose images no trial drew), images s0-s3 once each, trials 5 + 6
     assert table.loc["real + 100% synthetic", ["cost_lora_s", "cost_sampling_s", "cost_trials_s",
                                                "cost_total_s"]].tolist() == [30.0, 1.5, 11.0, 42.5]
+    # At weight 0: s6 (LoRA A) and s7 (LoRA B) rendered by the base alone: no LoRA's training is their cost
+    table = tables[0.0].set_index("arm")
+    assert table.loc["real + 100% synthetic", ["cost_lora_s", "cost_sampling_s", "cost_trials_s",
+                                               "cost_total_s"]].tolist() == [0.0, pytest.approx(0.2), 8.0, 8.2]
 
 
 def test_a_re_run_report_removes_the_tables_of_an_earlier_config(tmp_path, trials):
@@ -471,10 +503,12 @@ def test_report_header_states_resolution_metric_and_family(tmp_path, trials):
 
     cfg, paths, _, _ = write_report(tmp_path, trials)
     text = run_report(cfg, paths).read_text()
-    assert "held-out folds of 6 images: one image moves a fold's accuracy by 0.167" in text
+    assert "held-out folds of 6 images: one image moves a fold's accuracy by 0.1667" in text
     assert "tested metric: **accuracy**" in text and "one Holm family of 2 comparisons" in text
     assert "| P(better / equiv. / worse) |" in text and "Bayesian correlated t-test" in text
     assert "Warning: this design is too small to say anything** (2 degrees of freedom)" in text
+    assert ("- trials: 12 **of 15 planned**: the others have not run (or their files were removed); a row over "
+            "fewer folds than real only is compared on its own folds") in text  # the fixture runs 12
 
 
 def test_report_on_results_it_cannot_write_is_one_line_and_out_writes_elsewhere(tmp_path, trials, capsys):

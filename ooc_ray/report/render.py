@@ -33,6 +33,17 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
+# The tables' non-ASCII symbols as LaTeX writes them (pdflatex stops at a raw Δ: "not set up for use with LaTeX").
+LATEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "–": "--"}
+
+
+def to_latex(df: pd.DataFrame) -> str:
+    text = df.to_latex(index=False, escape=True)
+    for symbol, command in LATEX_SYMBOLS.items():
+        text = text.replace(symbol, command)
+    return text
+
+
 def _fmt(mean: float, std: float) -> str:
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
@@ -187,7 +198,7 @@ def header(cfg: ExperimentConfig, manifest: pd.DataFrame, facts: dict) -> list[s
     naive, (low, high), rc = facts["naive"], facts["n_test"], cfg.report
     counts = ", ".join(f"{k} {v}" for k, v in manifest["label"].value_counts().items())
     n_test = f"{low}" if low == high else f"{low}-{high}"
-    step = f"{1 / low:.3f}" if low == high else f"{1 / high:.3f}-{1 / low:.3f}"
+    step = f"{1 / low:.4f}" if low == high else f"{1 / high:.4f}-{1 / low:.4f}"  # 1/16 = 0.0625 is not 0.062
     n_trials, n_planned = facts["n_trials"], facts["n_planned"]
     return [f"# ooc-ray report: {cfg.name}", "",
             f"- data: {len(manifest)} images in {manifest['label'].nunique()} classes ({counts}); "
@@ -203,8 +214,9 @@ def header(cfg: ExperimentConfig, manifest: pd.DataFrame, facts: dict) -> list[s
             f"- tested metric: **{METRIC_NAMES[rc.metric]}** (report.metric); equivalence margin ±{rc.equivalence_margin:g}"
             f"; multiplicity: one Holm family of {facts['family']} comparison{'s' * (facts['family'] != 1)} (every "
             "distinct arm-vs-real-only comparison in this report, each tested once)",
-            f"- trials: {n_trials}" + ("" if n_trials == n_planned else f" of {n_planned} planned "
-                                                                       "(the others have not run yet)"),
+            f"- trials: {n_trials}" + ("" if n_trials == n_planned else
+                                       f" **of {n_planned} planned**: the others have not run (or their files were "
+                                       "removed); a row over fewer folds than real only is compared on its own folds"),
             f"- computed with: {facts['versions']}"]
 
 
@@ -231,7 +243,7 @@ def write_tables(tables: dict[float, pd.DataFrame], out: Path, sensitivity: dict
         with atomic_path(out / f"table_{name}.csv") as tmp:
             table.to_csv(tmp, index=False)
         atomic_write_text(out / f"table_{name}.md", to_markdown(shown) + "\n")
-        atomic_write_text(out / f"table_{name}.tex", shown.to_latex(index=False, escape=True))
+        atomic_write_text(out / f"table_{name}.tex", to_latex(shown))
         title = "Real images only (no synthetic arms in this grid)" if pd.isna(weight) else f"LoRA weight {weight:g}"
         lines += [f"### {title}" if prefix else f"## {title}", "", to_markdown(shown), ""]
         if text := sensitivity_text(sensitivity.get(weight)):
@@ -259,8 +271,10 @@ def quality_section(quality: pd.DataFrame, cfg: ExperimentConfig, heading: str =
             "(FID's formula on these features; biased upwards at small n); precision / recall: share of synthetic "
             "images inside the real images' k-nearest-neighbour balls and of real images inside the synthetic ones' "
             f"(k = {cfg.quality.nn_k}); density / coverage (Naeem et al. 2020): ~1 / high when the sets are alike; "
-            "vendi: effective number of distinct synthetic images (vendi_real: of the real ones).", "",
-            to_markdown(quality.round(4)), ""]
+            "vendi: effective number of distinct synthetic images (vendi_real: of the real ones). An empty cell has "
+            "no value in at least one fold (the k-NN measures need more than k images of the class; kid_to_weight0 "
+            "and lora_effect_p do not exist at weight 0).", "",
+            to_markdown(quality.round(4).astype(object).where(quality.notna(), "")), ""]
 
 
 EQUIVALENCE_NOTE = (

@@ -161,8 +161,9 @@ def reference_values(table: pd.DataFrame, reference: pd.DataFrame | None) -> pd.
 def costs(trials: pd.DataFrame, planned: list, synthetic: pd.DataFrame | None,
           lora_seconds: dict[str, float]) -> dict[str, tuple[float, float, float]]:
     """arm id -> (LoRA, sampling, trial) seconds: training every LoRA its trials drew from (`lora_seconds`, from
-    each LoRA's metadata), sampling the images they drew (`render_s`; NaN for pools from before it was
-    recorded), its trials' `duration_s`; a LoRA or image shared by two arms counts in each."""
+    each LoRA's metadata; not for images drawn at weight 0, which are the base's), sampling the images they
+    drew (`render_s`; NaN for pools from before it was recorded), its trials' `duration_s`; a LoRA or image shared
+    by two arms counts in each."""
     train_of = {t.key: t.train for t in planned}
     images = synthetic.set_index("id") if synthetic is not None and len(synthetic) else None
     has_seconds = images is not None and "render_s" in images.columns
@@ -176,7 +177,9 @@ def costs(trials: pd.DataFrame, planned: list, synthetic: pd.DataFrame | None,
             if images is None:
                 lora = sampling = math.nan
             else:
-                lora = sum(lora_seconds.get(key, math.nan) for key in images.loc[ids, "lora_key"].unique())
+                drawn_images = images.loc[ids]
+                with_lora = drawn_images.loc[drawn_images["weight"] != 0, "lora_key"].unique()
+                lora = sum(lora_seconds.get(key, math.nan) for key in with_lora)
                 sampling = float(images.loc[ids, "render_s"].sum(min_count=len(ids))) if has_seconds else math.nan
         trial_s = float(group["duration_s"].sum()) if "duration_s" in group.columns else math.nan
         out[arm.id] = (lora, sampling, trial_s)
@@ -229,12 +232,14 @@ def replicate_table(trials: pd.DataFrame, axes: list[str], metric: str = "accura
 
 
 def summarise_quality(quality: pd.DataFrame) -> pd.DataFrame:
-    """Mean over folds per (weight, class): the quality table the report shows."""
+    """Mean over folds per (weight, class): the quality table the report shows. NaN where a fold has no value
+    (k-NN measures of a class with at most quality.nn_k images there): a mean over the other folds is not the
+    mean over folds the table says it is (the demo's 'bad' precision 1.0 was fold 0's alone)."""
     cols = ["kid", "kid_to_weight0", "lora_effect_p", "cas_recall", "cas_accuracy", "nn_distance_median",
             "memorised_fraction", "real_confidence_median", "fd", "precision", "recall", "density", "coverage",
             "vendi", "vendi_real"]
     cols = [c for c in cols if c in quality.columns]  # quality tables from before a measure existed lack it
-    return quality.groupby(["weight", "label"], sort=False)[cols].mean().reset_index()
+    return quality.groupby(["weight", "label"], sort=False)[cols].agg(lambda v: v.mean(skipna=False)).reset_index()
 
 
 def resolution(trials: pd.DataFrame) -> tuple[int, int]:
