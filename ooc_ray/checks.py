@@ -18,6 +18,7 @@ from ooc_ray.errors import ConfigError
 SINGULAR = {"controls": "a control", "weights": "a LoRA weight", "ratios": "a ratio", "classes": "a class",
             "augment": "an augmentation"}  # for "a ratio is listed twice"
 INT64_LIMIT = 2**63  # integers are stored in Parquet and NumPy as int64
+KERAS_MIN_INPUT = 32  # pixels per side a keras.applications backbone takes at least
 
 
 # ---------------------------------------------------------------------------------------------- types
@@ -194,6 +195,10 @@ def _backbone_problems(cc: ClassifyConfig) -> list[str]:
                 ["classify.train_backbone: SmallCNN trains all of its layers; leave it at 0"]
                 if cc.train_backbone else [])
     problems = []
+    if cc.input_size < KERAS_MIN_INPUT:
+        problems.append(f"classify.input_size: {cc.input_size} px is below the {KERAS_MIN_INPUT} px keras.applications "
+                        f"backbones take (their docs: width and height no smaller than 32; EfficientNet fails to "
+                        f"build below it); use {KERAS_MIN_INPUT} or more, or SmallCNN")
     if cc.train_backbone and cc.backbone not in EFFICIENTNETS:
         problems.append(f"classify.train_backbone: training top blocks is built for EfficientNetB0-B7 (whose blocks "
                         f"it names), not {cc.backbone}; leave it at 0 (frozen backbone)")
@@ -250,6 +255,12 @@ def problems(cfg: ExperimentConfig) -> list[str]:
          f"sample.weights: {list(s.weights)} has weights alike to 6 significant digits, which would share one arm "
          "name and table; make them differ there"),
         (bool(cc.ratios), "classify.ratios: need at least one ratio (0.0: real only, the baseline of every arm)"),
+        (len({f"{r * 100:g}" for r in cc.ratios}) == len(cc.ratios),  # as protocol.Arm names them
+         f"classify.ratios: {list(cc.ratios)} has ratios alike to 6 significant digits (in percent), which would "
+         "share one arm name and row; make them differ there"),
+        (s.mode != "img2img" or int(s.steps * s.strength) >= 1,
+         f"sample.strength: img2img runs int(sample.steps x strength) = int({s.steps} x {s.strength:g}) = 0 "
+         "denoising steps (nothing to sample); raise sample.steps or sample.strength"),
         (not cc.controls or any(r > 0 for r in cc.ratios),
          "classify.controls: each control matches an arm of ratio > 0, and classify.ratios has none"),
         (gc.resolution % 8 == 0 and s.resolution % 8 == 0,

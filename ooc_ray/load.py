@@ -19,7 +19,7 @@ from ooc_ray.checks import bound_problems, build, coerce, problems, raise_proble
 from ooc_ray.config import DISTRIBUTIONS, SAME_STEPS_AS_REAL, TINY, ExperimentConfig
 from ooc_ray.roles import INPUT, RESOURCE, RESULT
 from ooc_ray.errors import ConfigError
-from ooc_ray.fields import field_of, value_of, with_values
+from ooc_ray.fields import field_of, field_roles, format_value, value_of, with_values
 from ooc_ray.variants import variants
 
 # Where an axis may vary a field: what makes or uses synthetic images. Data and folds stay fixed, so every
@@ -107,6 +107,24 @@ def _unguided_negative_prompt(bases: list[ExperimentConfig], space: tuple) -> li
     return []
 
 
+def _unread_settings(bases: list[ExperimentConfig], space: tuple) -> list[str]:
+    """A field that matters only at another value of a sibling (only_if), set away from its default where that
+    sibling has the value in no variant and no search point: the run would record a setting it never read."""
+    cfgs = bases + [with_values(base, {name: value}) for base in bases for name, _, values in space
+                    for value in values]
+    found = []
+    for dotted, meta in field_roles().items():
+        if not meta.get("only_if"):
+            continue
+        default = field_of(dotted)[0].default
+        sibling = dotted.rsplit(".", 1)[0] + "." + meta["only_if"][0]
+        if any(value_of(c, dotted) != default for c in bases) and not any(
+                value_of(c, sibling) == meta["only_if"][1] for c in cfgs):
+            found.append(f"{dotted}: set to {format_value(value_of(bases[0], dotted))}, but read only when {sibling} "
+                         f"is {meta['only_if'][1]}, which it is nowhere here; remove it")
+    return found
+
+
 def _unmatched_steps_control(cfgs: list[ExperimentConfig]) -> list[str]:
     """real_steps where every variant (`cfgs`) mixes by loss_weighted or replace: none of them runs it
     (protocol.controls_of)."""
@@ -122,6 +140,7 @@ def _unmatched_steps_control(cfgs: list[ExperimentConfig]) -> list[str]:
 # on quality.features: a dimension over these would change nothing its trials compute, or need its own base.
 SEARCH_FIXED = ("classify.", "generator.pretrain.", "generator.base", "generator.split", "generator.per_group",
                 "generator.scope", "sample.replicates")
+EIGHT_MULTIPLES = ("generator.resolution", "sample.resolution")  # checks.problems: diffusers refuses others
 SEARCH_ONE_WEIGHT = "sample.weights"  # a grid dimension elsewhere; in a search, the one weight a point samples
 
 
@@ -158,6 +177,9 @@ def _space_dimension(dotted: str, spec: Any, cfg: ExperimentConfig) -> tuple:
         raise ConfigError(f"search.space.{dotted}: expected one of {{{' | '.join(DISTRIBUTIONS)}: values}}, "
                           f"got {spec!r}")
     kind, values = next(iter(spec.items()))
+    if dotted in EIGHT_MULTIPLES and kind != "choice":
+        raise ConfigError(f"search.space.{dotted}: a resolution must be a multiple of 8, which a {kind} range cannot "
+                          "promise (7 of 8 of its points would fail); use choice: [multiples of 8]")
     values = _space_values(dotted, kind, values, hint)
     known = problems(cfg)
     found = [f"search.space.{dotted} = {value}: {p}" for value in values  # each choice and each end of a range
@@ -218,8 +240,19 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
         for variant in each:
             raise_problems(problems(variant.cfg), f"axes ({variant.label}): ")
     configs = [variant.cfg for variant in each] if cfg.axes else [cfg]  # what runs: each variant, or the file
-    raise_problems(_unguided_negative_prompt(configs, cfg.search.space) + _unmatched_steps_control(configs))
+    raise_problems(_unguided_negative_prompt(configs, cfg.search.space) + _unmatched_steps_control(configs)
+                   + _unread_settings(configs, cfg.search.space))
     return cfg
+
+
+def _leaves(dotted: str, value: Any) -> list[tuple[str, Any]]:
+    """(dotted key, value) pairs of one override: a mapping given for a config section sets its fields one by one
+    (as `extends:` merges), never replacing the section whole (`-o 'sample={steps: 3}'` reset every other
+    sampling field to its default); a mapping-valued field (search.space, axes) stays one value."""
+    roles = field_roles()
+    if isinstance(value, dict) and dotted not in roles and any(k.startswith(dotted + ".") for k in roles):
+        return [leaf for key, inner in value.items() for leaf in _leaves(f"{dotted}.{key}", inner)]
+    return [(dotted, value)]
 
 
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -232,13 +265,34 @@ def set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last silently: a second
+    `classify:` block replaced the first whole)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"the key {key!r} is given twice in one mapping (lines {seen[key]} and "
+                                  f"{key_node.start_mark.line + 1}); YAML would keep the last silently: give it once")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_value(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _read_yaml(path: Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory, not a config file (name an experiment YAML in it)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml_value(path.read_text()) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:  # a binary file given by mistake
@@ -292,18 +346,26 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), t
         if not isinstance(tiny_overrides, dict):
             raise ConfigError(f"{path}: no `tiny:` mapping (dotted overrides for tiny mode; {{}} for none)")
         for key, value in {**TINY, **tiny_overrides}.items():
-            set_dotted(raw, key, value)
+            for leaf, leaf_value in _leaves(key, value):
+                set_dotted(raw, leaf, leaf_value)
     found, given = [], {}  # given: key -> its values as typed, to name a key given twice
     for item in overrides:
         if "=" not in item:
             found.append(f"override {item!r}: expected key=value")
             continue
         key, value = item.split("=", 1)
-        given.setdefault(key.strip(), []).append(value)
         try:
-            set_dotted(raw, key.strip(), yaml.safe_load(value))
+            parsed = _yaml_value(value)
         except yaml.YAMLError as exc:
             found.append(f"override {item!r}: the value is not YAML ({str(exc).splitlines()[0]})")
+            continue
+        except ConfigError as exc:  # a key given twice in a mapping value
+            found.append(f"override {item!r}: {exc}")
+            continue
+        try:
+            for leaf, leaf_value in _leaves(key.strip(), parsed):
+                given.setdefault(leaf, []).append(value if leaf == key.strip() else item)
+                set_dotted(raw, leaf, leaf_value)
         except ConfigError as exc:
             found.append(str(exc))
     # The last value would win, silently: which one was meant is the user's to say.

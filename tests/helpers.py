@@ -109,8 +109,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The classifier tests' differences from the demo in tiny mode (config.TINY + demo.yaml's tiny: section): a
 # small EfficientNetB0 with random weights, cached features of two views, real + 50 % synthetic.
 CLASSIFY_TESTS = {"data.demo.size": 40, "folds.strategy": "stratified", "classify.backbone": "EfficientNetB0",
-                  "classify.epochs": 2, "classify.ratios": [0.0, 0.5], "classify.mode": "cached",
-                  "classify.feature_views": 2}
+                  "classify.epochs": 2, "classify.ratios": [0.0, 0.5], "classify.mode": "cached"}
+CACHED_VIEWS = 2  # classify.feature_views in cached mode (exact mode refuses it: it is read only there)
 
 
 def tiny_experiment(root: Path, file: str = "demo", **dotted) -> ExperimentConfig:
@@ -121,6 +121,8 @@ def tiny_experiment(root: Path, file: str = "demo", **dotted) -> ExperimentConfi
 
 def classify_cfg(root: Path, name: str = "grid", per_class=(8, 6, 4), **classify) -> ExperimentConfig:
     """The demo in tiny mode with CLASSIFY_TESTS: three demo classes, one LoRA weight; `classify` updates."""
+    if classify.get("mode", CLASSIFY_TESTS["classify.mode"]) == "cached":
+        classify = {"feature_views": CACHED_VIEWS, **classify}
     return tiny_experiment(root, name=name, **{"data.demo.per_class": list(per_class), **CLASSIFY_TESTS,
                                                **{f"classify.{key}": value for key, value in classify.items()}})
 
@@ -136,7 +138,7 @@ GENERATOR_TESTS = {"name": "t", "generator.epochs": 2, "generator.unet_lr": 1e-3
 
 def tiny_cfg(root: Path, **sections) -> ExperimentConfig:
     """The demo in tiny mode with GENERATOR_TESTS, results under root/results; `sections` set fields per section
-    (a mapping given for a field, such as generator={"pretrain": {...}}, replaces that field's mapping whole)."""
+    (a mapping given for a section, such as generator={"pretrain": {...}}, sets its fields, as extends merges)."""
     dotted = {f"{section}.{field}": value for section, values in sections.items() for field, value in values.items()}
     return tiny_experiment(root / "results", **{**GENERATOR_TESTS, **dotted})
 

@@ -158,7 +158,7 @@ def test_feature_cache_resumes_views_and_is_keyed_by_content(tiny, tmp_path):
     replaced = pd.DataFrame({"path": [str(copy)], "sha256": [keys.digest("new bytes", length=64)]})
     assert extract_features(cc, weights, replaced, directory) == 1
     # without augmentation there is one view, whatever feature_views says
-    assert n_views(tiny_cfg(tmp_path, feature_views=4).classify) == 1
+    assert n_views(tiny_cfg(tmp_path, feature_views=4, mode="cached").classify) == 1
 
 
 def test_damaged_cache_part_is_named_and_remade(tiny, tmp_path, capsys):

@@ -173,6 +173,18 @@ def test_bad_values_name_the_key(raw, key):
      "sample.negative_prompt: used only by classifier-free guidance"),
     ({"search": {"space": {"sample.cfg": {"uniform": [0.5, 3.0]}}}},
      r"search.space.sample.cfg = 0.5: sample.cfg: need at least 1"),
+    # Two rows of one arm (and one more comparison in the Holm family), as sample.weights alike were.
+    ({"classify": {"ratios": [0.0, 1.0, 1.0000001]}}, r"classify.ratios: \[0.0, 1.0, 1.0000001\] has ratios alike"),
+    # diffusers denoises int(steps x strength) steps in img2img: 0 crashed the sample stage after finetune.
+    ({"sample": {"mode": "img2img", "steps": 1, "strength": 0.6}},
+     r"sample.strength: img2img runs int\(sample.steps x strength\) = int\(1 x 0.6\) = 0"),
+    ({"classify": {"backbone": "EfficientNetB0", "input_size": 16}}, "classify.input_size: 16 px is below the 32 px"),
+    # Set, but read only at another value of a sibling: the run would record a setting it never read.
+    ({"sample": {"strength": 0.3}}, "sample.strength: set to 0.3, but read only when sample.mode is img2img"),
+    ({"classify": {"synthetic_loss_weight": 0.5}},
+     "classify.synthetic_loss_weight: set to 0.5, but read only when classify.mixing is loss_weighted"),
+    ({"search": {"space": {"sample.resolution": {"randint": [32, 64]}}}},
+     "search.space.sample.resolution: a resolution must be a multiple of 8, which a randint range cannot promise"),
 ])
 def test_values_that_cannot_mean_anything_are_refused_in_one_line_naming_the_key(raw, message):
     with pytest.raises(ConfigError, match=message) as caught:
@@ -226,6 +238,27 @@ def test_overrides_and_frozen(tmp_path):
         cfg.classify.epochs = 1  # frozen
     with pytest.raises(ConfigError, match="classify.epoch"):
         load_config(path, ["classify.epoch=5"])
+
+
+def test_a_key_given_twice_is_refused_and_a_section_given_as_a_mapping_sets_its_fields_one_by_one(tmp_path):
+    """YAML keeps the last of two equal keys silently (a second `classify:` block replaced the first whole: epochs
+    5 became the default 20); and `-o 'sample={steps: 3}'` replaced the whole section, resetting every other
+    sampling setting to its default. Now: refused naming both lines; set field by field, as extends merges."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("classify:\n  epochs: 5\nsample:\n  cfg: 2.0\n  steps: 4\nclassify:\n  lr: 0.01\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: the key 'classify' is given twice in one mapping \(lines 1 "
+                                          r"and 6\)"):
+        load_config(path)
+    path.write_text("classify:\n  epochs: 5\nsample:\n  cfg: 2.0\n  steps: 4\n")
+    cfg = load_config(path, ["sample={steps: 3}"])
+    assert (cfg.sample.steps, cfg.sample.cfg, cfg.classify.epochs) == (3, 2.0, 5)
+    with pytest.raises(ConfigError, match=r"override sample.steps: given 2 times \('sample=\{steps: 3\}', '6'\)"):
+        load_config(path, ["sample={steps: 3}", "sample.steps=6"])
+    with pytest.raises(ConfigError, match="override 'sample={steps: 3, steps: 4}': the key 'steps' is given twice"):
+        load_config(path, ["sample={steps: 3, steps: 4}"])
+    # A field whose value is a mapping (the search's space) stays one value.
+    cfg = load_config(path, ["search.space={sample.cfg: {uniform: [1.5, 2.5]}}"])
+    assert cfg.search.space == (("sample.cfg", "uniform", (1.5, 2.5)),)
 
 
 def test_config_errors_are_ooc_ray_errors():
