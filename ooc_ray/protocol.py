@@ -308,6 +308,28 @@ def synthetic_count(spec: TrialSpec, n_train: int) -> int:
     return n_train if spec.synthetic_only else round_half_up(spec.ratio * n_train)
 
 
+def check_ratios(manifest: pd.DataFrame, cfg: ExperimentConfig) -> None:
+    """Refuse ratios this data cannot tell apart: one that draws no synthetic image on a fold (its arm would be
+    real only under another name, in the Holm family) or two that draw the same number (one training set in two
+    rows). Named at the first fold where each happens."""
+    found: dict[tuple, str] = {}
+    ratios = sorted(r for r in cfg.classify.ratios if r > 0)
+    for fold in fold_ids(manifest):
+        n_train = len(train_rows(manifest, fold, cfg.classify.real_fraction))
+        drawn: dict[int, list[float]] = {}
+        for r in ratios:
+            drawn.setdefault(round_half_up(r * n_train), []).append(r)
+        for count, same in drawn.items():
+            if count == 0:
+                found.setdefault(tuple(same), f"classify.ratios: {same} of fold {fold}'s {n_train} real training "
+                                 "images draw no synthetic image (an arm that is real only under another name)")
+            elif len(same) > 1:
+                found.setdefault(tuple(same), f"classify.ratios: {same} each draw {count} synthetic images on fold "
+                                 f"{fold} ({n_train} real training images): one training set in {len(same)} rows")
+    if found:
+        raise ConfigError("; ".join(found.values()) + "; drop or change them for this data set")
+
+
 # ---------------------------------------------------------------------------------------------- pools
 
 
@@ -327,6 +349,7 @@ def pool_sizes(manifest: pd.DataFrame, cfg: ExperimentConfig) -> pd.DataFrame:
     Per class: the largest draw of any trial of the fold. Per group (generator.per_group): ceil(max ratio x the
     group's training count), so the groups of a class together cover its draw up to rounding (docs/limits.md).
     For split "all" (fold ALL_FOLDS) the largest need over the folds, so the one shared pool serves every fold."""
+    check_ratios(manifest, cfg)
     classes = class_names(manifest)
     by = ["label", "group"] if cfg.generator.per_group else ["label"]
     r = max_ratio(cfg)

@@ -23,7 +23,8 @@ from ooc_ray.errors import MissingInputError, TrainsetError
 from ooc_ray.folds import ALL_FOLDS, fold_ids, held_out_rows, train_rows
 from ooc_ray.io import parquet_problem, read_parquet
 from ooc_ray.paths import ExperimentPaths
-from ooc_ray.protocol import PlannedTrial, TrialSpec, grid_points, largest_remainder, synthetic_count, trial_config
+from ooc_ray.protocol import (PlannedTrial, TrialSpec, check_ratios, grid_points, largest_remainder, synthetic_count,
+                              trial_config)
 from ooc_ray.variants import Variant, each_variant
 
 TRAINSET_COLUMNS = ["id", "path", "sha256", "label", "label_index", "source"]
@@ -178,6 +179,7 @@ def plan_trials(cfg: ExperimentConfig, manifest: pd.DataFrame, synthetic: pd.Dat
     """Every trial of the grid with its sets and key. Building every training set here (pandas only) also
     makes a pool that is too small fail before any trial starts, naming the fold, class and weight.
     `augmented_dir`: where the real_augmented control's images are (ExperimentPaths.augmented)."""
+    check_ratios(manifest, cfg)
     classes = class_names(manifest)
     pools = PoolIndex(synthetic) if synthetic is not None else None  # indexes on first use only
     planned = []

@@ -572,3 +572,19 @@ def test_a_strategy_that_takes_real_onlys_steps_runs_no_steps_control():
                              ("loss_weighted", {"real_augmented"}), ("replace", {"real_augmented"})):
         variant = dataclasses.replace(cfg, classify=dataclasses.replace(cfg.classify, mixing=mixing))
         assert {spec.control for spec in grid_points(variant, [0]) if spec.control} == controls, mixing
+
+
+def test_ratios_this_data_cannot_tell_apart_are_refused_naming_the_fold():
+    """On 6 real training images per fold, ratio 0.05 draws round(0.3) = 0 synthetic images (an arm that is real
+    only under another name, one more Holm comparison) and 0.5 and 0.55 both draw 3 (one training set in two
+    rows): refused before anything samples or trains, at the first fold where each happens."""
+    from ooc_ray.errors import ConfigError
+    from ooc_ray.protocol import check_ratios
+
+    manifest = make_manifest((6, 6))  # 2 folds: 6 training images each
+    check_ratios(manifest, from_dict({"classify": {"ratios": [0.0, 0.5, 1.0]}}))  # 3 and 6: fine
+    with pytest.raises(ConfigError, match=r"classify.ratios: \[0.05\] of fold 0's 6 real training images draw no "
+                                          r"synthetic image.*\[0.5, 0.55\] each draw 3 synthetic images on fold 0"):
+        check_ratios(manifest, from_dict({"classify": {"ratios": [0.0, 0.05, 0.5, 0.55]}}))
+    with pytest.raises(ConfigError, match="draw no synthetic image"):  # the sample stage's pools refuse it too
+        pool_sizes(manifest, from_dict({"classify": {"ratios": [0.0, 0.05]}}))
