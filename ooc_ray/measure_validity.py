@@ -37,14 +37,16 @@ Z95 = stats.norm.ppf(0.975)
 
 def rank_correlation(x, y) -> tuple[float, float, float, int]:
     """(Spearman's rho, 95 % low, high, n) over the finite pairs; NaNs where not estimable (module docstring)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
+    # Rounded to 9 digits: accuracy changes that are one image apart in exact arithmetic come out of the trial
+    # rows as 0.04999999999999993 and 0.050000000000000044, which ranked as spread (and broke ties) that is not.
+    x, y = np.round(np.asarray(x, float), 9), np.round(np.asarray(y, float), 9)
     finite = np.isfinite(x) & np.isfinite(y)
     x, y, n = x[finite], y[finite], int(finite.sum())
     if n < MIN_PAIRS or np.ptp(x) == 0 or np.ptp(y) == 0:
         return math.nan, math.nan, math.nan, n
     rho = float(stats.spearmanr(x, y).statistic)
-    if abs(rho) >= 1:
-        return rho, math.nan, math.nan, n
+    if abs(rho) >= 1 - 1e-12:  # scipy gives 0.9999999999999999 for a perfect order of floats
+        return float(np.sign(rho)), math.nan, math.nan, n
     half = Z95 * math.sqrt(FIELLER_VARIANCE / (n - 3))
     return rho, math.tanh(math.atanh(rho) - half), math.tanh(math.atanh(rho) + half), n
 

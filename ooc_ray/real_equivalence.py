@@ -10,7 +10,8 @@ the same "real-equivalent" value; it depends on n). Pure pandas and numpy, no fi
   estimable where a lies beyond the curve: above its highest point (more real images than measured would be
   needed) or below its lowest (fewer than the smallest fraction).
 - Uncertainty: the folds resampled with replacement (paired: the same folds for the curve and the arm), x
-  recomputed, its 2.5th and 97.5th percentiles; no interval when more than 10 % of resamples are not estimable.
+  recomputed, its 2.5th and 97.5th percentiles; no interval when more than 10 % of resamples are not estimable,
+  or with fewer than 3 paired folds.
   With k folds the resampling has k^k outcomes at most: read a 5-fold interval as rough (it held a known worth in
   84 of 100 simulated 5-fold runs).
 - Per size, each arm's mean with the corrected resampled t interval (Nadeau and Bengio) for the curve plot.
@@ -28,6 +29,7 @@ from ooc_ray.protocol import with_arms
 FRACTION = "classify.real_fraction"
 BOOTSTRAP = 2000
 MIN_ESTIMABLE = 0.9  # share of resamples that must give a value for an interval
+MIN_FOLDS = 3  # folds resampled with replacement: 1 fold gives one resample (CI 0.54 to 0.54), 2 give 3, 3 give 10
 
 
 def real_equivalent(sizes, accuracies, target: float) -> float:
@@ -49,10 +51,15 @@ def worth(curve_n: np.ndarray, curve_value: np.ndarray, n: float, m: float, valu
     return (real_equivalent(curve_n, curve_value, value) - n) / m
 
 
-def _statement(x: float, low: float, high: float, reason: str) -> str:
+def _statement(x: float, low: float, high: float, reason: str, n_folds: int) -> str:
     if reason:
         return f"not estimable ({reason})"
-    interval = f" (95 % CI {low:.2f} to {high:.2f})" if not math.isnan(low) else " (no interval: too few resamples)"
+    if n_folds < MIN_FOLDS:
+        interval = f" (no interval: {n_folds} paired fold{'s' * (n_folds != 1)}, too few to resample)"
+    elif math.isnan(low):
+        interval = f" (no interval: more than {1 - MIN_ESTIMABLE:.0%} of resamples off the curve)"
+    else:
+        interval = f" (95 % CI {low:.2f} to {high:.2f})"
     return f"1 synthetic image = {x:.2f} real images{interval}"
 
 
@@ -88,8 +95,8 @@ def equivalence_table(trials: pd.DataFrame, metric: str, seed: int = 0) -> pd.Da
         # A resample is a row of fold weights (counts / k): the same folds for the curve and the arm.
         weights = np.stack([np.bincount(rng.integers(0, len(folds), len(folds)), minlength=len(folds))
                             for _ in range(BOOTSTRAP)]) / len(folds)
-        boot = (np.array([worth(w @ curve_n, w @ curve_v, *(w @ arm)) for w in weights]) if not reason
-                else np.array([]))
+        boot = (np.array([worth(w @ curve_n, w @ curve_v, *(w @ arm)) for w in weights])
+                if not reason and len(folds) >= MIN_FOLDS else np.array([]))
         ok = boot[~np.isnan(boot)]
         low, high = ((float(np.percentile(ok, 2.5)), float(np.percentile(ok, 97.5)))
                      if len(ok) >= MIN_ESTIMABLE * BOOTSTRAP else (math.nan, math.nan))
@@ -97,7 +104,7 @@ def equivalence_table(trials: pd.DataFrame, metric: str, seed: int = 0) -> pd.Da
                     "n_folds": len(folds), "n_real": n, "n_synthetic": m, "value": value,
                     "real_only_value": float(values.loc[folds, fraction].mean()) if fraction in values else math.nan,
                     "n_real_equivalent": n + x * m, "real_per_synthetic": x, "ci_low": low, "ci_high": high,
-                    "statement": _statement(x, low, high, reason)})
+                    "statement": _statement(x, low, high, reason, len(folds))})
     return pd.DataFrame(out)
 
 
@@ -112,7 +119,8 @@ def size_curves(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
     for (arm, mixing, fraction), group in rows.groupby(["arm_", "mixing", FRACTION], sort=False):
         if arm.control:
             continue
-        t = corrected_t(group["value"].to_numpy(), float(overlap.get(fraction, 0.0)))
+        # No real only at this fraction: no overlap term to correct by, so no interval (0 gave the plain t's).
+        t = corrected_t(group["value"].to_numpy(), float(overlap.get(fraction, math.nan)))
         out.append({"arm": arm.label_with_weight, "order": arm.order, "mixing": mixing, FRACTION: fraction,
                     "n_real": float(group["n_train_real"].mean()), "mean": t["mean"], "ci_low": t["ci_low"],
                     "ci_high": t["ci_high"]})

@@ -325,3 +325,37 @@ def test_bootstrap_of_balanced_accuracy_is_centred_on_the_per_fold_difference():
     by_hand = np.mean([balanced_accuracy_score(y[fold == f], arm[fold == f])
                        - balanced_accuracy_score(y[fold == f], real[fold == f]) for f in range(3)])
     assert out["mean"] == pytest.approx(by_hand) and out["ci_low"] < by_hand < out["ci_high"]
+
+
+def test_the_group_bootstrap_gives_no_interval_with_too_few_groups_in_a_fold():
+    """Groups resampled across folds together: with few per fold a fold drops out of many resamples and a group
+    drawn twice changes nothing, so the interval shrank to the spread of subset means (coverage of a known
+    difference 0.72 with 1-2 groups per fold). Below MIN_CLUSTERS_PER_FOLD in any fold: no interval, saying
+    how many; from it on, an interval as before."""
+    from ooc_ray.comparisons import MIN_CLUSTERS_PER_FOLD
+
+    rng = np.random.default_rng(4)
+    for groups, interval in ((3, False), (3 * MIN_CLUSTERS_PER_FOLD, True)):  # 3 folds: 1 or 5 groups each
+        group, fold, arm_right, real_right = _grouped_fold_data(rng, groups=groups)
+        out = paired_bootstrap(group, arm_right, real_right, folds=fold, n_boot=200)
+        per_fold = pd.Series(arm_right.astype(float) - real_right).groupby(fold).mean().mean()
+        assert out["mean"] == pytest.approx(per_fold) and out["fewest_per_fold"] == groups // 3
+        assert math.isnan(out["ci_low"]) != interval and math.isnan(out["ci_high"]) != interval
+
+
+def test_wilcoxon_ties_differences_that_are_equal_in_whole_images():
+    """real 16, 17, 16, 15, 10 of 20 right; arm 19, 20, 17, 16, 9: differences +3, +3, +1, +1, -1 images. Exact
+    signed-rank p with mid-ranks (ranks 4.5, 4.5, 2, 2, 2; W- = 2): 8 of 32 sign patterns as extreme, 0.25.
+    Float noise in the accuracies had broken the ties: 0.1875."""
+    real = pd.Series([16, 17, 16, 15, 10]) / 20
+    arm = pd.Series([19, 20, 17, 16, 9]) / 20
+    out = paired_differences(real, arm)
+    assert out["wilcoxon_p"] == pytest.approx(stats.wilcoxon([3, 3, 1, 1, -1]).pvalue) == pytest.approx(0.25)
+
+
+def test_a_replicate_table_with_an_unfinished_trial_is_undefined_not_zero():
+    """max(0, nan) is 0 in Python: one missing cell printed a generator sd and a fold sd of 0.000."""
+    scores = np.array([[0.8, 0.7, 0.9], [0.75, np.nan, 0.85]])
+    out = replicate_components(scores)
+    assert out["undefined"] == "missing cells (trials not finished)"
+    assert all(math.isnan(out[k]) for k in ("var_generator", "var_fold", "share", "share_low"))

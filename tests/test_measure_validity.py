@@ -112,3 +112,15 @@ def test_a_pool_where_a_class_has_no_value_has_none_rather_than_a_mean_over_fewe
     assert pairs.set_index("fold")["precision"].isna().to_dict() == {f: f >= 5 for f in range(10)}
     row = measure_validity(pairs).set_index("measure").loc["precision"]
     assert row["n"] == 5 and row["verdict"] == "no evidence", row
+
+
+def test_a_perfect_order_of_floats_and_changes_apart_only_by_float_noise_have_no_interval():
+    """scipy's Spearman of a perfect order of floats is 0.9999999999999999, not 1: it printed [1.000, 1.000]
+    "predicts". And pools that each moved accuracy by one image of 20 differ only by float noise (0.04999999999999993,
+    0.050000000000000044): no spread, not a rank order to correlate with."""
+    measure = [0.11, 0.52, 0.23, 0.94, 0.35]
+    rho, low, high, n = rank_correlation(measure, [0.1 + 0.3 * m for m in measure])
+    assert (rho, n) == (1.0, 5) and math.isnan(low) and math.isnan(high)
+    change = [a - b for a, b in ((0.85, 0.8), (0.9, 0.85), (0.75, 0.7), (0.95, 0.9), (0.65, 0.6))]
+    assert np.ptp(change) > 0  # the noise this guards against
+    assert all(math.isnan(v) for v in rank_correlation(measure, change)[:3])

@@ -94,3 +94,20 @@ def test_an_unfinished_grid_pairs_the_folds_the_arm_and_the_whole_curve_have():
     assert table.loc[("real+100%@w1", 0.5), "n_folds"] == 3  # folds 0-2: fold 3 lacks the arm, fold 4 the curve
     assert table.loc[("real+100%@w1", 0.25), "n_folds"] == 4
     assert table.loc[("real+100%@w1", 0.5), "real_per_synthetic"] == pytest.approx(0.5)
+
+
+def test_fewer_than_three_paired_folds_give_no_interval_and_a_curve_without_real_only_no_corrected_bar():
+    """One paired fold printed "(95 % CI 0.54 to 0.54)": every resample was that fold (two folds give 3 distinct
+    resamples). And an arm at a fraction where real only has not finished has no n_test / n_train to correct by:
+    no interval, where a ratio of 0 had drawn the plain t's, about half as wide."""
+    trials = simulated(noise=0.01)
+    arm_at_half = (trials["ratio"] == 1.0) & (trials[FRACTION] == 0.5) & ~trials["synthetic_only"]
+    for kept, said in ((1, "(no interval: 1 paired fold, too few to resample)"),
+                       (2, "(no interval: 2 paired folds, too few to resample)")):
+        table = equivalence_table(trials[~arm_at_half | (trials["fold"] < kept)], "accuracy").set_index(
+            ["arm_id", FRACTION])
+        row = table.loc[("real+100%@w1", 0.5)]
+        assert row["n_folds"] == kept and math.isnan(row["ci_low"]) and row["statement"].endswith(said)
+    no_real = trials[~((trials["ratio"] == 0) & (trials[FRACTION] == 0.25))]
+    row = size_curves(no_real, "accuracy").set_index(["arm", FRACTION]).loc[("real + 100% synthetic, w=1", 0.25)]
+    assert not math.isnan(row["mean"]) and math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])

@@ -74,12 +74,14 @@ def display_table(table: pd.DataFrame, reference: pd.DataFrame | None = None) ->
     shown["95% CI (corrected t)"] = [_interval(lo, hi) for lo, hi in zip(table["diff_ci_low"], table["diff_ci_high"])]
     shown["p (corrected t)"] = table["corrected_p"].map(_p)
     shown["p (Holm)"] = table["holm_p"].map(_p)
-    # Over groups, few clusters make the percentile interval coarse (3 groups: 10 distinct resamples): say how many.
+    # Over groups, few clusters make the percentile interval coarse: say how many, or why there is none.
     shown["95% CI (bootstrap)"] = [
-        _interval(lo, hi) + (f" ({n:.0f} groups)" if unit == "groups" and not math.isnan(lo) else "")
-        for lo, hi, n, unit in zip(table["bootstrap_ci_low"], table["bootstrap_ci_high"],
-                                   table["bootstrap_clusters"], table["bootstrap_unit"])]
-    shown["TOST p"] = table["tost_p"].map(_p)
+        (f"no interval (a fold holds {fewest:.0f} {unit if fewest != 1 else unit.rstrip('s')}: too few to "
+         "resample)" if math.isnan(lo) and not math.isnan(fewest) else _interval(lo, hi) + (f" ({n:.0f} groups)" if unit == "groups" and not math.isnan(lo) else ""))
+        for lo, hi, n, fewest, unit in zip(table["bootstrap_ci_low"], table["bootstrap_ci_high"],
+                                           table["bootstrap_clusters"], table["bootstrap_fewest_per_fold"],
+                                           table["bootstrap_unit"])]
+    shown["TOST p (Holm)"] = table["tost_holm_p"].map(_p)
     shown["verdict"] = table["verdict"].fillna("")
     shown["P(better / equiv. / worse)"] = [
         "" if math.isnan(b) else f"{b:.2f} / {e:.2f} / {w:.2f}"
@@ -127,10 +129,10 @@ TESTS_NOTE = (
     "fold differences times 1/J + n_test/n_train, J - 1 df), because training folds overlap and the plain t-test "
     "over-rejects. **p (Holm)**: that p adjusted over one family, every distinct comparison this report makes "
     "(each counted once, however many tables show it). **verdict**: better / worse (Holm p < 0.05), equivalent "
-    "(TOST p < 0.05), inconclusive, or undefined when the differences have no spread (every fold moved by the "
-    "same amount: no variance to test against, so no p-value and no verdict). **TOST p**: two one-sided "
+    "(TOST Holm p < 0.05), inconclusive, or undefined when the differences have no spread (every fold moved by the "
+    "same amount: no variance to test against, so no p-value and no verdict). **TOST p (Holm)**: two one-sided "
     "corrected t-tests against the equivalence margin (report.equivalence_margin), so \"no benefit\" can be a "
-    "result. **P(better / equiv. / worse)**: the Bayesian correlated t-test (Corani & Benavoli 2015), the "
+    "result; Holm-adjusted over the same family (each TOST holds only its own level). **P(better / equiv. / worse)**: the Bayesian correlated t-test (Corani & Benavoli 2015), the "
     "posterior mass of the mean difference above +margin, inside ±margin, below -margin, from the same corrected "
     "variance. **95% CI (bootstrap)**: a percentile bootstrap (2,000 resamples) of the same per-fold mean "
     "difference, recomputed from the held-out predictions, resampling images or, when the folds keep groups "
