@@ -211,11 +211,14 @@ def parse_space(raw: Any, cfg: ExperimentConfig) -> tuple:
 # ---------------------------------------------------------------------------------------------- files
 
 
+_NOT_GIVEN = object()  # a key absent, as against given as null
+
+
 def from_dict(raw: dict | None) -> ExperimentConfig:
     """A validated config from a plain mapping (an experiment file's, after extends, tiny and overrides)."""
     raw = dict(raw or {})
     axes_raw = raw.pop("axes", None)
-    space_raw = None
+    space_raw = _NOT_GIVEN
     if isinstance(raw.get("search"), dict) and "space" in raw["search"]:
         raw["search"] = dict(raw["search"])
         space_raw = raw["search"].pop("space")
@@ -224,7 +227,7 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
     if found:  # wrong types and unknown keys, with the bounds of every other field (combinations need them all)
         raise_problems(found + bound_problems(cfg))
     raise_problems(problems(cfg))
-    if space_raw is not None:
+    if space_raw is not _NOT_GIVEN:  # `space:` with every line commented out is null: refused, not the default
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=parse_space(space_raw, cfg)))
     each = []
     if axes_raw is not None:

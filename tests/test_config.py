@@ -183,6 +183,8 @@ def test_bad_values_name_the_key(raw, key):
     ({"sample": {"strength": 0.3}}, "sample.strength: set to 0.3, but read only when sample.mode is img2img"),
     ({"classify": {"synthetic_loss_weight": 0.5}},
      "classify.synthetic_loss_weight: set to 0.5, but read only when classify.mixing is loss_weighted"),
+    # `space:` with every line commented out is null: it ran the default 7-dimension space.
+    ({"search": {"space": None}}, "search.space: expected a mapping of fields to distributions"),
     ({"search": {"space": {"sample.resolution": {"randint": [32, 64]}}}},
      "search.space.sample.resolution: a resolution must be a multiple of 8, which a randint range cannot promise"),
 ])

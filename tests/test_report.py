@@ -50,6 +50,15 @@ def example_trials() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def test_a_grid_without_real_only_says_so_rather_than_too_few_folds(trials):
+    """classify.ratios without 0.0 runs no real-only trial: every row printed "undefined (fewer than 2 paired
+    folds)", the wrong reason; now it names what is missing."""
+    tables = summary_tables(trials[trials["ratio"] > 0])
+    rows = pd.concat(tables.values())
+    assert (rows["verdict"] == "undefined (no real-only trials)").all() and rows["undefined"].str.contains(
+        "classify.ratios has no 0.0").all()
+
+
 def test_summary_tables_by_hand(trials):
     tables = summary_tables(trials)
     assert list(tables) == [1.0, 0.8]  # weights high to low, like the paper's Table I then II

@@ -48,14 +48,19 @@ def bootstrap_vs_real(predictions: pd.DataFrame, arm: pd.DataFrame, real: pd.Dat
                              n_classes, metric, seed=seed)
 
 
+NO_REAL_ONLY = "no real-only trials: classify.ratios has no 0.0, so there is nothing to compare with"
+
+
 def _comparison(group: pd.DataFrame, real: pd.DataFrame, column: str, ratio: float, margin: float,
                 signatures: dict | None) -> dict:
     """One arm against real only on trial column `column`."""
     pairs = paired_differences(real.set_index("fold")[column], group.set_index("fold")[column], signatures)
     d = pairs["differences"]
     test, tost, bayes = corrected_t(d, ratio), equivalence(d, ratio, margin), bayesian_correlated_t(d, ratio, margin)
+    # No real-only trial at all (classify.ratios without 0.0) is no shortage of folds: say what is missing.
+    undefined = NO_REAL_ONLY if real.empty else test["undefined"]
     return {"n_pairs": pairs["n_pairs"], "diff": pairs["mean_diff"], "diff_ci_low": test["ci_low"],
-            "diff_ci_high": test["ci_high"], "corrected_p": test["p"], "df": test["df"], "undefined": test["undefined"],
+            "diff_ci_high": test["ci_high"], "corrected_p": test["p"], "df": test["df"], "undefined": undefined,
             "tost_p": tost["p"], "p_better": bayes["p_better"], "p_equivalent": bayes["p_equivalent"],
             "p_worse": bayes["p_worse"], "diff_sd": float(np.std(d, ddof=1)) if len(d) > 1 else math.nan,
             "max_abs_diff": float(np.max(np.abs(d))) if len(d) else math.nan,
