@@ -284,6 +284,19 @@ def test_the_confirmation_is_the_corrected_paired_t_test_of_the_gain(repo):
     assert one["verdict"] == "undefined (fewer than 2 paired folds)" and math.isnan(one["corrected_p"])
 
 
+def test_the_confirmations_overlap_term_counts_the_images_a_trial_learns_from(experiment):
+    """The corrected t's n_test / n_train, as the report counts a trial's training images: a confirmation
+    trial's LoRAs and probe learn from search.images_per_class per class, not the whole training fold (which
+    made the correction 3-4x smaller, and the verdict less cautious, than the report's own convention)."""
+    from ooc_ray.search.confirm import held_out_ratio
+
+    cfg, paths, _, _ = experiment
+    manifest = load_manifest(paths)
+    two = with_value(cfg, "search.images_per_class", 2)
+    by_hand = np.mean([(manifest["fold"] == f).sum() / (2 * manifest["label"].nunique()) for f in (0, 1)])
+    assert held_out_ratio(manifest, [0, 1], two) == pytest.approx(by_hand)
+
+
 # ---------------------------------------------------------------------------------------------- a whole search
 
 

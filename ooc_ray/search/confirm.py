@@ -11,17 +11,19 @@ from ooc_ray.comparisons import corrected_t, equivalence, verdict
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.data import load_manifest
 from ooc_ray.diffusion.base import BaseModel
-from ooc_ray.folds import held_out_rows, train_rows
 from ooc_ray.io import write_parquet
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.raycluster import init_ray, wait_all
 from ooc_ray.search.space import default_point
-from ooc_ray.search.trial import better_sign
+from ooc_ray.search.trial import better_sign, fold_part
 
 
-def held_out_ratio(manifest: pd.DataFrame, folds: list[int]) -> float:
-    """n_test / n_train of the folds (their mean): the corrected t's variance correction."""
-    return float(np.mean([len(held_out_rows(manifest, f)) / len(train_rows(manifest, f)) for f in folds]))
+def held_out_ratio(manifest: pd.DataFrame, folds: list[int], cfg: ExperimentConfig) -> float:
+    """n_test / n_train of the folds (their mean), n_train the images a fold's LoRAs and probe learn from
+    (fold_part: at most search.images_per_class per class), as the report counts a trial's real training images:
+    the corrected t's variance correction. (The whole training fold gave 1/3 where 16 images per class give ~1.)"""
+    parts = [fold_part(manifest, fold, cfg.search, cfg.classify.real_fraction) for fold in folds]
+    return float(np.mean([len(part.test) / len(part.subset) for part in parts]))
 
 
 def compare(table: pd.DataFrame, cfg: ExperimentConfig, ratio: float) -> dict:
@@ -55,4 +57,4 @@ def confirm(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel, weig
     table = pd.DataFrame([{"fold": fold, "settings": settings, "score": float(row["score"]),
                            "search_key": row["search_key"]} for (fold, settings, _), row in zip(runs, done)])
     write_parquet(table, paths.search / "confirm.parquet")
-    return {**compare(table, cfg, held_out_ratio(load_manifest(paths), folds)), "default_point": points["default"]}
+    return {**compare(table, cfg, held_out_ratio(load_manifest(paths), folds, cfg)), "default_point": points["default"]}
