@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ooc_ray.checks import bound_problems, build, coerce, problems, raise_problems
-from ooc_ray.config import DISTRIBUTIONS, SAME_STEPS_AS_REAL, TINY, ExperimentConfig
+from ooc_ray.config import DISTRIBUTIONS, REPLICATE_SEED_STEP, SAME_STEPS_AS_REAL, TINY, ExperimentConfig
 from ooc_ray.roles import INPUT, RESOURCE, RESULT
 from ooc_ray.errors import ConfigError
 from ooc_ray.fields import field_of, field_roles, format_value, value_of, with_values
@@ -105,6 +105,20 @@ def _unguided_negative_prompt(bases: list[ExperimentConfig], space: tuple) -> li
         return ["sample.negative_prompt: used only by classifier-free guidance, which sample.cfg 1 turns off "
                 "(diffusers guides above 1) in every variant and search point; set sample.cfg above 1 or remove it"]
     return []
+
+
+def _same_variants(each: list) -> list[str]:
+    """Variants that are one config (a sample.seed axis 1000 apart meets the replicates' seeds, seed + 1000 r):
+    they would share every pool and trial, and the replicate table would count one run twice as independent."""
+    first: dict = {}
+    found = []
+    for variant in each:
+        key = repr(variant.cfg)
+        if key in first:
+            found.append(f"axes: the variants {first[key]} and {variant.label} are the same config (replicate r "
+                         f"samples with sample.seed + {REPLICATE_SEED_STEP} r); make the seeds differ otherwise")
+        first.setdefault(key, variant.label)
+    return found
 
 
 def _unread_settings(bases: list[ExperimentConfig], space: tuple) -> list[str]:
@@ -232,6 +246,7 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
     each = []
     if axes_raw is not None:
         cfg = dataclasses.replace(cfg, axes=parse_axes(axes_raw))
+    if cfg.axes or cfg.sample.replicates > 1:
         each = list(variants(cfg))
         tags: dict[str, str] = {}
         for variant in each:  # each variant's tables live in variants/<tag>/
@@ -240,9 +255,10 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
                                   f"variants/{variant.tag}/; make their values differ in letters or digits")
             tags[variant.tag] = variant.label
         raise_problems([p for dotted, _ in cfg.axes for p in _inert(dotted, [v.cfg for v in each], "axes")])
-        for variant in each:
-            raise_problems(problems(variant.cfg), f"axes ({variant.label}): ")
-    configs = [variant.cfg for variant in each] if cfg.axes else [cfg]  # what runs: each variant, or the file
+        for variant in each:  # replicate r samples with seed + 1000 r: its seed must be one too
+            raise_problems(problems(variant.cfg), f"{'axes' if cfg.axes else 'sample.replicates'} ({variant.label}): ")
+        raise_problems(_same_variants(each))
+    configs = [variant.cfg for variant in each] if each else [cfg]  # what runs: each variant, or the file
     raise_problems(_unguided_negative_prompt(configs, cfg.search.space) + _unmatched_steps_control(configs)
                    + _unread_settings(configs, cfg.search.space))
     return cfg

@@ -183,6 +183,11 @@ def test_bad_values_name_the_key(raw, key):
     ({"sample": {"strength": 0.3}}, "sample.strength: set to 0.3, but read only when sample.mode is img2img"),
     ({"classify": {"synthetic_loss_weight": 0.5}},
      "classify.synthetic_loss_weight: set to 0.5, but read only when classify.mixing is loss_weighted"),
+    # Replicate r samples with sample.seed + 1000 r: its seed is checked too, and a seed axis may not meet it.
+    ({"sample": {"seed": 2**31 - 5, "replicates": 2}},
+     r"sample.replicates \(replicate = 1\): sample.seed: must be in \[0, 2147483648\)"),
+    ({"sample": {"replicates": 2}, "axes": {"sample.seed": [0, 1000]}},
+     "axes: the variants sample.seed = 0, replicate = 1 and sample.seed = 1000, replicate = 0 are the same config"),
     # `space:` with every line commented out is null: it ran the default 7-dimension space.
     ({"search": {"space": None}}, "search.space: expected a mapping of fields to distributions"),
     ({"search": {"space": {"sample.resolution": {"randint": [32, 64]}}}},
