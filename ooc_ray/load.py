@@ -321,12 +321,18 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
-def _merged(base: dict, own: dict) -> dict:
-    """`own` over `base`: mappings merged key by key (so a file changes one field of a section and keeps the
-    others), every other value (lists included) replaced whole."""
+# Mappings that are one value, not a section: a file's axes or search space is the whole grid or space it
+# means (merged key by key, a child's one-dimension space searched the base's seven dimensions too).
+WHOLE_MAPPINGS = (("axes",), ("search", "space"))
+
+
+def _merged(base: dict, own: dict, path: tuple = ()) -> dict:
+    """`own` over `base`: sections merged key by key (so a file changes one field of a section and keeps the
+    others), every other value (lists, axes, search.space) replaced whole."""
     out = dict(base)
     for key, value in own.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        whole = path + (key,) in WHOLE_MAPPINGS or not (isinstance(value, dict) and isinstance(out.get(key), dict))
+        out[key] = value if whole else _merged(out[key], value, path + (key,))
     return out
 
 

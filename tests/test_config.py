@@ -381,6 +381,15 @@ def test_extends_merges_the_base_first_one_level_only(tmp_path):
     assert cfg.sample.weights == (1.0, 0.5)
     tiny = load_config(child, tiny=True)  # both files' tiny: mappings
     assert tiny.classify.epochs == 2 and tiny.sample.steps == 3
+    # A file's axes and search space are the whole grid and space it means: the base's are replaced, not joined
+    # (a child's one-dimension space searched the base's dimensions too, and axes multiplied).
+    (tmp_path / "bases" / "common.yaml").write_text(
+        "axes: {sample.steps: [2, 4]}\nsearch: {space: {sample.cfg: {uniform: [1.5, 3.0]}}, num_samples: 5}\n")
+    child.write_text("extends: bases/common.yaml\naxes: {sample.cfg: [2.0, 3.0]}\n"
+                     "search: {space: {generator.rank: {choice: [2, 4]}}}\n")
+    cfg = load_config(child)
+    assert cfg.axes == (("sample.cfg", (2.0, 3.0)),) and cfg.search.num_samples == 5
+    assert cfg.search.space == (("generator.rank", "choice", (2, 4)),)
     (tmp_path / "bases" / "deeper.yaml").write_text("extends: common.yaml\n")
     child.write_text("extends: bases/deeper.yaml\n")
     with pytest.raises(ConfigError, match="one level only"):
