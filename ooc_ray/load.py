@@ -358,6 +358,20 @@ def read_experiment(path: str | Path) -> dict:
     return _merged(base, raw)
 
 
+def _check_tiny_keys(path: Path, tiny_overrides: Any) -> None:
+    """A file's `tiny:` section: a mapping of dotted keys that name config fields (its values are checked when
+    --tiny applies them)."""
+    if tiny_overrides is None:
+        return
+    if not isinstance(tiny_overrides, dict):
+        raise ConfigError(f"{path}: tiny: expected a mapping of dotted keys to values, got {tiny_overrides!r}")
+    roles = field_roles()
+    unknown = [leaf for key, value in tiny_overrides.items() for leaf, _ in _leaves(str(key), value)
+               if leaf not in roles]
+    if unknown:
+        raise ConfigError(f"{path}: tiny: unknown config key(s): {', '.join(unknown)}")
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), tiny: bool = False
                 ) -> ExperimentConfig:
     """Load an experiment YAML; `overrides` are "dotted.key=yaml_value" strings from the CLI (applied last).
@@ -367,6 +381,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), t
     raw = read_experiment(path)
     tiny_overrides = raw.pop("tiny", None)
     raw.setdefault("name", path.stem)
+    _check_tiny_keys(path, tiny_overrides)  # also without --tiny: a typo there would wait for the next smoke test
     if tiny:
         if not isinstance(tiny_overrides, dict):
             raise ConfigError(f"{path}: no `tiny:` mapping (dotted overrides for tiny mode; {{}} for none)")
