@@ -114,7 +114,9 @@ def _recorded(plan: pd.DataFrame, column: str = "sha256") -> dict:
         pool = folder / POOL_FILE
         if not parquet_problem(pool) and column in pq.read_schema(pool).names:
             done = pd.read_parquet(pool, columns=["path", column])
-            out.update(zip(done["path"], done[column]))
+            # By file name within the pool's folder: a results folder moved or copied (its rows name the old
+            # place) keeps its records, where absolute paths lost every one (and appended the pool again).
+            out.update((str(folder / Path(p).name), value) for p, value in zip(done["path"], done[column]))
     return out
 
 
@@ -212,7 +214,7 @@ def consolidate(plan: pd.DataFrame, rendered: pd.DataFrame | None = None) -> pd.
     for folder, rows in table.groupby(table["path"].map(lambda p: str(Path(p).parent)), sort=False):
         pool = Path(folder) / POOL_FILE
         old = pd.DataFrame(columns=TABLE_COLUMNS) if parquet_problem(pool) else pd.read_parquet(pool)
-        new = rows[~rows["path"].isin(old["path"])]
+        new = rows[~rows["path"].map(lambda p: Path(p).name).isin(old["path"].map(lambda p: Path(p).name))]
         if len(new):
             write_parquet(pd.concat([old, new], ignore_index=True).sort_values("index", ignore_index=True), pool)
     for log in render_logs(folders):  # recorded in pool.parquet now

@@ -138,6 +138,13 @@ def test_moved_folder_and_resource_changes_rerun_nothing(copy, capsys):
     assert not made(before, after, "loras") and not made(before, after, "pngs") and not made(before, after, "trials")
     out = capsys.readouterr().out
     assert "0 trained" in out and "0 rendered" in out and "0 to run" in out
+    # The moved pools keep their records (their rows name the old folder): each image's cost, node and libraries
+    # as first rendered, and each pool.parquet its rows once (absolute paths lost all three, and appended the
+    # pools again).
+    synthetic = pd.read_parquet(copy / "results" / "prov" / "synthetic.parquet")
+    assert synthetic["render_s"].notna().all() and (synthetic[["node_host", "versions"]] != "").all().all()
+    pools = list((copy / "results" / "prov" / "synthetic").rglob("pool.parquet"))
+    assert pools and not any(pd.read_parquet(pool)["index"].duplicated().any() for pool in pools)
 
 
 def test_dropping_a_lora_weight_reruns_nothing_for_the_others(copy, capsys):
