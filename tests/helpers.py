@@ -139,7 +139,11 @@ GENERATOR_TESTS = {"name": "t", "generator.epochs": 2, "generator.unet_lr": 1e-3
 def tiny_cfg(root: Path, **sections) -> ExperimentConfig:
     """The demo in tiny mode with GENERATOR_TESTS, results under root/results; `sections` set fields per section
     (a mapping given for a section, such as generator={"pretrain": {...}}, sets its fields, as extends merges)."""
-    dotted = {f"{section}.{field}": value for section, values in sections.items() for field, value in values.items()}
+    def leaves(key: str, value) -> dict:  # generator={"pretrain": {...}}: each field, over GENERATOR_TESTS'
+        return ({k: v for inner, item in value.items() for k, v in leaves(f"{key}.{inner}", item).items()}
+                if isinstance(value, dict) else {key: value})
+
+    dotted = {k: v for section, values in sections.items() for k, v in leaves(section, values).items()}
     return tiny_experiment(root / "results", **{**GENERATOR_TESTS, **dotted})
 
 

@@ -18,7 +18,7 @@ from ooc_ray.paths import ExperimentPaths
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PRETRAIN = {"vae_steps": 4, "unet_steps": 4, "batch_size": 4}
+PRETRAIN = {"vae_steps": 4, "unet_steps": 4, "batch_size": 4, "cpus": 1}  # cpus: demo.yaml's 2 would wait for both
 
 
 def pretrained_experiment(tmp_path: Path, n_unlabeled: int = 8, per_class=(4, 4), **pretrain):
@@ -36,7 +36,7 @@ def pretrained_experiment(tmp_path: Path, n_unlabeled: int = 8, per_class=(4, 4)
 
 def test_pretrain_config_checks_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="generator.pretrain.vae_steps: the tiny base"):
-        tiny_cfg(tmp_path, generator={"base": "tiny", "pretrain": {"source": "demo"}})
+        tiny_cfg(tmp_path, generator={"base": "tiny", "pretrain": {"source": "demo", "vae_steps": 0}})
     with pytest.raises(ConfigError, match="generator.pretrain.vae_steps: 'me/sd' keeps its trained VAE"):
         tiny_cfg(tmp_path, generator={"base": "me/sd", "pretrain": {"source": "demo", "vae_steps": 10}})
     with pytest.raises(ConfigError, match="generator.pretrain.caption_dropout"):
@@ -58,7 +58,7 @@ def test_pretraining_trains_once_per_content_and_its_files_are_the_identity(tmp_
     meta = json.loads((folder / METADATA_FILE).read_text())
     assert meta["n_images"] == 8 and len(meta["unet_loss_steps"]) == 4 and len(meta["vae_loss_steps"]) == 4
     # The driver's bar counted the task's 4 VAE + 4 UNet steps and showed the last UNet loss; its file is gone.
-    bar = re.findall(r"pretrain: 100%\|[^|]*\| 8/8 \[[^\]]*step/s, loss=([0-9.]+)\]", capsys.readouterr().err)
+    bar = re.findall(r"pretrain: 100%\|[^|]*\| 8/8 \[[^\]]*(?:step/s|s/step), loss=([0-9.]+)\]", capsys.readouterr().err)
     assert bar and float(bar[-1]) == pytest.approx(meta["unet_loss_steps"][-1], abs=1e-4)
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]
     assert meta["vae_recon_mse"] is not None
