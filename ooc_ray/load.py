@@ -298,6 +298,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node):
+        """YAML 1.1 reads `010` as 8 (octal) and `1:30` as 90 (base 60): refused, never silently another number."""
+        value = super().construct_yaml_int(node)
+        text = str(node.value).replace("_", "").lstrip("+-")
+        if ":" in text or (len(text) > 1 and text.startswith("0") and text[1:2] not in ("x", "b", "o")):
+            raise ConfigError(f"{node.value!r} (line {node.start_mark.line + 1}) reads as {value} in YAML 1.1 (a "
+                              "leading 0 is octal, a colon base 60); write the number without them, or quote it")
+        return value
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
 
 def _yaml_value(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)

@@ -268,6 +268,20 @@ def test_a_key_given_twice_is_refused_and_a_section_given_as_a_mapping_sets_its_
     assert cfg.search.space == (("sample.cfg", "uniform", (1.5, 2.5)),)
 
 
+def test_yaml_11_octal_and_base_60_integers_are_refused_not_read_as_another_number(tmp_path):
+    """PyYAML reads YAML 1.1: `seed: 010` was 8 and `time_budget_s: 1:30` was 90, without a word."""
+    path = tmp_path / "exp.yaml"
+    for text, message in (("folds:\n  seed: 010\n", r"'010' \(line 2\) reads as 8 in YAML 1.1"),
+                          ("search:\n  time_budget_s: 1:30\n", r"'1:30' \(line 2\) reads as 90")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+    path.write_text("folds:\n  seed: 10\n")
+    assert load_config(path).folds.seed == 10
+    with pytest.raises(ConfigError, match="override 'folds.seed=010': '010' \\(line 1\\) reads as 8"):
+        load_config(path, ["folds.seed=010"])
+
+
 def test_a_tiny_section_with_an_unknown_key_is_refused_without_tiny_too(tmp_path):
     """A typo in `tiny:` waited, unseen, for the next smoke test; its keys are checked on every load."""
     path = tmp_path / "exp.yaml"
