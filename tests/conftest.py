@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules; builders of tiny data and configs are in helpers.py."""
 import fcntl
+import logging
 import os
 from pathlib import Path
 
@@ -32,6 +33,17 @@ def pytest_collection_modifyitems(items):
     # Tests that shut the worker's Ray down go last: a test after one starts a new Ray and cold workers (~4 s, then
     # the imports of each first task and actor again).
     items.sort(key=lambda item: (item.get_closest_marker("restarts_ray") is not None, not heavy(item)))  # stable
+
+
+@pytest.fixture(autouse=True)
+def ooc_ray_log_level():
+    """The level of ooc-ray's own lines as it was before each test: a test that runs the CLI in its process with
+    -q leaves them at WARNING, and a later test on the same xdist worker then captured none of its notes
+    (test_finetune's "LoRA ... is damaged" after the bad-start search's refusal, in CI at 4135c2b)."""
+    logger = logging.getLogger("ooc_ray")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")
