@@ -82,17 +82,21 @@ def _axis(dotted: str, values: Any) -> tuple[str, tuple]:
     return dotted, coerced
 
 
-def _inert(dotted: str, cfgs: list[ExperimentConfig], where: str) -> list[str]:
-    """A field that matters only at another value of a sibling (only_if: sample.strength under img2img) and has
-    that value in none of `cfgs`: each value would give the same numbers."""
+def _unread_in(dotted: str, cfgs: list[ExperimentConfig]) -> tuple[str, object] | None:
+    """(sibling, value) of a field read only when that sibling has that value (only_if: sample.strength under
+    img2img) where none of `cfgs` has it; None where some config reads the field."""
     only_if = field_of(dotted)[0].metadata.get("only_if")
     if not only_if:
-        return []
+        return None
     sibling = dotted.rsplit(".", 1)[0] + "." + only_if[0]
-    if any(value_of(c, sibling) == only_if[1] for c in cfgs):
-        return []
-    return [f"{where}.{dotted}: matters only when {sibling} is {only_if[1]}, which it is nowhere here; every value "
-            "would give the same numbers"]
+    return None if any(value_of(c, sibling) == only_if[1] for c in cfgs) else (sibling, only_if[1])
+
+
+def _inert(dotted: str, cfgs: list[ExperimentConfig], where: str) -> list[str]:
+    """A field an axis or the search varies that no config of `cfgs` reads: each value gives the same numbers."""
+    unread = _unread_in(dotted, cfgs)
+    return [f"{where}.{dotted}: matters only when {unread[0]} is {unread[1]}, which it is nowhere here; every "
+            "value would give the same numbers"] if unread else []
 
 
 def _unguided_negative_prompt(bases: list[ExperimentConfig], space: tuple) -> list[str]:
@@ -127,15 +131,11 @@ def _unread_settings(bases: list[ExperimentConfig], space: tuple) -> list[str]:
     cfgs = bases + [with_values(base, {name: value}) for base in bases for name, _, values in space
                     for value in values]
     found = []
-    for dotted, meta in field_roles().items():
-        if not meta.get("only_if"):
-            continue
-        default = field_of(dotted)[0].default
-        sibling = dotted.rsplit(".", 1)[0] + "." + meta["only_if"][0]
-        if any(value_of(c, dotted) != default for c in bases) and not any(
-                value_of(c, sibling) == meta["only_if"][1] for c in cfgs):
-            found.append(f"{dotted}: set to {format_value(value_of(bases[0], dotted))}, but read only when {sibling} "
-                         f"is {meta['only_if'][1]}, which it is nowhere here; remove it")
+    for dotted in field_roles():
+        unread = _unread_in(dotted, cfgs)
+        if unread and any(value_of(c, dotted) != field_of(dotted)[0].default for c in bases):
+            found.append(f"{dotted}: set to {format_value(value_of(bases[0], dotted))}, but read only when "
+                         f"{unread[0]} is {unread[1]}, which it is nowhere here; remove it")
     return found
 
 

@@ -91,11 +91,12 @@ def usefulness_pairs(trials: pd.DataFrame, quality: pd.DataFrame, metric: str) -
 
 
 def measure_validity(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Per arm (name and mixing) and measure: n (n_eff: pairs less folds), the within-fold rho, its interval, the direction that means better and a
-    verdict: "predicts" (interval on the side of better), "misleads" (on the other side), "no evidence" (it holds
-    0) or "not estimable". A trial shared by several variants (synthetic only under a mixing axis: it mixes
-    nothing) is one observation, however many variants list it: counted once per variant, 10 pools made n = 40
-    and a rho of 0.44 "predicts" (interval [0.14, 0.67] instead of [-0.28, 0.85])."""
+    """Per arm (name and mixing) and measure: n_eff (pairs less folds), the within-fold rho, its interval, the
+    direction that means better and a verdict: "predicts" (interval on the side of better), "misleads" (on the
+    other side), "no evidence" (it holds 0) or "not estimable". A trial shared by several variants (synthetic
+    only under a mixing axis: it mixes nothing) is one observation, however many variants list it: counted once
+    per variant, 10 pools made n = 40 and a rho of 0.44 "predicts" (interval [0.14, 0.67] instead of [-0.28,
+    0.85])."""
     pairs = pairs.drop_duplicates("trial_key")
     rows = []
     for (arm, mixing), group in pairs.groupby(["arm", "mixing"], sort=True):

@@ -214,7 +214,7 @@ def consolidate(plan: pd.DataFrame, rendered: pd.DataFrame | None = None) -> pd.
     for folder, rows in table.groupby(table["path"].map(lambda p: str(Path(p).parent)), sort=False):
         pool = Path(folder) / POOL_FILE
         old = pd.DataFrame(columns=TABLE_COLUMNS) if parquet_problem(pool) else pd.read_parquet(pool)
-        new = rows[~rows["path"].map(lambda p: Path(p).name).isin(old["path"].map(lambda p: Path(p).name))]
+        new = rows[~rows["path"].isin(recorded)]  # recorded: this plan's paths that pool.parquet already holds
         if len(new):
             write_parquet(pd.concat([old, new], ignore_index=True).sort_values("index", ignore_index=True), pool)
     for log in render_logs(folders):  # recorded in pool.parquet now

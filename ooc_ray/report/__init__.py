@@ -116,7 +116,7 @@ def _stack(recorded: pd.Series, unit: str) -> tuple[str, str]:
     return f"**different libraries**: {mixed}", mixed
 
 
-def _recorded(frame: pd.DataFrame | None, column: str = "versions") -> pd.Series:
+def _versions_of(frame: pd.DataFrame | None, column: str = "versions") -> pd.Series:
     """frame[column] with "" for what was made before versions were recorded (no column, or None in it)."""
     if frame is None or column not in frame.columns:
         return pd.Series("", index=getattr(frame, "index", None), dtype=object)
@@ -125,7 +125,7 @@ def _recorded(frame: pd.DataFrame | None, column: str = "versions") -> pd.Series
 
 def _classifier_libraries(trials: pd.DataFrame) -> tuple[str, list[str]]:
     """(the trials' libraries, per framework, with how many are from before versions were recorded; mixtures)."""
-    recorded = _recorded(trials)
+    recorded = _versions_of(trials)
     backends = trials["backend"] if "backend" in trials.columns else pd.Series(index=trials.index, dtype=object)
     parts, mixed = [], []
     for _, seen in recorded[recorded != ""].groupby(backends.fillna("tensorflow"), sort=True):
@@ -181,7 +181,7 @@ def generator_made(done: list[tuple], made_loras: list[pd.DataFrame]) -> tuple[p
         return None if joined is None else joined[~joined.index.duplicated()]
 
     return (once([records["versions"] for records in made_loras if len(records)]),
-            once([_recorded(synthetic).set_axis(synthetic["id"]) for *_, synthetic in done
+            once([_versions_of(synthetic).set_axis(synthetic["id"]) for *_, synthetic in done
                   if synthetic is not None and len(synthetic)]))
 
 

@@ -52,6 +52,14 @@ def _interval(low: float, high: float) -> str:
     return "" if math.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
 
 
+def _bootstrap_cell(low: float, high: float, n: float, fewest: float, unit: str) -> str:
+    """The bootstrap interval; over groups, how many (few make it coarse), or why there is none."""
+    if math.isnan(low) and not math.isnan(fewest):
+        what = unit if fewest != 1 else unit.rstrip("s")
+        return f"no interval (a fold holds {fewest:.0f} {what}: too few to resample)"
+    return _interval(low, high) + (f" ({n:.0f} groups)" if unit == "groups" and not math.isnan(low) else "")
+
+
 def _p(p: float) -> str:
     return "" if math.isnan(p) else f"{p:.3f}"
 
@@ -74,13 +82,9 @@ def display_table(table: pd.DataFrame, reference: pd.DataFrame | None = None) ->
     shown["95% CI (corrected t)"] = [_interval(lo, hi) for lo, hi in zip(table["diff_ci_low"], table["diff_ci_high"])]
     shown["p (corrected t)"] = table["corrected_p"].map(_p)
     shown["p (Holm)"] = table["holm_p"].map(_p)
-    # Over groups, few clusters make the percentile interval coarse: say how many, or why there is none.
-    shown["95% CI (bootstrap)"] = [
-        (f"no interval (a fold holds {fewest:.0f} {unit if fewest != 1 else unit.rstrip('s')}: too few to "
-         "resample)" if math.isnan(lo) and not math.isnan(fewest) else _interval(lo, hi) + (f" ({n:.0f} groups)" if unit == "groups" and not math.isnan(lo) else ""))
-        for lo, hi, n, fewest, unit in zip(table["bootstrap_ci_low"], table["bootstrap_ci_high"],
-                                           table["bootstrap_clusters"], table["bootstrap_fewest_per_fold"],
-                                           table["bootstrap_unit"])]
+    shown["95% CI (bootstrap)"] = [_bootstrap_cell(*row) for row in zip(
+        table["bootstrap_ci_low"], table["bootstrap_ci_high"], table["bootstrap_clusters"],
+        table["bootstrap_fewest_per_fold"], table["bootstrap_unit"])]
     shown["TOST p (Holm)"] = table["tost_holm_p"].map(_p)
     shown["verdict"] = table["verdict"].fillna("")
     shown["P(better / equiv. / worse)"] = [
@@ -132,7 +136,8 @@ TESTS_NOTE = (
     "(TOST Holm p < 0.05), inconclusive, or undefined when the differences have no spread (every fold moved by the "
     "same amount: no variance to test against, so no p-value and no verdict). **TOST p (Holm)**: two one-sided "
     "corrected t-tests against the equivalence margin (report.equivalence_margin), so \"no benefit\" can be a "
-    "result; Holm-adjusted over the same family (each TOST holds only its own level). **P(better / equiv. / worse)**: the Bayesian correlated t-test (Corani & Benavoli 2015), the "
+    "result; Holm-adjusted over the same family (each TOST holds only its own level). **P(better / equiv. / "
+    "worse)**: the Bayesian correlated t-test (Corani & Benavoli 2015), the "
     "posterior mass of the mean difference above +margin, inside ±margin, below -margin, from the same corrected "
     "variance. **95% CI (bootstrap)**: a percentile bootstrap (2,000 resamples) of the same per-fold mean "
     "difference, recomputed from the held-out predictions, resampling images or, when the folds keep groups "

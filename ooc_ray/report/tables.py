@@ -116,10 +116,9 @@ def table_columns(metric: str) -> list[str]:
     return (["arm", "arm_id", "ratio", "synthetic_only", "control", "weight", "n_folds", "n_pairs", "metric"]
             + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
             + [f"{metric}_diff_vs_real", "diff_ci_low", "diff_ci_high", "df", "corrected_p", "holm_p", "undefined",
-               "tost_p", "tost_holm_p", "p_better", "p_equivalent", "p_worse", "diff_sd", "max_abs_diff", "paired_t_p",
-               "wilcoxon_p", "bootstrap_ci_low", "bootstrap_ci_high", "bootstrap_clusters", "bootstrap_fewest_per_fold",
-               "bootstrap_unit",
-               "verdict", "comparison"])
+               "tost_p", "tost_holm_p", "p_better", "p_equivalent", "p_worse", "diff_sd", "max_abs_diff",
+               "paired_t_p", "wilcoxon_p", "bootstrap_ci_low", "bootstrap_ci_high", "bootstrap_clusters",
+               "bootstrap_fewest_per_fold", "bootstrap_unit", "verdict", "comparison"])
 
 
 def apply_family(tables: list[pd.DataFrame], margin: float) -> int:
