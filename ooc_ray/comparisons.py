@@ -46,8 +46,20 @@ def _spread(d: np.ndarray) -> tuple[float, str]:
     return sd, NO_SPREAD if sd <= SPREAD_TOLERANCE else ""
 
 
-def _corrected_se(sd: float, j: int, test_train_ratio: float) -> float:
-    return math.sqrt((1 / j + test_train_ratio) * sd ** 2)
+def _corrected_se(sd, j: int, test_train_ratio: float):
+    """The corrected standard error of a mean of J differences of sample sd `sd` (a float or an array of them)."""
+    return np.sqrt((1 / j + test_train_ratio) * np.square(sd))
+
+
+def corrected_t_rejects(differences: np.ndarray, test_train_ratio: float, alpha: float = ALPHA) -> np.ndarray:
+    """Per row of J paired differences: does the two-sided corrected resampled t-test reject a mean of 0 at
+    `alpha`, i.e. does corrected_t's (1 - alpha) CI leave 0 out? A row without spread rejects unless its mean is
+    0 to SPREAD_TOLERANCE. For inverting the test over many candidate values at once."""
+    d = np.atleast_2d(np.asarray(differences, dtype=float))
+    j = d.shape[1]
+    mean, sd = d.mean(1), d.std(1, ddof=1)
+    half = stats.t.ppf(1 - alpha / 2, j - 1) * _corrected_se(sd, j, test_train_ratio)
+    return np.where(sd <= SPREAD_TOLERANCE, np.abs(mean) > SPREAD_TOLERANCE, np.abs(mean) > half)
 
 
 def corrected_t(differences, test_train_ratio: float, alpha: float = ALPHA) -> dict:

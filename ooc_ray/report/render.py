@@ -289,8 +289,9 @@ EQUIVALENCE_NOTE = (
     "the real training images per fold (one point per classify.real_fraction, linear between them) is the "
     "exchange curve; an arm of n real and m synthetic images that reaches the curve's value at n* is worth "
     "(n* - n) / m real images per synthetic image (negative: the synthetic images cost accuracy). 95 % interval: "
-    "the folds resampled with replacement, curve and arm alike (rough with few folds). Not estimable beyond the "
-    "measured curve.")
+    "every worth x0 at which the folds' differences, each arm's {metric} minus its own fold's curve at n + x0 m, "
+    "are not different from 0 by the corrected resampled t-test (as the Δ column; fold effects cancel); an end "
+    "that reaches the curves' first or last size is open. Not estimable beyond the measured curve.")
 
 
 def equivalence_section(table: pd.DataFrame, others: list[str], metric: str) -> list[str]:
