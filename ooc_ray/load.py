@@ -228,8 +228,27 @@ def parse_space(raw: Any, cfg: ExperimentConfig) -> tuple:
 _NOT_GIVEN = object()  # a key absent, as against given as null
 
 
+def _collected(found: list[str], make: Any, *args: Any) -> Any:
+    """make(*args), or None with its ConfigError's problems added to `found` (the load goes on to name the rest)."""
+    try:
+        return make(*args)
+    except ConfigError as exc:
+        found.append(str(exc))
+        return None
+
+
 def from_dict(raw: dict | None) -> ExperimentConfig:
-    """A validated config from a plain mapping (an experiment file's, after extends, tiny and overrides)."""
+    """A validated config from a plain mapping (an experiment file's, after extends, tiny and overrides), or one
+    ConfigError naming every problem (checked)."""
+    cfg, found = checked(raw)
+    raise_problems(found)
+    return cfg
+
+
+def checked(raw: dict | None) -> tuple[ExperimentConfig, list[str]]:
+    """(the config, every problem with it): types and bounds, combinations, the search space, the axes and each
+    variant, all in one pass; a check whose input is already wrong is left out (combinations with a field of the
+    wrong type, the variants of unreadable axes, a variant's problems that are the file's own)."""
     raw = dict(raw or {})
     axes_raw = raw.pop("axes", None)
     space_raw = _NOT_GIVEN
@@ -238,30 +257,41 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
         space_raw = raw["search"].pop("space")
     found: list[str] = []
     cfg = build(ExperimentConfig, raw, found=found)
-    if found:  # wrong types and unknown keys, with the bounds of every other field (combinations need them all)
-        raise_problems(found + bound_problems(cfg))
-    raise_problems(problems(cfg))
-    if space_raw is not _NOT_GIVEN:  # `space:` with every line commented out is null: refused, not the default
-        cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=parse_space(space_raw, cfg)))
-    each = []
-    if axes_raw is not None:
-        cfg = dataclasses.replace(cfg, axes=parse_axes(axes_raw))
-    if cfg.axes or cfg.sample.replicates > 1:
-        each = list(variants(cfg))
-        tags: dict[str, str] = {}
-        for variant in each:  # each variant's tables live in variants/<tag>/
-            if variant.tag in tags:
-                raise ConfigError(f"axes: the variants {tags[variant.tag]} and {variant.label} would share the folder "
-                                  f"variants/{variant.tag}/; make their values differ in letters or digits")
-            tags[variant.tag] = variant.label
-        raise_problems([p for dotted, _ in cfg.axes for p in _inert(dotted, [v.cfg for v in each], "axes")])
-        for variant in each:  # replicate r samples with seed + 1000 r: its seed must be one too
-            raise_problems(problems(variant.cfg), f"{'axes' if cfg.axes else 'sample.replicates'} ({variant.label}): ")
-        raise_problems(_same_variants(each))
-    configs = [variant.cfg for variant in each] if each else [cfg]  # what runs: each variant, or the file
-    raise_problems(_unguided_negative_prompt(configs, cfg.search.space) + _unmatched_steps_control(configs)
-                   + _unread_settings(configs, cfg.search.space))
-    return cfg
+    typed = not found  # a field of the wrong type keeps its default: combinations with it would mislead
+    own = problems(cfg) if typed else bound_problems(cfg)
+    found += own
+    axes = () if axes_raw is None else _collected(found, parse_axes, axes_raw)
+    space = cfg.search.space
+    if typed and space_raw is not _NOT_GIVEN:  # `space:` with every line commented out is null: refused
+        space = _collected(found, parse_space, space_raw, cfg)
+        if space is not None:
+            cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=space))
+    if not typed or axes is None:
+        return cfg, found
+    cfg = dataclasses.replace(cfg, axes=axes)
+    each = list(variants(cfg)) if cfg.axes or cfg.sample.replicates > 1 else []
+    found += _variant_problems(cfg, each, own)
+    if space is not None:  # judged over every variant and search point
+        configs = [variant.cfg for variant in each] if each else [cfg]  # what runs: each variant, or the file
+        found += (_unguided_negative_prompt(configs, space) + _unmatched_steps_control(configs)
+                  + _unread_settings(configs, space))
+    return cfg, found
+
+
+def _variant_problems(cfg: ExperimentConfig, each: list, own: list[str]) -> list[str]:
+    """The axes' and replicates' variants: two sharing a folder, an axis no variant reads, each variant's own
+    problems beyond the file's (`own`), and two that are one config."""
+    found, tags = [], {}
+    for variant in each:  # each variant's tables live in variants/<tag>/
+        if variant.tag in tags:
+            found.append(f"axes: the variants {tags[variant.tag]} and {variant.label} would share the folder "
+                         f"variants/{variant.tag}/; make their values differ in letters or digits")
+        tags.setdefault(variant.tag, variant.label)
+    found += [p for dotted, _ in cfg.axes for p in _inert(dotted, [v.cfg for v in each], "axes")]
+    where = "axes" if cfg.axes else "sample.replicates"
+    for variant in each:  # replicate r samples with seed + 1000 r: its seed must be one too
+        found += [f"{where} ({variant.label}): {p}" for p in problems(variant.cfg) if p not in own]
+    return found + _same_variants(each)
 
 
 def _leaves(dotted: str, value: Any) -> list[tuple[str, Any]]:
@@ -370,18 +400,17 @@ def read_experiment(path: str | Path) -> dict:
     return _merged(base, raw)
 
 
-def _check_tiny_keys(path: Path, tiny_overrides: Any) -> None:
+def _tiny_problems(tiny_overrides: Any, tiny: bool) -> list[str]:
     """A file's `tiny:` section: a mapping of dotted keys that name config fields (its values are checked when
-    --tiny applies them)."""
+    --tiny applies them), checked also without --tiny: a typo there would wait for the next smoke test."""
     if tiny_overrides is None:
-        return
+        return ["no `tiny:` mapping (dotted overrides for tiny mode; {} for none)"] if tiny else []
     if not isinstance(tiny_overrides, dict):
-        raise ConfigError(f"{path}: tiny: expected a mapping of dotted keys to values, got {tiny_overrides!r}")
+        return [f"tiny: expected a mapping of dotted keys to values, got {tiny_overrides!r}"]
     roles = field_roles()
     unknown = [leaf for key, value in tiny_overrides.items() for leaf, _ in _leaves(str(key), value)
                if leaf not in roles]
-    if unknown:
-        raise ConfigError(f"{path}: tiny: unknown config key(s): {', '.join(unknown)}")
+    return [f"tiny: unknown config key(s): {', '.join(unknown)}"] if unknown else []
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), tiny: bool = False
@@ -393,14 +422,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), t
     raw = read_experiment(path)
     tiny_overrides = raw.pop("tiny", None)
     raw.setdefault("name", path.stem)
-    _check_tiny_keys(path, tiny_overrides)  # also without --tiny: a typo there would wait for the next smoke test
+    found = _tiny_problems(tiny_overrides, tiny)
     if tiny:
-        if not isinstance(tiny_overrides, dict):
-            raise ConfigError(f"{path}: no `tiny:` mapping (dotted overrides for tiny mode; {{}} for none)")
-        for key, value in {**TINY, **tiny_overrides}.items():
+        roles = field_roles()
+        for key, value in {**TINY, **(tiny_overrides if isinstance(tiny_overrides, dict) else {})}.items():
             for leaf, leaf_value in _leaves(key, value):
-                set_dotted(raw, leaf, leaf_value)
-    found, given = [], {}  # given: key -> its values as typed, to name a key given twice
+                if leaf in roles:  # an unknown one is named above
+                    set_dotted(raw, leaf, leaf_value)
+    given: dict[str, list[str]] = {}  # key -> its values as typed, to name a key given twice
     for item in overrides:
         if "=" not in item:
             found.append(f"override {item!r}: expected key=value")
@@ -423,11 +452,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), t
     # The last value would win, silently: which one was meant is the user's to say.
     found += [f"override {key}: given {len(values)} times ({', '.join(map(repr, values))}); give it once"
               for key, values in given.items() if len(values) > 1]
-    raise_problems(found)
-    try:
-        return from_dict(raw)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    cfg, more = checked(raw)  # the file's problems too: an override that did not apply is named above
+    raise_problems(found + more, f"{path}: ")
+    return cfg
 
 
 

@@ -268,7 +268,7 @@ def test_an_unreadable_lock_is_named_by_status_and_writers_at_once_and_left_in_p
 def test_an_override_given_twice_is_named_with_both_values_beside_the_other_bad_overrides(tmp_path, capsys):
     cfg = data_config(tmp_path)
     assert main(["plan", cfg, "-o", "classify.epochs=5", "-o", "classify.lr", "-o", " classify.epochs=20"]) == 2
-    assert capsys.readouterr().err == ("config error: override 'classify.lr': expected key=value; override "
+    assert capsys.readouterr().err == (f"config error: {cfg}: override 'classify.lr': expected key=value; override "
                                        "classify.epochs: given 2 times ('5', '20'); give it once (2 problems)\n")
 
 

@@ -464,6 +464,36 @@ def test_every_bad_value_is_named_at_once(tmp_path):
     assert "classify.epochs" in text and "classify.lr" in text and "generator.rank" in text and "(3 problems)" in text
 
 
+def test_problems_of_every_kind_come_in_one_error_not_in_rounds(tmp_path):
+    """A combination, a search dimension, an axis, a variant, the tiny section and an override, each wrong: one
+    error naming all six (the load used to stop at the first kind, so fixing one revealed the next). With a field
+    of the wrong type, its combinations and the search space wait, but the axes and overrides are still named."""
+    path = tmp_path / "x.yaml"
+    path.write_text("sample: {clip_sample: 1.0, sampler: euler_a}\n"
+                    "search: {space: {folds.k: {choice: [3, 5]}}}\n"
+                    "axes: {data.source: [a, b]}\n"
+                    "tiny: {clasify.epochs: 1}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ["classify.lr"])
+    text = str(caught.value)
+    for said in ("tiny: unknown config key(s): clasify.epochs", "override 'classify.lr': expected key=value",
+                 "sample.clip_sample: euler_a cannot clip", "search.space.folds.k: a search dimension varies",
+                 "axes.data.source: an axis varies", "(5 problems)"):
+        assert said in text, said
+    path.write_text("sample: {clip_sample: 1.0, sampler: euler_a}\naxes: {sample.steps: [0, 2]}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    text = str(caught.value)
+    assert "sample.clip_sample: euler_a cannot clip" in text and "(2 problems)" in text
+    assert "axes (sample.steps = 0): sample.steps: need at least 1, got 0" in text
+    path.write_text("classify: {epochs: x}\naxes: {folds.k: [3, 5]}\nsearch: {space: {folds.k: {choice: [3]}}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ["classify.lr"])
+    text = str(caught.value)
+    assert "classify.epochs: expected an integer" in text and "axes.folds.k:" in text
+    assert "override 'classify.lr'" in text and "search.space" not in text and "(3 problems)" in text
+
+
 def test_every_numeric_field_declares_its_bounds():
     """A number without a declared range is a number nobody checked: every int and float field says where it
     may lie (seeds too: config.SEED)."""
