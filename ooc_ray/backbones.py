@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ooc_ray import keys
-from ooc_ray.config import EFFICIENTNETS, ClassifyConfig
+from ooc_ray.config import EFFICIENTNETS, RANDOM_WEIGHTS, ClassifyConfig
 from ooc_ray.io import sha256_file
 
 # Augmentation strengths: those of the Keras "fine-tuning EfficientNet" example the paper's model follows
@@ -84,7 +84,7 @@ def backbone_weights(cc: ClassifyConfig, models_dir: Path, manifest: pd.DataFram
     ooc_ray.networks.built_weights writes it."""
     if cc.weights == "imagenet":
         return BackboneWeights("imagenet", "imagenet")
-    if cc.weights == "none":
+    if cc.weights in ("none", RANDOM_WEIGHTS):  # random: the init of a frozen none (which ooc_ray.checks refuses)
         if cc.backbone == SMALL_CNN:
             # Its architecture is this module's code, not a Keras release: the identity carries it, so trials
             # of an earlier SmallCNN are never re-used for a changed one.

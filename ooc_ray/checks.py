@@ -11,8 +11,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from ooc_ray.config import (EFFICIENTNET_BLOCKS, EFFICIENTNETS, SPECIAL_WEIGHTS, ClassifyConfig, ExperimentConfig,
-                            GeneratorConfig, confirmation_folds)
+from ooc_ray.config import (EFFICIENTNET_BLOCKS, EFFICIENTNETS, RANDOM_WEIGHTS, SPECIAL_WEIGHTS, ClassifyConfig,
+                            ExperimentConfig, GeneratorConfig, confirmation_folds)
 from ooc_ray.errors import ConfigError
 
 SINGULAR = {"controls": "a control", "weights": "a LoRA weight", "ratios": "a ratio", "classes": "a class",
@@ -191,10 +191,18 @@ def _backbone_problems(cc: ClassifyConfig) -> list[str]:
                 ["classify.backbone: SmallCNN is trained from scratch in every trial; it needs classify.mode: exact "
                  "(cached mode trains the head only)"]) + (
                 [f"classify.weights: {cc.weights!r} does not exist for SmallCNN; use none (trained from scratch) "
-                 "or a .weights.h5 file"] if cc.weights in ("imagenet", "calibrated") else []) + (
+                 "or a .weights.h5 file"] if cc.weights in ("imagenet", "calibrated", RANDOM_WEIGHTS) else []) + (
                 ["classify.train_backbone: SmallCNN trains all of its layers; leave it at 0"]
                 if cc.train_backbone else [])
     problems = []
+    if cc.weights == "none" and not cc.train_backbone:
+        problems.append(f"classify.weights: none leaves the frozen {cc.backbone} at its random initialisation "
+                        "(features ~1e-7: the head learns class frequencies only); use imagenet, calibrated "
+                        "(offline), a .weights.h5 file, train_backbone blocks or SmallCNN; random says a "
+                        "plumbing test is meant")
+    if cc.weights == RANDOM_WEIGHTS and cc.train_backbone:
+        problems.append("classify.weights: random names a frozen backbone for plumbing tests; blocks that train "
+                        "start from none")
     if cc.input_size < KERAS_MIN_INPUT:
         problems.append(f"classify.input_size: {cc.input_size} px is below the {KERAS_MIN_INPUT} px keras.applications "
                         f"backbones take (their docs: width and height no smaller than 32; EfficientNet fails to "

@@ -198,8 +198,10 @@ _TRIAL = ("trial",)
 class ClassifyConfig:
     # A keras.applications backbone (EfficientNetB0-B7, V2, ResNet50V2, DenseNet121, ConvNeXt) or SmallCNN.
     backbone: Backbone = result("EfficientNetB7", _FEATURES_TRIAL)
-    # "imagenet"; "none" (random init: features ~1e-7, learns class frequencies only); "calibrated" (random init
-    # with every BatchNorm set from 32 images: offline demos); or a local .weights.h5 path
+    # "imagenet"; "none" (random init, for what trains from it: SmallCNN, or train_backbone's blocks);
+    # "calibrated" (random init with every BatchNorm set from 32 images: offline demos); "random" (a frozen
+    # keras.applications backbone left at its random init: features ~1e-7, the head learns class frequencies
+    # only; for tests of the plumbing, and the report says so); or a local .weights.h5 path
     weights: str = input_("imagenet")
     input_size: int = result(600, _FEATURES_TRIAL, ge=16)  # pixels per side the classifier sees (EfficientNetB7: 600)
     # EfficientNet's top N blocks (of 7, plus its top conv) trained with the head, their BatchNorms kept in
@@ -422,14 +424,15 @@ TINY = {
     "generator.base": "tiny", "generator.resolution": 32, "generator.epochs": 1, "generator.repeats": 1,
     "generator.batch_size": 4, "generator.gpus": 0, "generator.mixed_precision": "fp32",
     "sample.resolution": 32, "sample.steps": 2, "sample.gpus_per_actor": 0,
-    "classify.backbone": "EfficientNetB0", "classify.weights": "none", "classify.input_size": 32,
+    "classify.backbone": "EfficientNetB0", "classify.weights": "random", "classify.input_size": 32,
     "classify.epochs": 1, "classify.gpus_per_trial": 0, "classify.cpus_per_trial": 1,
     # One trial actor: each imports TensorFlow (~7 s of CPU, measured), more than a tiny trial's whole work (~1 s).
     "classify.max_concurrent": 1,
     "quality.kid_subsets": 2, "quality.kid_subset_size": 4, "quality.nn_k": 2, "search.gpus_per_trial": 0,
     "ray.num_cpus": 2,
 }
-SPECIAL_WEIGHTS = ("imagenet", "none", "calibrated")
+SPECIAL_WEIGHTS = ("imagenet", "none", "calibrated", "random")
+RANDOM_WEIGHTS = "random"  # a frozen backbone at its random init: a test of the plumbing, never a result
 EFFICIENTNET_BLOCKS = 7  # Keras names them block1a .. block7x
 
 

@@ -40,7 +40,7 @@ class FeatureExtractor:
 
     def __init__(self, cc: ClassifyConfig, weights: BackboneWeights):
         ops_of = framework()
-        ops_of.reseed(cc.seed)  # weights "none": the same random backbone in every task
+        ops_of.reseed(cc.seed)  # weights "random": the same random backbone in every task
         self.views = n_views(cc)
         backbone = frozen(build_backbone(cc.backbone, weights.value, cc.input_size))
         self._backbone = ops_of.compiled(lambda x: backbone(x))

@@ -109,6 +109,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The classifier tests' differences from the demo in tiny mode (config.TINY + demo.yaml's tiny: section): a
 # small EfficientNetB0 with random weights, cached features of two views, real + 50 % synthetic.
 CLASSIFY_TESTS = {"data.demo.size": 40, "folds.strategy": "stratified", "classify.backbone": "EfficientNetB0",
+                  "classify.weights": "random",
                   "classify.epochs": 2, "classify.ratios": [0.0, 0.5], "classify.mode": "cached"}
 CACHED_VIEWS = 2  # classify.feature_views in cached mode (exact mode refuses it: it is read only there)
 

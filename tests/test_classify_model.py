@@ -317,7 +317,7 @@ def test_cached_training_reads_the_augmented_views_not_the_clean_one(tiny, tmp_p
     from ooc_ray.paths import ExperimentPaths
 
     root, _, manifest, synthetic, _ = tiny
-    cfg = tiny_cfg(root, mode="cached", augment=["flip"], feature_views=4, weights="none", epochs=8, lr=0.05)
+    cfg = tiny_cfg(root, mode="cached", augment=["flip"], feature_views=4, weights="random", epochs=8, lr=0.05)
     weights = BackboneWeights(None, "none")
     trial = next(t for t in plan_trials(cfg, manifest, synthetic, weights.identity)
                  if t.spec.ratio == 0 and t.spec.fold == 1)
@@ -423,7 +423,7 @@ def test_a_trial_whose_loss_turns_nan_fails_naming_it_and_writes_nothing(tiny, t
     cache.write_part(manifest["sha256"].tolist(), rng.normal(0, 1, (len(manifest), 1, 8)).astype(np.float32))
     ctx = TrialContext(("good", "acceptable", "bad"), weights, keys.data_digest(manifest), str(tmp_path / "cache"))
     for lr, paths in ((1e38, ExperimentPaths(tmp_path / "overflow")), (0.05, ExperimentPaths(tmp_path / "fine"))):
-        cfg = tiny_cfg(root, mode="cached", weights="none", epochs=3, lr=lr)
+        cfg = tiny_cfg(root, mode="cached", weights="random", epochs=3, lr=lr)
         trial = next(t for t in plan_trials(cfg, manifest, synthetic, weights.identity)
                      if t.spec.ratio == 0 and t.spec.fold == 1)
         if lr == 1e38:

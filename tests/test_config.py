@@ -114,6 +114,12 @@ def test_unknown_section_is_named():
         ({"sample": {"clip_sample": 2.0}}, "sample.clip_sample: euler_a cannot clip"),
         ({"sample": {"sampler": "ddim", "clip_sample": -1.0}}, "sample.clip_sample"),
         ({"quality": {"features": "inception"}}, "quality.features"),
+        # A frozen backbone at its random init: the head learns class frequencies; "random" says a test means it.
+        ({"classify": {"backbone": "EfficientNetB0", "weights": "none"}},
+         "classify.weights: none leaves the frozen EfficientNetB0 at its random initialisation"),
+        ({"classify": {"weights": "random", "train_backbone": 2, "mode": "exact"}}, "classify.weights: random names"),
+        ({"classify": {"backbone": "SmallCNN", "weights": "random", "mode": "exact"}},
+         "classify.weights: 'random' does not exist for SmallCNN"),
     ],
 )
 def test_bad_values_name_the_key(raw, key):

@@ -28,7 +28,7 @@ data: {{source: {root}/images}}
 folds: {{k: 2, strategy: stratified}}
 generator: {{base: tiny, resolution: 32, epochs: 1, repeats: 1, batch_size: 4, rank: 2, alpha: 2.0}}
 sample: {{weights: [1.0, 0.5], steps: 2, resolution: 32, batch_size: 4, actors: 1}}
-classify: {{backbone: EfficientNetB0, weights: none, input_size: 32, epochs: 1, batch_size: 8, ratios: [0.0, 0.5],
+classify: {{backbone: EfficientNetB0, weights: random, input_size: 32, epochs: 1, batch_size: 8, ratios: [0.0, 0.5],
            synthetic_only: false, augment: [], mode: cached, max_concurrent: 1}}
 quality: {{enabled: false}}
 ray: {{num_cpus: 2}}

@@ -538,6 +538,21 @@ def test_report_header_states_resolution_metric_and_family(tmp_path, trials):
             "fewer folds than real only is compared on its own folds") in text  # the fixture runs 12
 
 
+def test_a_random_frozen_backbone_is_named_in_the_header_as_no_result():
+    """weights: random (tiny mode's EfficientNetB0) trains a head on random features: the classifier line says, in
+    bold, that the table tests the pipeline; imagenet's line is plain. (none on a frozen backbone is refused.)"""
+    from ooc_ray.load import from_dict
+    from ooc_ray.report.render import classifier_line
+
+    line = classifier_line(from_dict({"classify": {"backbone": "EfficientNetB0", "weights": "random"}}).classify)
+    assert line.startswith("EfficientNetB0 (**random initialisation, frozen: the head learned from random features; "
+                           "a test of the pipeline, not a result**)")
+    assert classifier_line(from_dict({}).classify).startswith("EfficientNetB7 (imagenet, frozen), 600 px")
+    trained = from_dict({"classify": {"backbone": "EfficientNetB0", "weights": "none", "train_backbone": 2,
+                                      "mode": "exact"}}).classify
+    assert classifier_line(trained).startswith("EfficientNetB0 (none, top 2 blocks trained)")
+
+
 def test_report_on_results_it_cannot_write_is_one_line_and_out_writes_elsewhere(tmp_path, trials, capsys):
     """A results folder the report cannot write into (here report/ is a file: as root, a chmod stops nothing)
     fails in one line naming the path; `report --out DIR` writes the same report there."""

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ooc_ray import keys
 from ooc_ray.backbones import SMALL_CNN
-from ooc_ray.config import REPLICATE_SEED_STEP, ClassifyConfig, ExperimentConfig
+from ooc_ray.config import RANDOM_WEIGHTS, REPLICATE_SEED_STEP, ClassifyConfig, ExperimentConfig
 from ooc_ray.fields import format_value
 from ooc_ray.errors import MissingInputError
 from ooc_ray.io import atomic_path, atomic_write_text
@@ -192,6 +192,9 @@ def classifier_line(cc: ClassifyConfig) -> str:
         trained = "trained from scratch" if cc.weights == "none" else f"from {cc.weights}, all layers trained"
     elif cc.train_backbone:
         trained = f"{cc.weights}, top {cc.train_backbone} blocks trained"
+    elif cc.weights == RANDOM_WEIGHTS:
+        trained = ("**random initialisation, frozen: the head learned from random features; a test of the "
+                   "pipeline, not a result**")
     else:
         trained = f"{cc.weights}, frozen"
     return f"{cc.backbone} ({trained}), {cc.input_size} px, {cc.epochs} epochs, lr {cc.lr:g}, mode {cc.mode}"
