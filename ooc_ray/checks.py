@@ -196,10 +196,11 @@ def _backbone_problems(cc: ClassifyConfig) -> list[str]:
                 if cc.train_backbone else [])
     problems = []
     if cc.weights == "none" and not cc.train_backbone:
+        instead = ["imagenet", *(["calibrated (offline)"] * (not cc.backbone.startswith("ConvNeXt"))),
+                   "a .weights.h5 file", *(["train_backbone blocks"] * (cc.backbone in EFFICIENTNETS)), "SmallCNN"]
         problems.append(f"classify.weights: none leaves the frozen {cc.backbone} at its random initialisation "
-                        "(features ~1e-7: the head learns class frequencies only); use imagenet, calibrated "
-                        "(offline), a .weights.h5 file, train_backbone blocks or SmallCNN; random says a "
-                        "plumbing test is meant")
+                        f"(features ~1e-7: the head learns class frequencies only); use {', '.join(instead)}; "
+                        "random says a plumbing test is meant")
     if cc.weights == RANDOM_WEIGHTS and cc.train_backbone:
         problems.append("classify.weights: random names a frozen backbone for plumbing tests; blocks that train "
                         "start from none")
@@ -212,7 +213,7 @@ def _backbone_problems(cc: ClassifyConfig) -> list[str]:
                         f"it names), not {cc.backbone}; leave it at 0 (frozen backbone)")
     if cc.weights == "calibrated" and cc.backbone.startswith("ConvNeXt"):
         problems.append(f"classify.weights: 'calibrated' sets BatchNorm statistics and {cc.backbone} has no BatchNorm "
-                        "(it uses LayerNorm); use imagenet, none or a .weights.h5 file")
+                        "(it uses LayerNorm); use imagenet or a .weights.h5 file")
     if cc.train_backbone > EFFICIENTNET_BLOCKS:
         problems.append(f"classify.train_backbone: {cc.train_backbone} is not a number of blocks in "
                         f"0..{EFFICIENTNET_BLOCKS}")
@@ -251,6 +252,24 @@ def _search_problems(cfg: ExperimentConfig) -> list[str]:
         found.append(f"search.scheduler: {s.scheduler} stops trials at their reports, and search.report_every is 0 "
                      "(one report, at the end); set report_every (LoRA epochs) or scheduler: none")
     return found
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).expanduser().is_file()
+    except RuntimeError:  # ~user of no such user: Path cannot expand it
+        return False
+
+
+def random_features_problem(cfg: ExperimentConfig) -> list[str]:
+    """Quality measures (and the search's probe) on the classifier's backbone where classify.weights none leaves
+    it at its random initialisation, which cannot tell cells from noise. (random names that backbone for tests of
+    the pipeline, and the report says so.)"""
+    if cfg.quality.features == "backbone" and cfg.classify.weights == "none":
+        return [f"quality.features: backbone measures on {cfg.classify.backbone}'s features, and classify.weights "
+                "none leaves them at its random initialisation (they cannot tell cells from noise); use "
+                "quality.features: image_statistics, or backbone weights"]
+    return []
 
 
 def problems(cfg: ExperimentConfig) -> list[str]:
@@ -303,14 +322,15 @@ def problems(cfg: ExperimentConfig) -> list[str]:
         (not (cfg.tracking.uri or cfg.tracking.experiment) or cfg.tracking.mlflow,
          "tracking.uri / tracking.experiment: set, but tracking.mlflow is false, so nothing would be tracked; set "
          "tracking.mlflow: true or remove them"),
-        (not cfg.report.reference or Path(cfg.report.reference).expanduser().is_file(),
+        (not cfg.report.reference or _is_file(cfg.report.reference),
          f"report.reference: {cfg.report.reference!r} is not a file"),
-        (cc.weights in SPECIAL_WEIGHTS or Path(cc.weights).expanduser().is_file(),
+        (cc.weights in SPECIAL_WEIGHTS or _is_file(cc.weights),
          f"classify.weights: {cc.weights!r} is neither one of {list(SPECIAL_WEIGHTS)} nor an existing weights file"),
     ]
     found += [message for ok, message in checks if not ok]
     found += _pretrain_problems(gc) + _prompt_problem("generator.prompt", gc.prompt)
     found += _prompt_problem("generator.group_prompt", gc.group_prompt)
+    found += random_features_problem(cfg) if cfg.quality.enabled else []  # the search's: when it starts
     return found + _search_problems(cfg) + _backbone_problems(cc)
 
 

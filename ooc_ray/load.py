@@ -289,8 +289,12 @@ def _variant_problems(cfg: ExperimentConfig, each: list, own: list[str]) -> list
         tags.setdefault(variant.tag, variant.label)
     found += [p for dotted, _ in cfg.axes for p in _inert(dotted, [v.cfg for v in each], "axes")]
     where = "axes" if cfg.axes else "sample.replicates"
+    labels: dict[str, list[str]] = {}  # a problem -> the variants that have it (one axis value: each replicate)
     for variant in each:  # replicate r samples with seed + 1000 r: its seed must be one too
-        found += [f"{where} ({variant.label}): {p}" for p in problems(variant.cfg) if p not in own]
+        for p in problems(variant.cfg):
+            if p not in own:
+                labels.setdefault(p, []).append(variant.label)
+    found += [f"{where} ({'; '.join(names)}): {p}" for p, names in labels.items()]
     return found + _same_variants(each)
 
 
@@ -426,7 +430,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), t
     if tiny:
         roles = field_roles()
         for key, value in {**TINY, **(tiny_overrides if isinstance(tiny_overrides, dict) else {})}.items():
-            for leaf, leaf_value in _leaves(key, value):
+            for leaf, leaf_value in _leaves(str(key), value):
                 if leaf in roles:  # an unknown one is named above
                     set_dotted(raw, leaf, leaf_value)
     given: dict[str, list[str]] = {}  # key -> its values as typed, to name a key given twice

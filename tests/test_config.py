@@ -120,6 +120,12 @@ def test_unknown_section_is_named():
         ({"classify": {"weights": "random", "train_backbone": 2, "mode": "exact"}}, "classify.weights: random names"),
         ({"classify": {"backbone": "SmallCNN", "weights": "random", "mode": "exact"}},
          "classify.weights: 'random' does not exist for SmallCNN"),
+        # Quality measured on a random initialisation (SmallCNN's, or below a frozen EfficientNet's trained blocks)
+        ({"classify": {"backbone": "SmallCNN", "weights": "none", "mode": "exact"}, "quality": {"enabled": True}},
+         "quality.features: backbone measures on SmallCNN's features, and classify.weights none"),
+        ({"classify": {"backbone": "EfficientNetB0", "weights": "none", "train_backbone": 2, "mode": "exact"},
+          "quality": {"enabled": True}}, "quality.features: backbone measures on EfficientNetB0's"),
+        ({"classify": {"weights": "~no_such_user_here/b0.weights.h5"}}, "classify.weights: '~no_such_user_here"),
     ],
 )
 def test_bad_values_name_the_key(raw, key):
@@ -498,6 +504,14 @@ def test_problems_of_every_kind_come_in_one_error_not_in_rounds(tmp_path):
     text = str(caught.value)
     assert "classify.epochs: expected an integer" in text and "axes.folds.k:" in text
     assert "override 'classify.lr'" in text and "search.space" not in text and "(3 problems)" in text
+    # One bad axis value under 3 replicates: one line naming its 3 variants, not the same problem 3 times.
+    path.write_text("sample: {replicates: 3}\naxes: {sample.steps: [0, 5]}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).count("need at least 1, got 0") == 1 and "replicate = 2" in str(caught.value)
+    path.write_text("tiny: {1: {a: 1}}\n")  # a key that is no string: named, not a TypeError
+    with pytest.raises(ConfigError, match="tiny: unknown config key"):
+        load_config(path, tiny=True)
 
 
 def test_every_numeric_field_declares_its_bounds():

@@ -542,15 +542,18 @@ def test_a_random_frozen_backbone_is_named_in_the_header_as_no_result():
     """weights: random (tiny mode's EfficientNetB0) trains a head on random features: the classifier line says, in
     bold, that the table tests the pipeline; imagenet's line is plain. (none on a frozen backbone is refused.)"""
     from ooc_ray.load import from_dict
-    from ooc_ray.report.render import classifier_line
+    from ooc_ray.report.render import classifier_line, quality_section
 
     line = classifier_line(from_dict({"classify": {"backbone": "EfficientNetB0", "weights": "random"}}).classify)
     assert line.startswith("EfficientNetB0 (**random initialisation, frozen: the head learned from random features; "
                            "a test of the pipeline, not a result**)")
     assert classifier_line(from_dict({}).classify).startswith("EfficientNetB7 (imagenet, frozen), 600 px")
     trained = from_dict({"classify": {"backbone": "EfficientNetB0", "weights": "none", "train_backbone": 2,
-                                      "mode": "exact"}}).classify
+                                      "mode": "exact"}, "quality": {"features": "image_statistics"}}).classify
     assert classifier_line(trained).startswith("EfficientNetB0 (none, top 2 blocks trained)")
+    random = from_dict({"classify": {"backbone": "EfficientNetB0", "weights": "random"}, "quality": {"enabled": True}})
+    assert ("All measures on EfficientNetB0 features **of a random initialisation: a test of the pipeline, not a "
+            "measurement**") in quality_section(pd.DataFrame({"kid": [0.1]}), random)[2]
 
 
 def test_report_on_results_it_cannot_write_is_one_line_and_out_writes_elsewhere(tmp_path, trials, capsys):

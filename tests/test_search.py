@@ -75,6 +75,19 @@ def test_the_space_is_checked_like_axes_and_every_bad_dimension_is_named_at_once
         from_dict({"search": {"report_every": 0}})
 
 
+def test_a_search_refuses_to_score_on_a_random_backbone_before_any_work(tmp_path):
+    """The probe scores on quality.features whether or not the quality stage is on: SmallCNN's random
+    initialisation (classify.weights none) cannot tell cells from noise, so the search refuses before the data
+    stage, with the key named (the quality stage's own check is in the config's)."""
+    from ooc_ray.search import run_search
+
+    cfg = from_dict({"results_dir": str(tmp_path), "classify": {"backbone": "SmallCNN", "weights": "none",
+                                                                "mode": "exact"}, "quality": {"enabled": False}})
+    with pytest.raises(ConfigError, match="quality.features: backbone measures on SmallCNN's features"):
+        run_search(cfg, ExperimentPaths.of(cfg))
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_space_becomes_tune_distributions_and_round_trips_through_the_saved_config(repo):
     cfg = load_config(repo / "experiments" / "lora_search.yaml", [])
     space = tune_space(cfg.search.space)

@@ -264,13 +264,14 @@ def write_tables(tables: dict[float, pd.DataFrame], out: Path, sensitivity: dict
 def quality_section(quality: pd.DataFrame, cfg: ExperimentConfig, heading: str = "##") -> list[str]:
     """tables.summarise_quality's table with what its measures mean."""
     cc = cfg.classify
-    untrained = cc.backbone == SMALL_CNN and cc.weights == "none"
     if cfg.quality.features == "image_statistics":
         features = (f"weight-free image statistics at {cfg.sample.output_size or cfg.sample.resolution} px (grey "
                     "levels, edges, power spectrum; standardised on the real images)")
+    elif cc.weights == RANDOM_WEIGHTS:  # none is refused here (checks.random_features_problem)
+        features = (f"{cc.backbone} features **of a random initialisation: a test of the pipeline, not a "
+                    "measurement**")
     else:
-        features = (f"{cc.backbone} features" + (" of its seeded random initialisation, as the trials start from it"
-                                                 if untrained else f" ({cc.weights}, frozen)"))
+        features = f"{cc.backbone} features ({cc.weights}, frozen)"
     return [f"{heading} Synthetic quality per class (mean over folds)", "",
             f"All measures on {features}. KID: lower is closer to the real training images of that class; "
             "kid_to_weight0: KID between this pool and the LoRA-weight-0.0 pool (the base without the class LoRA) "

@@ -23,6 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ooc_ray import keys
 from ooc_ray.backbones import BackboneWeights
+from ooc_ray.checks import raise_problems, random_features_problem
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.data import run_data
 from ooc_ray.diffusion.base import BaseModel
@@ -271,6 +272,7 @@ def run_search(cfg: ExperimentConfig, paths: ExperimentPaths, resume: bool = Fal
     """Run (or, resume, continue) the search; writes search/results.parquet, best.json and best.yaml."""
     refuse_axes(cfg, "the LoRA search (it explores its own space, search.*, on one config; run the axes with "
                      "`ooc-ray run`)")
+    raise_problems(random_features_problem(cfg))  # its probe scores on quality.features, enabled or not
     manifest = run_data(cfg, paths)  # skips an unchanged source
     if cfg.generator.pretrain.source:
         run_pretrain(cfg, paths)  # the base every trial's LoRAs train on; re-used while its inputs are unchanged
