@@ -114,7 +114,7 @@ def sensitivity_text(info: dict | None) -> str:
         return f"{effect:g}: {repeats} repeats in all (this design has {info['repeats']})"
 
     text = (f"Design sensitivity (corrected t, non-central t, {info['power']:.0%} power, two-sided α = "
-            f"{info['alpha']:g}, n_test/n_train = {info['ratio']:.3f}): with {info['j']} distinct folds and the arms' "
+            f"{info['alpha']:g}, n_test/n_train = {info['ratio']:.3f}): with the design's {info['j']} folds and the arms' "
             f"median fold-to-fold sd of the difference, {info['sd']:.3f}, the smallest difference this grid detects "
             f"is **{info['mde']:.3f}**. Repeats of {info['k']}-fold CV needed to detect {need(0.01)}; {need(0.02)}.")
     if info["too_small"]:
