@@ -392,8 +392,9 @@ def test_every_result_field_of_a_trial_changes_its_planned_keys(tables, field):
         "backbone": "EfficientNetB0", "weights": "random", "mode": "exact", "ratios": [0.0, 0.5]}})
     meta = field_roles()[field]
     section, name = field.rsplit(".", 1)
-    if field == "classify.train_backbone":  # random is a frozen backbone; blocks that train start from none
-        base = _with_value(_with_value(base, "classify.weights", "none"), field, 1)
+    if field == "classify.train_backbone":  # random is a frozen backbone; blocks that train start from none,
+        base = _with_value(_with_value(base, "classify.weights", "none"), field, 1)  # where quality needs no backbone
+        base = _with_value(base, "quality.features", "image_statistics")
     if meta.get("only_if"):
         sibling, wanted = meta["only_if"]
         base = _with_value(base, f"{section}.{sibling}", wanted)
