@@ -33,21 +33,36 @@ from ooc_ray.protocol import with_arms
 
 FRACTION = "classify.real_fraction"
 GRID = 2001  # candidate worths across the common domain; each boundary then bisected to float precision
-ABOVE = "above the real-only curve: more real images than every fold measured would be needed"
+ABOVE = "above the real-only curve: more real images than the largest size every fold measured would be needed"
 BELOW = "below the real-only curve at its smallest size"
+
+
+def _curve(sizes: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One fold's curve by ascending size, two fractions that kept the same number of images (per-class rounding
+    of a small class) as one point, their mean: np.interp would jump between them and drop one."""
+    unique, which = np.unique(sizes, return_inverse=True)
+    return unique, np.bincount(which, values) / np.bincount(which)
 
 
 def _differences(x0: np.ndarray, curve_n: np.ndarray, curve_v: np.ndarray, arm: np.ndarray) -> np.ndarray:
     """(candidate worths x folds): each fold's arm metric minus its own real-only curve (linear between its
-    measured sizes) at the fold's n + x0 m. Rows of curve_n / curve_v: one fold's sizes (ascending) and metric;
-    of `arm`: its n, m and metric."""
-    return np.stack([v - np.interp(n + x0 * m, cn, cv) for cn, cv, (n, m, v) in zip(curve_n, curve_v, arm)], 1)
+    measured sizes) at the fold's n + x0 m. Rows of curve_n / curve_v: one fold's sizes and metric; of `arm`:
+    its n, m and metric."""
+    return np.stack([v - np.interp(n + x0 * m, *_curve(cn, cv)) for cn, cv, (n, m, v) in zip(curve_n, curve_v, arm)],
+                    1)
+
+
+def _candidates(curve_n: np.ndarray, arm: np.ndarray, low: float, high: float, *more: float) -> np.ndarray:
+    """Worths to evaluate: a grid over [low, high] and every fold's measured size as a worth, where the mean
+    difference bends (linear between them, so no first crossing hides between two candidates)."""
+    bends = ((curve_n - arm[:, :1]) / arm[:, 1:2]).ravel()
+    return np.union1d(np.linspace(low, high, GRID), [b for b in (*bends, *more) if low <= b <= high])
 
 
 def _domain(curve_n: np.ndarray, arm: np.ndarray) -> tuple[float, float]:
     """The worths at which every fold's n + x0 m lies on its measured curve (empty when low > high)."""
-    return (float(np.max((curve_n[:, 0] - arm[:, 0]) / arm[:, 1])),
-            float(np.min((curve_n[:, -1] - arm[:, 0]) / arm[:, 1])))
+    return (float(np.max((curve_n.min(1) - arm[:, 0]) / arm[:, 1])),
+            float(np.min((curve_n.max(1) - arm[:, 0]) / arm[:, 1])))
 
 
 def _edge(holds: Callable[[float], bool], outside: float, inside: float) -> float:
@@ -69,7 +84,7 @@ def point_worth(curve_n: np.ndarray, curve_v: np.ndarray, arm: np.ndarray) -> tu
 
     if _differences(np.array([low]), curve_n, curve_v, arm).mean() < 0:  # the curves start above the arm
         return math.nan, BELOW
-    candidates = np.linspace(low, high, GRID)
+    candidates = _candidates(curve_n, arm, low, high)
     at = np.flatnonzero(reached(candidates))
     if not len(at):
         return math.nan, ABOVE
@@ -96,7 +111,7 @@ def worth_interval(curve_n: np.ndarray, curve_v: np.ndarray, arm: np.ndarray, ov
     def kept(x0: np.ndarray) -> np.ndarray:
         return ~corrected_t_rejects(_differences(x0, curve_n, curve_v, arm), overlap)
 
-    candidates = np.union1d(np.linspace(low, high, GRID), [x])
+    candidates = _candidates(curve_n, arm, low, high, x)
     inside = np.flatnonzero(kept(candidates))  # holds x: its mean difference is 0
     first, last = inside[0], inside[-1]
 

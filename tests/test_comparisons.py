@@ -137,10 +137,12 @@ def test_sensitivity_counts_the_repeats_the_design_has():
     assert info["too_small"] and "too small to say anything" in sensitivity_text(info)  # MDE above 0.02
     few = design_sensitivity(table.assign(n_pairs=3), k=3, repeats=1, ratio=0.5)
     assert few["too_small"] and "(2 degrees of freedom)" in sensitivity_text(few)
-    # An unfinished grid (one arm over 4 of 15 folds): the design's 15, not a median of the pairs finished so far
-    # (9.5 -> 9, which stated a wider MDE than the design has).
+    # An unfinished grid (one arm over 4 of 15 folds): the most any arm pairs, 15, not a median of the pairs
+    # finished so far (9.5 -> 9, which stated a wider MDE); and never k x repeats where repeats share a held-out
+    # fold (group folds: 6 groups, k = 5, 2 repeats pair 7 distinct folds, not 10).
     unfinished = design_sensitivity(table.assign(n_pairs=[15, 4]), k=5, repeats=3, ratio=0.25)
     assert unfinished["j"] == 15 and unfinished["mde"] == pytest.approx(minimum_detectable_effect(0.009, 15, 0.25))
+    assert design_sensitivity(table.assign(n_pairs=[7, 7]), k=5, repeats=2, ratio=0.25)["j"] == 7
 
 
 def test_tost_worked_by_hand():

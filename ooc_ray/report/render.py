@@ -114,7 +114,7 @@ def sensitivity_text(info: dict | None) -> str:
         return f"{effect:g}: {repeats} repeats in all (this design has {info['repeats']})"
 
     text = (f"Design sensitivity (corrected t, non-central t, {info['power']:.0%} power, two-sided α = "
-            f"{info['alpha']:g}, n_test/n_train = {info['ratio']:.3f}): with the design's {info['j']} folds and the arms' "
+            f"{info['alpha']:g}, n_test/n_train = {info['ratio']:.3f}): with {info['j']} distinct folds (the most an arm pairs) and the arms' "
             f"median fold-to-fold sd of the difference, {info['sd']:.3f}, the smallest difference this grid detects "
             f"is **{info['mde']:.3f}**. Repeats of {info['k']}-fold CV needed to detect {need(0.01)}; {need(0.02)}.")
     if info["too_small"]:
@@ -292,10 +292,11 @@ EQUIVALENCE_NOTE = (
     "How many real images is a synthetic image worth (ooc_ray.real_equivalence)? Real only's {metric} against "
     "the real training images per fold (one point per classify.real_fraction, linear between them) is the "
     "exchange curve; an arm of n real and m synthetic images that reaches the curve's value at n* is worth "
-    "(n* - n) / m real images per synthetic image (negative: the synthetic images cost accuracy). 95 % interval: "
+    "(n* - n) / m real images per synthetic image (negative: the synthetic images cost accuracy), n* the first "
+    "size where the folds' curves (over the sizes every fold measured) reach the arm on average. 95 % interval: "
     "every worth x0 at which the folds' differences, each arm's {metric} minus its own fold's curve at n + x0 m, "
     "are not different from 0 by the corrected resampled t-test (as the Δ column; fold effects cancel); an end "
-    "that reaches the curves' first or last size is open. Not estimable beyond the measured curve.")
+    "that reaches the first or last common size is open. Not estimable beyond the common sizes.")
 
 
 def equivalence_section(table: pd.DataFrame, others: list[str], metric: str) -> list[str]:

@@ -141,15 +141,15 @@ def apply_family(tables: list[pd.DataFrame], margin: float) -> int:
 
 def design_sensitivity(table: pd.DataFrame, k: int, repeats: int, ratio: float) -> dict | None:
     """What the design can detect, from the arms' median fold-to-fold sd of the difference: the corrected t's
-    minimum detectable effect at 80 % power (non-central t, with the measured n_test/n_train) over the design's
-    k x repeats folds (an unfinished grid's arms have fewer pairs now; the design is what the sentence states),
-    the repeats of k-fold CV in all that 0.01 and 0.02 would need (None: no number of repeats), and whether the
+    minimum detectable effect at 80 % power (non-central t, with the measured n_test/n_train) over the most
+    distinct folds any arm pairs (a complete grid's: repeats may repeat a held-out fold, which the tests count
+    once, so not k x repeats; an unfinished grid's median arm had fewer and stated a wider effect), the repeats of k-fold CV in all that 0.01 and 0.02 would need (None: no number of repeats), and whether the
     design is too small to say anything (df <= 2, or an MDE above every observed difference). None without a
     spread."""
     arms = table[table["diff_sd"].notna() & (table["diff_sd"] > 0)]
     if arms.empty or not math.isfinite(ratio):
         return None
-    sd, j = float(arms["diff_sd"].median()), k * repeats
+    sd, j = float(arms["diff_sd"].median()), int(arms["n_pairs"].max())
     mde = minimum_detectable_effect(sd, j, ratio)
     largest = float(arms["max_abs_diff"].max())
     return {"sd": sd, "j": j, "k": k, "repeats": repeats, "ratio": ratio, "mde": mde,
