@@ -199,7 +199,8 @@ def _backbone_problems(cc: ClassifyConfig) -> list[str]:
         instead = ["imagenet", *(["calibrated (offline)"] * (not cc.backbone.startswith("ConvNeXt"))),
                    "a .weights.h5 file", *(["train_backbone blocks"] * (cc.backbone in EFFICIENTNETS)), "SmallCNN"]
         problems.append(f"classify.weights: none leaves the frozen {cc.backbone} at its random initialisation "
-                        f"(features ~1e-7: the head learns class frequencies only); use {', '.join(instead)}; "
+                        f"(features ~1e-7: the head learns class frequencies only); use {', '.join(instead[:-1])} or "
+                        f"{instead[-1]}; "
                         "random says a plumbing test is meant")
     if cc.weights == RANDOM_WEIGHTS and cc.train_backbone:
         problems.append("classify.weights: random names a frozen backbone for plumbing tests; blocks that train "
@@ -335,8 +336,11 @@ def problems(cfg: ExperimentConfig) -> list[str]:
 
 
 def raise_problems(found: list[str], prefix: str = "") -> None:
+    """One ConfigError naming every problem; its `problems` keep them apart for a caller that collects more."""
     if found:
         more = f" ({len(found)} problems)" if len(found) > 1 else ""
-        raise ConfigError(prefix + "; ".join(found) + more)
+        error = ConfigError(prefix + "; ".join(found) + more)
+        error.problems = [prefix + p for p in found]
+        raise error
 
 

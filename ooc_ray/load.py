@@ -233,7 +233,7 @@ def _collected(found: list[str], make: Any, *args: Any) -> Any:
     try:
         return make(*args)
     except ConfigError as exc:
-        found.append(str(exc))
+        found.extend(getattr(exc, "problems", [str(exc)]))  # each apart: no "(2 problems)" inside the message
         return None
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ooc_ray import image_statistics, keys
 from ooc_ray.backbones import BackboneWeights
+from ooc_ray.checks import raise_problems, random_features_problem
 from ooc_ray.config import ExperimentConfig
 from ooc_ray.data import class_names, load_manifest
 from ooc_ray.feature_cache import cache_dir, clean_view, embed, weights_on_cluster
@@ -25,7 +26,7 @@ from ooc_ray.logs import note
 from ooc_ray.measures import class_quality, kid_to_control, lora_effect
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.trainsets import current_synthetic
-from ooc_ray.variants import each_variant, per_variant
+from ooc_ray.variants import each_variant, per_variant, variants
 
 TABLE_VERSION = 3  # part of the key: bump when a measure or column changes, so older tables are not re-used
 
@@ -122,5 +123,7 @@ def quality_tables(cfg: ExperimentConfig, paths: ExperimentPaths, manifest: pd.D
 
 def run_quality(cfg: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame | list[pd.DataFrame]:
     """The quality table of every variant of the axes; returns it (with axes, the tables in variant order)."""
+    # `ooc-ray quality` runs with quality.enabled false too, where the config's own check does not look
+    raise_problems(list(dict.fromkeys(p for variant in variants(cfg) for p in random_features_problem(variant.cfg))))
     manifest = load_manifest(paths)
     return per_variant(cfg, [quality_tables(variant.cfg, vpaths, manifest) for variant, vpaths in each_variant(cfg, paths)])

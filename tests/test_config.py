@@ -492,6 +492,11 @@ def test_problems_of_every_kind_come_in_one_error_not_in_rounds(tmp_path):
                  "sample.clip_sample: euler_a cannot clip", "search.space.folds.k: a search dimension varies",
                  "axes.data.source: an axis varies", "(5 problems)"):
         assert said in text, said
+    path.write_text("axes: {data.source: [a, b], folds.k: [2, 3]}\n"  # two bad axes, two bad dimensions: each
+                    "search: {space: {folds.k: {choice: [3, 5]}, data.source: {choice: [a, b]}}}\n")  # counted
+    with pytest.raises(ConfigError) as caught:  # once, at the end (not "(2 problems); ... (2 problems)")
+        load_config(path)
+    assert str(caught.value).count("problems)") == 1 and str(caught.value).endswith("(4 problems)")
     path.write_text("sample: {clip_sample: 1.0, sampler: euler_a}\naxes: {sample.steps: [0, 2]}\n")
     with pytest.raises(ConfigError) as caught:
         load_config(path)

@@ -274,3 +274,17 @@ def test_image_statistics_identity_follows_the_reference_images(tmp_path):
     one = features_identity(cfg, None, None, manifest)
     assert one.startswith("image-statistics-v1-32px-") and one == features_identity(cfg, None, None, manifest.iloc[::-1])
     assert one != features_identity(cfg, None, None, changed)
+
+
+def test_the_quality_stage_refuses_a_random_initialisation_when_run_by_hand(tmp_path):
+    """`ooc-ray quality` runs with quality.enabled false, where the config's own check does not look: a
+    backbone left at its random initialisation (SmallCNN, weights none) is refused before anything is read
+    (no manifest here: the data stage has not run), naming quality.features."""
+    from ooc_ray.errors import ConfigError
+    from ooc_ray.paths import ExperimentPaths
+    from ooc_ray.quality import run_quality
+
+    cfg = from_dict({"results_dir": str(tmp_path), "quality": {"enabled": False},
+                     "classify": {"backbone": "SmallCNN", "weights": "none", "mode": "exact"}})
+    with pytest.raises(ConfigError, match="quality.features: backbone measures on SmallCNN's features"):
+        run_quality(cfg, ExperimentPaths.of(cfg))

@@ -551,6 +551,9 @@ def test_a_random_frozen_backbone_is_named_in_the_header_as_no_result():
     trained = from_dict({"classify": {"backbone": "EfficientNetB0", "weights": "none", "train_backbone": 2,
                                       "mode": "exact"}, "quality": {"features": "image_statistics"}}).classify
     assert classifier_line(trained).startswith("EfficientNetB0 (none, top 2 blocks trained)")
+    calibrated = from_dict({"classify": {"backbone": "EfficientNetB0", "weights": "calibrated"}})
+    for text in (classifier_line(calibrated.classify), quality_section(pd.DataFrame({"kid": [0.1]}), calibrated)[2]):
+        assert "**calibrated: a random initialisation whose BatchNorms saw 32 images, held-out ones among" in text
     random = from_dict({"classify": {"backbone": "EfficientNetB0", "weights": "random"}, "quality": {"enabled": True}})
     assert ("All measures on EfficientNetB0 features **of a random initialisation: a test of the pipeline, not a "
             "measurement**") in quality_section(pd.DataFrame({"kid": [0.1]}), random)[2]

@@ -14,7 +14,7 @@ import markdown
 import pandas as pd
 
 from ooc_ray import keys
-from ooc_ray.backbones import SMALL_CNN
+from ooc_ray.backbones import CALIBRATED, SMALL_CNN
 from ooc_ray.config import RANDOM_WEIGHTS, REPLICATE_SEED_STEP, ClassifyConfig, ExperimentConfig
 from ooc_ray.fields import format_value
 from ooc_ray.errors import MissingInputError
@@ -187,6 +187,11 @@ def replicate_display(table: pd.DataFrame, axes: list[str], metric: str) -> pd.D
     return out
 
 
+# backbones.backbone_weights: a random initialisation whose BatchNorms are set from the first 32 images by id.
+CALIBRATED_NOTE = ("**calibrated: a random initialisation whose BatchNorms saw 32 images, held-out ones among them; "
+                   "for offline demos, not results**")
+
+
 def classifier_line(cc: ClassifyConfig) -> str:
     if cc.backbone == SMALL_CNN:
         trained = "trained from scratch" if cc.weights == "none" else f"from {cc.weights}, all layers trained"
@@ -195,6 +200,8 @@ def classifier_line(cc: ClassifyConfig) -> str:
     elif cc.weights == RANDOM_WEIGHTS:
         trained = ("**random initialisation, frozen: the head learned from random features; a test of the "
                    "pipeline, not a result**")
+    elif cc.weights == CALIBRATED:
+        trained = f"{CALIBRATED_NOTE}, frozen"
     else:
         trained = f"{cc.weights}, frozen"
     return f"{cc.backbone} ({trained}), {cc.input_size} px, {cc.epochs} epochs, lr {cc.lr:g}, mode {cc.mode}"
@@ -270,6 +277,8 @@ def quality_section(quality: pd.DataFrame, cfg: ExperimentConfig, heading: str =
     elif cc.weights == RANDOM_WEIGHTS:  # none is refused here (checks.random_features_problem)
         features = (f"{cc.backbone} features **of a random initialisation: a test of the pipeline, not a "
                     "measurement**")
+    elif cc.weights == CALIBRATED:
+        features = f"{cc.backbone} features ({CALIBRATED_NOTE}, frozen)"
     else:
         features = f"{cc.backbone} features ({cc.weights}, frozen)"
     return [f"{heading} Synthetic quality per class (mean over folds)", "",
