@@ -431,8 +431,8 @@ TINY = {
     "quality.kid_subsets": 2, "quality.kid_subset_size": 4, "quality.nn_k": 2, "search.gpus_per_trial": 0,
     "ray.num_cpus": 2,
 }
-SPECIAL_WEIGHTS = ("imagenet", "none", "calibrated", "random")
 RANDOM_WEIGHTS = "random"  # a frozen backbone at its random init: a test of the plumbing, never a result
+SPECIAL_WEIGHTS = ("imagenet", "none", "calibrated", RANDOM_WEIGHTS)
 EFFICIENTNET_BLOCKS = 7  # Keras names them block1a .. block7x
 
 

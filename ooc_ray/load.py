@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -228,7 +228,7 @@ def parse_space(raw: Any, cfg: ExperimentConfig) -> tuple:
 _NOT_GIVEN = object()  # a key absent, as against given as null
 
 
-def _collected(found: list[str], make: Any, *args: Any) -> Any:
+def _collected(found: list[str], make: Callable[..., Any], *args: Any) -> Any:
     """make(*args), or None with its ConfigError's problems added to `found` (the load goes on to name the rest)."""
     try:
         return make(*args)

@@ -65,11 +65,12 @@ def _domain(curve_n: np.ndarray, arm: np.ndarray) -> tuple[float, float]:
             float(np.min((curve_n.max(1) - arm[:, 0]) / arm[:, 1])))
 
 
-def _edge(holds: Callable[[float], bool], outside: float, inside: float) -> float:
-    """The point between `outside` (where `holds` is false) and `inside` (true) where it changes, by bisection."""
+def _edge(holds: Callable[[np.ndarray], np.ndarray], outside: float, inside: float) -> float:
+    """The point between `outside` (where `holds`, a test of candidate worths, is false) and `inside` (true)
+    where it changes, by bisection."""
     for _ in range(60):  # 2^-60 of a grid step: below any printed digit
         middle = (outside + inside) / 2
-        outside, inside = (outside, middle) if holds(middle) else (middle, inside)
+        outside, inside = (outside, middle) if holds(np.array([middle]))[0] else (middle, inside)
     return inside
 
 
@@ -90,7 +91,7 @@ def point_worth(curve_n: np.ndarray, curve_v: np.ndarray, arm: np.ndarray) -> tu
         return math.nan, ABOVE
     if at[0] == 0:
         return low, ""
-    return _edge(lambda x0: bool(reached(np.array([x0]))[0]), candidates[at[0] - 1], candidates[at[0]]), ""
+    return _edge(reached, candidates[at[0] - 1], candidates[at[0]]), ""
 
 
 def worth_interval(curve_n: np.ndarray, curve_v: np.ndarray, arm: np.ndarray, overlap: float, x: float) -> dict:
@@ -114,15 +115,11 @@ def worth_interval(curve_n: np.ndarray, curve_v: np.ndarray, arm: np.ndarray, ov
     candidates = _candidates(curve_n, arm, low, high, x)
     inside = np.flatnonzero(kept(candidates))  # holds x: its mean difference is 0
     first, last = inside[0], inside[-1]
-
-    def holds(x0: float) -> bool:
-        return bool(kept(np.array([x0]))[0])
-
     out["low_open"], out["high_open"] = bool(first == 0), bool(last == len(candidates) - 1)
     if first:
-        out["low"] = _edge(holds, candidates[first - 1], candidates[first])
+        out["low"] = _edge(kept, candidates[first - 1], candidates[first])
     if last < len(candidates) - 1:
-        out["high"] = _edge(holds, candidates[last + 1], candidates[last])
+        out["high"] = _edge(kept, candidates[last + 1], candidates[last])
     return out
 
 
@@ -164,10 +161,10 @@ def equivalence_table(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
     real = rows[[a.is_real for a in rows["arm_"]]].drop_duplicates("trial_key")
     overlaps = _overlaps(real)
     # (folds x fractions) of the curve's sizes and values, folds with every fraction finished (with a value) only
-    sizes = real.pivot_table(index="fold", columns=FRACTION, values="n_train_real").dropna()
-    values = real.pivot_table(index="fold", columns=FRACTION, values="value", dropna=False).reindex(sizes.index)
-    values = values.dropna()
-    sizes = sizes.loc[values.index]
+    sizes = real.pivot_table(index="fold", columns=FRACTION, values="n_train_real")
+    values = real.pivot_table(index="fold", columns=FRACTION, values="value", dropna=False).reindex_like(sizes)
+    finished = sizes.notna().all(1) & values.notna().all(1)
+    sizes, values = sizes[finished], values[finished]
     out = []
     synthetic = rows[[a.needs_synthetic for a in rows["arm_"]]]
     for (arm_, mixing, fraction), group in synthetic.groupby(["arm_", "mixing", FRACTION], sort=False):
