@@ -9,13 +9,14 @@ silently runs the default. Axes and the search's space are checked here: which f
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from ooc_ray.checks import bound_problems, build, coerce, problems, raise_problems
+from ooc_ray.checks import build, coerce, problems, raise_problems
 from ooc_ray.config import DISTRIBUTIONS, REPLICATE_SEED_STEP, SAME_STEPS_AS_REAL, TINY, ExperimentConfig
 from ooc_ray.roles import INPUT, RESOURCE, RESULT
 from ooc_ray.errors import ConfigError
@@ -247,8 +248,9 @@ def from_dict(raw: dict | None) -> ExperimentConfig:
 
 def checked(raw: dict | None) -> tuple[ExperimentConfig, list[str]]:
     """(the config, every problem with it): types and bounds, combinations, the search space, the axes and each
-    variant, all in one pass; a check whose input is already wrong is left out (combinations with a field of the
-    wrong type, the variants of unreadable axes, a variant's problems that are the file's own)."""
+    variant, all in one pass. A value of the wrong type (or a misspelt key) leaves its field at its default and
+    the checks go on, less each problem naming that field (it would be about the default, not the value given);
+    the variants of unreadable axes are left out, and a variant's problems that are the file's own."""
     raw = dict(raw or {})
     axes_raw = raw.pop("axes", None)
     space_raw = _NOT_GIVEN
@@ -256,26 +258,34 @@ def checked(raw: dict | None) -> tuple[ExperimentConfig, list[str]]:
         raw["search"] = dict(raw["search"])
         space_raw = raw["search"].pop("space")
     found: list[str] = []
-    cfg = build(ExperimentConfig, raw, found=found)
-    typed = not found  # a field of the wrong type keeps its default: combinations with it would mislead
-    own = problems(cfg) if typed else bound_problems(cfg)
-    found += own
+    unused: set[str] = set()
+    cfg = build(ExperimentConfig, raw, found=found, defaulted=unused)
+    own = problems(cfg)
+    later: list[str] = []  # the checks that read the defaults of `unused`
     axes = () if axes_raw is None else _collected(found, parse_axes, axes_raw)
     space = cfg.search.space
-    if typed and space_raw is not _NOT_GIVEN:  # `space:` with every line commented out is null: refused
-        space = _collected(found, parse_space, space_raw, cfg)
+    if space_raw is not _NOT_GIVEN:  # `space:` with every line commented out is null: refused
+        space = _collected(later, parse_space, space_raw, cfg)
         if space is not None:
             cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, space=space))
-    if not typed or axes is None:
-        return cfg, found
-    cfg = dataclasses.replace(cfg, axes=axes)
-    each = list(variants(cfg)) if cfg.axes or cfg.sample.replicates > 1 else []
-    found += _variant_problems(cfg, each, own)
-    if space is not None:  # judged over every variant and search point
-        configs = [variant.cfg for variant in each] if each else [cfg]  # what runs: each variant, or the file
-        found += (_unguided_negative_prompt(configs, space) + _unmatched_steps_control(configs)
-                  + _unread_settings(configs, space))
-    return cfg, found
+    if axes is not None:
+        cfg = dataclasses.replace(cfg, axes=axes)
+        each = list(variants(cfg)) if cfg.axes or cfg.sample.replicates > 1 else []
+        later += _variant_problems(cfg, each, own)
+        if space is not None:  # judged over every variant and search point
+            configs = [variant.cfg for variant in each] if each else [cfg]  # what runs: each variant, or the file
+            later += (_unguided_negative_prompt(configs, space) + _unmatched_steps_control(configs)
+                      + _unread_settings(configs, space))
+    return cfg, found + _not_naming(own + later, unused)
+
+
+def _not_naming(found: list[str], keys: set[str]) -> list[str]:
+    """`found` less each problem that names one of `keys` or a field under one (a section): such a key kept its
+    default for a value that was not used, and a check of the default would not be about the user's value."""
+    if not keys:
+        return found
+    named = re.compile("|".join(rf"(?<![\w.]){re.escape(key)}(?!\w)" for key in sorted(keys)))
+    return [p for p in found if not named.search(p)]
 
 
 def _variant_problems(cfg: ExperimentConfig, each: list, own: list[str]) -> list[str]:
@@ -308,13 +318,31 @@ def _leaves(dotted: str, value: Any) -> list[tuple[str, Any]]:
     return [(dotted, value)]
 
 
+MAPPING_FIELDS = ("search.space", "axes")  # fields whose value is a mapping keyed by dotted field names
+
+
+def _into_mapping(dotted: str) -> tuple[str, str] | None:
+    """(the mapping-valued field, its key) of an override into one: `search.space.sample.cfg` sets the search
+    dimension sample.cfg, `axes.sample.steps` one axis."""
+    for field in MAPPING_FIELDS:
+        if dotted.startswith(field + "."):
+            return field, dotted[len(field) + 1:]
+    return None
+
+
+def known_key(dotted: str) -> bool:
+    """A dotted key an override may set: a config field, or one entry of a mapping-valued field."""
+    return dotted in field_roles() or _into_mapping(dotted) is not None
+
+
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    into = _into_mapping(dotted)
+    parts = into[0].split(".") + [into[1]] if into else dotted.split(".")
     node = raw
-    parts = dotted.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+            raise ConfigError(f"override {dotted}: '{part}' is not a {'mapping' if into else 'section'}")
     node[parts[-1]] = value
 
 
@@ -411,9 +439,8 @@ def _tiny_problems(tiny_overrides: Any, tiny: bool) -> list[str]:
         return ["no `tiny:` mapping (dotted overrides for tiny mode; {} for none)"] if tiny else []
     if not isinstance(tiny_overrides, dict):
         return [f"tiny: expected a mapping of dotted keys to values, got {tiny_overrides!r}"]
-    roles = field_roles()
     unknown = [leaf for key, value in tiny_overrides.items() for leaf, _ in _leaves(str(key), value)
-               if leaf not in roles]
+               if not known_key(leaf)]
     return [f"tiny: unknown config key(s): {', '.join(unknown)}"] if unknown else []
 
 
@@ -428,11 +455,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), t
     raw.setdefault("name", path.stem)
     found = _tiny_problems(tiny_overrides, tiny)
     if tiny:
-        roles = field_roles()
         for key, value in {**TINY, **(tiny_overrides if isinstance(tiny_overrides, dict) else {})}.items():
             for leaf, leaf_value in _leaves(str(key), value):
-                if leaf in roles:  # an unknown one is named above
-                    set_dotted(raw, leaf, leaf_value)
+                if known_key(leaf):  # an unknown one is named above
+                    try:
+                        set_dotted(raw, leaf, leaf_value)
+                    except ConfigError:  # a section of the file that is no mapping: checked() names it
+                        pass
     given: dict[str, list[str]] = {}  # key -> its values as typed, to name a key given twice
     for item in overrides:
         if "=" not in item:

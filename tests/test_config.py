@@ -116,15 +116,15 @@ def test_unknown_section_is_named():
         ({"quality": {"features": "inception"}}, "quality.features"),
         # A frozen backbone at its random init: the head learns class frequencies; "random" says a test means it.
         ({"classify": {"backbone": "EfficientNetB0", "weights": "none"}},
-         "classify.weights: none leaves the frozen EfficientNetB0 at its random initialisation"),
+         "classify.weights: none leaves the frozen classify.backbone EfficientNetB0 at its random initialisation"),
         ({"classify": {"weights": "random", "train_backbone": 2, "mode": "exact"}}, "classify.weights: random names"),
         ({"classify": {"backbone": "SmallCNN", "weights": "random", "mode": "exact"}},
          "classify.weights: 'random' does not exist for SmallCNN"),
         # Quality measured on a random initialisation (SmallCNN's, or below a frozen EfficientNet's trained blocks)
         ({"classify": {"backbone": "SmallCNN", "weights": "none", "mode": "exact"}, "quality": {"enabled": True}},
-         "quality.features: backbone measures on SmallCNN's features, and classify.weights none"),
+         "quality.features: backbone with quality.enabled measures on SmallCNN's features, and classify.weights none"),
         ({"classify": {"backbone": "EfficientNetB0", "weights": "none", "train_backbone": 2, "mode": "exact"},
-          "quality": {"enabled": True}}, "quality.features: backbone measures on EfficientNetB0's"),
+          "quality": {"enabled": True}}, "quality.features: backbone with quality.enabled measures on EfficientNetB0's"),
         ({"classify": {"weights": "~no_such_user_here/b0.weights.h5"}}, "classify.weights: '~no_such_user_here"),
     ],
 )
@@ -508,7 +508,8 @@ def test_problems_of_every_kind_come_in_one_error_not_in_rounds(tmp_path):
         load_config(path, ["classify.lr"])
     text = str(caught.value)
     assert "classify.epochs: expected an integer" in text and "axes.folds.k:" in text
-    assert "override 'classify.lr'" in text and "search.space" not in text and "(3 problems)" in text
+    assert "override 'classify.lr'" in text and "search.space.folds.k: a search dimension" in text
+    assert "(4 problems)" in text
     # One bad axis value under 3 replicates: one line naming its 3 variants, not the same problem 3 times.
     path.write_text("sample: {replicates: 3}\naxes: {sample.steps: [0, 5]}\n")
     with pytest.raises(ConfigError) as caught:
@@ -517,6 +518,72 @@ def test_problems_of_every_kind_come_in_one_error_not_in_rounds(tmp_path):
     path.write_text("tiny: {1: {a: 1}}\n")  # a key that is no string: named, not a TypeError
     with pytest.raises(ConfigError, match="tiny: unknown config key"):
         load_config(path, tiny=True)
+
+
+def test_a_wrong_type_or_a_misspelt_key_holds_back_only_the_checks_that_name_its_field(tmp_path):
+    """A field given a value of the wrong type keeps its default, and so does the field a misspelt key most likely
+    meant: the combinations, the search space and the variants are still checked, less each problem that names
+    that field (it would be about the default). Before, any such key held every one of those checks back."""
+    path = tmp_path / "x.yaml"
+    path.write_text("sample: {steps: many, mode: img2img, strength: 0.01, samplr: ddim, clip_sample: 0.5}\n"
+                    "classify: {ratios: []}\ngenerator: {epoch: 3}\naxes: {sample.cfg: [1, 1.0]}\n"
+                    "search: {space: {folds.k: {choice: [3]}}}\ntiny: {}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    problems = caught.value.problems
+    assert [p.split(": ")[1] for p in problems] == [
+        "unknown config key(s)", "sample.steps", "unknown config key(s)", "axes.sample.cfg", "classify.ratios",
+        "search.space.folds.k"], problems
+    assert "sample.samplr (did you mean sample.sampler?)" in problems[0]
+    assert "generator.epoch (did you mean generator.epochs?)" in problems[2]
+    # Left out: img2img's int(sample.steps x strength), which would read the default steps (50: 0 steps at
+    # 0.01), and the clip that euler_a cannot do, as sample.sampler was meant to be given.
+    assert not any("denoising steps" in p or "cannot clip" in p for p in problems)
+    # --tiny over a file whose section is no mapping: named once, with the rest (tiny's own keys under it
+    # used to fail first as an override: "'classify' is not a section").
+    path.write_text("classify: 5\nsample: {samplr: ddim}\nfolds: {seed: x}\ntiny: {classify.epochs: 1}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, tiny=True)
+    assert [p.split(": ")[1] for p in caught.value.problems] == ["classify", "unknown config key(s)", "folds.seed"]
+
+
+def test_no_check_reads_a_default_that_stands_in_for_a_bad_value_without_naming_its_field(repo):
+    """Each experiment file (a config with no problem), each field given a value of no type it takes: every
+    problem then reported names that field, so none is about the default standing in for it (three did not:
+    the VAE of the default base, the frozen default backbone, quality's random features with quality.enabled)."""
+    import copy
+    import re
+
+    from ooc_ray.load import MAPPING_FIELDS, checked, read_experiment, set_dotted
+
+    for path in sorted((repo / "experiments").glob("*.yaml")):
+        raw = read_experiment(path)
+        raw.pop("tiny")
+        assert checked(raw)[1] == [], path
+        for key in set(field_roles()) - set(MAPPING_FIELDS):
+            bad = copy.deepcopy(raw)
+            set_dotted(bad, key, {"not": "a value"})
+            _, found = checked(bad)
+            names = re.compile(rf"(?<![\w.]){re.escape(key)}(?!\w)")
+            assert found and all(names.search(p) for p in found), (path.name, key, found)
+
+
+def test_an_override_or_tiny_key_into_the_search_space_or_axes_sets_one_entry(tmp_path):
+    """`search.space.<field>` and `axes.<field>` set one dimension or axis of those mappings (their keys are
+    dotted field names; `search.space.sample.cfg=1` used to read as a section `sample`: "no such config
+    field"); each is then checked as one given in the file."""
+    path = tmp_path / "x.yaml"
+    path.write_text("axes: {sample.steps: [2, 4]}\nsearch: {space: {sample.cfg: {uniform: [1.0, 3.0]}}}\n"
+                    "tiny: {axes.sample.steps: [2, 3], search.space.sample.cfg: {choice: [1.0, 2.0]}}\n")
+    cfg = load_config(path, ["axes.sample.cfg=[1, 7]", "search.space.generator.rank={choice: [4, 8]}"])
+    assert cfg.axes == (("sample.steps", (2, 4)), ("sample.cfg", (1.0, 7.0)))
+    assert cfg.search.space == (("sample.cfg", "uniform", (1.0, 3.0)), ("generator.rank", "choice", (4, 8)))
+    tiny = load_config(path, tiny=True)
+    assert tiny.axes == (("sample.steps", (2, 3)),) and tiny.search.space[0] == ("sample.cfg", "choice", (1.0, 2.0))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ["search.space.sample.cfg=1", "axes.sample.cfgg=[1]"])
+    assert [p.split(": ")[1] for p in caught.value.problems] == ["axes.sample.cfgg", "search.space.sample.cfg"]
+    assert "expected one of {choice | uniform | loguniform | randint: values}, got 1" in str(caught.value)
 
 
 def test_every_numeric_field_declares_its_bounds():

@@ -37,7 +37,7 @@ def pretrained_experiment(tmp_path: Path, n_unlabeled: int = 8, per_class=(4, 4)
 def test_pretrain_config_checks_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="generator.pretrain.vae_steps: the tiny base"):
         tiny_cfg(tmp_path, generator={"base": "tiny", "pretrain": {"source": "demo", "vae_steps": 0}})
-    with pytest.raises(ConfigError, match="generator.pretrain.vae_steps: 'me/sd' keeps its trained VAE"):
+    with pytest.raises(ConfigError, match="generator.pretrain.vae_steps: generator.base 'me/sd' keeps its trained VAE"):
         tiny_cfg(tmp_path, generator={"base": "me/sd", "pretrain": {"source": "demo", "vae_steps": 10}})
     with pytest.raises(ConfigError, match="generator.pretrain.caption_dropout"):
         tiny_cfg(tmp_path, generator={"base": "tiny", "pretrain": {"source": "demo", "vae_steps": 1,
