@@ -112,7 +112,7 @@ def build(cls: type, raw: dict, prefix: str = "", found: list[str] | None = None
         shown = [prefix + u + "".join(f" (did you mean {prefix}{m}?)" for m in meant[u]) for u in unknown]
         collect.append(f"unknown config key(s): {', '.join(shown)} (allowed under '{where}': "
                        f"{', '.join(sorted(names))})")
-        unused.update(prefix + m for guess in meant.values() for m in guess)
+        unused.update(prefix + m for guess in meant.values() for m in guess if m not in raw)
     kwargs = {}
     for k, v in raw.items():
         if k not in names or not isinstance(k, str):
@@ -212,8 +212,8 @@ def _backbone_problems(cc: ClassifyConfig) -> list[str]:
     if cc.weights == "none" and not cc.train_backbone:
         instead = ["imagenet", *(["calibrated (offline)"] * (not cc.backbone.startswith("ConvNeXt"))),
                    "a .weights.h5 file", *(["train_backbone blocks"] * (cc.backbone in EFFICIENTNETS)), "SmallCNN"]
-        problems.append(f"classify.weights: none leaves the frozen classify.backbone {cc.backbone} at its random "
-                        "initialisation "
+        problems.append(f"classify.weights: none with classify.train_backbone 0 leaves the frozen "
+                        f"classify.backbone {cc.backbone} at its random initialisation "
                         f"(features ~1e-7: the head learns class frequencies only); use {', '.join(instead[:-1])} or "
                         f"{instead[-1]}; "
                         "random says a plumbing test is meant")
@@ -221,9 +221,10 @@ def _backbone_problems(cc: ClassifyConfig) -> list[str]:
         problems.append("classify.weights: random names a frozen backbone for plumbing tests; blocks that train "
                         "start from none")
     if cc.input_size < KERAS_MIN_INPUT:
-        problems.append(f"classify.input_size: {cc.input_size} px is below the {KERAS_MIN_INPUT} px keras.applications "
-                        f"backbones take (their docs: width and height no smaller than 32; EfficientNet fails to "
-                        f"build below it); use {KERAS_MIN_INPUT} or more, or SmallCNN")
+        problems.append(f"classify.input_size: {cc.input_size} px is below the {KERAS_MIN_INPUT} px "
+                        f"keras.applications backbones (classify.backbone {cc.backbone}) take (their docs: width and "
+                        f"height no smaller than 32; EfficientNet fails to build below it); use {KERAS_MIN_INPUT} or "
+                        "more, or SmallCNN")
     if cc.train_backbone and cc.backbone not in EFFICIENTNETS:
         problems.append(f"classify.train_backbone: training top blocks is built for EfficientNetB0-B7 (whose blocks "
                         f"it names), not {cc.backbone}; leave it at 0 (frozen backbone)")
@@ -259,11 +260,13 @@ def _search_problems(cfg: ExperimentConfig) -> list[str]:
              for name in ("folds", "confirm_folds") for f in getattr(s, name) if f >= n]
     confirm = s.confirm_folds or (confirmation_folds(list(range(n))) if s.confirm else ())
     if set(s.folds) & set(confirm):
-        named = "search.confirm_folds" if s.confirm_folds else "the default confirmation folds (the last third)"
+        named = ("search.confirm_folds" if s.confirm_folds else
+                 f"the default confirmation folds (search.confirm: the last third of folds.k x folds.repeats = {n})")
         found.append(f"search.folds / {named}: {sorted(set(s.folds) & set(confirm))} in both; the confirmation "
                      "needs folds the search never scored on")
     if s.confirm_folds and not s.folds and len(s.confirm_folds) >= n:
-        found.append("search.confirm_folds: every fold; none is left for the search to score on")
+        found.append(f"search.confirm_folds: every fold (folds.k x folds.repeats = {n}); none is left for the "
+                     "search to score on")
     if s.scheduler != "none" and s.report_every == 0:
         found.append(f"search.scheduler: {s.scheduler} stops trials at their reports, and search.report_every is 0 "
                      "(one report, at the end); set report_every (LoRA epochs) or scheduler: none")
@@ -282,9 +285,9 @@ def random_features_problem(cfg: ExperimentConfig, when: str = "") -> list[str]:
     it at its random initialisation, which cannot tell cells from noise. (random names that backbone for tests of
     the pipeline, and the report says so.) `when` names the setting that makes the check apply."""
     if cfg.quality.features == "backbone" and cfg.classify.weights == "none":
-        return [f"quality.features: backbone{when} measures on {cfg.classify.backbone}'s features, and "
-                "classify.weights none leaves them at its random initialisation (they cannot tell cells from noise); "
-                "use quality.features: image_statistics, or backbone weights"]
+        return [f"quality.features: backbone{when} measures on classify.backbone {cfg.classify.backbone}'s "
+                "features, and classify.weights none leaves them at its random initialisation (they cannot tell "
+                "cells from noise); use quality.features: image_statistics, or backbone weights"]
     return []
 
 
@@ -328,7 +331,8 @@ def problems(cfg: ExperimentConfig) -> list[str]:
         (bool(gc.base.strip()), "generator.base: empty; use a hub id, a local folder or tiny"),
         (len(cfg.data.demo.per_class) == 3, "data.demo.per_class: need 3 counts (good, acceptable, bad)"),
         (cfg.data.source != "demo" or min(cfg.data.demo.per_class, default=cfg.folds.k) >= cfg.folds.k,
-         f"data.demo.per_class: {list(cfg.data.demo.per_class)} has a class of fewer images than folds.k="
+         f"data.demo.per_class (data.source demo): {list(cfg.data.demo.per_class)} has a class of fewer images "
+         f"than folds.k="
          f"{cfg.folds.k} (every held-out fold needs each class)"),
         (gc.scope == "class" or not gc.per_group,
          "generator.scope: one LoRA per dataset has no group to train per; use per_group: false or scope: class"),

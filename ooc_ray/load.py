@@ -17,7 +17,8 @@ from typing import Any, Callable
 import yaml
 
 from ooc_ray.checks import build, coerce, problems, raise_problems
-from ooc_ray.config import DISTRIBUTIONS, REPLICATE_SEED_STEP, SAME_STEPS_AS_REAL, TINY, ExperimentConfig
+from ooc_ray.config import (DISTRIBUTIONS, REPLICATE_SEED_STEP, SAME_STEPS_AS_REAL, SEARCH_SPACE, TINY,
+                            ExperimentConfig)
 from ooc_ray.roles import INPUT, RESOURCE, RESULT
 from ooc_ray.errors import ConfigError
 from ooc_ray.fields import field_of, field_roles, format_value, value_of, with_values
@@ -260,6 +261,8 @@ def checked(raw: dict | None) -> tuple[ExperimentConfig, list[str]]:
     found: list[str] = []
     unused: set[str] = set()
     cfg = build(ExperimentConfig, raw, found=found, defaulted=unused)
+    unused -= {"axes"} if axes_raw is not None else set()  # given (popped above): not what a misspelt key meant
+    unused -= {"search.space"} if space_raw is not _NOT_GIVEN else set()
     own = problems(cfg)
     later: list[str] = []  # the checks that read the defaults of `unused`
     axes = () if axes_raw is None else _collected(found, parse_axes, axes_raw)
@@ -284,7 +287,10 @@ def _not_naming(found: list[str], keys: set[str]) -> list[str]:
     default for a value that was not used, and a check of the default would not be about the user's value."""
     if not keys:
         return found
-    named = re.compile("|".join(rf"(?<![\w.]){re.escape(key)}(?!\w)" for key in sorted(keys)))
+    # A dotted key is named wherever it stands; a one-word key (a section, name) only as a path (`data.`, `name:`),
+    # not as the word in prose ("share one arm name", "data and folds stay fixed").
+    named = re.compile("|".join(rf"(?<![\w.]){re.escape(key)}" + (r"(?!\w)" if "." in key else r"[.:]")
+                                for key in sorted(keys)))
     return [p for p in found if not named.search(p)]
 
 
@@ -332,17 +338,22 @@ def _into_mapping(dotted: str) -> tuple[str, str] | None:
 
 def known_key(dotted: str) -> bool:
     """A dotted key an override may set: a config field, or one entry of a mapping-valued field."""
-    return dotted in field_roles() or _into_mapping(dotted) is not None
+    into = _into_mapping(dotted)
+    return dotted in field_roles() or (into is not None and into[1] in field_roles())
 
 
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """raw[dotted] = value; one entry of a mapping-valued field is added to the file's mapping, or to the default
+    one (search.space: SEARCH_SPACE) where the file gives none."""
     into = _into_mapping(dotted)
     parts = into[0].split(".") + [into[1]] if into else dotted.split(".")
     node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    for depth, part in enumerate(parts[:-1]):
+        mapping = into and depth == len(parts) - 2
+        node = node.setdefault(part, {d: {kind: list(v)} for d, kind, v in SEARCH_SPACE}
+                               if mapping and into[0] == "search.space" else {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: '{part}' is not a {'mapping' if into else 'section'}")
+            raise ConfigError(f"override {dotted}: '{part}' is not a {'mapping' if mapping else 'section'}")
     node[parts[-1]] = value
 
 
@@ -485,6 +496,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), t
     # The last value would win, silently: which one was meant is the user's to say.
     found += [f"override {key}: given {len(values)} times ({', '.join(map(repr, values))}); give it once"
               for key, values in given.items() if len(values) > 1]
+    found += [f"override {key}: given whole and as {entry}; give one or the other" for key in MAPPING_FIELDS
+              if key in given for entry in given if entry.startswith(key + ".")]
     cfg, more = checked(raw)  # the file's problems too: an override that did not apply is named above
     raise_problems(found + more, f"{path}: ")
     return cfg

@@ -116,15 +116,17 @@ def test_unknown_section_is_named():
         ({"quality": {"features": "inception"}}, "quality.features"),
         # A frozen backbone at its random init: the head learns class frequencies; "random" says a test means it.
         ({"classify": {"backbone": "EfficientNetB0", "weights": "none"}},
-         "classify.weights: none leaves the frozen classify.backbone EfficientNetB0 at its random initialisation"),
+         "classify.weights: none with classify.train_backbone 0 leaves the frozen classify.backbone EfficientNetB0"),
         ({"classify": {"weights": "random", "train_backbone": 2, "mode": "exact"}}, "classify.weights: random names"),
         ({"classify": {"backbone": "SmallCNN", "weights": "random", "mode": "exact"}},
          "classify.weights: 'random' does not exist for SmallCNN"),
         # Quality measured on a random initialisation (SmallCNN's, or below a frozen EfficientNet's trained blocks)
         ({"classify": {"backbone": "SmallCNN", "weights": "none", "mode": "exact"}, "quality": {"enabled": True}},
-         "quality.features: backbone with quality.enabled measures on SmallCNN's features, and classify.weights none"),
+         "quality.features: backbone with quality.enabled measures on classify.backbone SmallCNN's features, and "
+         "classify.weights none"),
         ({"classify": {"backbone": "EfficientNetB0", "weights": "none", "train_backbone": 2, "mode": "exact"},
-          "quality": {"enabled": True}}, "quality.features: backbone with quality.enabled measures on EfficientNetB0's"),
+          "quality": {"enabled": True}},
+         "quality.features: backbone with quality.enabled measures on classify.backbone EfficientNetB0's"),
         ({"classify": {"weights": "~no_such_user_here/b0.weights.h5"}}, "classify.weights: '~no_such_user_here"),
     ],
 )
@@ -154,7 +156,7 @@ def test_bad_values_name_the_key(raw, key):
      r"axes: the variants sample.negative_prompt = blurry, dark and sample.negative_prompt = blurry; dark would "
      r"share the folder variants/sample.negative_prompt=blurry--dark/"),
     ({"data": {"demo": {"per_class": [30, 14, 2]}}, "folds": {"k": 3}},
-     r"data.demo.per_class: \[30, 14, 2\] has a class of fewer images than folds.k=3"),
+     r"data.demo.per_class \(data.source demo\): \[30, 14, 2\] has a class of fewer images than folds.k=3"),
     ({"generator": {"base": ""}}, "generator.base: empty"),
     ({"folds": {"seed": -1}}, r"folds.seed: must be in \[0, 2147483648\), got -1"),
     ({"sample": {"seed": 2**32}}, r"sample.seed: must be in \[0, 2147483648\), got 4294967296"),
@@ -164,7 +166,8 @@ def test_bad_values_name_the_key(raw, key):
     ({"classify": {"ratios": [0.0], "controls": ["real_steps"]}},
      "classify.controls: each control matches an arm of ratio > 0"),
     ({"folds": {"k": 3}, "search": {"folds": [0, 1, 2]}},
-     r"search.folds / the default confirmation folds \(the last third\): \[2\] in both"),
+     r"search.folds / the default confirmation folds \(search.confirm: the last third of folds.k x folds.repeats = "
+     r"3\): \[2\] in both"),
     ({"generator": {"per_group": True}}, "generator.per_group: one LoRA per group needs data.group_column"),
     ({"folds": {"strategy": "group"}}, "folds.strategy: group needs data.group_column"),
     ({"generator": {"scope": "dataset", "prompt": "cells"}}, "generator.prompt: 'cells' has no {label}"),
@@ -521,6 +524,8 @@ def test_problems_of_every_kind_come_in_one_error_not_in_rounds(tmp_path):
 
 
 def test_a_wrong_type_or_a_misspelt_key_holds_back_only_the_checks_that_name_its_field(tmp_path):
+    from ooc_ray.load import checked
+
     """A field given a value of the wrong type keeps its default, and so does the field a misspelt key most likely
     meant: the combinations, the search space and the variants are still checked, less each problem that names
     that field (it would be about the default). Before, any such key held every one of those checks back."""
@@ -545,6 +550,16 @@ def test_a_wrong_type_or_a_misspelt_key_holds_back_only_the_checks_that_name_its
     with pytest.raises(ConfigError) as caught:
         load_config(path, tiny=True)
     assert [p.split(": ")[1] for p in caught.value.problems] == ["classify", "unknown config key(s)", "folds.seed"]
+    # A review's pairs: a word in prose is no key (`name`, `data`); a field given beside its misspelling keeps
+    # its own problems; a message reading a field names it (the keras minimum under a misspelt SmallCNN).
+    for raw, said in (({"name": ["x"], "sample": {"weights": [1.0, 1.0000001]}}, "sample.weights: [1.0, 1.0000001]"),
+                      ({"data": 5, "search": {"space": {"data.source": {"choice": ["a", "b"]}}}},
+                       "search.space.data.source: a search dimension"),
+                      ({"classify": {"epochs": 0, "epoch": 3}}, "classify.epochs: need at least 1, got 0"),
+                      ({"axis": {}, "axes": {"sample.steps": [0, 2]}}, "axes (sample.steps = 0)")):
+        assert any(p.startswith(said) for p in checked(raw)[1]), (raw, checked(raw)[1])
+    odd = {"classify": {"backbone": "SmallCnn", "weights": "none", "mode": "exact", "input_size": 16}}
+    assert [p.split(":")[0] for p in checked(odd)[1]] == ["classify.backbone"]
 
 
 def test_no_check_reads_a_default_that_stands_in_for_a_bad_value_without_naming_its_field(repo):
@@ -584,6 +599,16 @@ def test_an_override_or_tiny_key_into_the_search_space_or_axes_sets_one_entry(tm
         load_config(path, ["search.space.sample.cfg=1", "axes.sample.cfgg=[1]"])
     assert [p.split(": ")[1] for p in caught.value.problems] == ["axes.sample.cfgg", "search.space.sample.cfg"]
     assert "expected one of {choice | uniform | loguniform | randint: values}, got 1" in str(caught.value)
+    # The whole mapping and an entry of it: which wins would depend on their order; refused like a key given twice.
+    with pytest.raises(ConfigError, match="override search.space: given whole and as search.space.sample.cfg"):
+        load_config(path, ["search.space.sample.cfg={choice: [1, 2]}", "search.space={sample.steps: {choice: [2]}}"])
+    # A file without a space: the entry joins the default space; a misspelt entry in `tiny:` is named without --tiny.
+    path.write_text("tiny: {axes.sample.cfgg: [1, 2]}\n")
+    with pytest.raises(ConfigError, match=r"tiny: unknown config key\(s\): axes.sample.cfgg"):
+        load_config(path)
+    path.write_text("tiny: {}\n")
+    space = load_config(path, ["search.space.sample.cfg={choice: [1, 2]}"]).search.space
+    assert space == ExperimentConfig().search.space + (("sample.cfg", "choice", (1.0, 2.0)),)
 
 
 def test_every_numeric_field_declares_its_bounds():

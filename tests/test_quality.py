@@ -286,5 +286,5 @@ def test_the_quality_stage_refuses_a_random_initialisation_when_run_by_hand(tmp_
 
     cfg = from_dict({"results_dir": str(tmp_path), "quality": {"enabled": False},
                      "classify": {"backbone": "SmallCNN", "weights": "none", "mode": "exact"}})
-    with pytest.raises(ConfigError, match="quality.features: backbone measures on SmallCNN's features"):
+    with pytest.raises(ConfigError, match="quality.features: backbone measures on classify.backbone SmallCNN's"):
         run_quality(cfg, ExperimentPaths.of(cfg))

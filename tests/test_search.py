@@ -83,7 +83,7 @@ def test_a_search_refuses_to_score_on_a_random_backbone_before_any_work(tmp_path
 
     cfg = from_dict({"results_dir": str(tmp_path), "classify": {"backbone": "SmallCNN", "weights": "none",
                                                                 "mode": "exact"}, "quality": {"enabled": False}})
-    with pytest.raises(ConfigError, match="quality.features: backbone measures on SmallCNN's features"):
+    with pytest.raises(ConfigError, match="quality.features: backbone measures on classify.backbone SmallCNN's"):
         run_search(cfg, ExperimentPaths.of(cfg))
     assert not any(tmp_path.iterdir())
 
