@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import math
 import string
 import types
@@ -16,6 +15,7 @@ from typing import Any, Literal
 from ooc_ray.config import (EFFICIENTNET_BLOCKS, EFFICIENTNETS, RANDOM_WEIGHTS, SPECIAL_WEIGHTS, ClassifyConfig,
                             ExperimentConfig, GeneratorConfig, confirmation_folds)
 from ooc_ray.errors import ConfigError
+from ooc_ray.fields import type_hints
 
 SINGULAR = {"controls": "a control", "weights": "a LoRA weight", "ratios": "a ratio", "classes": "a class",
             "augment": "an augmentation"}  # for "a ratio is listed twice"
@@ -88,9 +88,6 @@ def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
     return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
 
 
-_type_hints = functools.cache(typing.get_type_hints)  # each call re-evaluates the annotations (~0.7 ms)
-
-
 def build(cls: type, raw: dict, prefix: str = "", found: list[str] | None = None,
           defaulted: set[str] | None = None) -> Any:
     """`cls` from a mapping, every value coerced. With `found`, every unknown key and every value of the wrong type
@@ -100,7 +97,7 @@ def build(cls: type, raw: dict, prefix: str = "", found: list[str] | None = None
     sample.sampler), so that a loader can leave out the checks that would read their defaults as the user's."""
     collect = [] if found is None else found
     unused = set() if defaulted is None else defaulted
-    hints = _type_hints(cls)
+    hints = type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     where = prefix.rstrip(".") or "top level"
     not_names = [k for k in raw if not isinstance(k, str)]

@@ -17,11 +17,10 @@ from typing import Any, Callable
 import yaml
 
 from ooc_ray.checks import build, coerce, problems, raise_problems
-from ooc_ray.config import (DISTRIBUTIONS, REPLICATE_SEED_STEP, SAME_STEPS_AS_REAL, SEARCH_SPACE, TINY,
-                            ExperimentConfig)
+from ooc_ray.config import DISTRIBUTIONS, REPLICATE_SEED_STEP, SAME_STEPS_AS_REAL, TINY, ExperimentConfig
 from ooc_ray.roles import INPUT, RESOURCE, RESULT
 from ooc_ray.errors import ConfigError
-from ooc_ray.fields import field_of, field_roles, format_value, value_of, with_values
+from ooc_ray.fields import field_of, field_roles, format_value, to_dict, value_of, with_values
 from ooc_ray.variants import variants
 
 # Where an axis may vary a field: what makes or uses synthetic images. Data and folds stay fixed, so every
@@ -344,13 +343,13 @@ def known_key(dotted: str) -> bool:
 
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:
     """raw[dotted] = value; one entry of a mapping-valued field is added to the file's mapping, or to the default
-    one (search.space: SEARCH_SPACE) where the file gives none."""
+    one (search.space's default) where the file gives none."""
     into = _into_mapping(dotted)
     parts = into[0].split(".") + [into[1]] if into else dotted.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
         mapping = into and depth == len(parts) - 2
-        node = node.setdefault(part, {d: {kind: list(v)} for d, kind, v in SEARCH_SPACE}
+        node = node.setdefault(part, to_dict(ExperimentConfig())["search"]["space"]
                                if mapping and into[0] == "search.space" else {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: '{part}' is not a {'mapping' if mapping else 'section'}")
