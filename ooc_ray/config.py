@@ -339,7 +339,7 @@ class SearchConfig:
     # After the search, compare the best point with the config's own settings (generator.*, the first of
     # sample.weights) on the confirmation folds: 2 trials per confirmation fold.
     confirm: bool = grid(True)
-    cpus_per_trial: float = resource(1.0, gt=0)  # CPUs per search trial
+    cpus_per_trial: float = resource(1.0, gt=0)  # CPUs per search trial: its torch threads too
     gpus_per_trial: float = resource(0.0, ge=0)  # GPUs per search trial (LoRA training, sampling, then the classifier)
     max_concurrent: int = resource(0, ge=0)  # 0: as many as resources allow
 

@@ -25,7 +25,7 @@ from ooc_ray.config import ExperimentConfig, GeneratorConfig
 from ooc_ray.data import load_manifest
 from ooc_ray.images import load_image
 from ooc_ray.diffusion.base import (BaseModel, device_and_dtype, generator_versions, load_pipeline, optimizer_step,
-                                   training_precision, training_target)
+                                   torch_threads, training_precision, training_target)
 from ooc_ray.diffusion.lora import save_lora, weights_digest
 from ooc_ray.diffusion.lora_files import (DIFFUSERS_FILE, KOHYA_FILE, METADATA_FILE, lora_config, lora_problem,
                                           read_metadata, te_targets, trained_table, unet_targets)
@@ -197,7 +197,8 @@ class LoraTraining:
             "device": str(unet.device), "base_dtype": str(unet.dtype).removeprefix("torch."),
             "mixed_precision": gcfg.mixed_precision,
             "grad_scale_final": self.scaler.get_scale() if self.scaler else None,
-            "cache_latents": gcfg.cache_latents, "versions": generator_versions(),
+            "cache_latents": gcfg.cache_latents, "torch_threads": torch.get_num_threads(),
+            "versions": generator_versions(),
             "seconds": round(time.perf_counter() - self.start, 2), **where(),
         }
         (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=1))
@@ -265,9 +266,10 @@ def train_job(job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, lora_root: P
         return read_metadata(folder)
     if gpu_request:
         require_torch_cuda(gpu_request)
-    pipe = base_pipeline(base.path, gcfg)
-    with atomic_dir(folder) as tmp:
-        return train_lora(pipe, job, gcfg, base, tmp)
+    with torch_threads(gcfg.cpus):
+        pipe = base_pipeline(base.path, gcfg)
+        with atomic_dir(folder) as tmp:
+            return train_lora(pipe, job, gcfg, base, tmp)
 
 
 def pending_jobs(jobs: list[LoraJob], lora_root: Path) -> list[LoraJob]:

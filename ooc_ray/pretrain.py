@@ -19,7 +19,7 @@ import pandas as pd
 from ooc_ray.config import DataConfig, DemoDataConfig, ExperimentConfig
 from ooc_ray.data import IMAGE_SUFFIXES, load_manifest, report_near_copies, visible
 from ooc_ray.demo_data import CLASSES, write_demo_dataset
-from ooc_ray.diffusion.base import device_and_dtype, load_pipeline, resolve_base
+from ooc_ray.diffusion.base import device_and_dtype, load_pipeline, resolve_base, torch_threads
 from ooc_ray.diffusion.pretrain import (METADATA_FILE, pretrain, pretrain_key, pretrain_steps, pretrained_dir,
                                         save_pretrained, source_key)
 from ooc_ray.errors import DataError, MissingInputError, ModelError
@@ -180,11 +180,13 @@ def pretrain_task(cfg: ExperimentConfig, base_path: str, image_paths: list[str],
     if gpu_request:
         require_torch_cuda(gpu_request)
     device, _ = device_and_dtype()
-    pipe = load_pipeline(base_path, device=device)  # fp32 weights: they are trained, not only run
-    try:
-        measured = pretrain(pipe, image_paths, cfg, StepFile(steps_file(folder), pretrain_steps(cfg)).step)
-    except FloatingPointError as exc:
-        raise ModelError(f"generator.pretrain: {exc}") from None
+    with torch_threads(cfg.generator.pretrain.cpus) as threads:
+        pipe = load_pipeline(base_path, device=device)  # fp32 weights: they are trained, not only run
+        try:
+            measured = pretrain(pipe, image_paths, cfg, StepFile(steps_file(folder), pretrain_steps(cfg)).step)
+        except FloatingPointError as exc:
+            raise ModelError(f"generator.pretrain: {exc}") from None
+    measured["torch_threads"] = threads
     with atomic_dir(folder) as tmp:
         save_pretrained(pipe, {**meta, **measured}, tmp)
     return {**measured, **where()}

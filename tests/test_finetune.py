@@ -175,6 +175,36 @@ def train_in_this_process(cfg, paths) -> pd.DataFrame:
     return trained_table(jobs, paths.lora)
 
 
+def test_a_lora_trains_on_its_tasks_cpus_whatever_threads_its_process_had(tmp_path, tiny_base):
+    """Ray reuses worker processes, and torch takes its threads from OMP_NUM_THREADS only when first imported: a
+    1-CPU LoRA task in the worker of a 2-CPU task (the demo's pretraining) found 2 threads, and 1 vs 2 threads
+    change a LoRA's bits. The task sets its own threads, records them, and gives the process back its own."""
+    import torch
+
+    from ooc_ray.finetune import run_finetune
+
+    m = make_dataset(tmp_path, per_class=(6, 2), k=2)
+    runs = {}
+    for where in ("ray", "here"):
+        cfg = tiny_cfg(tmp_path / where, generator={"epochs": 2, "repeats": 4, "batch_size": 4, "split": "all",
+                                                   "text_encoder_lr": 0.0, "cpus": 1})
+        paths = ExperimentPaths.of(cfg)
+        seed_models(paths, tiny_base)
+        write_manifest(m[m.label == "good"], paths)
+        if where == "ray":  # a Ray task, in whichever worker of the session's Ray is free
+            row = run_finetune(cfg, paths).iloc[0]
+        else:  # this process on 2 threads, as that worker was
+            torch.set_num_threads(2)
+            try:
+                row = train_in_this_process(cfg, paths).iloc[0]
+                assert torch.get_num_threads() == 2
+            finally:
+                torch.set_num_threads(1)  # the module's one_torch_thread
+        runs[where] = json.loads((Path(row["dir"]) / "metadata.json").read_text())
+    assert runs["ray"]["torch_threads"] == runs["here"]["torch_threads"] == 1
+    assert runs["ray"]["sha256"] == runs["here"]["sha256"]  # on 2 threads: other bits (the test fails without)
+
+
 def test_cached_latents_train_the_same_lora_as_encoding_every_step(tmp_path, tiny_base, monkeypatch):
     """generator.cache_latents encodes each image once (and the frozen text encoder's prompt once); off, the
     VAE and the text encoder run at every step. Same noise per image, so the same loss curve up to rounding."""

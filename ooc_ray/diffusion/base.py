@@ -8,6 +8,7 @@ unlabeled images into a base that draws cells.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -296,6 +297,22 @@ def generator_versions() -> str:
     upgrade would retrain every LoRA), so a pool resumed after an upgrade can hold two generators' images; the
     report says which ones its LoRAs and images were made with, and when they differ."""
     return ", ".join(f"{name} {version(name)}" for name in GENERATOR_LIBRARIES)
+
+
+@contextlib.contextmanager
+def torch_threads(cpus: float):
+    """torch's intra-op threads = the CPUs a task reserved (at least 1) while it runs; yields the count. Ray sets
+    each task's OMP_NUM_THREADS, but torch reads it once, when a worker process first imports it, and Ray reuses
+    workers: in the demo a 1-CPU LoRA task that landed in the 2-CPU pretraining's worker trained on 2 threads
+    (3 on 2 cores with the LoRA beside it), and which LoRA landed there changed with the machine's load. The
+    thread count changes a CPU result's last bits (a tiny LoRA on 1 vs 2 threads: other sha256, the same loss to
+    15 digits), so the same LoRA came out in other bits from run to run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cpus)))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def device_and_dtype(half: bool = True):

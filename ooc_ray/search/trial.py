@@ -28,7 +28,7 @@ from ooc_ray import keys
 from ooc_ray.backbones import BackboneWeights
 from ooc_ray.config import ExperimentConfig, SearchConfig
 from ooc_ray.data import class_names, load_manifest
-from ooc_ray.diffusion.base import BaseModel
+from ooc_ray.diffusion.base import BaseModel, torch_threads
 from ooc_ray.diffusion.lora_files import trained_table
 from ooc_ray.fields import with_value
 from ooc_ray.finetune import LoraTraining, base_pipeline, pending_jobs
@@ -203,18 +203,20 @@ def trial_reports(point: dict, cfg: ExperimentConfig, paths: ExperimentPaths, ba
         return
     trainings = _Trainings(tcfg, base, paths.search / "lora")
     try:
-        for epochs in checkpoints(tcfg.generator.epochs, every):
-            ccfg = with_value(tcfg, "generator.epochs", epochs)
-            jobs = _save_checkpoint(trainings, final, ccfg, parts, base)
-            synthetic = _pools(ccfg, parts, jobs, base, paths)
-            losses = trained_table([job for fold_jobs in jobs for job in fold_jobs], paths.search / "lora")
-            row = {"search_key": key, **point, **_scored(ccfg, parts, synthetic, weights, manifest, paths),
-                   "objective": cfg.search.objective, "epochs_trained": epochs,
-                   "complete": epochs == tcfg.generator.epochs, "final_loss_mean": float(losses["final_loss"].mean()),
-                   "n_lora_images_per_class": cfg.search.images_per_class,
-                   "duration_s": time.perf_counter() - start}
-            write_parquet(pd.DataFrame([row]), result_file)
-            yield row
+        with torch_threads(cfg.search.cpus_per_trial):  # the confirmation's task may run in any reused worker
+            for epochs in checkpoints(tcfg.generator.epochs, every):
+                ccfg = with_value(tcfg, "generator.epochs", epochs)
+                jobs = _save_checkpoint(trainings, final, ccfg, parts, base)
+                synthetic = _pools(ccfg, parts, jobs, base, paths)
+                losses = trained_table([job for fold_jobs in jobs for job in fold_jobs], paths.search / "lora")
+                row = {"search_key": key, **point, **_scored(ccfg, parts, synthetic, weights, manifest, paths),
+                       "objective": cfg.search.objective, "epochs_trained": epochs,
+                       "complete": epochs == tcfg.generator.epochs,
+                       "final_loss_mean": float(losses["final_loss"].mean()),
+                       "n_lora_images_per_class": cfg.search.images_per_class,
+                       "duration_s": time.perf_counter() - start}
+                write_parquet(pd.DataFrame([row]), result_file)
+                yield row
     finally:
         trainings.close()
 
