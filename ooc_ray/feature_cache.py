@@ -27,7 +27,7 @@ from ooc_ray.backbones import CALIBRATED, BackboneWeights, backbone_weights
 from ooc_ray.config import ClassifyConfig, ExperimentConfig
 from ooc_ray.io import atomic_path, atomic_write_text
 from ooc_ray.logs import note
-from ooc_ray.raycluster import init_ray, require_resources, wait_all
+from ooc_ray.raycluster import init_ray, ray_task, require_resources, wait_all
 
 CHUNK = 256  # images per part file: B7 features are 2560 float32 = 10 KB per view, ~10 MB per part at 4 views
 
@@ -116,7 +116,7 @@ def _extraction_task(cc: ClassifyConfig, weights: BackboneWeights, images: pd.Da
 
 
 def _weights_task(cc: ClassifyConfig, models_dir: Path, manifest: pd.DataFrame) -> BackboneWeights:
-    return keras_side("ooc_ray.networks", cc.backend).built_weights(cc, models_dir, manifest)
+    return keras_side("ooc_ray.features", cc.backend).weights_task(cc, models_dir, manifest)
 
 
 def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame,
@@ -124,14 +124,14 @@ def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: Backbone
     """Fill the cache for `images` with Ray tasks, one per trial-sized slot, each with the trial's CPUs and
     GPUs, so a cluster extracts in parallel; returns the cache folder. `cc` may differ from cfg.classify
     (the quality stage's un-augmented cache in exact mode). use_ray=False extracts in this process (inside
-    a search trial, which already holds its resources)."""
+    a search trial, which already holds search.cpus_per_trial: its framework's threads)."""
     directory = cache_dir(cc, weights, features_root)
     todo = images.drop_duplicates("sha256")
     todo = todo[todo["sha256"].isin(FeatureCache(directory).missing(todo["sha256"]))]
     if todo.empty:
         return directory
     if not use_ray:
-        keras_side("ooc_ray.features", cc.backend).extract_here(cc, weights, todo, directory)
+        keras_side("ooc_ray.features", cc.backend).extract_here(cc, weights, todo, directory, cfg.search.cpus_per_trial)
         return directory
     ray = init_ray(cfg)
     request = {"CPU": cc.cpus_per_trial, "GPU": cc.gpus_per_trial}
@@ -151,9 +151,8 @@ def ensure_features(cfg: ExperimentConfig, cc: ClassifyConfig, weights: Backbone
     # an autoscaling cluster (which may start with no GPU node) one task per part: queued tasks start on the
     # nodes as they join, where a count taken now would leave the work to the few slots there are now.
     n_tasks = max(1, n_parts if cfg.ray.autoscaling else min(slots, n_parts))
-    task = ray.remote(_extraction_task).options(num_cpus=cc.cpus_per_trial, num_gpus=cc.gpus_per_trial,
-                                                max_retries=cfg.ray.max_retries,  # a shard lost with its node
-                                                **runtime_env(cc.backend))
+    task = ray_task(_extraction_task, cc.cpus_per_trial, cc.gpus_per_trial, cfg.ray.max_retries,  # a lost shard
+                    **runtime_env(cc.backend))
     shards = [todo.iloc[idx] for idx in np.array_split(np.arange(len(todo)), n_tasks) if len(idx)]
     wait_all(cfg, [task.remote(cc, weights, shard, str(directory)) for shard in shards], request, what)
     note(f"features: {len(todo)} images extracted into {directory.name}")
@@ -188,8 +187,7 @@ def weights_on_cluster(cfg: ExperimentConfig, cc: ClassifyConfig, models_dir: Pa
     request = {"CPU": cc.cpus_per_trial, "GPU": cc.gpus_per_trial}
     what = (f"calibrated weights: classify.cpus_per_trial={cc.cpus_per_trial:g}, "
             f"classify.gpus_per_trial={cc.gpus_per_trial:g}")
-    ray = init_ray(cfg)
+    init_ray(cfg)
     require_resources(cfg, request, what)
-    task = ray.remote(_weights_task).options(num_cpus=cc.cpus_per_trial, num_gpus=cc.gpus_per_trial,
-                                             max_retries=cfg.ray.max_retries, **runtime_env(cc.backend))
+    task = ray_task(_weights_task, cc.cpus_per_trial, cc.gpus_per_trial, cfg.ray.max_retries, **runtime_env(cc.backend))
     return wait_all(cfg, [task.remote(cc, models_dir, manifest)], request, what)[0]

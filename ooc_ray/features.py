@@ -16,7 +16,7 @@ from ooc_ray.config import ClassifyConfig
 from ooc_ray.errors import StageError
 from ooc_ray.feature_cache import CHUNK, FeatureCache, n_views
 from ooc_ray.gpu import require_keras_gpu
-from ooc_ray.networks import build_augmentation, build_backbone, framework, frozen
+from ooc_ray.networks import build_augmentation, build_backbone, built_weights, framework, frozen
 
 
 def _view_seed(image_seed: int, view: int) -> int:
@@ -93,16 +93,29 @@ def extract_features(cc: ClassifyConfig, weights: BackboneWeights, images: pd.Da
     return len(todo)
 
 
-def extract_task(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str) -> int:
-    """A Ray feature task's work (feature_cache.ensure_features): the framework set to the task's CPUs, its GPU
-    checked."""
+def _task_start(cc: ClassifyConfig, what: str) -> None:
+    """A Ray task's first step: the framework set to the task's CPUs before its first op (TensorFlow fixes its
+    threads then, on every core unless told, and 1 vs 2 threads change EfficientNetB0's features in their last
+    bits), its GPU checked."""
     framework().setup(cc.cpus_per_trial)
     if cc.gpus_per_trial > 0:
-        require_keras_gpu(cc.backend, f"feature extraction: classify.gpus_per_trial={cc.gpus_per_trial:g}")
+        require_keras_gpu(cc.backend, f"{what}: classify.gpus_per_trial={cc.gpus_per_trial:g}")
+
+
+def extract_task(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str) -> int:
+    """A Ray feature task's work (feature_cache.ensure_features)."""
+    _task_start(cc, "feature extraction")
     return extract_features(cc, weights, images, directory)
 
 
-def extract_here(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str | Path) -> int:
-    """Extraction in this process (a search trial, which holds its resources already)."""
-    framework().setup()
+def weights_task(cc: ClassifyConfig, models_dir: Path, manifest: pd.DataFrame) -> BackboneWeights:
+    """A Ray calibration task's work (feature_cache.weights_on_cluster)."""
+    _task_start(cc, "calibrated weights")
+    return built_weights(cc, models_dir, manifest)
+
+
+def extract_here(cc: ClassifyConfig, weights: BackboneWeights, images: pd.DataFrame, directory: str | Path,
+                 cpus: float) -> int:
+    """Extraction in this process (a search trial, which holds `cpus` already)."""
+    framework().setup(cpus)
     return extract_features(cc, weights, images, directory)

@@ -25,7 +25,7 @@ from ooc_ray.config import ExperimentConfig, GeneratorConfig
 from ooc_ray.data import load_manifest
 from ooc_ray.images import load_image
 from ooc_ray.diffusion.base import (BaseModel, device_and_dtype, generator_versions, load_pipeline, optimizer_step,
-                                   torch_threads, training_precision, training_target)
+                                   task_threads, training_precision, training_target)
 from ooc_ray.diffusion.lora import save_lora, weights_digest
 from ooc_ray.diffusion.lora_files import (DIFFUSERS_FILE, KOHYA_FILE, METADATA_FILE, lora_config, lora_problem,
                                           read_metadata, te_targets, trained_table, unet_targets)
@@ -38,7 +38,7 @@ from ooc_ray.keys import config_slice
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import FileProgress
 from ooc_ray.protocol import LoraJob, plan_loras
-from ooc_ray.raycluster import init_ray, require_resources, wait_all, where
+from ooc_ray.raycluster import init_ray, ray_task, require_resources, wait_all, where
 from ooc_ray.variants import each_variant, per_variant
 
 
@@ -266,7 +266,7 @@ def train_job(job: LoraJob, gcfg: GeneratorConfig, base: BaseModel, lora_root: P
         return read_metadata(folder)
     if gpu_request:
         require_torch_cuda(gpu_request)
-    with torch_threads(gcfg.cpus):
+    with task_threads(gcfg.cpus):
         pipe = base_pipeline(base.path, gcfg)
         with atomic_dir(folder) as tmp:
             return train_lora(pipe, job, gcfg, base, tmp)
@@ -290,13 +290,12 @@ def train_all(cfg: ExperimentConfig, jobs: list[LoraJob], base: BaseModel, lora_
     gcfg = cfg.generator
     request = {"CPU": gcfg.cpus, "GPU": gcfg.gpus}
     what = f"finetune: generator.cpus={gcfg.cpus:g}, generator.gpus={gcfg.gpus:g}"
-    ray = init_ray(cfg)
+    init_ray(cfg)
     require_resources(cfg, request, what)
-    # With GPUs, max_calls=1: the worker exits after its LoRA, so no idle process keeps a base model in GPU memory
+    # With GPUs the worker exits after its LoRA (ray_task), so no idle process keeps a base model in GPU memory
     # while the sampling actors start (reloading SD v1.5, ~5 s, is small beside its training). On CPUs a worker
     # keeps torch imported and the base loaded for its next LoRA.
-    remote = ray.remote(num_cpus=gcfg.cpus, num_gpus=gcfg.gpus, max_retries=cfg.ray.max_retries,
-                        max_calls=1 if gcfg.gpus > 0 else 0)(train_job)
+    remote = ray_task(train_job, gcfg.cpus, gcfg.gpus, cfg.ray.max_retries)
     gpu_request = f"finetune: generator.gpus={gcfg.gpus:g}" if gcfg.gpus > 0 else ""
     return wait_all(cfg, [remote.remote(job, gcfg, base, lora_root, gpu_request) for job in jobs], request, what)
 

@@ -19,7 +19,7 @@ import pandas as pd
 from ooc_ray.config import DataConfig, DemoDataConfig, ExperimentConfig
 from ooc_ray.data import IMAGE_SUFFIXES, load_manifest, report_near_copies, visible
 from ooc_ray.demo_data import CLASSES, write_demo_dataset
-from ooc_ray.diffusion.base import device_and_dtype, load_pipeline, resolve_base, torch_threads
+from ooc_ray.diffusion.base import device_and_dtype, load_pipeline, resolve_base, task_threads
 from ooc_ray.diffusion.pretrain import (METADATA_FILE, pretrain, pretrain_key, pretrain_steps, pretrained_dir,
                                         save_pretrained, source_key)
 from ooc_ray.errors import DataError, MissingInputError, ModelError
@@ -30,7 +30,7 @@ from ooc_ray.keys import config_slice
 from ooc_ray.gpu import require_torch_cuda
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.progress import StepFile, StepProgress
-from ooc_ray.raycluster import init_ray, require_resources, wait_all, where
+from ooc_ray.raycluster import init_ray, ray_task, require_resources, wait_all, where
 from ooc_ray.variants import each_variant
 
 IMAGE_COLUMNS = ["id", "path", "sha256"]
@@ -149,9 +149,9 @@ def pretrain_base(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None:
             "image_sha256": images["sha256"].tolist()}
     request = {"CPU": pcfg.cpus, "GPU": pcfg.gpus}
     what = f"pretrain: generator.pretrain.cpus={pcfg.cpus:g}, generator.pretrain.gpus={pcfg.gpus:g}"
-    ray = init_ray(cfg)
+    init_ray(cfg)
     require_resources(cfg, request, what)
-    task = ray.remote(pretrain_task).options(num_cpus=pcfg.cpus, num_gpus=pcfg.gpus, max_retries=cfg.ray.max_retries)
+    task = ray_task(pretrain_task, pcfg.cpus, pcfg.gpus, cfg.ray.max_retries)
     with StepProgress(steps_file(folder), "pretrain", pretrain_steps(cfg)):
         (measured,) = wait_all(cfg, [task.remote(cfg, base.path, images["path"].tolist(), str(folder), meta,
                                                  what if pcfg.gpus > 0 else "")], request, what)
@@ -180,7 +180,7 @@ def pretrain_task(cfg: ExperimentConfig, base_path: str, image_paths: list[str],
     if gpu_request:
         require_torch_cuda(gpu_request)
     device, _ = device_and_dtype()
-    with torch_threads(cfg.generator.pretrain.cpus) as threads:
+    with task_threads(cfg.generator.pretrain.cpus) as threads:
         pipe = load_pipeline(base_path, device=device)  # fp32 weights: they are trained, not only run
         try:
             measured = pretrain(pipe, image_paths, cfg, StepFile(steps_file(folder), pretrain_steps(cfg)).step)

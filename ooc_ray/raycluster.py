@@ -17,6 +17,12 @@ from ooc_ray.errors import ResourceError, StageError
 from ooc_ray.logs import note, ray_logging_level
 from ooc_ray.paths import ExperimentPaths
 
+# Ray 2.60 leaves a node's CUDA_VISIBLE_DEVICES as it is for a task or actor that asks for no GPU (ray#54868): on a
+# GPU node a 0-GPU LoRA task then trains on a GPU nobody reserved, a CPU sampling actor samples on GPU 0 in fp16
+# (other images than the CPU run it asked for) and TensorFlow puts every cached-mode trial on GPU 0. Ray's switch
+# back to hiding them, for every worker of this job (measured with Ray 2.60: CUDA_VISIBLE_DEVICES "0,1" without
+# it, "" with it; tests/test_cluster.py).
+JOB_RUNTIME_ENV = {"env_vars": {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}}
 
 def init_ray(cfg: ExperimentConfig):
     """Idempotent ray.init: local by default, a cluster when cfg.ray.address is set ("auto" or ray://...)."""
@@ -25,7 +31,8 @@ def init_ray(cfg: ExperimentConfig):
     # Trials chdir into their own folders by default; every path here is absolute, and keeping the
     # working directory stable makes relative user paths in configs keep working inside trials.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    kwargs: dict = {"log_to_driver": False, "include_dashboard": False, "logging_level": ray_logging_level()}
+    kwargs: dict = {"log_to_driver": False, "include_dashboard": False, "logging_level": ray_logging_level(),
+                    "runtime_env": JOB_RUNTIME_ENV}
     # Inside a Ray job (`ray job submit`) RAY_ADDRESS names its cluster: join it even without ray.address.
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     if address:
@@ -42,6 +49,14 @@ def init_ray(cfg: ExperimentConfig):
             kwargs["_system_config"] = {"num_workers_soft_limit": cfg.ray.keep_workers}
     ray.init(**kwargs)
     return ray
+
+
+def ray_task(fn: Callable, cpus: float, gpus: float, retries: int, **options):
+    """`fn` as a Ray task reserving `cpus` and `gpus`, run again elsewhere up to `retries` times when its node dies.
+    The request goes to ray.remote itself, not to .options(): only there does a GPU request make the worker exit
+    after its task (Ray's max_calls=1; .options(num_gpus=1) leaves max_calls 0, Ray 2.60), so no reused worker keeps
+    a CUDA context on a GPU its next task was not given, or GPU memory the sampling actors need."""
+    return ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=retries, **options)(fn)
 
 
 def _wanted(request: dict[str, float]) -> dict[str, float]:

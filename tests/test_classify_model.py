@@ -310,6 +310,21 @@ def test_a_feature_task_given_a_gpu_tf_cannot_see_fails_naming_node_and_request(
     assert not list(directory.glob("part-*"))
 
 
+def test_a_calibration_task_given_a_gpu_tf_cannot_see_fails_naming_node_and_request(tiny, tmp_path):
+    """The calibrated weights' Ray task checks its GPU as the feature tasks do, before it calibrates the backbone
+    (on a CPU, for B7 at 600 px, for hours) and writes the weights every later key holds."""
+    from ooc_ray.errors import ResourceError
+    from ooc_ray.features import weights_task
+    from ooc_ray.gpu import node_name
+
+    _, _, manifest, _, _ = tiny
+    cc = tiny_cfg(tmp_path, weights="calibrated", gpus_per_trial=1).classify
+    with pytest.raises(ResourceError, match=f"calibrated weights: classify.gpus_per_trial=1: node {node_name()} was "
+                                            "given a GPU but TensorFlow .* sees none"):
+        weights_task(cc, tmp_path / "models", manifest)
+    assert not (tmp_path / "models").exists()
+
+
 def test_cached_training_reads_the_augmented_views_not_the_clean_one(tiny, tmp_path):
     """A cache whose view 0 of every training image is poisoned (NaN) and whose augmented views 1-3 carry the
     classes: a cached trial trains on one augmented view per image per epoch (train_views), so its losses stay

@@ -1,6 +1,6 @@
 """cluster.yaml passes Ray's own cluster-config validation (the launcher's JSON schema + checks), and each of its
 commands that can run here does what it says: the shared-storage guard, the node's GPU check, the head's model
-fetch and the job-submit command's config."""
+fetch and the job-submit command's config; and on a node with GPUs, what a task or actor that asked for none sees."""
 import copy
 
 import jsonschema
@@ -108,3 +108,55 @@ def test_fetch_builds_what_the_config_names_and_fails_in_one_line_offline(repo, 
     assert main(["fetch", str(repo / "experiments" / "paper.yaml"), "-o", f"results_dir={tmp_path}"]) == 1
     ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[ooc-ray]")]
     assert len(ours) == 1 and "fetch failed: generator.base 'stable-diffusion-v1-5/stable-diffusion-v1-5'" in ours[0]
+
+
+GPU_NODE_PROBE = """
+import json, os
+from ray._common.utils import reset_ray_address
+from ray.cluster_utils import Cluster
+from ooc_ray.config import ExperimentConfig
+from ooc_ray.fields import with_value
+from ooc_ray.raycluster import init_ray, ray_task
+
+def seen():
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+class Actor:
+    def seen(self):
+        return seen()
+
+# A node with two (Ray-declared) GPUs whose processes all start with CUDA_VISIBLE_DEVICES=0,1, as a GPU node's do
+# when nothing hides them.
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2,
+                                                        "env_vars": {"CUDA_VISIBLE_DEVICES": "0,1"}})
+try:
+    ray = init_ray(with_value(ExperimentConfig(), "ray.address", cluster.address))
+    cpu, gpu = ray_task(seen, 1, 0, 0), ray_task(seen, 1, 1, 0)
+    print(json.dumps({"cpu": ray.get([cpu.remote() for _ in range(2)]),
+                      "actor": ray.get(ray.remote(num_cpus=1)(Actor).remote().seen.remote()),
+                      "gpu": [ray.get(gpu.remote()) for _ in range(3)]}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+    reset_ray_address()
+"""
+
+
+def test_on_a_gpu_node_work_that_asked_for_no_gpu_sees_none_and_a_gpu_task_gets_a_fresh_worker(repo):
+    """Ray 2.60 no longer hides a node's GPUs from a task or actor that asked for none: a CPU LoRA task, a CPU
+    sampling actor or a cached-mode trial would run on GPU 0 unreserved (the sampler in fp16: other images). The
+    job's runtime env (raycluster.init_ray) asks Ray to hide them. A GPU task (raycluster.ray_task) runs in a
+    worker of its own: a reused one would keep its CUDA context on its first task's card."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-c", GPU_NODE_PROBE], capture_output=True, text=True, cwd=repo, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [visible for _, visible in seen["cpu"]] == ["", ""] and seen["actor"][1] == ""
+    assert all(visible in ("0", "1") for _, visible in seen["gpu"])
+    assert len({pid for pid, _ in seen["gpu"]}) == 3  # one worker per GPU task

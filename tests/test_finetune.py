@@ -202,7 +202,27 @@ def test_a_lora_trains_on_its_tasks_cpus_whatever_threads_its_process_had(tmp_pa
                 torch.set_num_threads(1)  # the module's one_torch_thread
         runs[where] = json.loads((Path(row["dir"]) / "metadata.json").read_text())
     assert runs["ray"]["torch_threads"] == runs["here"]["torch_threads"] == 1
-    assert runs["ray"]["sha256"] == runs["here"]["sha256"]  # on 2 threads: other bits (the test fails without)
+    # The tensors' digest, not the file's: safetensors writes its metadata map in an order that varies by process.
+    # On 2 threads the tensors differ (the test fails without the task's own threads).
+    assert runs["ray"]["weights_sha256"] == runs["here"]["weights_sha256"]
+
+
+def test_a_tasks_threads_hold_numpys_blas_too_and_give_it_back():
+    """task_threads holds NumPy's BLAS (KID's products and the probes of a search trial) to the task's CPUs too:
+    OpenBLAS, like torch, takes its threads once, when a worker first loads it, and 1 vs 2 threads change x @ y.T
+    in its last bits."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from ooc_ray.diffusion.base import task_threads
+
+    def blas() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    with threadpool_limits(2, user_api="blas"):  # a worker whose first task had 2 CPUs
+        assert blas() == {2}
+        with task_threads(1) as n:
+            assert n == 1 and blas() == {1}
+        assert blas() == {2}
 
 
 def test_cached_latents_train_the_same_lora_as_encoding_every_step(tmp_path, tiny_base, monkeypatch):

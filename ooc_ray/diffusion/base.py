@@ -27,6 +27,7 @@ import torch
 from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
                        UNet2DConditionModel)
 from packaging.version import Version
+from threadpoolctl import threadpool_limits
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ooc_ray import keys
@@ -300,17 +301,20 @@ def generator_versions() -> str:
 
 
 @contextlib.contextmanager
-def torch_threads(cpus: float):
-    """torch's intra-op threads = the CPUs a task reserved (at least 1) while it runs; yields the count. Ray sets
-    each task's OMP_NUM_THREADS, but torch reads it once, when a worker process first imports it, and Ray reuses
-    workers: in the demo a 1-CPU LoRA task that landed in the 2-CPU pretraining's worker trained on 2 threads
-    (3 on 2 cores with the LoRA beside it), and which LoRA landed there changed with the machine's load. The
-    thread count changes a CPU result's last bits (a tiny LoRA on 1 vs 2 threads: other sha256, the same loss to
-    15 digits), so the same LoRA came out in other bits from run to run."""
+def task_threads(cpus: float):
+    """torch's intra-op threads and NumPy's BLAS threads = the CPUs a task reserved (at least 1) while it runs;
+    yields the count. Ray sets each task's OMP_NUM_THREADS, but torch and OpenBLAS read it once, when a worker
+    process first loads them, and Ray reuses workers: in the demo a 1-CPU LoRA task that landed in the 2-CPU
+    pretraining's worker trained on 2 threads (3 on 2 cores with the LoRA beside it), and which LoRA landed there
+    changed with the machine's load. The thread count changes a CPU result's last bits (a tiny LoRA on 1 vs 2
+    threads: other tensors, the same loss to 15 digits; KID's x @ y.T in NumPy too), so the same LoRA came out in
+    other bits from run to run."""
+    n = max(1, int(cpus))
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(cpus)))
+    torch.set_num_threads(n)
     try:
-        yield torch.get_num_threads()
+        with threadpool_limits(n, user_api="blas"):
+            yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
 

@@ -36,7 +36,7 @@ from ooc_ray.io import atomic_write_text, write_parquet
 from ooc_ray.logs import note, relevel, warn
 from ooc_ray.paths import ExperimentPaths
 from ooc_ray.pretrain import run_pretrain
-from ooc_ray.raycluster import init_ray, require_resources, tune_storage
+from ooc_ray.raycluster import init_ray, ray_task, require_resources, tune_storage
 from ooc_ray.search.confirm import confirm
 from ooc_ray.protocol import plan_loras
 from ooc_ray.search.space import (default_point, describe, max_epochs, outside, point_config, point_of, split_folds,
@@ -258,8 +258,8 @@ def _confirmed(cfg: ExperimentConfig, paths: ExperimentPaths, base: BaseModel, w
     if point == default_point(cfg):
         note("search: the best point is the config's own settings; nothing to confirm")
         return {"verdict": "the config's own settings were the best point: nothing to confirm"}
-    task = init_ray(cfg).remote(_checked_final_row).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial,
-                                                            max_retries=cfg.ray.max_retries)
+    init_ray(cfg)
+    task = ray_task(_checked_final_row, s.cpus_per_trial, s.gpus_per_trial, cfg.ray.max_retries)
     checked = confirm(cfg, paths, base, weights, point, folds, task)
     note(f"search: on folds {checked['folds']}, never scored by the search: best {checked['best_mean']:.4f}, "
          f"the config's own settings {checked['default_mean']:.4f}; gain {checked['gain_mean']:+.4f} "

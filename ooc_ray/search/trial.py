@@ -28,7 +28,7 @@ from ooc_ray import keys
 from ooc_ray.backbones import BackboneWeights
 from ooc_ray.config import ExperimentConfig, SearchConfig
 from ooc_ray.data import class_names, load_manifest
-from ooc_ray.diffusion.base import BaseModel, torch_threads
+from ooc_ray.diffusion.base import BaseModel, task_threads
 from ooc_ray.diffusion.lora_files import trained_table
 from ooc_ray.fields import with_value
 from ooc_ray.finetune import LoraTraining, base_pipeline, pending_jobs
@@ -203,7 +203,7 @@ def trial_reports(point: dict, cfg: ExperimentConfig, paths: ExperimentPaths, ba
         return
     trainings = _Trainings(tcfg, base, paths.search / "lora")
     try:
-        with torch_threads(cfg.search.cpus_per_trial):  # the confirmation's task may run in any reused worker
+        with task_threads(cfg.search.cpus_per_trial):  # the confirmation's task may run in any reused worker
             for epochs in checkpoints(tcfg.generator.epochs, every):
                 ccfg = with_value(tcfg, "generator.epochs", epochs)
                 jobs = _save_checkpoint(trainings, final, ccfg, parts, base)
