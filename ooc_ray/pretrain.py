@@ -157,8 +157,9 @@ def pretrain_base(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None:
                                                  what if pcfg.gpus > 0 else "")], request, what)
     unet_loss = measured["unet_loss_steps"]
     tail = sum(unet_loss[-50:]) / len(unet_loss[-50:])
+    threads = f", {measured['torch_threads']} torch threads" if "torch_threads" in measured else ""
     note(f"pretrain: base {key} trained on {len(images)} images in {measured['seconds']:.0f} s on node "
-         f"{measured['node_host']} (VAE reconstruction MSE {measured['vae_recon_mse']}, UNet loss {tail:.4f} over "
+         f"{measured['node_host']}{threads} (VAE reconstruction MSE {measured['vae_recon_mse']}, UNet loss {tail:.4f} over "
          "its last 50 steps)")
     return folder
 
@@ -186,7 +187,8 @@ def pretrain_task(cfg: ExperimentConfig, base_path: str, image_paths: list[str],
             measured = pretrain(pipe, image_paths, cfg, StepFile(steps_file(folder), pretrain_steps(cfg)).step)
         except FloatingPointError as exc:
             raise ModelError(f"generator.pretrain: {exc}") from None
-    measured["torch_threads"] = threads
     with atomic_dir(folder) as tmp:
         save_pretrained(pipe, {**meta, **measured}, tmp)
-    return {**measured, **where()}
+    # Its threads are a fact of the run, as its seconds and node are, not of the base: the folder's bytes are the
+    # base's identity, and other threads give other bytes anyway.
+    return {**measured, "torch_threads": threads, **where()}
