@@ -125,14 +125,21 @@ class Actor:
     def seen(self):
         return seen()
 
+# A local Ray started by the run, on a machine whose processes see CUDA_VISIBLE_DEVICES=0,1.
+os.environ["CUDA_VISIBLE_DEVICES"] = "0,1"
+ray = init_ray(ExperimentConfig())
+local = ray.get(ray_task(seen, 1, 0, 0).remote())
+ray.shutdown()
+for name in ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "CUDA_VISIBLE_DEVICES"):  # the cluster's environment is its own
+    os.environ.pop(name, None)
 # A node with two (Ray-declared) GPUs whose processes all start with CUDA_VISIBLE_DEVICES=0,1, as a GPU node's do
-# when nothing hides them.
+# when nothing hides them; the run joins it.
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2,
                                                         "env_vars": {"CUDA_VISIBLE_DEVICES": "0,1"}})
 try:
     ray = init_ray(with_value(ExperimentConfig(), "ray.address", cluster.address))
     cpu, gpu = ray_task(seen, 1, 0, 0), ray_task(seen, 1, 1, 0)
-    print(json.dumps({"cpu": ray.get([cpu.remote() for _ in range(2)]),
+    print(json.dumps({"local": local, "cpu": ray.get([cpu.remote() for _ in range(2)]),
                       "actor": ray.get(ray.remote(num_cpus=1)(Actor).remote().seen.remote()),
                       "gpu": [ray.get(gpu.remote()) for _ in range(3)]}))
 finally:
@@ -145,7 +152,7 @@ finally:
 def test_on_a_gpu_node_work_that_asked_for_no_gpu_sees_none_and_a_gpu_task_gets_a_fresh_worker(repo):
     """Ray 2.60 no longer hides a node's GPUs from a task or actor that asked for none: a CPU LoRA task, a CPU
     sampling actor or a cached-mode trial would run on GPU 0 unreserved (the sampler in fp16: other images). The
-    job's runtime env (raycluster.init_ray) asks Ray to hide them. A GPU task (raycluster.ray_task) runs in a
+    run asks Ray to hide them (raycluster.init_ray), on a local Ray it starts and on a cluster it joins. A GPU task (raycluster.ray_task) runs in a
     worker of its own: a reused one would keep its CUDA context on its first task's card."""
     import json
     import os
@@ -157,6 +164,6 @@ def test_on_a_gpu_node_work_that_asked_for_no_gpu_sees_none_and_a_gpu_task_gets_
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [visible for _, visible in seen["cpu"]] == ["", ""] and seen["actor"][1] == ""
+    assert seen["local"][1] == "" and [visible for _, visible in seen["cpu"]] == ["", ""] and seen["actor"][1] == ""
     assert all(visible in ("0", "1") for _, visible in seen["gpu"])
     assert len({pid for pid, _ in seen["gpu"]}) == 3  # one worker per GPU task
