@@ -159,8 +159,8 @@ def pretrain_base(cfg: ExperimentConfig, paths: ExperimentPaths) -> Path | None:
     tail = sum(unet_loss[-50:]) / len(unet_loss[-50:])
     threads = f", {measured['torch_threads']} torch threads" if "torch_threads" in measured else ""
     note(f"pretrain: base {key} trained on {len(images)} images in {measured['seconds']:.0f} s on node "
-         f"{measured['node_host']}{threads} (VAE reconstruction MSE {measured['vae_recon_mse']}, UNet loss {tail:.4f} over "
-         "its last 50 steps)")
+         f"{measured['node_host']}{threads} (VAE reconstruction MSE {measured['vae_recon_mse']}, "
+         f"UNet loss {tail:.4f} over its last 50 steps)")
     return folder
 
 
